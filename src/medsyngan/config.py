@@ -1,0 +1,259 @@
+"""The one typed configuration shared by every entry point.
+
+A run is described by a TOML preset from ``configs/`` plus ``--set section.key=value`` overrides. The resolved
+configuration is written to the run directory as ``config.toml`` so that a later command (resume, generate,
+evaluate) reads back exactly what the run used. Every section forbids unknown keys, so a typo is an error that
+names the key rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medsyngan.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("run", description="Human-readable name of the run, shown in logs and the report.")
+    seed: int = Field(0, description="Seed for every random choice of the run (data order, latents, sampling).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' takes CUDA when present.")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+
+
+class AugmentSection(Section):
+    hflip_p: float = Field(
+        0.0, ge=0, le=1,
+        description="Probability of a horizontal flip. Off by default: the heart is on the left and a GAN "
+        "should not learn mirrored anatomy.",
+    )
+    rotate_p: float = Field(0.0, ge=0, le=1, description="Probability of a small rotation.")
+    rotate_deg: float = Field(5.0, ge=0, le=45, description="Largest rotation, degrees (uniform in ±).")
+    zoom_p: float = Field(0.0, ge=0, le=1, description="Probability of a zoom/translate.")
+    zoom_range: float = Field(0.1, ge=0, le=0.5, description="Largest relative zoom (uniform in ±).")
+    translate: float = Field(0.05, ge=0, le=0.5, description="Largest shift as a fraction of the image size.")
+
+
+class DataSection(Section):
+    source: Literal["phantoms", "prepared"] = Field(
+        "phantoms", description="'phantoms' builds the embedded procedural set; 'prepared' reads `path`."
+    )
+    path: str = Field("", description="Prepared dataset directory (from `medsyngan data prepare`).")
+    size: int = Field(64, description="Image side in pixels; must equal model.resolution.")
+    phantom_patients: int = Field(200, ge=1, description="Synthetic patients when source = 'phantoms'.")
+    phantom_images_per_patient: int = Field(3, ge=1, description="Images per synthetic patient.")
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+
+
+class ModelSection(Section):
+    arch: Literal["dcgan", "progan", "stylegan2"] = Field("dcgan", description="Generator/discriminator family.")
+    resolution: int = Field(64, description="Output side in pixels (a power of two).")
+    z_dim: int = Field(100, ge=1, description="Latent dimension.")
+    dp_compatible: bool = Field(
+        False,
+        description="Build the discriminator in its DP-SGD form: GroupNorm for BatchNorm, no minibatch-stddev, "
+        "no in-place activations, nothing that mixes the samples of a batch.",
+    )
+    ngf: int = Field(64, ge=1, description="DCGAN generator width (feature maps at the last layer).")
+    ndf: int = Field(64, ge=1, description="DCGAN discriminator width (feature maps at the first layer).")
+    fmap_base: int = Field(4096, ge=16, description="ProGAN/StyleGAN2 channel budget: channels = base / res.")
+    fmap_max: int = Field(256, ge=8, description="ProGAN/StyleGAN2 cap on channels per layer.")
+    w_dim: int = Field(256, ge=1, description="StyleGAN2 intermediate latent dimension.")
+    mapping_layers: int = Field(2, ge=1, description="StyleGAN2 mapping network depth.")
+
+
+class TrainSection(Section):
+    loss: Literal["nonsaturating", "wgan-gp", "hinge"] = Field("nonsaturating", description="Adversarial loss.")
+    batch_size: int = Field(64, ge=1, description="Images per D step.")
+    lr_g: float = Field(2e-4, gt=0, description="Generator learning rate.")
+    lr_d: float = Field(2e-4, gt=0, description="Discriminator learning rate.")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
+    d_steps_per_g: int = Field(1, ge=1, description="Discriminator steps per generator step.")
+    steps: int = Field(2000, ge=1, description="Generator steps of a centralized run.")
+    gp_weight: float = Field(10.0, ge=0, description="WGAN-GP gradient-penalty weight.")
+    drift: float = Field(1e-3, ge=0, description="WGAN-GP drift term (ProGAN).")
+    r1_gamma: float = Field(1.0, ge=0, description="StyleGAN2 R1 weight (0 disables).")
+    r1_interval: int = Field(16, ge=1, description="Lazy R1: every N D steps.")
+    pl_weight: float = Field(2.0, ge=0, description="StyleGAN2 path-length weight (0 disables).")
+    pl_interval: int = Field(4, ge=1, description="Lazy path-length regularization: every N G steps.")
+    style_mixing_p: float = Field(0.9, ge=0, le=1, description="StyleGAN2 style-mixing probability.")
+    ema_kimg: float = Field(0.0, ge=0, description="Half-life of the generator EMA in thousands of images (0: no EMA).")
+    kimg_per_phase: float = Field(60.0, gt=0, description="ProGAN: thousands of images per fade-in and per stable phase.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
+    sample_every: int = Field(500, ge=1, description="Steps between sample grids.")
+    log_every: int = Field(50, ge=1, description="Steps between metrics.jsonl rows.")
+    amp: Literal["auto", "off", "bf16"] = Field("auto", description="bf16 autocast on CUDA when 'auto'.")
+
+
+class FederatedSection(Section):
+    enabled: bool = Field(False, description="Train across simulated or deployed hospitals.")
+    hospitals: int = Field(3, ge=1, description="Number of hospitals (Flower SuperNodes / virtual clients).")
+    partition: str = Field("", description="CSV from `medsyngan data partition`; empty: partition on the fly.")
+    scheme: Literal["iid", "patient", "label-skew", "quantity-skew"] = Field(
+        "patient", description="Partition scheme used when no partition file is given."
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for label-skew / quantity-skew.")
+    rounds: int = Field(10, ge=1, description="Federated rounds.")
+    local_steps: int = Field(50, ge=1, description="Generator steps each hospital takes per round.")
+    fraction: float = Field(1.0, gt=0, le=1, description="Fraction of hospitals sampled per round.")
+    quorum: int = Field(2, ge=1, description="Fewest replies that complete a round.")
+    round_timeout_s: float = Field(600.0, gt=0, description="Seconds a round waits for replies.")
+    round_retries: int = Field(1, ge=0, description="Retries of a round that missed its quorum before stopping.")
+    strategy: Literal["fedavg", "fedadam", "fedprox"] = Field("fedavg", description="Server aggregation.")
+    server_lr: float = Field(1e-2, gt=0, description="FedAdam server learning rate.")
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight.")
+    share_discriminator: bool = Field(True, description="False keeps discriminators local (only G is shared).")
+    eval_every: int = Field(1, ge=1, description="Rounds between evaluations.")
+
+
+class PrivacySection(Section):
+    dp: bool = Field(False, description="Patient-level DP-SGD on each hospital's discriminator (Opacus).")
+    target_epsilon: float = Field(1.0, gt=0, description="ε over the whole run, per hospital.")
+    delta: float = Field(0.0, ge=0, lt=1, description="δ; 0 means min(1e-5, 1 / (2 · privacy units)).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
+    unit: Literal["auto", "patient", "image"] = Field("auto", description="Privacy unit; auto: patient when ids exist.")
+    client_dp: bool = Field(False, description="DP-FedAvg: clip each hospital's update, noise the aggregate.")
+    client_clip: float = Field(1.0, gt=0, description="Client-level DP clipping norm.")
+    client_noise: float = Field(1.0, ge=0, description="Client-level DP noise multiplier.")
+    update_clip: float = Field(0.0, ge=0, description="Clip each hospital's update to this L2 norm (0: off).")
+    quantize_bits: Literal[0, 8, 16] = Field(0, description="Stochastic quantization of updates (0: float32).")
+    encrypt: bool = Field(False, description="AES-256-GCM end to end between hospital and aggregator.")
+    secagg: bool = Field(False, description="Secure aggregation: the server learns only the sum.")
+    secagg_threshold: float = Field(0.66, gt=0, le=1, description="Fraction of hospitals needed to unmask.")
+    secagg_neighbours: int = Field(0, ge=0, description="SecAgg+ neighbours per hospital (0: complete graph).")
+
+
+class EvalSection(Section):
+    metrics: str = Field("default", description="Comma-separated metric names, or 'default'.")
+    feature_extractor: str = Field("random", description="'inception', 'random' or a TorchScript file.")
+    num_samples: int = Field(1000, ge=2, description="Synthetic images generated for evaluation.")
+    nn_threshold: float = Field(0.95, gt=0, le=1, description="SSIM above which a sample is flagged a near-copy.")
+
+
+class Config(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    federated: FederatedSection = Field(default_factory=FederatedSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.data.size != self.model.resolution:
+            raise ValueError(
+                f"data.size ({self.data.size}) differs from model.resolution ({self.model.resolution}); "
+                "set both to the same value"
+            )
+        if self.federated.enabled and self.federated.quorum > self.federated.hospitals:
+            raise ValueError(
+                f"federated.quorum ({self.federated.quorum}) exceeds federated.hospitals "
+                f"({self.federated.hospitals}); lower the quorum or add hospitals"
+            )
+        return self
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json"))
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(config)"
+    if first["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{key}'; see `medsyngan config show` for the valid keys"
+    return f"{origin}: bad value for '{key}': {first['msg']}"
+
+
+def _parse_value(text: str) -> Any:
+    """Read an override's value as TOML when possible (numbers, booleans, lists), else as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form section.key=value")
+        dotted, value = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise UserError(f"override '{item}': the key must name a section, e.g. train.steps=100")
+        node = tree
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override '{item}': '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value.strip())
+    return tree
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    """A preset is a file path, or a name of a file in configs/ (with or without '.toml')."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / f"{name_or_path}.toml", CONFIG_DIR / str(name_or_path)):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+    raise UserError(f"config '{name_or_path}' not found; give a TOML path or one of: {known}")
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    origin = "configuration"
+    tree: dict[str, Any] = {}
+    if preset is not None:
+        path = resolve_preset(preset)
+        origin = str(path)
+        try:
+            tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{path}: not valid TOML ({exc}); fix the file's syntax") from None
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(_format_error(exc, origin)) from None
+
+
+def config_from_toml_text(text: str, origin: str) -> Config:
+    try:
+        return Config.model_validate(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        detail = _format_error(exc, origin) if isinstance(exc, ValidationError) else f"{origin}: {exc}"
+        raise UserError(detail) from None
+
+
+def schema_markdown() -> str:
+    """The configuration reference, generated from the schema so that documentation never drifts from code."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            kind = getattr(annotation, "__name__", str(annotation)).replace("typing.", "")
+            if getattr(annotation, "__origin__", None) is Literal:
+                kind = " \\| ".join(repr(a) for a in annotation.__args__)
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"| `{prefix}{name}` | {kind} | `{default!r}` | {field.description or ''} |")
+
+    walk(Config, "")
+    return "\n".join(lines)
