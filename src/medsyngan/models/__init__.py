@@ -1,0 +1,1 @@
+"""Generator and discriminator architectures (DCGAN, ProGAN, StyleGAN2), built from configuration by `registry`."""

@@ -1,0 +1,50 @@
+"""Build a generator or discriminator from the ``[model]`` configuration section.
+
+Every generator has attributes ``z_dim`` and ``resolution`` and maps z (B, z_dim) to images (B, 1, R, R); every
+discriminator maps images (B, 1, R, R) to logits (B,). ProGAN networks also have ``set_stage(res, alpha)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from medsyngan.config import ModelSection
+from medsyngan.errors import UserError
+from medsyngan.models import dcgan
+
+SUPPORTED_RESOLUTIONS: dict[str, tuple[int, ...]] = {
+    "dcgan": dcgan.SUPPORTED_RESOLUTIONS,
+}
+
+_GENERATORS: dict[str, Callable[[ModelSection], nn.Module]] = {
+    "dcgan": lambda cfg: dcgan.DCGANGenerator(cfg.resolution, z_dim=cfg.z_dim, ngf=cfg.ngf),
+}
+
+_DISCRIMINATORS: dict[str, Callable[[ModelSection], nn.Module]] = {
+    "dcgan": lambda cfg: dcgan.DCGANDiscriminator(cfg.resolution, ndf=cfg.ndf, dp_compatible=cfg.dp_compatible),
+}
+
+
+def check_model_section(cfg: ModelSection) -> None:
+    """Raise a one-line UserError for an unknown architecture or a resolution it does not support."""
+    if cfg.arch not in SUPPORTED_RESOLUTIONS:
+        known = ", ".join(sorted(SUPPORTED_RESOLUTIONS))
+        raise UserError(f"model.arch '{cfg.arch}' is unknown; use one of: {known}")
+    supported = SUPPORTED_RESOLUTIONS[cfg.arch]
+    if cfg.resolution not in supported:
+        listed = ", ".join(str(r) for r in supported)
+        raise UserError(
+            f"model.resolution {cfg.resolution} is not supported by {cfg.arch}; use one of: {listed}"
+        )
+
+
+def build_generator(cfg: ModelSection) -> nn.Module:
+    check_model_section(cfg)
+    return _GENERATORS[cfg.arch](cfg)
+
+
+def build_discriminator(cfg: ModelSection) -> nn.Module:
+    check_model_section(cfg)
+    return _DISCRIMINATORS[cfg.arch](cfg)
