@@ -1,0 +1,112 @@
+"""Server-side aggregation arithmetic, free of Flower so that it can be tested against hand computations.
+
+Hospitals send updates Δ_k = local_k − global (for every tensor they share). The server forms the
+sample-weighted mean Δ = Σ n_k Δ_k / Σ n_k (FedAvg, McMahan et al. 2017) and applies it with a server
+optimizer: plain addition (FedAvg), or Adam on the pseudo-gradient −Δ (FedAdam, Reddi et al. 2021).
+FedProx changes only the hospitals' local objective; its server step is FedAvg's.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from medsyngan.errors import UserError
+
+State = dict[str, torch.Tensor]
+
+
+def weighted_mean(updates: list[Mapping[str, torch.Tensor]], weights: list[float]) -> State:
+    """Σ w_k u_k / Σ w_k per tensor, accumulated in float64 so the order of hospitals does not matter."""
+    if not updates:
+        raise ValueError("weighted_mean needs at least one update")
+    if len(updates) != len(weights):
+        raise ValueError("one weight per update")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("the weights of the updates must sum to a positive number")
+    keys = list(updates[0].keys())
+    for update in updates[1:]:
+        if list(update.keys()) != keys:
+            missing = set(keys) ^ set(update.keys())
+            raise UserError(f"hospital updates disagree on their tensors ({sorted(missing)[:3]}...)")
+    out: State = {}
+    for key in keys:
+        acc = torch.zeros_like(updates[0][key], dtype=torch.float64)
+        for update, weight in zip(updates, weights):
+            acc += update[key].to(torch.float64) * (weight / total)
+        out[key] = acc
+    return out
+
+
+def apply_mean_update(global_state: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]) -> State:
+    """global + Δ, keeping each tensor's dtype (integer buffers such as BatchNorm's batch counter are rounded)."""
+    out: State = {}
+    for key, value in global_state.items():
+        if key not in mean_delta:
+            out[key] = value.clone()
+            continue
+        updated = value.to(torch.float64) + mean_delta[key]
+        out[key] = updated.round().to(value.dtype) if not value.is_floating_point() else updated.to(value.dtype)
+    return out
+
+
+class FedAdam:
+    """Server-side Adam on the pseudo-gradient g = −Δ (Reddi et al. 2021, Algorithm 2 with τ for stability).
+
+    The moments are part of the server's checkpoint (`state_dict`) so that a resumed federation continues the
+    same trajectory.
+    """
+
+    def __init__(self, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
+        self.m: State = {}
+        self.v: State = {}
+
+    def step(self, global_state: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]) -> State:
+        out: State = {}
+        for key, value in global_state.items():
+            if key not in mean_delta or not value.is_floating_point():
+                out.update(apply_mean_update({key: value}, {k: mean_delta[k] for k in (key,) if k in mean_delta}))
+                continue
+            delta = mean_delta[key].to(torch.float64)
+            m = self.m.get(key, torch.zeros_like(delta))
+            v = self.v.get(key, torch.zeros_like(delta))
+            m = self.beta1 * m + (1 - self.beta1) * delta
+            v = self.beta2 * v + (1 - self.beta2) * delta * delta
+            self.m[key], self.v[key] = m, v
+            out[key] = (value.to(torch.float64) + self.lr * m / (v.sqrt() + self.tau)).to(value.dtype)
+        return out
+
+    def state_dict(self) -> State:
+        return {**{f"m.{k}": v for k, v in self.m.items()}, **{f"v.{k}": v for k, v in self.v.items()}}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.m = {k[2:]: v.to(torch.float64) for k, v in state.items() if k.startswith("m.")}
+        self.v = {k[2:]: v.to(torch.float64) for k, v in state.items() if k.startswith("v.")}
+
+
+class ServerOptimizer:
+    """The configured server step: FedAvg/FedProx add the mean update, FedAdam adapts it."""
+
+    def __init__(self, strategy: str, server_lr: float):
+        self.strategy = strategy
+        self.adam = FedAdam(server_lr) if strategy == "fedadam" else None
+
+    def step(self, global_state: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]) -> State:
+        if self.adam is not None:
+            return self.adam.step(global_state, mean_delta)
+        return apply_mean_update(global_state, mean_delta)
+
+    def state_dict(self) -> State:
+        return self.adam.state_dict() if self.adam is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if self.adam is not None:
+            self.adam.load_state_dict(state)
+
+
+def delta(local: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> State:
+    """local − reference per shared tensor, in float64 (integer buffers included, as counts)."""
+    return {k: local[k].to(torch.float64) - reference[k].to(torch.float64) for k in reference}
