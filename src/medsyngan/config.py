@@ -89,6 +89,11 @@ class TrainSection(Section):
     pl_interval: int = Field(4, ge=1, description="Lazy path-length regularization: every N G steps.")
     style_mixing_p: float = Field(0.9, ge=0, le=1, description="StyleGAN2 style-mixing probability.")
     ema_kimg: float = Field(0.0, ge=0, description="Half-life of the generator EMA in thousands of images (0: no EMA).")
+    ema_rampup: float = Field(
+        0.0, ge=0, description="EMA half-life at most this fraction of the images seen so far (0: no ramp-up)."
+    )
+    adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    pl_batch_shrink: int = Field(2, ge=1, description="StyleGAN2 path-length regularization runs on batch / N.")
     kimg_per_phase: float = Field(60.0, gt=0, description="ProGAN: thousands of images per fade-in and per stable phase.")
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
     sample_every: int = Field(500, ge=1, description="Steps between sample grids.")

@@ -1,0 +1,398 @@
+"""The one GAN training step, shared by centralized training, every federated hospital, benchmarks and the demo.
+
+How other code uses it
+----------------------
+::
+
+    trainer = GANTrainer(cfg)                     # builds G, D (and G_ema) from cfg.model, seeded by cfg.run.seed
+    trainer.load_model_state(global_state)        # {"G.<name>": tensor, "D.<name>": tensor, ...}; any subset
+    for _ in range(cfg.federated.local_steps):
+        stats = trainer.train_step(loader.next)   # d_steps_per_g D steps, then one G step -> {"d_loss": ..., ...}
+    update = trainer.model_state(("G", "D"))      # prefixed CPU-independent copies, same keys as loaded
+    persistent = trainer.state_dict()             # models + optimizers + counters + RNG: keep across rounds
+
+Federated code keeps one trainer per hospital (or rebuilds it and calls ``load_state_dict`` with the persisted
+``state_dict()``) so that optimizer moments survive across rounds. ``trainer.images_seen`` / ``trainer.kimg``
+count real images shown to D by this trainer (the ProGAN schedule follows them).
+
+Differential privacy takes over the discriminator update only: it replaces ``trainer.d_update`` (a
+:class:`DiscriminatorUpdate`) by an implementation that computes per-sample gradients of
+``trainer.d_real_loss(D, real, fake)`` (a (B,) vector, sample i depends on real[i] only), clips and noises them,
+then adds the gradient of ``trainer.d_fake_loss(D, fake).mean()`` unclipped (generated images are not private) and
+steps ``trainer.opt_d``; it may also swap ``trainer.D`` for a wrapped module (e.g. Opacus' GradSampleModule) with
+the same ``forward``. The generator step never goes through it: D's parameters have ``requires_grad=False``
+during the G step, so no per-sample machinery runs there and D's weight gradients are not computed at all.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medsyngan.config import Config
+from medsyngan.runtime import select_device
+from medsyngan.training import losses
+
+MODEL_PARTS = ("G", "D", "G_ema")
+# The trainer's own latent/noise RNG is seeded apart from the weight-initialization RNG.
+_RNG_SALT = 0x6D7367
+
+
+def progan_stage(kimg: float, kimg_per_phase: float, final_resolution: int, start_resolution: int = 4) -> tuple[int, float]:
+    """ProGAN schedule: (stage resolution, fade-in alpha) after ``kimg`` thousand images.
+
+    Phase 0 trains the start resolution; then every doubling has a fade-in phase (alpha 0 → 1, linear in images)
+    followed by a stable phase (alpha 1), each ``kimg_per_phase`` long; the final resolution stays stable forever.
+    """
+    phase = int(kimg // kimg_per_phase)
+    if phase == 0:
+        return start_resolution, 1.0
+    doublings = (phase - 1) // 2 + 1
+    resolution = start_resolution * 2**doublings
+    if resolution > final_resolution:
+        return final_resolution, 1.0
+    fading = (phase - 1) % 2 == 0
+    alpha = (kimg - phase * kimg_per_phase) / kimg_per_phase if fading else 1.0
+    return resolution, float(alpha)
+
+
+def _use_channels_last(device: torch.device) -> bool:
+    # Tensor cores and cuDNN want NHWC; on CPU (oneDNN) NCHW measured as fast or faster for these small nets.
+    return device.type == "cuda"
+
+
+def _adam(params: Iterable[Tensor], lr: float, betas: tuple[float, float], eps: float,
+          lazy_interval: int | None) -> torch.optim.Adam:
+    if lazy_interval:
+        c = losses.lazy_adam_factor(lazy_interval)
+        lr, betas = lr * c, (betas[0] ** c, betas[1] ** c)
+    # foreach: one kernel per group of tensors instead of one per parameter; same arithmetic as the loop.
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+class DiscriminatorUpdate:
+    """How one discriminator update turns losses into a parameter step (replaceable, e.g. by DP-SGD).
+
+    The default is the ordinary non-private update: one backward of mean(real terms) + mean(fake terms), then an
+    optimizer step. ``regularize`` is the lazy R1 step (StyleGAN2), which touches real images too.
+    """
+
+    private = False
+
+    def step(self, trainer: "GANTrainer", real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        trainer.opt_d.zero_grad(set_to_none=True)
+        real_loss = trainer.d_real_loss(trainer.D, real, fake).mean()
+        fake_loss = trainer.d_fake_loss(trainer.D, fake).mean()
+        (real_loss + fake_loss).backward()
+        trainer.opt_d.step()
+        return {"d_loss": (real_loss + fake_loss).detach(), "d_real": real_loss.detach(), "d_fake": fake_loss.detach()}
+
+    def regularize(self, trainer: "GANTrainer", real: Tensor) -> dict[str, Tensor]:
+        trainer.opt_d.zero_grad(set_to_none=True)
+        loss = trainer.d_reg_loss(trainer.D, real).mean()
+        loss.backward()
+        trainer.opt_d.step()
+        return {"r1": loss.detach()}
+
+
+class GANTrainer:
+    """G, D, the generator EMA, their optimizers and counters, and the step that trains them.
+
+    Args:
+        cfg: the run configuration (model, train and run sections are read).
+        device: where to train; default ``select_device(cfg.run.device)``.
+        generator, discriminator: prebuilt networks (tests, benchmarks); default: built from ``cfg.model``.
+        d_update: the discriminator-update strategy; default the non-private :class:`DiscriminatorUpdate`.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        device: torch.device | str | None = None,
+        generator: nn.Module | None = None,
+        discriminator: nn.Module | None = None,
+        d_update: DiscriminatorUpdate | None = None,
+    ):
+        self.cfg = cfg
+        t = cfg.train
+        self.device = torch.device(device) if device is not None else select_device(cfg.run.device)
+        self.arch = cfg.model.arch
+        self.loss = t.loss
+        # Weights depend on the seed only, not on whatever consumed the global RNG before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed)
+            if generator is None or discriminator is None:
+                from medsyngan.models.registry import build_discriminator, build_generator
+            G = generator if generator is not None else build_generator(cfg.model)
+            D = discriminator if discriminator is not None else build_discriminator(cfg.model)
+        self.channels_last = _use_channels_last(self.device)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.G = G.to(self.device, memory_format=fmt).train()
+        self.D = D.to(self.device, memory_format=fmt).train()
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if t.ema_kimg > 0 else None
+        self.autocast_dtype = torch.bfloat16 if (
+            t.amp == "bf16" or (t.amp == "auto" and self.device.type == "cuda")
+        ) else None
+
+        style = self.arch == "stylegan2"
+        self.use_gp = t.loss == "wgan-gp" and t.gp_weight > 0
+        self.use_r1 = style and t.r1_gamma > 0
+        self.use_pl = style and t.pl_weight > 0
+        self.mixing_p = t.style_mixing_p if style else 0.0
+        self.progressive = hasattr(self.G, "set_stage")
+
+        betas = (t.beta1, t.beta2)
+        self.opt_g = _adam(self.G.parameters(), t.lr_g, betas, t.adam_eps, t.pl_interval if self.use_pl else None)
+        self.opt_d = _adam(self.D.parameters(), t.lr_d, betas, t.adam_eps, t.r1_interval if self.use_r1 else None)
+        self.pl_reg = losses.PathLengthRegularizer().to(self.device) if self.use_pl else None
+        self.rng = torch.Generator(device=self.device)
+        self.rng.manual_seed(cfg.run.seed ^ _RNG_SALT)
+        self.d_update = d_update or DiscriminatorUpdate()
+
+        self.step = 0  # generator steps
+        self.d_step = 0  # discriminator steps
+        self.images_seen = 0  # real images shown to D
+        self.stage: tuple[int, float] | None = None
+        self._sync_stage()
+
+    # ------------------------------------------------------------------ counters and schedule
+    @property
+    def kimg(self) -> float:
+        return self.images_seen / 1000.0
+
+    @property
+    def resolution(self) -> int:
+        return int(self.G.resolution)
+
+    def _sync_stage(self) -> None:
+        if not self.progressive:
+            return
+        stage = progan_stage(self.kimg, self.cfg.train.kimg_per_phase, self.resolution)
+        if stage != self.stage:
+            for net in (self.G, self.D, self.G_ema):
+                if net is not None:
+                    net.set_stage(*stage)
+            self.stage = stage
+
+    # ------------------------------------------------------------------ building blocks
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def latents(self, n: int) -> Tensor:
+        return torch.randn(n, self.G.z_dim, device=self.device, generator=self.rng)
+
+    def _uniform(self, *shape: int) -> Tensor:
+        return torch.rand(*shape, device=self.device, generator=self.rng)
+
+    def generate(self, n: int) -> tuple[Tensor, Tensor | None]:
+        """n generated images for training (with style mixing for StyleGAN2) and their ws (None if not style-based)."""
+        z = self.latents(n)
+        with self._autocast():
+            if self.arch != "stylegan2":
+                return self.G(z), None
+            ws = self.G.mapping(z)
+            if self.mixing_p > 0:
+                # Draw both numbers every time so the RNG stream does not depend on the coin flip.
+                coin, cutoff = self._uniform(2).tolist()
+                z2 = self.latents(n)
+                if coin < self.mixing_p and ws.shape[1] > 1:
+                    cut = 1 + int(cutoff * (ws.shape[1] - 1))
+                    ws = torch.cat([ws[:, :cut], self.G.mapping(z2)[:, cut:]], dim=1)
+            return self.G.synthesis(ws), ws
+
+    def prepare_real(self, real: Tensor) -> Tensor:
+        """Move a real batch to the device; for ProGAN, bring it to the stage resolution and fade like G does."""
+        real = real.to(self.device, non_blocking=True)
+        if self.progressive and self.stage is not None:
+            res, alpha = self.stage
+            if real.shape[-1] != res:
+                real = F.avg_pool2d(real, real.shape[-1] // res)
+            if alpha < 1.0 and res > 4:
+                # During a fade-in G's output is a blend of the upsampled old stage and the new one; reals get the
+                # same blend, or D could tell them apart by sharpness alone (Karras et al. 2018, appendix A.1).
+                coarse = F.interpolate(F.avg_pool2d(real, 2), scale_factor=2, mode="nearest")
+                real = torch.lerp(coarse, real, alpha)
+        if self.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
+        return real
+
+    # ------------------------------------------------------------------ losses (D terms per sample)
+    def d_real_loss(self, D: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor | None = None) -> Tensor:
+        """Per-sample D loss on real images, (B,): adversarial term, drift, and the WGAN-GP penalty.
+
+        The penalty of sample i interpolates real[i] with fake[i mod len(fake)], so each entry depends on one real
+        image only (what DP-SGD needs); ``fake`` may be None when no penalty is used.
+        """
+        t = self.cfg.train
+        with self._autocast():
+            logits = D(real).float()
+        terms = losses.d_real_terms(self.loss, logits, t.drift)
+        if self.use_gp:
+            if fake is None:
+                raise ValueError("WGAN-GP needs the generated batch to interpolate with")
+            idx = torch.arange(real.shape[0], device=real.device) % fake.shape[0]
+            eps = self._uniform(real.shape[0])
+            with self._autocast():
+                terms = terms + t.gp_weight * losses.gradient_penalty(D, real, fake[idx], eps)
+        return terms
+
+    def d_fake_loss(self, D: Callable[[Tensor], Tensor], fake: Tensor) -> Tensor:
+        """Per-sample D loss on generated images, (B,)."""
+        with self._autocast():
+            logits = D(fake).float()
+        return losses.d_fake_terms(self.loss, logits)
+
+    def d_reg_loss(self, D: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
+        """Lazy R1 per sample, (B,): γ/2 · ‖∇D(x)‖² · interval (the interval makes up for running it rarely)."""
+        t = self.cfg.train
+        with self._autocast():
+            penalty = losses.r1_penalty(D, real)
+        return penalty * (t.r1_gamma / 2 * t.r1_interval)
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, next_real: Callable[[], Tensor]) -> dict[str, float]:
+        """``d_steps_per_g`` discriminator steps, then one generator step; returns the step's losses.
+
+        The generated batch of the last D step is reused for the G step (as in the textbook DCGAN loop): G runs
+        forward once per iteration, and its BatchNorm statistics are updated once.
+        """
+        t = self.cfg.train
+        out: dict[str, Tensor] = {}
+        fake = None
+        for i in range(t.d_steps_per_g):
+            real = self.prepare_real(next_real())
+            last = i == t.d_steps_per_g - 1
+            with torch.set_grad_enabled(last):
+                fake, ws = self.generate(t.batch_size)
+            out.update(self.d_update.step(self, real, fake.detach()))
+            self.d_step += 1
+            self.images_seen += int(real.shape[0])
+            if self.use_r1 and self.d_step % t.r1_interval == 0:
+                out.update(self.d_update.regularize(self, real))
+
+        self.D.requires_grad_(False)
+        try:
+            self.opt_g.zero_grad(set_to_none=True)
+            with self._autocast():
+                logits = self.D(fake).float()
+            g_loss = losses.g_terms(self.loss, logits).mean()
+            g_loss.backward()
+            self.opt_g.step()
+            out["g_loss"] = g_loss.detach()
+            self.step += 1
+            if self.use_pl and self.step % t.pl_interval == 0:
+                out["pl"] = self._path_length_step()
+        finally:
+            self.D.requires_grad_(True)
+
+        self._update_ema()
+        self._sync_stage()
+        names = list(out)
+        values = torch.stack([v.float() for v in out.values()]).tolist()  # one device sync for all numbers
+        return dict(zip(names, values))
+
+    def _path_length_step(self) -> Tensor:
+        t = self.cfg.train
+        self.opt_g.zero_grad(set_to_none=True)
+        n = max(1, t.batch_size // t.pl_batch_shrink)
+        images, ws = self.generate(n)
+        noise = torch.randn(images.shape, device=self.device, generator=self.rng)
+        penalty = self.pl_reg(images, ws, noise).mean()
+        (penalty * (t.pl_weight * t.pl_interval)).backward()
+        self.opt_g.step()
+        return penalty.detach()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.G_ema is None:
+            return
+        t = self.cfg.train
+        beta = losses.ema_beta(t.batch_size, t.ema_kimg, self.images_seen, t.ema_rampup)
+        ema_params, params = list(self.G_ema.parameters()), list(self.G.parameters())
+        torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            b_ema.copy_(b)
+
+    # ------------------------------------------------------------------ state
+    def networks(self) -> dict[str, nn.Module]:
+        nets = {"G": self.G, "D": self.D}
+        if self.G_ema is not None:
+            nets["G_ema"] = self.G_ema
+        return nets
+
+    def model_state(self, parts: Iterable[str] = ("G", "D")) -> dict[str, Tensor]:
+        """Detached CPU copies of the named networks' state, keys prefixed ``G.``, ``D.``, ``G_ema.``."""
+        nets = self.networks()
+        state: dict[str, Tensor] = {}
+        for part in parts:
+            if part not in nets:
+                raise KeyError(f"no network {part!r}; have {sorted(nets)}")
+            for key, value in _unwrapped(nets[part]).state_dict().items():
+                state[f"{part}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+        return state
+
+    def load_model_state(self, state: Mapping[str, Tensor]) -> None:
+        """Load prefixed state (any subset of G/D/G_ema); each network present must match exactly."""
+        nets = self.networks()
+        grouped: dict[str, dict[str, Tensor]] = {}
+        for key, value in state.items():
+            part, _, name = key.partition(".")
+            if part not in MODEL_PARTS:
+                raise KeyError(f"state key {key!r} does not start with one of {MODEL_PARTS}")
+            grouped.setdefault(part, {})[name] = value
+        for part, sub in grouped.items():
+            if part in nets:
+                _unwrapped(nets[part]).load_state_dict(sub)
+        if "G_ema" not in grouped and "G" in grouped and self.G_ema is not None and not self.step:
+            # A fresh trainer given only G starts its EMA from that G, not from its own random init.
+            self.G_ema.load_state_dict(_unwrapped(self.G).state_dict())
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: networks, optimizers, regularizer state, counters, RNG."""
+        return {
+            "models": self.model_state(tuple(self.networks())),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "pl_mean": self.pl_reg.pl_mean.detach().cpu() if self.pl_reg is not None else None,
+            "counters": self.counters(),
+            "rng": self.rng.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.load_model_state(state["models"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        if self.pl_reg is not None and state.get("pl_mean") is not None:
+            self.pl_reg.pl_mean.copy_(state["pl_mean"])
+        self.set_counters(state["counters"])
+        self.rng.set_state(state["rng"])
+
+    def counters(self) -> dict[str, float | int]:
+        res, alpha = self.stage if self.stage is not None else (self.resolution, 1.0)
+        return {
+            "step": self.step, "d_step": self.d_step, "images_seen": self.images_seen, "kimg": self.kimg,
+            "stage_resolution": res, "alpha": alpha,
+        }
+
+    def set_counters(self, counters: Mapping[str, float | int]) -> None:
+        self.step = int(counters["step"])
+        self.d_step = int(counters["d_step"])
+        self.images_seen = int(counters["images_seen"])
+        self._sync_stage()
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The plain network behind a wrapper (Opacus GradSampleModule, torch.compile) so state keys stay stable."""
+    for attr in ("_module", "_orig_mod"):
+        inner = getattr(module, attr, None)
+        if isinstance(inner, nn.Module):
+            return _unwrapped(inner)
+    return module
