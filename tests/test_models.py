@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medsyngan.config import ModelSection
@@ -14,6 +15,7 @@ from medsyngan.models.registry import SUPPORTED_RESOLUTIONS, build_discriminator
 # Tiny widths keep every shape test fast; the architecture (depth, resampling) is the same as at full width.
 TINY = {
     "dcgan": dict(ngf=4, ndf=4, z_dim=8),
+    "progan": dict(fmap_base=16, fmap_max=8, z_dim=8),
 }
 
 
@@ -107,6 +109,78 @@ def test_dcgan_init_follows_the_paper():
     assert abs(s.mean().item() - 1) < 5e-3 and abs(s.std().item() - 0.02) < 5e-3
 
 
+# --- ProGAN ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resolution", SUPPORTED_RESOLUTIONS["progan"])
+def test_progan_shapes_at_every_stage(resolution):
+    cfg = _cfg("progan", resolution)
+    g, d = build_generator(cfg), build_discriminator(cfg)
+    assert (g.z_dim, g.resolution, g.stage_resolution, g.alpha) == (8, resolution, resolution, 1.0)
+    z = torch.randn(2, 8)
+    with torch.no_grad():
+        assert d(g(z)).shape == (2,)
+        assert g(z).shape == (2, 1, resolution, resolution)
+        for stage in (4, 8, resolution // 2):
+            g.set_stage(stage, 0.5)
+            d.set_stage(stage, 0.5)
+            img = g(z)
+            assert img.shape == (2, 1, stage, stage)
+            assert d(img).shape == (2,)
+
+
+def _progan_pair(resolution=32, **extra):
+    torch.manual_seed(0)
+    cfg = ModelSection(arch="progan", resolution=resolution, fmap_base=128, fmap_max=16, z_dim=8, **extra)
+    return build_generator(cfg), build_discriminator(cfg)
+
+
+def test_progan_generator_fade_in():
+    g, _ = _progan_pair()
+    z = torch.randn(3, 8)
+    with torch.no_grad():
+        g.set_stage(8, 1.0)
+        low = F.interpolate(g(z), scale_factor=2, mode="nearest")
+        g.set_stage(16, 0.0)
+        torch.testing.assert_close(g(z), low)
+        # alpha = 1 is the new block alone, computed here from the sub-modules.
+        x = g.blocks["16"](g.blocks["8"](g.blocks["4"](z)))
+        new = g.to_rgb["16"](x)
+        g.set_stage(16, 1.0)
+        torch.testing.assert_close(g(z), new)
+        g.set_stage(16, 0.3)
+        torch.testing.assert_close(g(z), 0.7 * low + 0.3 * new)
+        assert not torch.allclose(low, new, atol=1e-3)
+
+
+def test_progan_discriminator_fade_in():
+    _, d = _progan_pair()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        d.set_stage(8, 1.0)
+        low = d(F.avg_pool2d(x, 2))
+        d.set_stage(16, 0.0)
+        torch.testing.assert_close(d(x), low)
+        d.set_stage(16, 1.0)
+        h = F.leaky_relu(d.from_rgb["16"](x), 0.2)
+        new = d.output(d.blocks["8"](d.blocks["16"](h)))
+        torch.testing.assert_close(d(x), new)
+        with pytest.raises(ValueError, match="stage 16"):
+            d(torch.randn(4, 1, 32, 32))
+
+
+def test_progan_state_dict_carries_stage_and_alpha():
+    g, d = _progan_pair()
+    g.set_stage(16, 0.25)
+    g2, _ = _progan_pair()
+    g2.load_state_dict(g.state_dict())
+    assert (g2.stage_resolution, g2.alpha) == (16, 0.25)
+    with pytest.raises(ValueError, match="stage resolution"):
+        d.set_stage(64, 1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        d.set_stage(8, 1.5)
+
+
 # --- DP-compatible discriminators -----------------------------------------------------------------------------
 
 DP_CASES = [(arch, min(SUPPORTED_RESOLUTIONS[arch], key=lambda r: abs(r - 32))) for arch in TINY]
@@ -141,16 +215,23 @@ def test_dp_discriminator_per_sample_gradients_match_a_loop(arch, resolution):
 
     torch.manual_seed(0)
     d = build_discriminator(_cfg(arch, resolution, dp_compatible=True))
+    if hasattr(d, "set_stage"):  # mid fade-in, so that both ProGAN paths carry gradient
+        resolution //= 2
+        d.set_stage(resolution, 0.5)
     x = torch.randn(3, 1, resolution, resolution)
     expected = []
     for i in range(3):
-        d.zero_grad()
+        d.zero_grad(set_to_none=True)
         d(x[i : i + 1]).sum().backward()
-        expected.append({n: p.grad.clone() for n, p in d.named_parameters()})
-    d.zero_grad()
+        expected.append({n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None})
+    d.zero_grad(set_to_none=True)
     gsm = GradSampleModule(d, loss_reduction="sum")
     gsm(x).sum().backward()
+    assert len(expected[0]) >= 8
     for name, p in d.named_parameters():
+        if name not in expected[0]:  # a resolution the current stage does not use
+            assert p.grad_sample is None, name
+            continue
         assert p.grad_sample is not None, name
         for i in range(3):
             torch.testing.assert_close(p.grad_sample[i], expected[i][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -12,18 +12,25 @@ from torch import nn
 
 from medsyngan.config import ModelSection
 from medsyngan.errors import UserError
-from medsyngan.models import dcgan
+from medsyngan.models import dcgan, progan
 
 SUPPORTED_RESOLUTIONS: dict[str, tuple[int, ...]] = {
     "dcgan": dcgan.SUPPORTED_RESOLUTIONS,
+    "progan": progan.SUPPORTED_RESOLUTIONS,
 }
 
 _GENERATORS: dict[str, Callable[[ModelSection], nn.Module]] = {
     "dcgan": lambda cfg: dcgan.DCGANGenerator(cfg.resolution, z_dim=cfg.z_dim, ngf=cfg.ngf),
+    "progan": lambda cfg: progan.ProGANGenerator(
+        cfg.resolution, z_dim=cfg.z_dim, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max
+    ),
 }
 
 _DISCRIMINATORS: dict[str, Callable[[ModelSection], nn.Module]] = {
     "dcgan": lambda cfg: dcgan.DCGANDiscriminator(cfg.resolution, ndf=cfg.ndf, dp_compatible=cfg.dp_compatible),
+    "progan": lambda cfg: progan.ProGANDiscriminator(
+        cfg.resolution, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max, dp_compatible=cfg.dp_compatible
+    ),
 }
 
 
