@@ -1,0 +1,3 @@
+from medsyngan.cli import main
+
+main()
