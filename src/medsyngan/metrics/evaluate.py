@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,10 @@ GROUPS = ("fd", "kid", "prdc", "nn", "msssim", "privacy", "ppl", "ppl_randomfeat
 DEFAULT_GROUPS = ("fd", "kid", "prdc", "nn", "msssim", "privacy", "ppl_randomfeat")
 FEATURE_GROUPS = {"fd", "kid", "prdc"}
 PR_K, DC_K = 3, 5
+
+
+class _NotApplicable(UserError):
+    """The inputs do not allow this metric (e.g. no training set); not an error of the evaluation."""
 
 
 def parse_metrics(spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -64,9 +69,19 @@ class Evaluation:
     epsilon: float | None = None
     delta: float | None = None
 
-    def skip(self, group: str, reason: str) -> None:
+    not_applicable: set[str] = field(default_factory=set)
+
+    def skip(self, group: str, reason: str, applicable: bool = True) -> None:
+        """Record a metric that was not computed; ``applicable=False`` when the inputs simply do not allow it
+        (no training set, no generator), as opposed to a failure (too few images, missing weights)."""
         self.skipped[group] = reason
+        if not applicable:
+            self.not_applicable.add(group)
         log.warning("%s skipped: %s", group, reason)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return {g: r for g, r in self.skipped.items() if g not in self.not_applicable}
 
 
 class _Features:
@@ -144,6 +159,8 @@ def evaluate(
             return
         try:
             fn()
+        except _NotApplicable as exc:
+            ev.skip(group, str(exc), applicable=False)
         except UserError as exc:
             ev.skip(group, str(exc))
 
@@ -163,7 +180,7 @@ def evaluate(
 
     def do_nn() -> None:
         if train_u8 is None:
-            raise UserError("needs the training images (--train)")
+            raise _NotApplicable("needs the training images (--train)")
         ev.nn = nn = pixel.nearest_neighbours(fake_u8, train_u8)
         m["ssim_nn_train"] = float(nn.ssim.mean())
         m["ssim_nn_train_max"] = float(nn.ssim.max())
@@ -177,7 +194,7 @@ def evaluate(
 
     def do_privacy() -> None:
         if train_u8 is None:
-            raise UserError("needs the training images (--train) as members and --real as the holdout")
+            raise _NotApplicable("needs the training images (--train) as members and --real as the holdout")
         if real_patients is not None and train_patients is not None:
             overlap = len(set(map(str, real_patients)) & set(map(str, train_patients)))
             ev.protocol["holdout_train_patient_overlap"] = overlap
@@ -211,7 +228,7 @@ def evaluate(
         from medsyngan.metrics import ppl
 
         if generator is None:
-            raise UserError("needs a generator (--run or --checkpoint), not a folder of images")
+            raise _NotApplicable("needs a generator (--run or --checkpoint), not a folder of images")
         if kind == "lpips":
             from medsyngan.metrics.lpips import load_lpips
 
@@ -235,3 +252,38 @@ def evaluate(
 def evaluate_images(fake_u8: np.ndarray, real_u8: np.ndarray, train_u8: np.ndarray | None = None, **kwargs) -> dict[str, float]:
     """The metrics of :func:`evaluate` as a flat ``{protocol-named key: value}`` dict (skipped ones absent)."""
     return evaluate(fake_u8, real_u8, train_u8, **kwargs).metrics
+
+
+def snapshot_dirs(run_dir: str | Path) -> list[Path]:
+    """The run's saved checkpoint folders (``checkpoints/step-NNNNNN``), oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def evaluate_snapshots(
+    checkpoints: list[Path], real_u8: np.ndarray, extractor: FeatureExtractor, count: int, seed: int = 0,
+    batch_size: int = 64, device: torch.device | str = "cpu",
+) -> list[dict[str, Any]]:
+    """FD and KID of ``count`` samples from every checkpoint (a curve over kimg / rounds); a damaged checkpoint
+    is reported and skipped."""
+    from medsyngan.training.generate import generate_images, load_generator
+
+    real_feats = cached_features(extractor, real_u8, batch_size, "features: real")
+    rows = []
+    for path in checkpoints:
+        try:
+            G, meta = load_generator(path, device)
+            fake = generate_images(G, count, seed, batch_size=batch_size, device=device)
+            check_same_resolution(synthetic=fake, real=real_u8)
+            feats = extract(extractor, fake, batch_size, f"features: {path.name}")
+            base = f"{count_tag(count)}_{fake.shape[-1]}_{extractor.tag}"
+            row: dict[str, Any] = {k: meta[k] for k in ("step", "kimg", "round") if isinstance(meta.get(k), (int, float))}
+            row["checkpoint"] = path.name
+            row[f"{'fid' if extractor.tag == 'inception' else 'fd'}{base}"] = fid.fd_from_features(real_feats, feats)
+            row[f"kid{base}"] = fid.kid(real_feats, feats, subsets=20, seed=seed)[0]
+        except UserError as exc:
+            log.warning("snapshot %s skipped: %s", path.name, exc)
+            continue
+        rows.append(row)
+    return rows

@@ -1,0 +1,1 @@
+"""The evaluation report: ``report.html`` (self-contained) and its matplotlib figures."""
