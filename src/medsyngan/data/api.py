@@ -1,0 +1,72 @@
+"""What the layers above call to get training data from a configuration."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from medsyngan.config import Config
+from medsyngan.data.phantoms import PHANTOM_VERSION, write_phantoms
+from medsyngan.data.prepare import PrepareSettings, prepare
+from medsyngan.data.prepared import FORMAT_VERSION, MANIFEST_FILE, PreparedDataset
+from medsyngan.errors import UserError
+from medsyngan.runtime import cache_dir
+
+log = logging.getLogger("medsyngan")
+
+
+def phantom_key(patients: int, images_per_patient: int, size: int, seed: int) -> str:
+    blob = json.dumps(
+        {"phantoms": PHANTOM_VERSION, "format": FORMAT_VERSION, "patients": patients,
+         "images_per_patient": images_per_patient, "size": size, "seed": seed},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def phantom_dataset(
+    patients: int, images_per_patient: int, size: int, seed: int, root: Path | None = None, workers: int = 0
+) -> PreparedDataset:
+    """Build (once) and open a prepared phantom set under root (default: the cache), keyed by its settings.
+
+    A file lock makes concurrent callers (simulated hospitals starting together) build it once.
+    """
+    base = (root or cache_dir() / "phantoms") / phantom_key(patients, images_per_patient, size, seed)
+    prepared = base / "prepared"
+    if (prepared / MANIFEST_FILE).is_file():
+        return PreparedDataset.open(prepared)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    with open(base.parent / f"{base.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (prepared / MANIFEST_FILE).is_file():
+            log.info("building %d phantom patients × %d images at %d px in %s", patients, images_per_patient, size, base)
+            raw = base / "raw"
+            shutil.rmtree(raw, ignore_errors=True)
+            write_phantoms(raw, patients, images_per_patient, size, seed, workers=workers)
+            prepare(raw, prepared, PrepareSettings(size=size), workers=workers)
+            # The PNGs were only the route through the one reader; the memmap is what training reads.
+            shutil.rmtree(raw, ignore_errors=True)
+    return PreparedDataset.open(prepared)
+
+
+def load_training_data(cfg: Config) -> PreparedDataset:
+    data = cfg.data
+    if data.size != cfg.model.resolution:
+        raise UserError(
+            f"data.size ({data.size}) differs from model.resolution ({cfg.model.resolution}); set both the same"
+        )
+    if data.source == "phantoms":
+        return phantom_dataset(data.phantom_patients, data.phantom_images_per_patient, data.size, cfg.run.seed)
+    if not data.path:
+        raise UserError("data.source = 'prepared' but data.path is empty; set data.path to a `data prepare` output")
+    ds = PreparedDataset.open(data.path)
+    if ds.size != cfg.model.resolution:
+        raise UserError(
+            f"{data.path}: images are {ds.size} px but model.resolution is {cfg.model.resolution}; "
+            f"prepare the data with --size {cfg.model.resolution} or set model.resolution={ds.size}"
+        )
+    return ds

@@ -1,0 +1,170 @@
+"""A prepared dataset on disk and its reader.
+
+Layout of a prepared dataset directory::
+
+    DIR/
+      images.u8       N × S × S uint8, C order, no header (memory-mapped for training)
+      index.csv       image,patient,labels,view,split  — one row per image, in the order of images.u8
+      manifest.json   format, count, size, settings, inputs hash, skipped files
+
+``labels`` in the index is ``|``-separated like the NIH release, with ``No Finding`` for an image without
+findings; in memory an image without findings has the empty tuple.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medsyngan.errors import UserError
+
+FORMAT_VERSION = 1
+IMAGES_FILE = "images.u8"
+INDEX_FILE = "index.csv"
+MANIFEST_FILE = "manifest.json"
+INDEX_COLUMNS = ("image", "patient", "labels", "view", "split")
+NO_FINDING = "No Finding"
+
+
+def parse_labels(text: str) -> tuple[str, ...]:
+    """NIH 'Finding Labels' → sorted tuple of findings; 'No Finding' and empty → ()."""
+    parts = sorted({p.strip() for p in text.split("|") if p.strip()} - {NO_FINDING})
+    return tuple(parts)
+
+
+def format_labels(labels: Sequence[str]) -> str:
+    return "|".join(labels) if labels else NO_FINDING
+
+
+@dataclass
+class PreparedDataset:
+    """Images (uint8 [N,S,S]) plus per-image patient, labels, view and split.
+
+    ``subset`` keeps the parent's memmap and an index array; ``images`` of a subset is a memmap slice when
+    the indices are a contiguous run, and otherwise the selected rows are read once, on first access.
+    """
+
+    root: Path
+    size: int
+    image_names: list[str]
+    patients: np.ndarray
+    labels: list[tuple[str, ...]]
+    views: np.ndarray
+    splits: np.ndarray
+    manifest: dict[str, Any] = field(default_factory=dict)
+    _base: np.ndarray | None = field(default=None, repr=False)
+    _rows: np.ndarray | None = field(default=None, repr=False)
+    _images: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "PreparedDataset":
+        root = Path(path)
+        manifest_path = root / MANIFEST_FILE
+        if not root.is_dir():
+            raise UserError(f"{root}: prepared dataset not found; create it with `medsyngan data prepare --out {root}`")
+        if not manifest_path.is_file():
+            raise UserError(
+                f"{root}: not a prepared dataset (no {MANIFEST_FILE}); create it with `medsyngan data prepare`"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            count, size = int(manifest["count"]), int(manifest["size"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise UserError(f"{manifest_path}: unreadable manifest; re-run `medsyngan data prepare`") from None
+        if manifest.get("format") != FORMAT_VERSION:
+            raise UserError(
+                f"{root}: prepared with format {manifest.get('format')}, this version reads {FORMAT_VERSION}; "
+                "re-run `medsyngan data prepare`"
+            )
+        names, patients, labels, views, splits = _read_index(root / INDEX_FILE)
+        if len(names) != count:
+            raise UserError(
+                f"{root / INDEX_FILE}: {len(names)} rows but the manifest says {count}; re-run `medsyngan data prepare`"
+            )
+        images_path = root / IMAGES_FILE
+        expected = count * size * size
+        if not images_path.is_file() or images_path.stat().st_size != expected:
+            raise UserError(
+                f"{images_path}: missing or not {expected} bytes ({count} × {size}²); re-run `medsyngan data prepare`"
+            )
+        images = (
+            np.memmap(images_path, dtype=np.uint8, mode="r", shape=(count, size, size))
+            if count
+            else np.zeros((0, size, size), np.uint8)
+        )
+        return cls(
+            root=root, size=size, image_names=names, patients=np.asarray(patients, dtype=str), labels=labels,
+            views=np.asarray(views, dtype=str), splits=np.asarray(splits, dtype=str), manifest=manifest,
+            _base=images, _rows=None, _images=images,
+        )
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            assert self._base is not None and self._rows is not None
+            rows = self._rows
+            if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+                self._images = self._base[rows[0] : rows[0] + len(rows)]
+            else:
+                self._images = np.asarray(self._base[rows])
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.image_names)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "PreparedDataset":
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"subset index out of range for a dataset of {len(self)} images")
+        idx = np.where(idx < 0, idx + len(self), idx)
+        base_rows = idx if self._rows is None else self._rows[idx]
+        return PreparedDataset(
+            root=self.root, size=self.size, image_names=[self.image_names[i] for i in idx],
+            patients=self.patients[idx], labels=[self.labels[i] for i in idx], views=self.views[idx],
+            splits=self.splits[idx], manifest=self.manifest, _base=self._base, _rows=base_rows, _images=None,
+        )
+
+    def label_names(self) -> list[str]:
+        """Every finding present, sorted."""
+        return sorted({lab for labs in self.labels for lab in labs})
+
+
+def _read_index(path: Path) -> tuple[list[str], list[str], list[tuple[str, ...]], list[str], list[str]]:
+    if not path.is_file():
+        raise UserError(f"{path}: index missing; re-run `medsyngan data prepare`")
+    names: list[str] = []
+    patients: list[str] = []
+    labels: list[tuple[str, ...]] = []
+    views: list[str] = []
+    splits: list[str] = []
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = set(INDEX_COLUMNS) - set(reader.fieldnames or ())
+        if missing:
+            raise UserError(f"{path}: missing columns {sorted(missing)}; re-run `medsyngan data prepare`")
+        for row in reader:
+            names.append(row["image"])
+            patients.append(row["patient"])
+            labels.append(parse_labels(row["labels"]))
+            views.append(row["view"])
+            splits.append(row["split"])
+    return names, patients, labels, views, splits
+
+
+def index_csv_text(
+    names: Sequence[str], patients: Sequence[str], labels: Sequence[Sequence[str]], views: Sequence[str],
+    splits: Sequence[str],
+) -> str:
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(INDEX_COLUMNS)
+    for row in zip(names, patients, labels, views, splits):
+        writer.writerow((row[0], row[1], format_labels(row[2]), row[3], row[4]))
+    return buf.getvalue()
