@@ -1,9 +1,155 @@
-"""`medsyngan privacy` commands."""
+"""`medsyngan privacy`: ε for a DP-SGD setting, the noise for a target ε, or the plan of a run's configuration."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from medsyngan.cli.options import ConfigOption, SetOption
+from medsyngan.errors import UserError
+
+
+def _fmt(value: float) -> str:
+    return "∞" if math.isinf(value) else f"{value:.4f}"
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 160  # a pipe or file gets the whole table, not rich's 80-column fallback
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _single(noise_multiplier: float | None, target_epsilon: float | None, sample_rate: float | None,
+            steps: int | None, delta: float) -> None:
+    from medsyngan.privacy.accounting import PrivacyAccountant, calibrate_noise, epsilon_of
+
+    if sample_rate is None or steps is None:
+        raise UserError("give --sample-rate and --steps (or --config FILE for a run's configuration)")
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise UserError("give exactly one of --noise-multiplier (prints ε) and --target-epsilon (prints σ)")
+    if steps < 1:
+        raise UserError(f"--steps {steps}: the number of private steps must be at least 1")
+    if target_epsilon is not None:
+        sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, "max")
+        rows = [["noise multiplier σ", f"{sigma:.4f}"]]
+        rows += [[f"ε ({m.upper()}) at this σ", _fmt(epsilon_of([(sigma, sample_rate, steps)], delta, m))]
+                 for m in ("rdp", "prv")]
+        _print_table(f"σ for ε ≤ {target_epsilon:g}, δ = {delta:g}, q = {sample_rate:g}, {steps} steps",
+                     ["", "value"], rows)
+        return
+    acc = PrivacyAccountant(sample_rate, noise_multiplier, delta)
+    acc.step(steps)
+    eps = acc.epsilon()
+    _print_table(f"ε after {steps} steps, σ = {noise_multiplier:g}, q = {sample_rate:g}, δ = {delta:g}",
+                 ["accountant", "ε"], [["RDP", _fmt(eps["rdp"])], ["PRV", _fmt(eps["prv"])],
+                                       ["reported (max)", _fmt(eps["reported"])]])
+
+
+def _hospital_units(cfg) -> list[tuple[str, int, int]]:
+    """(name, patients, images) of every training set the run has: each hospital's, or the one central set."""
+    import numpy as np
+
+    from medsyngan.data.api import load_training_data
+
+    dataset = load_training_data(cfg)
+    if not cfg.federated.enabled:
+        return [("centralized", len(np.unique(dataset.patients)), len(dataset.patients))]
+    from medsyngan.data.partition import partition, read_partition_csv
+    from medsyngan.federated.plan import split_holdout
+
+    f = cfg.federated
+    if f.partition:
+        assignment = read_partition_csv(f.partition, dataset)
+    else:
+        assignment = partition(dataset.patients, dataset.labels, f.hospitals, f.scheme, f.alpha, cfg.run.seed)
+    assignment = np.asarray([int(h) for h in assignment])
+    out = []
+    for hospital in sorted(set(assignment.tolist())):
+        patients = dataset.patients[assignment == hospital]
+        train_rows, _ = split_holdout(patients, cfg.run.seed, hospital)
+        train_patients = patients[train_rows]
+        out.append((f"hospital {hospital}", len(np.unique(train_patients)), len(train_patients)))
+    return out
+
+
+def _from_config(config: str, overrides: list[str]) -> None:
+    from medsyngan.config import load_config
+    from medsyngan.privacy.accounting import client_level_accountant, plan_dp, planned_private_steps, resolve_unit
+
+    cfg = load_config(config, overrides)
+    p = cfg.privacy
+    steps = planned_private_steps(cfg)
+    rows = []
+    for name, patients, images in _hospital_units(cfg):
+        unit = resolve_unit(p.unit, patients, images)
+        units = patients if unit == "patient" else images
+        plan = plan_dp(units, cfg.train.batch_size, steps, p.target_epsilon, p.delta, unit, where=name)
+        eps = plan.accountant()
+        eps.step(plan.steps)
+        e = eps.epsilon()
+        rows.append([name, unit, str(units), f"{plan.sample_rate:.4g}", str(plan.steps), f"{plan.delta:.3g}",
+                     f"{plan.noise_multiplier:.4f}", _fmt(e["rdp"]), _fmt(e["prv"])])
+    if not p.dp:
+        typer.echo("note: privacy.dp is off in this configuration; the figures apply once it is switched on")
+    _print_table(f"DP-SGD plan: target ε = {p.target_epsilon:g} per hospital over the whole run", ["training set", "unit", "units", "q", "steps", "δ", "σ", "ε RDP", "ε PRV"], rows)
+    if cfg.federated.enabled and p.client_dp:
+        acc = client_level_accountant(cfg.federated.fraction, p.client_noise, cfg.federated.hospitals)
+        acc.step(cfg.federated.rounds)
+        e = acc.epsilon()
+        _print_table(
+            "client-level DP-FedAvg (unit = hospital)", ["q", "rounds", "δ", "σ", "ε RDP", "ε PRV"],
+            [[f"{cfg.federated.fraction:g}", str(cfg.federated.rounds), f"{acc.delta:.3g}", f"{p.client_noise:g}",
+              _fmt(e["rdp"]), _fmt(e["prv"])]],
+        )
 
 
 def register(app: typer.Typer) -> None:
-    """Adds this area's commands to the CLI (filled in by the issue that builds the area)."""
+    privacy_app = typer.Typer(
+        help="Privacy figures: ε of a DP-SGD setting, σ for a target ε, a run's per-hospital plan; key files.",
+        invoke_without_command=True,
+    )
+    app.add_typer(privacy_app, name="privacy")
+
+    @privacy_app.callback()
+    def privacy(
+        ctx: typer.Context,
+        noise_multiplier: Annotated[Optional[float], typer.Option(help="σ: prints ε for it.")] = None,
+        target_epsilon: Annotated[Optional[float], typer.Option(help="Target ε: prints the σ that meets it.")] = None,
+        sample_rate: Annotated[Optional[float], typer.Option(help="q = batch size / privacy units.")] = None,
+        steps: Annotated[Optional[int], typer.Option(help="Private steps over the whole run.")] = None,
+        delta: Annotated[float, typer.Option(help="δ.")] = 1e-5,
+        config: ConfigOption = None,
+        set_: SetOption = None,
+    ) -> None:
+        """Print ε (RDP and PRV) for σ, q, T, δ; or σ for a target ε; or, with --config, a plan per hospital."""
+        if ctx.invoked_subcommand:
+            return
+        if config is not None:
+            if noise_multiplier is not None or target_epsilon is not None or sample_rate is not None:
+                raise UserError("--config takes its σ, ε and q from the configuration; drop the other options "
+                                "or override them with --set privacy.target_epsilon=…")
+            _from_config(config, set_ or [])
+            return
+        if set_:
+            raise UserError("--set needs --config FILE")
+        _single(noise_multiplier, target_epsilon, sample_rate, steps, delta)
+
+    @privacy_app.command("keygen")
+    def keygen(path: Annotated[Path, typer.Argument(help="Key file to create (32 random bytes, mode 0600).")]) -> None:
+        """Create a key file for encrypting checkpoints at rest."""
+        from medsyngan.privacy.crypto import generate_key_file
+
+        generate_key_file(path)
+        typer.echo(f"wrote {path} (keep it apart from the checkpoints it protects)")

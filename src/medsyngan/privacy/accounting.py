@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from medsyngan.config import Config
 from medsyngan.errors import UserError
 
 Accountant = Literal["rdp", "prv", "max"]
@@ -242,3 +244,60 @@ def client_level_accountant(fraction: float, noise_multiplier: float, hospitals:
         raise UserError(f"federated.hospitals = {hospitals}; client-level DP needs at least one hospital")
     delta = delta or default_delta(hospitals)
     return PrivacyAccountant(fraction, noise_multiplier, delta, unit="hospital", units=hospitals)
+
+
+def planned_private_steps(cfg: Config) -> int:
+    """Discriminator steps a hospital may take over the whole run: the number the noise is calibrated for.
+
+    Federated: rounds × local generator steps × D steps per G step (a hospital that sits out a round spends
+    less, never more). Centralized: train.steps × D steps per G step.
+    """
+    per_g = cfg.train.d_steps_per_g
+    if cfg.federated.enabled:
+        return cfg.federated.rounds * cfg.federated.local_steps * per_g
+    return cfg.train.steps * per_g
+
+
+def resolve_unit(unit: str, patients: int, images: int) -> str:
+    """'auto' is patient-level whenever ids group images (fewer patients than images), else image-level."""
+    if unit != "auto":
+        return unit
+    return "patient" if patients < images else "image"
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """A hospital's DP-SGD setting, fixed before training: what the accountant will be created with."""
+
+    unit: str
+    units: int
+    batch_size: int
+    sample_rate: float
+    steps: int
+    delta: float
+    target_epsilon: float
+    noise_multiplier: float
+
+    def accountant(self) -> PrivacyAccountant:
+        return PrivacyAccountant(self.sample_rate, self.noise_multiplier, self.delta, unit=self.unit, units=self.units)
+
+
+def plan_dp(units: int, batch_size: int, steps: int, target_epsilon: float, delta: float = 0.0,
+            unit: str = "patient", accountant: Accountant = "max", where: str = "") -> DPPlan:
+    """Sampling rate = batch size / units, δ (0: :func:`default_delta`), σ calibrated to the target ε."""
+    prefix = f"{where}: " if where else ""
+    if units < 1:
+        raise UserError(f"{prefix}no {unit}s to train on; give the hospital data or fewer hospitals")
+    sample_rate = batch_size / units
+    if sample_rate > 1:
+        raise UserError(
+            f"{prefix}sampling rate {batch_size}/{units} {unit}s = {sample_rate:.3g} is above 1; "
+            f"set train.batch_size ≤ {units} or give the hospital more {unit}s"
+        )
+    delta = delta or default_delta(units)
+    try:
+        validate(sample_rate, None, delta, units)
+        sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
+    except UserError as exc:
+        raise UserError(f"{prefix}{exc}") from None
+    return DPPlan(unit, units, batch_size, sample_rate, steps, delta, target_epsilon, sigma)

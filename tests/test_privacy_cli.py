@@ -1,0 +1,71 @@
+"""`medsyngan privacy`: figures for a setting, σ for a target, a configuration's plan, one-line errors."""
+
+import sys
+
+import pytest
+
+from medsyngan.cli import main
+
+
+def _run(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["medsyngan", "privacy", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_epsilon_for_a_noise_multiplier(monkeypatch, capsys):
+    code, out, _ = _run(monkeypatch, capsys, "--noise-multiplier", "1.5", "--sample-rate", "0.04",
+                        "--steps", "2250", "--delta", "1e-5")
+    assert code == 0
+    assert "RDP" in out and "PRV" in out and "7.3291" in out
+
+
+def test_noise_multiplier_for_a_target(monkeypatch, capsys):
+    from medsyngan.privacy.accounting import calibrate_noise
+
+    code, out, _ = _run(monkeypatch, capsys, "--target-epsilon", "2", "--sample-rate", "0.05", "--steps", "300")
+    assert code == 0
+    assert f"{calibrate_noise(2.0, 1e-5, 0.05, 300):.4f}" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--noise-multiplier", "1", "--sample-rate", "1.5", "--steps", "10"], "sampling rate 1.5"),
+        (["--target-epsilon", "0.05", "--sample-rate", "0.01", "--steps", "10"], "cannot be met"),
+        (["--noise-multiplier", "1", "--target-epsilon", "1", "--sample-rate", "0.1", "--steps", "5"], "exactly one"),
+        (["--noise-multiplier", "1", "--steps", "5"], "--sample-rate"),
+        (["--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "5", "--delta", "2"], "δ"),
+    ],
+)
+def test_bad_input_is_one_line(monkeypatch, capsys, args, message):
+    code, out, err = _run(monkeypatch, capsys, *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_keygen(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "ckpt.key"
+    assert _run(monkeypatch, capsys, "keygen", str(path))[0] == 0
+    assert path.stat().st_size == 32
+    code, _, err = _run(monkeypatch, capsys, "keygen", str(path))
+    assert code == 2 and "refusing to overwrite" in err
+
+
+def test_config_plan_per_training_set(monkeypatch, capsys, medsyngan_cache):
+    from medsyngan.privacy.accounting import calibrate_noise
+
+    overrides = ["data.phantom_patients=20", "data.phantom_images_per_patient=2", "train.batch_size=4",
+                 "train.steps=50", "privacy.dp=true"]
+    args = ["--config", "dcgan64"] + [a for o in overrides for a in ("--set", o)]
+    code, out, err = _run(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "patient" in out and "0.2" in out  # 4 of 20 patients per step
+    assert f"{calibrate_noise(1.0, 1e-5, 0.2, 50):.4f}" in out
+    code, _, err = _run(monkeypatch, capsys, *args[:-2], "--set", "train.batch_size=64")
+    assert code == 2 and "set train.batch_size ≤ 20" in err
