@@ -16,7 +16,13 @@ from medsyngan.models.registry import SUPPORTED_RESOLUTIONS, build_discriminator
 TINY = {
     "dcgan": dict(ngf=4, ndf=4, z_dim=8),
     "progan": dict(fmap_base=16, fmap_max=8, z_dim=8),
+    "stylegan2": dict(fmap_base=16, fmap_max=8, z_dim=8, w_dim=8),
 }
+
+
+def _slow_above(limit: int, resolutions: tuple[int, ...]) -> list:
+    """Resolutions above ``limit`` take seconds each even at width 1 (megapixel convolutions)."""
+    return [pytest.param(r, marks=pytest.mark.slow) if r > limit else r for r in resolutions]
 
 
 def _cfg(arch: str, resolution: int, **extra) -> ModelSection:
@@ -112,7 +118,7 @@ def test_dcgan_init_follows_the_paper():
 # --- ProGAN ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("resolution", SUPPORTED_RESOLUTIONS["progan"])
+@pytest.mark.parametrize("resolution", _slow_above(256, SUPPORTED_RESOLUTIONS["progan"]))
 def test_progan_shapes_at_every_stage(resolution):
     cfg = _cfg("progan", resolution)
     g, d = build_generator(cfg), build_discriminator(cfg)
@@ -179,6 +185,139 @@ def test_progan_state_dict_carries_stage_and_alpha():
         d.set_stage(64, 1.0)
     with pytest.raises(ValueError, match="alpha"):
         d.set_stage(8, 1.5)
+
+
+# --- StyleGAN2 ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resolution", _slow_above(256, SUPPORTED_RESOLUTIONS["stylegan2"]))
+def test_stylegan2_shapes(resolution):
+    cfg = _cfg("stylegan2", resolution)
+    g, d = build_generator(cfg), build_discriminator(cfg)
+    log2 = resolution.bit_length() - 1
+    assert (g.z_dim, g.w_dim, g.resolution, g.num_ws) == (8, 8, resolution, 2 * log2 - 2)
+    z = torch.randn(2, 8)
+    ws = g.mapping(z)
+    assert ws.shape == (2, g.num_ws, 8)
+    img = g.synthesis(ws)
+    assert img.shape == (2, 1, resolution, resolution)
+    assert d(img).shape == (2,)
+    assert g(z).shape == (2, 1, resolution, resolution)
+
+
+def _stylegan2(resolution=16, **extra):
+    from medsyngan.models.stylegan2 import StyleGAN2Generator
+
+    torch.manual_seed(0)
+    return StyleGAN2Generator(resolution, z_dim=8, w_dim=6, mapping_layers=3, fmap_base=64, fmap_max=8, **extra)
+
+
+def test_stylegan2_w_avg_tracking_and_truncation():
+    g = _stylegan2().train()
+    m = g.mapping
+    z = torch.randn(5, 8)
+    # Independent forward of the mapping network: normalise z, three equalized FC layers with lr multiplier 0.01.
+    x = z / z.square().mean(1, keepdim=True).sqrt()
+    for layer in m.layers:
+        x = F.leaky_relu(F.linear(x, layer.weight * 0.01 / layer.weight.shape[1] ** 0.5, layer.bias * 0.01), 0.2)
+        x = x * 2**0.5
+    ws = m(z)
+    torch.testing.assert_close(ws, x[:, None].expand(-1, g.num_ws, -1))
+    torch.testing.assert_close(m.w_avg, (1 - 0.995) * x.mean(0))
+    with torch.no_grad():
+        m.w_avg.copy_(torch.randn(6))
+    g.eval()
+    w_avg = m.w_avg.clone()
+    ws0 = m(torch.randn(4, 8), truncation_psi=0.0)
+    torch.testing.assert_close(ws0, w_avg.expand(4, g.num_ws, -1))
+    torch.testing.assert_close(m.w_avg, w_avg)  # eval mode leaves it alone
+    z = torch.randn(4, 8)
+    full, half = m(z), m(z, truncation_psi=0.5, truncation_cutoff=2)
+    torch.testing.assert_close(half[:, :2], w_avg + 0.5 * (full[:, :2] - w_avg))
+    torch.testing.assert_close(half[:, 2:], full[:, 2:])
+
+
+def test_stylegan2_noise_modes_and_forward():
+    g = _stylegan2().eval()
+    for layer in g.modules():
+        if hasattr(layer, "noise_strength"):
+            layer.noise_strength.data.fill_(0.5)
+    z = torch.randn(2, 8)
+    with torch.no_grad():
+        ws = g.mapping(z)
+        const = g.synthesis(ws, noise_mode="const")
+        torch.testing.assert_close(g.synthesis(ws, noise_mode="const"), const)
+        torch.testing.assert_close(g(z, noise_mode="const"), const)
+        assert not torch.allclose(g.synthesis(ws, noise_mode="random"), const)
+        assert not torch.allclose(g.synthesis(ws, noise_mode="none"), const)
+        # Style mixing as the trainer does it: the image depends on the ws of both latents.
+        ws2 = g.mapping(torch.randn(2, 8))
+        mixed = g.synthesis(torch.cat([ws[:, :3], ws2[:, 3:]], 1), noise_mode="const")
+        assert not torch.allclose(mixed, const) and not torch.allclose(mixed, g.synthesis(ws2, noise_mode="const"))
+    with pytest.raises(ValueError, match="noise_mode"):
+        g.synthesis(ws, noise_mode="fixed")
+
+
+def test_stylegan2_fused_and_unfused_modconv_agree():
+    z = torch.randn(3, 8)
+    outs = []
+    for fused in (True, False):
+        g = _stylegan2(fused_modconv=fused).eval()
+        with torch.no_grad():
+            outs.append(g(z, noise_mode="const"))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_modulated_conv_matches_per_sample_convolution():
+    from medsyngan.models.layers import modulated_conv2d
+
+    torch.manual_seed(0)
+    x, weight, styles = torch.randn(3, 5, 8, 8), torch.randn(4, 5, 3, 3), torch.randn(3, 5)
+    for fused in (True, False):
+        y = modulated_conv2d(x, weight, styles, fused=fused)
+        for i in range(3):
+            w_i = weight * styles[i][None, :, None, None]
+            w_i = w_i / w_i.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()
+            torch.testing.assert_close(y[i : i + 1], F.conv2d(x[i : i + 1], w_i, padding=1), rtol=1e-4, atol=1e-5)
+
+
+def test_demodulation_normalizes_output_std():
+    from medsyngan.models.layers import modulated_conv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 32, 32)
+    weight = torch.randn(32, 64, 3, 3)
+    styles = torch.rand(4, 64) * 10  # far from unit scale, so without demodulation the std is far from 1
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # away from the zero padding
+    std = modulated_conv2d(x, weight, styles)[inner].std(dim=(2, 3))
+    # Each channel's std estimate from ~900 correlated pixels is good to a few percent; the mean is tighter.
+    assert ((std - 1).abs() < 0.1).all() and abs(std.mean() - 1) < 0.02, std
+    assert modulated_conv2d(x, weight, styles, demodulate=False)[inner].std() > 10
+
+
+def test_upsampling_modulated_conv_keeps_the_mean_gain():
+    """On a constant image, up=True must give (away from borders) what the same convolution gives at the input
+    resolution: the transposed convolution's checkerboard is removed by the FIR filter and gain 4 restores the mean."""
+    from medsyngan.models.layers import fir_filter, modulated_conv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 1, 1).expand(-1, -1, 8, 8)
+    weight, styles = torch.randn(4, 3, 3, 3), torch.randn(2, 3)
+    same = modulated_conv2d(x, weight, styles)
+    for fused in (True, False):
+        up = modulated_conv2d(x, weight, styles, up=True, resample_filter=fir_filter(), fused=fused)
+        assert up.shape == (2, 4, 16, 16)
+        torch.testing.assert_close(up[..., 3:-3, 3:-3], same[..., 1:2, 1:2].expand(-1, -1, 10, 10))
+
+
+def test_fir_resampling_keeps_constant_images_constant():
+    from medsyngan.models.layers import fir_downsample, fir_filter, fir_upsample
+
+    ones = torch.ones(1, 2, 8, 8)
+    up, down = fir_upsample(ones, fir_filter()), fir_downsample(ones, fir_filter())
+    assert up.shape == (1, 2, 16, 16) and down.shape == (1, 2, 4, 4)
+    torch.testing.assert_close(up[..., 2:-2, 2:-2], torch.ones(1, 2, 12, 12))
+    torch.testing.assert_close(down[..., 1:-1, 1:-1], torch.ones(1, 2, 2, 2))
 
 
 # --- DP-compatible discriminators -----------------------------------------------------------------------------

@@ -12,11 +12,12 @@ from torch import nn
 
 from medsyngan.config import ModelSection
 from medsyngan.errors import UserError
-from medsyngan.models import dcgan, progan
+from medsyngan.models import dcgan, progan, stylegan2
 
 SUPPORTED_RESOLUTIONS: dict[str, tuple[int, ...]] = {
     "dcgan": dcgan.SUPPORTED_RESOLUTIONS,
     "progan": progan.SUPPORTED_RESOLUTIONS,
+    "stylegan2": stylegan2.SUPPORTED_RESOLUTIONS,
 }
 
 _GENERATORS: dict[str, Callable[[ModelSection], nn.Module]] = {
@@ -24,11 +25,18 @@ _GENERATORS: dict[str, Callable[[ModelSection], nn.Module]] = {
     "progan": lambda cfg: progan.ProGANGenerator(
         cfg.resolution, z_dim=cfg.z_dim, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max
     ),
+    "stylegan2": lambda cfg: stylegan2.StyleGAN2Generator(
+        cfg.resolution, z_dim=cfg.z_dim, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers,
+        fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max,
+    ),
 }
 
 _DISCRIMINATORS: dict[str, Callable[[ModelSection], nn.Module]] = {
     "dcgan": lambda cfg: dcgan.DCGANDiscriminator(cfg.resolution, ndf=cfg.ndf, dp_compatible=cfg.dp_compatible),
     "progan": lambda cfg: progan.ProGANDiscriminator(
+        cfg.resolution, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max, dp_compatible=cfg.dp_compatible
+    ),
+    "stylegan2": lambda cfg: stylegan2.StyleGAN2Discriminator(
         cfg.resolution, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max, dp_compatible=cfg.dp_compatible
     ),
 }
