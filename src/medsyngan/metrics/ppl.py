@@ -66,6 +66,14 @@ def random_feature_distance(net: torch.nn.Module, size: int = 64) -> Distance:
     return dist
 
 
+def _synthesize(generator: torch.nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """Both end points must see the same per-pixel noise, or the noise alone would dominate the distance."""
+    try:
+        return generator.synthesis(w, noise_mode="const")
+    except TypeError:  # a synthesis network without noise inputs
+        return generator.synthesis(w)
+
+
 def percentile_filtered_mean(values: np.ndarray) -> float:
     lo = np.percentile(values, 1, method="lower")
     hi = np.percentile(values, 99, method="higher")
@@ -93,8 +101,8 @@ def perceptual_path_length(
         z1 = torch.randn(n, z_dim, generator=gen)
         if kind == "wend":
             w0, w1 = generator.mapping(z0.to(device)), generator.mapping(z1.to(device))
-            a = generator.synthesis(w0)
-            b = generator.synthesis(torch.lerp(w0, w1, epsilon))
+            a = _synthesize(generator, w0)
+            b = _synthesize(generator, torch.lerp(w0, w1, epsilon))
         else:
             t = torch.rand(n, generator=gen)
             scale = z_dim**0.5
