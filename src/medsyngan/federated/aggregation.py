@@ -108,5 +108,5 @@ class ServerOptimizer:
 
 
 def delta(local: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> State:
-    """local − reference per shared tensor, in float64 (integer buffers included, as counts)."""
-    return {k: local[k].to(torch.float64) - reference[k].to(torch.float64) for k in reference}
+    """local − reference per shared tensor, as float32 for the wire (integer buffers included, as counts)."""
+    return {k: (local[k].to(torch.float64) - reference[k].to(torch.float64)).to(torch.float32) for k in reference}

@@ -1,0 +1,117 @@
+"""The hospital's request handling, behind the thin Flower ClientApp.
+
+A hospital learns who it is from its node configuration: in the Simulation Engine ``partition-id`` (its rows of the
+partition file the server names), in the Deployment Engine ``hospital-id`` and ``data-path`` (its own prepared
+dataset; nothing about it is known to the server). ``state-dir`` (optional) is where it keeps its own state on disk.
+
+State across rounds: Flower's ``context.state`` holds the latest state (optimizer moments, loader position, RNG,
+local D); a copy per completed round is written atomically to the hospital's disk so that a federation killed and
+resumed continues from exactly the state of the last round the server completed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medsyngan.config import Config, config_from_toml_text
+from medsyngan.data.partition import read_partition_csv
+from medsyngan.data.prepared import PreparedDataset
+from medsyngan.errors import UserError
+from medsyngan.federated.hospital import Hospital
+from medsyngan.federated.messages import pack_blob, unpack_blob
+from medsyngan.federated.plan import split_holdout
+from medsyngan.rundir import atomic_write_bytes
+from medsyngan.runtime import cache_dir
+
+KEEP_ROUNDS = 2
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    hospital_id: int
+    data_path: str | None
+    state_dir: Path
+
+
+def node_identity(node_config: Mapping[str, Any], job: Mapping[str, Any]) -> NodeIdentity:
+    if "hospital-id" in node_config:
+        if "data-path" not in node_config:
+            raise UserError("node config has hospital-id but no data-path; start flower-supernode with "
+                            "--node-config \"hospital-id=K data-path='DIR'\"")
+        hospital, data_path = int(node_config["hospital-id"]), str(node_config["data-path"])
+    elif "partition-id" in node_config:
+        hospital, data_path = int(node_config["partition-id"]), None
+    else:
+        raise UserError("node config names no hospital: set hospital-id and data-path in --node-config")
+    # Simulation: the server names a folder in its run directory; deployment: the hospital's own setting.
+    default_dir = job.get("state_dir") or Path(cache_dir()) / "hospital-state" / str(job["run_id"])
+    state_dir = Path(str(node_config.get("state-dir", default_dir))) / f"hospital-{hospital}"
+    return NodeIdentity(hospital, data_path, state_dir)
+
+
+def load_hospital_data(identity: NodeIdentity, job: Mapping[str, Any], seed: int) -> tuple[PreparedDataset, PreparedDataset]:
+    """(train, held-out) images of this hospital, patient-disjoint."""
+    if identity.data_path is not None:
+        own = PreparedDataset.open(identity.data_path)
+    else:
+        dataset = PreparedDataset.open(str(job["dataset"]))
+        assignment = read_partition_csv(str(job["partition"]), dataset)
+        rows = [i for i, h in enumerate(assignment) if h == identity.hospital_id]
+        if not rows:
+            raise UserError(f"partition {job['partition']} gives hospital {identity.hospital_id} no images")
+        own = dataset.subset(rows)
+    train_rows, holdout_rows = split_holdout(own.patients, seed, identity.hospital_id)
+    return own.subset(train_rows), own.subset(holdout_rows)
+
+
+class HospitalRuntime:
+    """Builds this node's hospital for each request; the data is read once per process and kept.
+
+    The trainer is rebuilt from the configuration for every message and then given its persisted state, so a
+    request never sees state left behind by an earlier, abandoned attempt in the same (possibly shared) process.
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[tuple[str, str, int], tuple[PreparedDataset, PreparedDataset]] = {}
+
+    def hospital(self, identity: NodeIdentity, job: Mapping[str, Any]) -> tuple[Hospital, Config]:
+        config_text = str(job["config"])
+        cfg = config_from_toml_text(config_text, "federation config")
+        key = (hashlib.sha256(config_text.encode()).hexdigest(), str(identity.data_path), identity.hospital_id)
+        if key not in self._data:
+            self._data = {key: load_hospital_data(identity, job, cfg.run.seed)}
+        train, holdout = self._data[key]
+        return Hospital(cfg, identity.hospital_id, train, holdout), cfg
+
+
+def state_file(identity: NodeIdentity, round_: int) -> Path:
+    return identity.state_dir / f"round-{round_:05d}.pt"
+
+
+def restore(hospital: Hospital, identity: NodeIdentity, resume_round: int, in_memory: tuple[int, bytes] | None) -> None:
+    """Bring the hospital to its state after ``resume_round`` (0: fresh), from memory or its disk copy."""
+    if in_memory is not None and in_memory[0] == resume_round:
+        hospital.load_state_dict(unpack_blob(in_memory[1]))
+        return
+    if resume_round == 0:
+        return
+    path = state_file(identity, resume_round)
+    if not path.is_file():
+        raise UserError(
+            f"hospital {identity.hospital_id} has no saved state for round {resume_round} ({path}); "
+            "it cannot resume this federation"
+        )
+    hospital.load_state_dict(unpack_blob(path.read_bytes()))
+
+
+def persist(hospital: Hospital, identity: NodeIdentity, round_: int) -> bytes:
+    """Write the state after ``round_`` to disk (atomically, keeping the last few rounds) and return it."""
+    blob = pack_blob(hospital.state_dict())
+    atomic_write_bytes(state_file(identity, round_), blob)
+    for old in sorted(identity.state_dir.glob("round-*.pt"))[:-KEEP_ROUNDS]:
+        old.unlink(missing_ok=True)
+    return blob

@@ -1,0 +1,94 @@
+"""Flower ClientApp: one hospital. Thin: it unpacks messages and calls the plain modules.
+
+Like ``cli``, this module is a composition root: it hands the evaluation layer's metric function to the hospital,
+which itself does not depend on evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from medsyngan.errors import UserError
+from medsyngan.federated import messages as msg
+from medsyngan.federated.client import HospitalRuntime, node_identity, persist, restore
+
+app = ClientApp()
+_runtime = HospitalRuntime()
+log = logging.getLogger("medsyngan.federated")
+USER_ERROR_CODE = 4001
+
+
+def _answer_user_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A problem the hospital can name (bad data path, missing state) goes back as a one-line error reply, which
+    the server logs and counts as a missing hospital, instead of a remote traceback."""
+
+    @functools.wraps(handler)
+    def wrapped(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except UserError as exc:
+            log.error("%s", exc)
+            return Message(Error(code=USER_ERROR_CODE, reason=str(exc)), reply_to=message)
+
+    return wrapped
+
+
+def hospital_metrics(fake_u8: np.ndarray, holdout_u8: np.ndarray) -> Mapping[str, float]:
+    """Random-feature FD and KID of the global generator against the hospital's held-out patients."""
+    from medsyngan.metrics import evaluate_images
+
+    return evaluate_images(fake_u8, holdout_u8, metrics=["fd", "kid"], kid_subset_size=min(100, len(holdout_u8)))
+
+
+def _job(message: Message) -> dict:
+    return dict(message.content[msg.KEY_CONFIG])
+
+
+def _in_memory(context: Context) -> tuple[int, bytes] | None:
+    record = context.state.get(msg.KEY_STATE)
+    return (int(record["round"]), bytes(record["blob"])) if record is not None else None
+
+
+@app.query("hello")
+@_answer_user_errors
+def hello(message: Message, context: Context) -> Message:
+    job = _job(message)
+    identity = node_identity(context.node_config, job)
+    hospital, _ = _runtime.hospital(identity, job)
+    info = {"hospital": identity.hospital_id, "train_images": hospital.num_examples,
+            "train_patients": hospital.num_patients, "holdout_images": len(hospital.holdout or [])}
+    return msg.reply(message, RecordDict({msg.KEY_METRICS: msg.metrics_record(info)}))
+
+
+@app.train()
+@_answer_user_errors
+def train(message: Message, context: Context) -> Message:
+    job = _job(message)
+    identity = node_identity(context.node_config, job)
+    hospital, cfg = _runtime.hospital(identity, job)
+    restore(hospital, identity, int(job["resume_round"]), _in_memory(context))
+    result = hospital.train_round(msg.record_to_state(message.content[msg.KEY_WEIGHTS]), cfg.federated.local_steps)
+    round_ = int(job["round"])
+    blob = persist(hospital, identity, round_)
+    context.state[msg.KEY_STATE] = ConfigRecord({"round": round_, "blob": blob})
+    metrics = {**result.metrics, "num_examples": result.num_examples}
+    content = RecordDict({msg.KEY_UPDATE: msg.state_to_record(result.update),
+                          msg.KEY_METRICS: msg.metrics_record(metrics)})
+    return msg.reply(message, content)
+
+
+@app.evaluate()
+@_answer_user_errors
+def evaluate(message: Message, context: Context) -> Message:
+    job = _job(message)
+    identity = node_identity(context.node_config, job)
+    hospital, cfg = _runtime.hospital(identity, job)
+    generator = msg.record_to_state(message.content[msg.KEY_WEIGHTS])
+    scores = hospital.evaluate(generator, cfg.eval.num_samples, hospital_metrics)
+    return msg.reply(message, RecordDict({msg.KEY_METRICS: msg.metrics_record(scores)}))

@@ -1,0 +1,392 @@
+"""Launching a real Flower 1.42 federation: SuperLink, hospital registration, SuperNodes and `flwr run`.
+
+Used by `scripts/deploy/*` and by the loopback integration test, so that what the guide documents is what the
+test runs. Flower 1.42 serves the Fleet, Control and Runtime APIs of the SuperLink over one HTTPS port
+(`--host/--port`); SuperNode authentication is `--enable-supernode-auth` plus `flwr supernode register` of each
+hospital's public key over the Control API; the `flwr` CLI finds the SuperLink through a named connection in
+`$FLWR_HOME/config.toml` (never through `[tool.flwr.federations]`, which `flwr run` would migrate by rewriting
+the app's pyproject.toml).
+
+Every process is started in its own session and stopped with everything it spawned: the SuperLink starts a
+SuperExec in a *separate* session (which then starts `flwr-serverapp`), and each SuperNode starts a SuperExec
+that starts `flwr-clientapp`, so killing one process group is not enough.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from medsyngan.errors import UserError
+
+IN_MEMORY_DB = ":flwr-in-memory-state:"
+CONNECTION = "medsyngan"
+# Flower marks a SuperNode offline after 2 missed 30 s heartbeats; a crashed SuperNode cannot re-activate
+# with the same key before then.
+NODE_OFFLINE_AFTER_S = 60.0
+
+_READY_SUPERLINK = re.compile(r"Uvicorn running on https?://")
+_READY_SUPERNODE = re.compile(r"SuperNode ID: (\d+)")
+_SUPERNODE_REFUSED = re.compile(r"Failed to activate SuperNode|Exit Code: 305")
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment for every Flower process: its own FLWR_HOME (apps, config.toml), never a runtime
+    `uv sync` of app dependencies (it would install a CUDA torch), and this interpreter's scripts first on
+    PATH because SuperLink and SuperNode start `flower-superexec` by name."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def executable(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise UserError(f"{name} not found next to {sys.executable}; install flwr[simulation]==1.42.0 in this environment")
+    return str(path)
+
+
+def require_files(**paths: Path) -> None:
+    """One-line error for the first missing file, before anything starts."""
+    for what, path in paths.items():
+        if not Path(path).is_file():
+            raise UserError(f"{what.replace('_', ' ')} {path} not found; create it with `medsyngan pki init` or fix the path")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+# --- processes -----------------------------------------------------------------------------------------------
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> set[int]:
+    """All processes below `pid` (Linux /proc; empty elsewhere)."""
+    children = _children_map()
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def is_running(pid: int) -> bool:
+    """True for a live process; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not Path("/proc").is_dir()
+
+
+@dataclass
+class ManagedProcess:
+    """A Flower process started in its own session, its output in `log_path`."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    seen: set[int] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def track(self) -> set[int]:
+        """Remember every process below this one (they may be gone by the time we stop)."""
+        self.seen |= {self.pid} | descendants(self.pid)
+        return self.seen
+
+    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float, *, until_exit: bool = False) -> re.Match[str] | None:
+        """Poll the log until `pattern` appears. Returns None when the process exits first (after one last look
+        at its log) or, with until_exit, keeps returning the match only once the process has exited."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            self.track()
+            exited = not self.alive()
+            match = regex.search(self.log_text())
+            if match and (not until_exit or exited):
+                return match
+            if exited:
+                return None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no {regex.pattern!r} in {self.log_path} after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            self.track()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} still running after {timeout:.0f} s; see {self.log_path}")
+            time.sleep(0.2)
+        return int(self.popen.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything below it at once, as a crash or power loss would."""
+        for pid in sorted(self.track()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.popen.wait()
+
+    def stop(self, grace: float = 8.0) -> None:
+        """SIGTERM (Flower shuts down cleanly: a SuperNode deregisters its session), SIGKILL what is left."""
+        pids = self.track()
+        if self.alive():
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(is_running(p) for p in self.track()):
+            time.sleep(0.2)
+        for pid in sorted(pids | self.seen):
+            if is_running(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def leftovers(self) -> list[int]:
+        return sorted(p for p in self.seen | {self.pid} if is_running(p))
+
+
+def start_process(name: str, cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None) -> ManagedProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
+    proc = ManagedProcess(name, popen, log_path)
+    proc.track()
+    return proc
+
+
+def stop_all(processes: Iterable[ManagedProcess]) -> list[int]:
+    """Stop in reverse start order; returns the pids still running afterwards (should be none)."""
+    procs = list(processes)
+    for proc in reversed(procs):
+        proc.stop()
+    return sorted({pid for proc in procs for pid in proc.leftovers()})
+
+
+# --- SuperLink -----------------------------------------------------------------------------------------------
+
+
+def superlink_command(ca_cert: Path, cert: Path, key: Path, host: str, port: int, database: str = IN_MEMORY_DB) -> list[str]:
+    return [
+        executable("flower-superlink"),
+        "--ssl-ca-certfile", str(ca_cert),
+        "--ssl-certfile", str(cert),
+        "--ssl-keyfile", str(key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database", database,
+        "--host", host,
+        "--port", str(port),
+    ]
+
+
+def start_superlink(
+    run_dir: Path, ca_cert: Path, cert: Path, key: Path, *, host: str = "127.0.0.1", port: int = 9093,
+    database: str = IN_MEMORY_DB, timeout: float = 60.0,
+) -> ManagedProcess:
+    """Start a SuperLink with TLS and SuperNode authentication; returns once it accepts connections."""
+    require_files(ca_certificate=ca_cert, superlink_certificate=cert, superlink_key=key)
+    home = run_dir / "superlink"
+    home.mkdir(parents=True, exist_ok=True)
+    proc = start_process("superlink", superlink_command(ca_cert, cert, key, host, port, database), home / "superlink.log", flower_env(home))
+    try:
+        if proc.wait_for(_READY_SUPERLINK, timeout) is None:
+            raise UserError(f"flower-superlink exited during start-up (port {port} in use?); see {proc.log_path}: {proc.log_tail(1)}")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def probe_superlink(address: str, ca_cert: Path, timeout: float = 10.0) -> None:
+    """Fail with one clear line unless a TLS handshake with `address` verifies against the federation's CA."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise UserError(f"SuperLink address {address!r} is not host:port")
+    require_files(ca_certificate=ca_cert)
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=3) as sock:
+                with context.wrap_socket(sock, server_hostname=host):
+                    return
+        except ssl.SSLCertVerificationError as exc:
+            raise UserError(f"SuperLink {address} presents a certificate that {ca_cert} does not verify ({exc.verify_message}); use the federation's ca.crt") from None
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                reason = exc.strerror or str(exc) or type(exc).__name__
+                raise UserError(f"SuperLink {address} cannot be reached ({reason}); start it or check the address and firewall") from None
+            time.sleep(0.5)
+
+
+# --- the flwr CLI: connection and registration -----------------------------------------------------------------
+
+
+def write_connection(flwr_home: Path, address: str, ca_cert: Path, name: str = CONNECTION) -> Path:
+    """A Flower config file with one default SuperLink connection (TLS verified against the federation CA)."""
+    import tomli_w
+
+    from medsyngan.rundir import atomic_write_text
+
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    doc = {"superlink": {"default": name, name: {"address": address, "root-certificates": str(Path(ca_cert).resolve())}}}
+    atomic_write_text(path, tomli_w.dumps(doc))
+    return path
+
+
+def _flwr(args: list[str], flwr_home: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [executable("flwr"), *args], env=flower_env(flwr_home), capture_output=True, text=True, timeout=timeout,
+        start_new_session=True,
+    )
+
+
+def register_hospital(flwr_home: Path, public_key: Path, name: str, connection: str = CONNECTION, timeout: float = 60.0) -> int:
+    """`flwr supernode register`: the SuperLink will accept a SuperNode holding the matching private key.
+    Returns the node id the SuperLink assigned."""
+    require_files(hospital_public_key=public_key)
+    result = _flwr(["supernode", "register", str(public_key), connection, "--name", name, "--format", "json"], flwr_home, timeout)
+    try:
+        payload = json.loads(result.stdout[result.stdout.index("{"):])
+    except ValueError:
+        payload = {}
+    if result.returncode != 0 or not payload.get("success"):
+        detail = (payload.get("error-message") or result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise UserError(f"registering {public_key} failed: {detail[-1] if detail else 'no output'}")
+    return int(payload["node-id"])
+
+
+# --- SuperNodes ------------------------------------------------------------------------------------------------
+
+
+def node_config(hospital_id: int, data_path: Path | str) -> str:
+    """The `--node-config` string. Flower splits it on spaces and reads each value as TOML, so the path goes in
+    a TOML literal string (single quotes, no escapes)."""
+    text = str(data_path)
+    if "'" in text:
+        raise UserError(f"data path {text!r} contains a single quote, which --node-config cannot carry; rename it")
+    return f"hospital-id={int(hospital_id)} data-path='{text}'"
+
+
+def supernode_command(superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str, runtime_port: int) -> list[str]:
+    return [
+        executable("flower-supernode"),
+        "--superlink", superlink,
+        "--root-certificates", str(ca_cert),
+        "--auth-supernode-private-key", str(auth_key),
+        "--node-config", node_config(hospital_id, data_path),
+        "--port", str(runtime_port),
+    ]
+
+
+def start_supernode(
+    run_dir: Path, superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str,
+    *, runtime_port: int = 9094, probe: bool = True,
+) -> ManagedProcess:
+    """Start one hospital's SuperNode (does not wait for activation: see `wait_supernode`)."""
+    require_files(ca_certificate=ca_cert, hospital_private_key=auth_key)
+    if probe:
+        probe_superlink(superlink, ca_cert)
+    home = run_dir / f"hospital-{hospital_id}"
+    home.mkdir(parents=True, exist_ok=True)
+    cmd = supernode_command(superlink, ca_cert, auth_key, hospital_id, data_path, runtime_port)
+    return start_process(f"supernode-{hospital_id}", cmd, home / "supernode.log", flower_env(home))
+
+
+def wait_supernode(proc: ManagedProcess, timeout: float = 60.0) -> int:
+    """Wait until the SuperLink has activated this SuperNode; returns its node id. A SuperNode whose key was
+    never registered is refused by the SuperLink and exits: that becomes a one-line error."""
+    match = proc.wait_for(_READY_SUPERNODE, timeout)
+    if match is None:
+        if _SUPERNODE_REFUSED.search(proc.log_text()):
+            raise UserError(f"{proc.name} was refused by the SuperLink: its public key is not registered (flwr supernode register); see {proc.log_path}")
+        raise UserError(f"{proc.name} exited before connecting; see {proc.log_path}: {proc.log_tail(1)}")
+    return int(match.group(1))
+
+
+# --- runs ------------------------------------------------------------------------------------------------------
+
+
+def run_config_arg(values: dict[str, object]) -> str:
+    """`--run-config` text: Flower parses each value as TOML."""
+    import tomli_w
+
+    return " ".join(f"{key}={tomli_w.dumps({'v': value}).strip().removeprefix('v = ')}" for key, value in values.items())
+
+
+def start_run(flwr_home: Path, app_dir: Path, log_path: Path, run_config: dict[str, object] | None = None, connection: str = CONNECTION) -> ManagedProcess:
+    """`flwr run APP CONNECTION --stream`: submits the app to the SuperLink and streams the ServerApp's log
+    until the run ends."""
+    if not (Path(app_dir) / "pyproject.toml").is_file():
+        raise UserError(f"{app_dir} has no pyproject.toml; give the Flower app's directory")
+    cmd = [executable("flwr"), "run", str(Path(app_dir).resolve()), connection, "--stream"]
+    if run_config:
+        cmd += ["--run-config", run_config_arg(run_config)]
+    return start_process("flwr-run", cmd, log_path, flower_env(flwr_home), cwd=Path(app_dir))

@@ -1,0 +1,157 @@
+"""One hospital's side of a federation, free of Flower: its data, its persistent trainer, one round of local work.
+
+FedGAN (Rasouli et al. 2020): in every round each hospital loads the global networks, trains G and D locally for
+K generator steps with the same :class:`~medsyngan.training.step.GANTrainer` step as a centralized run, and returns
+Δ = local − global for the shared networks. Its optimizer moments, data-loader position, RNG and (when D is kept
+local) its discriminator persist across rounds through :meth:`Hospital.state_dict`, which the Flower client keeps
+in ``context.state`` and on the hospital's own disk.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from medsyngan.config import Config
+from medsyngan.data.loader import BatchLoader
+from medsyngan.data.prepared import PreparedDataset
+from medsyngan.federated.aggregation import delta
+from medsyngan.federated.plan import derive_seed
+from medsyngan.training.step import GANTrainer
+
+# Called with (generated uint8 [N,S,S], held-out uint8 [M,S,S]); returns scalar metrics. Injected by the app so
+# that this module does not depend on the evaluation layer.
+EvaluateFn = Callable[[np.ndarray, np.ndarray], Mapping[str, float]]
+
+
+def shared_parts(cfg: Config) -> tuple[str, ...]:
+    """The networks that leave the hospital: G always, D unless discriminators are kept local."""
+    return ("G", "D") if cfg.federated.share_discriminator else ("G",)
+
+
+def hospital_config(cfg: Config, hospital: int) -> Config:
+    """The configuration a hospital trains with: its own seed stream, and no local EMA (the server keeps one)."""
+    local = cfg.model_copy(deep=True)
+    local.run.seed = derive_seed(cfg.run.seed, "hospital", hospital) % 2**31
+    local.train.ema_kimg = 0.0
+    return local
+
+
+@dataclass
+class RoundResult:
+    update: dict[str, Tensor]
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Hospital:
+    """A hospital's trainer and data. ``train`` holds its training images, ``holdout`` its evaluation patients."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        hospital_id: int,
+        train: PreparedDataset,
+        holdout: PreparedDataset | None = None,
+        device: torch.device | str | None = None,
+    ):
+        self.cfg = cfg
+        self.hospital_id = hospital_id
+        self.train_set = train
+        self.holdout = holdout
+        local = hospital_config(cfg, hospital_id)
+        self.trainer = GANTrainer(local, device=device)
+        self.loader = BatchLoader(
+            train.images, cfg.train.batch_size, seed=local.run.seed, device=self.trainer.device,
+            augment=cfg.data.augment,
+        )
+        self.rounds_done = 0
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.train_set)
+
+    @property
+    def num_patients(self) -> int:
+        return int(len(np.unique(self.train_set.patients)))
+
+    def train_round(self, global_state: Mapping[str, Tensor], steps: int) -> RoundResult:
+        """K local generator steps from the global networks; returns Δ of the shared networks and round metrics."""
+        self.trainer.load_model_state(global_state)
+        reference = {k: v.detach().clone() for k, v in global_state.items()}
+        hooks = self._proximal_hooks(reference) if self.cfg.federated.strategy == "fedprox" else []
+        start = time.perf_counter()
+        sums: dict[str, float] = {}
+        images_before = self.trainer.images_seen
+        try:
+            for _ in range(steps):
+                for key, value in self.trainer.train_step(self.loader.__next__).items():
+                    sums[key] = sums.get(key, 0.0) + value
+        finally:
+            for hook in hooks:
+                hook.remove()
+        seconds = time.perf_counter() - start
+        local = self.trainer.model_state(shared_parts(self.cfg))
+        self.rounds_done += 1
+        images = self.trainer.images_seen - images_before
+        metrics = {f"{k}": v / steps for k, v in sums.items()}
+        metrics.update(train_seconds=seconds, img_per_s=images / max(seconds, 1e-9), images=float(images))
+        return RoundResult(update=delta(local, reference), num_examples=self.num_examples, metrics=metrics)
+
+    def _proximal_hooks(self, reference: Mapping[str, Tensor]) -> list:
+        """FedProx (Li et al. 2020): add μ(w − w_global) to each shared parameter's gradient before every step."""
+        mu = self.cfg.federated.proximal_mu
+        handles = []
+        for part, optimizer in (("G", self.trainer.opt_g), ("D", self.trainer.opt_d)):
+            if part not in shared_parts(self.cfg):
+                continue
+            net = self.trainer.networks()[part]
+            pairs = [
+                (param, reference[f"{part}.{name}"].to(param.device))
+                for name, param in net.named_parameters()
+                if f"{part}.{name}" in reference
+            ]
+
+            def pre_step(_opt, _args, _kwargs, pairs=pairs):
+                for param, anchor in pairs:
+                    if param.grad is not None:
+                        param.grad.add_(param.detach() - anchor, alpha=mu)
+
+            handles.append(optimizer.register_step_pre_hook(pre_step))
+        return handles
+
+    @torch.no_grad()
+    def evaluate(self, generator_state: Mapping[str, Tensor], count: int, evaluate_fn: EvaluateFn) -> dict[str, float]:
+        """Metrics of the global generator against this hospital's held-out images; only scalars leave."""
+        if self.holdout is None or len(self.holdout) == 0:
+            return {}
+        self.trainer.load_model_state(generator_state)
+        G = self.trainer.G
+        was_training = G.training
+        G.eval()
+        try:
+            gen = torch.Generator(device=self.trainer.device).manual_seed(derive_seed("evaluate", self.hospital_id))
+            chunks = []
+            for start in range(0, count, 128):
+                z = torch.randn(min(128, count - start), G.z_dim, device=self.trainer.device, generator=gen)
+                chunks.append(G(z).float())
+            images = torch.cat(chunks)
+        finally:
+            G.train(was_training)
+        fake = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).cpu().numpy()
+        result = dict(evaluate_fn(fake, np.asarray(self.holdout.images)))
+        result["holdout_images"] = float(len(self.holdout))
+        return result
+
+    def state_dict(self) -> dict:
+        return {"trainer": self.trainer.state_dict(), "loader": self.loader.state_dict(), "rounds": self.rounds_done}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        self.loader.load_state_dict(state["loader"])
+        self.rounds_done = int(state["rounds"])

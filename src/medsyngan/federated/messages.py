@@ -1,0 +1,74 @@
+"""What travels between the aggregator and a hospital, in Flower records.
+
+Every instruction carries the resolved configuration (a few KB of TOML), so a hospital whose process restarted
+can rebuild its trainer from the message alone; its persistent state comes from ``context.state`` or its disk.
+
+Message types:
+  ``query.hello``  → hospital id, training images and patients (the server builds its roster from these)
+  ``train``        global shared networks → Δ of the shared networks, weight (images), round metrics
+  ``evaluate``     global generator → scalar metrics on the hospital's held-out patients
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+HELLO = "query.hello"
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+KEY_CONFIG = "config"
+KEY_WEIGHTS = "weights"
+KEY_UPDATE = "update"
+KEY_METRICS = "metrics"
+KEY_STATE = "hospital_state"
+
+
+def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return record.to_torch_state_dict()
+
+
+def instruction(config: Mapping[str, Any], weights: Mapping[str, torch.Tensor] | None = None) -> RecordDict:
+    content = RecordDict({KEY_CONFIG: ConfigRecord(dict(config))})
+    if weights is not None:
+        content[KEY_WEIGHTS] = state_to_record(weights)
+    return content
+
+
+def metrics_record(metrics: Mapping[str, float | int]) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message: array bytes plus bytes/str config values (what dominates the wire)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += record.count_bytes()
+        elif isinstance(record, ConfigRecord):
+            total += sum(len(v) for v in record.values() if isinstance(v, (bytes, str)))
+    return total
+
+
+def pack_blob(obj: Any) -> bytes:
+    """torch.save into bytes: the hospital's full state (optimizer moments, RNG) as one ConfigRecord value."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def unpack_blob(blob: bytes) -> Any:
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def reply(to: Message, content: RecordDict) -> Message:
+    return Message(content, reply_to=to)

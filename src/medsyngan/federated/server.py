@@ -1,0 +1,289 @@
+"""The aggregator's round loop on Flower's Message API (used by the thin ServerApp in simulation and deployment).
+
+We run our own loop over ``grid.send_and_receive`` rather than a stock Flower strategy because a reply is not
+one float ArrayRecord: it may be quantized, masked for secure aggregation and encrypted, and the server must
+checkpoint its own state (global networks, optimizer moments, which round each hospital last completed) after
+every round so that a killed federation resumes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from medsyngan.config import Config
+from medsyngan.errors import UserError
+from medsyngan.federated import messages as msg
+from medsyngan.federated.aggregation import ServerOptimizer, weighted_mean
+from medsyngan.federated.hospital import shared_parts
+from medsyngan.federated.plan import participants
+from medsyngan.rundir import RunDir
+from medsyngan.training.checkpoint import load_checkpoint, save_checkpoint_files
+from medsyngan.training.step import GANTrainer
+
+log = logging.getLogger("medsyngan.federated")
+NODE_WAIT_S = 120.0
+
+
+@dataclass
+class ServerState:
+    """Everything the aggregator needs to continue after a crash."""
+
+    round: int
+    global_state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor] | None
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    last_round: dict[int, int] = field(default_factory=dict)  # hospital → last round whose update was aggregated
+    images_seen: int = 0
+
+    @classmethod
+    def initial(cls, cfg: Config) -> "ServerState":
+        """Global networks initialised exactly as a centralized run with the same seed would be."""
+        trainer = GANTrainer(cfg, device="cpu")
+        state = trainer.model_state(("G", "D"))
+        ema = {k.replace("G.", "G_ema.", 1): v.clone() for k, v in state.items() if k.startswith("G.")}
+        return cls(round=0, global_state=state, ema_state=ema if cfg.train.ema_kimg > 0 else None)
+
+
+def round_name(round_: int) -> str:
+    return f"round-{round_:05d}"
+
+
+def save_server_state(run_dir: RunDir, state: ServerState, cfg: Config) -> Path:
+    """The round's checkpoint in the training checkpoint format, so `generate` and `evaluate` read it as they read
+    a centralized run; the server optimizer's moments ride in the training-state file."""
+    tensors = dict(state.global_state)
+    if state.ema_state is not None:
+        tensors.update(state.ema_state)
+    meta = {
+        "arch": cfg.model.arch,
+        "resolution": cfg.model.resolution,
+        "z_dim": cfg.model.z_dim,
+        "parts": sorted({k.split(".", 1)[0] for k in tensors}),
+        "config_toml": cfg.to_toml(),
+        "round": state.round,
+        "images_seen": state.images_seen,
+        "kimg": state.images_seen / 1000,
+        "last_round": {str(k): v for k, v in state.last_round.items()},
+    }
+    return save_checkpoint_files(run_dir.checkpoints, round_name(state.round), tensors, meta,
+                                 {"server_optimizer": state.optimizer_state}, keep=0)
+
+
+def load_server_state(run_dir: RunDir) -> ServerState:
+    if not (run_dir.checkpoints / "latest").is_file():
+        raise UserError(f"{run_dir.root}: no federated checkpoint to resume from; start without --resume")
+    ckpt = load_checkpoint(run_dir.root)
+    if "round" not in ckpt.meta:
+        raise UserError(f"{ckpt.path} is a centralized checkpoint; resume it without federated.enabled")
+    ema = {k: v for k, v in ckpt.tensors.items() if k.startswith("G_ema.")}
+    return ServerState(
+        round=int(ckpt.meta["round"]),
+        global_state={k: v for k, v in ckpt.tensors.items() if not k.startswith("G_ema.")},
+        ema_state=ema or None,
+        optimizer_state=ckpt.training_state()["server_optimizer"],
+        last_round={int(k): int(v) for k, v in ckpt.meta["last_round"].items()},
+        images_seen=int(ckpt.meta["images_seen"]),
+    )
+
+
+def wait_for_nodes(grid: Grid, wanted: int, quorum: int, timeout: float) -> list[int]:
+    """Node ids once ``wanted`` nodes are connected; after ``timeout`` settle for a quorum or fail clearly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted:
+            return nodes
+        if time.monotonic() > deadline:
+            if len(nodes) >= quorum:
+                log.warning("only %d of %d hospitals connected; continuing with the quorum", len(nodes), wanted)
+                return nodes
+            raise UserError(
+                f"only {len(nodes)} of {wanted} hospitals connected within {timeout:.0f}s (quorum "
+                f"{quorum}); check that the SuperNodes are running and can reach the SuperLink"
+            )
+        time.sleep(0.2)
+
+
+def _ok(replies: Iterable[Message]) -> tuple[list[Message], list[str]]:
+    good, errors = [], []
+    for reply in replies:
+        if reply.has_error():
+            errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+        else:
+            good.append(reply)
+    return good, errors
+
+
+class Aggregator:
+    """One federation from the server's side. ``job`` is the static part of every instruction (config, data)."""
+
+    def __init__(self, cfg: Config, run_dir: RunDir, job: Mapping[str, Any], resume: bool,
+                 on_round: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.job = dict(job)
+        self.state = load_server_state(run_dir) if resume else ServerState.initial(cfg)
+        self.optimizer = ServerOptimizer(cfg.federated.strategy, cfg.federated.server_lr)
+        self.optimizer.load_state_dict(self.state.optimizer_state)
+        self.on_round = on_round
+        self.roster: dict[int, int] = {}  # hospital → node id
+        self.weights: dict[int, int] = {}  # hospital → training images
+        self.start = time.time()
+
+    # ------------------------------------------------------------------ set-up
+    def hello(self, grid: Grid) -> None:
+        f = self.cfg.federated
+        nodes = wait_for_nodes(grid, f.hospitals, f.quorum, NODE_WAIT_S)
+        messages = [Message(msg.instruction(self.job), dst_node_id=n, message_type=msg.HELLO) for n in nodes]
+        good, errors = _ok(grid.send_and_receive(messages, timeout=f.round_timeout_s))
+        for error in errors:
+            log.error("hospital refused to start: %s", error)
+        for reply in good:
+            info = reply.content[msg.KEY_METRICS]
+            hospital = int(info["hospital"])
+            if hospital in self.roster:
+                raise UserError(f"two nodes both claim hospital {hospital}; give each SuperNode its own hospital-id")
+            if not 0 <= hospital < f.hospitals:
+                raise UserError(
+                    f"a node claims hospital {hospital} but federated.hospitals = {f.hospitals}; "
+                    "hospital ids run from 0 to hospitals − 1"
+                )
+            self.roster[hospital] = reply.metadata.src_node_id
+            self.weights[hospital] = int(info["train_images"])
+        if len(self.roster) < f.quorum:
+            detail = "; ".join(errors) or "no replies"
+            raise UserError(f"only {len(self.roster)} hospitals ready, quorum is {f.quorum} ({detail})")
+        log.info("hospitals ready: %s", ", ".join(f"{h} ({self.weights[h]} images)" for h in sorted(self.roster)))
+
+    # ------------------------------------------------------------------ rounds
+    def run(self, grid: Grid) -> None:
+        self.hello(grid)
+        f = self.cfg.federated
+        while self.state.round < f.rounds:
+            round_ = self.state.round + 1
+            for attempt in range(f.round_retries + 1):
+                replies = self.train_round(grid, round_)
+                if len(replies) >= f.quorum:
+                    break
+                log.warning("round %d: %d replies, quorum %d (attempt %d of %d)", round_, len(replies), f.quorum,
+                            attempt + 1, f.round_retries + 1)
+            else:
+                raise UserError(
+                    f"round {round_} missed its quorum of {f.quorum} hospitals {f.round_retries + 1} time(s); "
+                    f"the run stopped at round {self.state.round} with a saved checkpoint — fix the hospitals and "
+                    "resume with --resume"
+                )
+            self.aggregate(round_, replies)
+            if round_ % f.eval_every == 0 or round_ == f.rounds:
+                self.evaluate(grid, round_)
+
+    def _instruction(self, round_: int, hospital: int, message_type: str, weights: Mapping[str, torch.Tensor]) -> Message:
+        config = {**self.job, "round": round_, "resume_round": self.state.last_round.get(hospital, 0)}
+        return Message(msg.instruction(config, weights), dst_node_id=self.roster[hospital],
+                       message_type=message_type, group_id=str(round_))
+
+    def train_round(self, grid: Grid, round_: int) -> list[tuple[int, Message, int]]:
+        f = self.cfg.federated
+        chosen = [h for h in participants(sorted(self.roster), f.fraction, f.quorum, self.cfg.run.seed, round_)]
+        shared = {k: v for k, v in self.state.global_state.items() if k.split(".", 1)[0] in shared_parts(self.cfg)}
+        out = [self._instruction(round_, h, msg.TRAIN, shared) for h in chosen]
+        sent = {h: msg.record_bytes(m.content) for h, m in zip(chosen, out)}
+        node_to_hospital = {n: h for h, n in self.roster.items()}
+        good, errors = _ok(grid.send_and_receive(out, timeout=f.round_timeout_s))
+        for error in errors:
+            log.warning("round %d: %s", round_, error)
+        replies = sorted(
+            ((node_to_hospital[r.metadata.src_node_id], r, sent[node_to_hospital[r.metadata.src_node_id]]) for r in good),
+            key=lambda item: item[0],
+        )
+        missing = sorted(set(chosen) - {h for h, _, _ in replies})
+        if missing:
+            log.warning("round %d: no update from hospital(s) %s", round_, missing)
+        return replies
+
+    def aggregate(self, round_: int, replies: list[tuple[int, Message, int]]) -> None:
+        updates, weights, per_hospital = [], [], {}
+        images = 0
+        for hospital, reply, bytes_sent in replies:
+            updates.append(msg.record_to_state(reply.content[msg.KEY_UPDATE]))
+            metrics = dict(reply.content[msg.KEY_METRICS])
+            weights.append(metrics["num_examples"])
+            images += int(metrics.get("images", 0))
+            per_hospital[str(hospital)] = {
+                **{k: round(float(v), 6) for k, v in metrics.items()},
+                "bytes_sent_to": bytes_sent,
+                "bytes_received_from": msg.record_bytes(reply.content),
+            }
+        mean = weighted_mean(updates, weights)
+        shared = {k: v for k, v in self.state.global_state.items() if k in mean}
+        new_shared = self.optimizer.step(shared, mean)
+        self.state.global_state.update(new_shared)
+        self.state.round = round_
+        self.state.images_seen += images
+        for hospital, _, _ in replies:
+            self.state.last_round[hospital] = round_
+        self._update_ema(images)
+        self.state.optimizer_state = self.optimizer.state_dict()
+        save_server_state(self.run_dir, self.state, self.cfg)
+        row = {
+            "round": round_,
+            "kimg": self.state.images_seen / 1000,
+            "wall_s": round(time.time() - self.start, 3),
+            "hospitals_replied": [h for h, _, _ in replies],
+            "d_loss": _mean(per_hospital, "d_loss"),
+            "g_loss": _mean(per_hospital, "g_loss"),
+            "img_per_s": sum(h.get("img_per_s", 0.0) for h in per_hospital.values()),
+            "hospital": per_hospital,
+        }
+        self.run_dir.append_metrics(row)
+        log.info("round %d/%d: %d hospitals, d_loss %.3f, g_loss %.3f", round_, self.cfg.federated.rounds,
+                 len(replies), row["d_loss"], row["g_loss"])
+        if self.on_round is not None:
+            self.on_round(round_, self.generator_state())
+
+    def _update_ema(self, images: int) -> None:
+        if self.state.ema_state is None or images == 0:
+            return
+        # Half-life in images, as in centralized training, measured over all hospitals' images this round.
+        beta = 0.5 ** (images / max(self.cfg.train.ema_kimg * 1000.0, 1e-8))
+        for key, ema in self.state.ema_state.items():
+            current = self.state.global_state[key.replace("G_ema.", "G.", 1)]
+            ema.copy_(torch.lerp(current.to(ema.dtype), ema, beta) if ema.is_floating_point() else current)
+
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        """The generator to sample from: the EMA when kept, else the global G, with ``G.`` keys."""
+        if self.state.ema_state is not None:
+            return {k.replace("G_ema.", "G.", 1): v for k, v in self.state.ema_state.items()}
+        return {k: v for k, v in self.state.global_state.items() if k.startswith("G.")}
+
+    def evaluate(self, grid: Grid, round_: int) -> None:
+        """Hospitals score the global generator on their held-out patients; only the scalars come back."""
+        generator = self.generator_state()
+        out = [self._instruction(round_, h, msg.EVALUATE, generator) for h in sorted(self.roster)]
+        good, errors = _ok(grid.send_and_receive(out, timeout=self.cfg.federated.round_timeout_s))
+        for error in errors:
+            log.warning("evaluation round %d: %s", round_, error)
+        results = [dict(r.content[msg.KEY_METRICS]) for r in good]
+        results = [r for r in results if r.get("holdout_images", 0) > 0]
+        if not results:
+            return
+        total = sum(r["holdout_images"] for r in results)
+        keys = sorted({k for r in results for k in r} - {"holdout_images"})
+        row = {"round": round_, "eval": {k: sum(r[k] * r["holdout_images"] for r in results if k in r) / total
+                                         for k in keys}, "eval_hospitals": len(results)}
+        self.run_dir.append_metrics(row)
+        log.info("round %d evaluation: %s", round_, ", ".join(f"{k} {v:.4g}" for k, v in row["eval"].items()))
+
+
+def _mean(per_hospital: Mapping[str, Mapping[str, float]], key: str) -> float:
+    values = [h[key] for h in per_hospital.values() if key in h]
+    return sum(values) / len(values) if values else float("nan")
