@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable, Mapping, Sequence
@@ -384,12 +385,18 @@ class SecAggServer:
 
 @dataclass
 class SecAggTrace:
-    """What one simulated round produced: the sum, who survived, and the bytes each stage put on the wire."""
+    """What one simulated round produced: the sum, who survived, bytes on the wire and compute time per stage.
+
+    ``client_seconds[stage]`` sums every client's time in that stage (divide by the number of clients for one
+    hospital's share); ``server_seconds[stage]`` is the server's.
+    """
 
     total: np.ndarray
     survivors: frozenset[int]
-    bytes_up: dict[str, int]
-    bytes_down: dict[str, int]
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    bytes_down: dict[str, int] = field(default_factory=dict)
+    client_seconds: dict[str, float] = field(default_factory=dict)
+    server_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def simulate(config: SecAggConfig, inputs: Mapping[int, np.ndarray],
@@ -400,30 +407,40 @@ def simulate(config: SecAggConfig, inputs: Mapping[int, np.ndarray],
     Byte counts are payload sizes (keys, ciphertexts, packed ring vectors, 66-byte shares), not framing.
     """
     drop_after = {s: frozenset(c) for s, c in (drop_after or {}).items()}
+    trace = SecAggTrace(np.zeros(0), frozenset())
+    clock = time.perf_counter
+
+    def timed(table: dict[str, float], stage: str, fn, *args):
+        start = clock()
+        result = fn(*args)
+        table[stage] = table.get(stage, 0.0) + clock() - start
+        return result
+
     clients = {u: SecAggClient(u, config) for u in config.ids}
     server = SecAggServer(config)
-    up: dict[str, int] = {}
-    down: dict[str, int] = {}
     alive = set(config.ids)
+    up, down, cs, ss = trace.bytes_up, trace.bytes_down, trace.client_seconds, trace.server_seconds
 
-    adverts = {u: clients[u].advertise() for u in sorted(alive)}
+    adverts = {u: timed(cs, "advertise", clients[u].advertise) for u in sorted(alive)}
     up["advertise"] = 64 * len(adverts)
-    key_list = server.collect_adverts(adverts)
+    key_list = timed(ss, "advertise", server.collect_adverts, adverts)
     alive -= drop_after.get(0, frozenset())
     down["advertise"] = 64 * len(key_list) * len(alive)
 
-    shares = {u: clients[u].share_keys(key_list) for u in sorted(alive)}
+    shares = {u: timed(cs, "share", clients[u].share_keys, key_list) for u in sorted(alive)}
     up["share"] = sum(len(ct) for out in shares.values() for ct in out.values())
-    inboxes = server.route_shares(shares)
+    inboxes = timed(ss, "share", server.route_shares, shares)
     alive -= drop_after.get(1, frozenset())
     down["share"] = sum(len(ct) for u in alive for ct in inboxes.get(u, {}).values())
 
-    masked = {u: clients[u].masked_input(inputs[u], inboxes[u]) for u in sorted(alive)}
+    masked = {u: timed(cs, "masked", clients[u].masked_input, inputs[u], inboxes[u]) for u in sorted(alive)}
     up["masked"] = sum(len(pack_ring(y, config.ring_bits)) for y in masked.values())
-    survivors = server.collect_masked(masked)
+    survivors = timed(ss, "masked", server.collect_masked, masked)
     alive -= drop_after.get(2, frozenset())
     down["masked"] = 8 * len(survivors) * len(alive)
 
-    reveals = {u: clients[u].unmask(survivors) for u in sorted(alive)}
+    reveals = {u: timed(cs, "unmask", clients[u].unmask, survivors) for u in sorted(alive)}
     up["unmask"] = sum((8 + SHARE_BYTES) * len(r) for r in reveals.values())
-    return SecAggTrace(server.unmask(reveals), survivors, up, down)
+    trace.total = timed(ss, "unmask", server.unmask, reveals)
+    trace.survivors = survivors
+    return trace
