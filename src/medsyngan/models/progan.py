@@ -103,7 +103,9 @@ class ProGANGenerator(_Staged):
         nc: image channels.
     """
 
-    def __init__(self, resolution: int = 256, z_dim: int = 512, fmap_base: int = 4096, fmap_max: int = 256, nc: int = 1):
+    def __init__(
+        self, resolution: int = 256, z_dim: int = 512, fmap_base: int = 4096, fmap_max: int = 256, nc: int = 1
+    ):
         super().__init__()
         self.resolution, self.z_dim = resolution, z_dim
         res = _octaves(resolution)
