@@ -69,3 +69,19 @@ def test_config_plan_per_training_set(monkeypatch, capsys, medsyngan_cache):
     assert f"{calibrate_noise(1.0, 1e-5, 0.2, 50):.4f}" in out
     code, _, err = _run(monkeypatch, capsys, *args[:-2], "--set", "train.batch_size=64")
     assert code == 2 and "set train.batch_size ≤ 20" in err
+
+
+def test_config_plan_per_hospital(monkeypatch, capsys, medsyngan_cache):
+    from medsyngan.privacy.accounting import calibrate_noise
+
+    # 20 phantom patients split over 2 hospitals: 10 each, of which split_holdout keeps 1 out of training.
+    overrides = ["data.phantom_patients=20", "data.phantom_images_per_patient=2", "train.batch_size=3",
+                 "federated.hospitals=2", "federated.rounds=2", "federated.local_steps=5", "privacy.client_dp=true"]
+    code, out, err = _run(monkeypatch, capsys, "--config", "federated-dcgan64",
+                          *[a for o in overrides for a in ("--set", o)])
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if "hospital " in line and "patient" in line]
+    assert len(rows) == 2
+    sigma = f"{calibrate_noise(1.0, 1e-5, 3 / 9, 10):.4f}"
+    assert all(" 9 " in row and "0.3333" in row and sigma in row for row in rows), out
+    assert "client-level DP-FedAvg" in out
