@@ -80,7 +80,7 @@ class InceptionExtractor(FeatureExtractor):
 
 
 class RandomConvNet(nn.Module):
-    """Five conv layers, LeakyReLU, He-normal weights drawn from a seeded generator; 64×64 input, 512-d output
+    """Five 3×3 conv layers (four of stride 2), LeakyReLU, He-normal weights drawn from a seeded generator; 64×64 input, 512-d output
     (the last map average-pooled to 2×2 so that the embedding keeps coarse layout, which matters for X-rays)."""
 
     WIDTHS = (32, 64, 128, 128, 128)
@@ -91,7 +91,7 @@ class RandomConvNet(nn.Module):
         layers: list[nn.Module] = []
         cin = 1
         for i, width in enumerate(self.WIDTHS):
-            conv = nn.Conv2d(cin, width, 3 if i == 0 else 4, stride=1 if i == 0 else 2, padding=1)
+            conv = nn.Conv2d(cin, width, 3, stride=1 if i == 0 else 2, padding=1)
             with torch.no_grad():
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / conv.weight[0].numel()) ** 0.5)
                 conv.bias.zero_()
@@ -108,7 +108,7 @@ class RandomExtractor(FeatureExtractor):
         super().__init__(device)
         self.net = RandomConvNet(seed).eval().requires_grad_(False).to(self.device)
         self.tag = "random" if seed == 0 else f"random{seed}"
-        self.cache_key = f"randomconv-v1-seed{seed}"
+        self.cache_key = f"randomconv-v2-seed{seed}"
 
     def embed(self, images_u8):
         x = torch.from_numpy(np.ascontiguousarray(images_u8)).to(self.device).float()[:, None] / 255.0
