@@ -124,6 +124,7 @@ class ManagedProcess:
     name: str
     popen: subprocess.Popen
     log_path: Path
+    last: bool = False  # stopped after all others (the SuperLink)
     seen: set[int] = field(default_factory=set)
 
     @property
@@ -182,18 +183,21 @@ class ManagedProcess:
                 pass
         self.popen.wait()
 
-    def stop(self, grace: float = 8.0) -> None:
-        """SIGTERM (Flower shuts down cleanly: a SuperNode deregisters its session), SIGKILL what is left."""
-        pids = self.track()
+    def terminate(self) -> None:
+        """SIGTERM the process group: Flower shuts down cleanly (a SuperNode ends its session at the SuperLink,
+        the SuperLink stops its SuperExec and ServerApp)."""
+        self.track()
         if self.alive():
             try:
                 os.killpg(self.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(is_running(p) for p in self.track()):
-            time.sleep(0.2)
-        for pid in sorted(pids | self.seen):
+
+    def running(self) -> bool:
+        return any(is_running(pid) for pid in self.track())
+
+    def kill_leftovers(self) -> None:
+        for pid in sorted(self.seen):
             if is_running(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -203,6 +207,9 @@ class ManagedProcess:
             self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+
+    def stop(self, grace: float = 10.0) -> None:
+        stop_all([self], grace)
 
     def leftovers(self) -> list[int]:
         return sorted(p for p in self.seen | {self.pid} if is_running(p))
@@ -219,11 +226,18 @@ def start_process(name: str, cmd: list[str], log_path: Path, env: dict[str, str]
     return proc
 
 
-def stop_all(processes: Iterable[ManagedProcess]) -> list[int]:
-    """Stop in reverse start order; returns the pids still running afterwards (should be none)."""
+def stop_all(processes: Iterable[ManagedProcess], grace: float = 10.0) -> list[int]:
+    """SIGTERM everything, SIGKILL what is still running after `grace` seconds; returns the pids still running
+    afterwards (should be none). SuperLinks go last, so that SuperNodes can still end their sessions there."""
     procs = list(processes)
-    for proc in reversed(procs):
-        proc.stop()
+    for wave in ([p for p in procs if not p.last], [p for p in procs if p.last]):
+        for proc in wave:
+            proc.terminate()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(proc.running() for proc in wave):
+            time.sleep(0.2)
+        for proc in wave:
+            proc.kill_leftovers()
     return sorted({pid for proc in procs for pid in proc.leftovers()})
 
 
@@ -253,6 +267,7 @@ def start_superlink(
     home = run_dir / "superlink"
     home.mkdir(parents=True, exist_ok=True)
     proc = start_process("superlink", superlink_command(ca_cert, cert, key, host, port, database), home / "superlink.log", flower_env(home))
+    proc.last = True
     try:
         if proc.wait_for(_READY_SUPERLINK, timeout) is None:
             raise UserError(f"flower-superlink exited during start-up (port {port} in use?); see {proc.log_path}: {proc.log_tail(1)}")
@@ -301,26 +316,45 @@ def write_connection(flwr_home: Path, address: str, ca_cert: Path, name: str = C
     return path
 
 
-def _flwr(args: list[str], flwr_home: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [executable("flwr"), *args], env=flower_env(flwr_home), capture_output=True, text=True, timeout=timeout,
-        start_new_session=True,
-    )
-
-
-def register_hospital(flwr_home: Path, public_key: Path, name: str, connection: str = CONNECTION, timeout: float = 60.0) -> int:
-    """`flwr supernode register`: the SuperLink will accept a SuperNode holding the matching private key.
-    Returns the node id the SuperLink assigned."""
-    require_files(hospital_public_key=public_key)
-    result = _flwr(["supernode", "register", str(public_key), connection, "--name", name, "--format", "json"], flwr_home, timeout)
-    try:
-        payload = json.loads(result.stdout[result.stdout.index("{"):])
-    except ValueError:
-        payload = {}
-    if result.returncode != 0 or not payload.get("success"):
-        detail = (payload.get("error-message") or result.stderr.strip() or result.stdout.strip()).splitlines()
-        raise UserError(f"registering {public_key} failed: {detail[-1] if detail else 'no output'}")
-    return int(payload["node-id"])
+def register_hospitals(
+    flwr_home: Path, public_keys: dict[str, Path], connection: str = CONNECTION, timeout: float = 60.0
+) -> dict[str, int]:
+    """`flwr supernode register PUBLIC_KEY CONNECTION --name NAME` for each hospital (concurrently: each CLI call
+    pays Python start-up): afterwards the SuperLink accepts a SuperNode holding the matching private key.
+    Returns the node id the SuperLink assigned to each name."""
+    for key in public_keys.values():
+        require_files(hospital_public_key=key)
+    env = flower_env(flwr_home)
+    calls = {
+        name: subprocess.Popen(
+            [executable("flwr"), "supernode", "register", str(key), connection, "--name", name, "--format", "json"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )
+        for name, key in public_keys.items()
+    }
+    node_ids: dict[str, int] = {}
+    errors: list[str] = []
+    for name, call in calls.items():
+        try:
+            out, err = call.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            call.kill()
+            call.communicate()
+            errors.append(f"{name}: no answer from the SuperLink after {timeout:.0f} s")
+            continue
+        try:
+            payload = json.loads(out[out.index("{"):])
+        except ValueError:
+            payload = {}
+        if call.returncode == 0 and payload.get("success"):
+            node_ids[name] = int(payload["node-id"])
+        else:
+            lines = (str(payload.get("error-message") or "") or err.strip() or out.strip() or "no output").splitlines()
+            errors.append(f"{name}: {lines[-1]}")
+    if errors:
+        raise UserError(f"registering hospital keys failed ({'; '.join(errors)})")
+    return node_ids
 
 
 # --- SuperNodes ------------------------------------------------------------------------------------------------
@@ -348,12 +382,12 @@ def supernode_command(superlink: str, ca_cert: Path, auth_key: Path, hospital_id
 
 def start_supernode(
     run_dir: Path, superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str,
-    *, runtime_port: int = 9094, probe: bool = True,
+    *, runtime_port: int = 9094, probe_timeout: float = 10.0,
 ) -> ManagedProcess:
-    """Start one hospital's SuperNode (does not wait for activation: see `wait_supernode`)."""
+    """Start one hospital's SuperNode once its SuperLink answers (does not wait for activation: see
+    `wait_supernode`)."""
     require_files(ca_certificate=ca_cert, hospital_private_key=auth_key)
-    if probe:
-        probe_superlink(superlink, ca_cert)
+    probe_superlink(superlink, ca_cert, probe_timeout)
     home = run_dir / f"hospital-{hospital_id}"
     home.mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(superlink, ca_cert, auth_key, hospital_id, data_path, runtime_port)
