@@ -382,3 +382,30 @@ def test_dp_discriminator_per_sample_gradients_match_a_loop(arch, resolution):
         for i in range(3):
             torch.testing.assert_close(p.grad_sample[i], expected[i][name], rtol=1e-4, atol=1e-6, msg=name)
     gsm._close()
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_progan_stage_parameters_are_exactly_those_with_gradients():
+    """At every stage, freezing all but ``stage_parameters()`` leaves Opacus a per-sample gradient for every
+    trainable parameter (what its DPOptimizer requires), with the network wrapped once at full size."""
+    from opacus import GradSampleModule
+
+    g, d = _progan_pair(dp_compatible=True)
+    gsm = GradSampleModule(d, loss_reduction="sum")
+    for stage, alpha in [(4, 1.0), (8, 0.5), (16, 1.0), (32, 0.2)]:
+        g.set_stage(stage, alpha)
+        d.set_stage(stage, alpha)
+        for net in (g, d):
+            net.zero_grad(set_to_none=True)
+            for p in net.parameters():
+                p.requires_grad_(False)
+            for p in net.stage_parameters():
+                p.requires_grad_(True)
+        gsm(g(torch.randn(3, 8))).sum().backward()
+        for net in (g, d):
+            for name, p in net.named_parameters():
+                assert (p.grad is not None) == p.requires_grad, (stage, name)
+        for name, p in d.named_parameters():
+            assert (p.grad_sample is not None) == p.requires_grad, (stage, name)
+            p.grad_sample = None
+    gsm._close()

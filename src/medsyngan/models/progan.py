@@ -31,9 +31,14 @@ SUPPORTED_RESOLUTIONS = tuple(2**k for k in range(3, 11))  # 8 ... 1024
 
 
 def _octaves(resolution: int) -> list[int]:
+    """4, 8, ..., resolution."""
+    return [2**k for k in range(2, int(math.log2(resolution)) + 1)]
+
+
+def _check(resolution: int) -> list[int]:
     if resolution not in SUPPORTED_RESOLUTIONS:
         raise ValueError(f"ProGAN resolution {resolution} not in {SUPPORTED_RESOLUTIONS}")
-    return [2**k for k in range(2, int(math.log2(resolution)) + 1)]
+    return _octaves(resolution)
 
 
 class _Staged(nn.Module):
@@ -57,6 +62,18 @@ class _Staged(nn.Module):
     @property
     def stage_resolution(self) -> int:
         return int(self.stage_res.item())
+
+    def _stage_modules(self, stage: int) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def stage_parameters(self) -> list[nn.Parameter]:
+        """The parameters the current stage uses; the rest get no gradient (``grad`` stays None).
+
+        Opacus' DPOptimizer needs a per-sample gradient for every parameter that requires grad. Wrap the network
+        with all parameters trainable (so that every layer gets its hooks), then at each stage set
+        ``requires_grad`` to True for these parameters only.
+        """
+        return [p for m in self._stage_modules(self.stage_resolution) for p in m.parameters()]
 
     @property
     def alpha(self) -> float:
@@ -108,13 +125,17 @@ class ProGANGenerator(_Staged):
     ):
         super().__init__()
         self.resolution, self.z_dim = resolution, z_dim
-        res = _octaves(resolution)
+        res = _check(resolution)
         ch = {r: channels(r, fmap_base, fmap_max) for r in res}
         self.blocks = nn.ModuleDict({"4": _GInput(z_dim, ch[4])})
         for r in res[1:]:
             self.blocks[str(r)] = _GBlock(ch[r // 2], ch[r])
         self.to_rgb = nn.ModuleDict({str(r): EqualizedConv2d(ch[r], nc, 1, gain=1.0) for r in res})
         self._init_stage()
+
+    def _stage_modules(self, stage: int) -> list[nn.Module]:
+        used = [self.blocks[str(r)] for r in _octaves(stage)] + [self.to_rgb[str(stage)]]
+        return used + ([self.to_rgb[str(stage // 2)]] if stage > 4 else [])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         stage = self.stage_resolution
@@ -179,12 +200,16 @@ class ProGANDiscriminator(_Staged):
     ):
         super().__init__()
         self.resolution, self.dp_compatible = resolution, dp_compatible
-        res = _octaves(resolution)
+        res = _check(resolution)
         ch = {r: channels(r, fmap_base, fmap_max) for r in res}
         self.from_rgb = nn.ModuleDict({str(r): EqualizedConv2d(nc, ch[r], 1, gain=SQRT2) for r in res})
         self.blocks = nn.ModuleDict({str(r): _DBlock(ch[r], ch[r // 2]) for r in res[1:]})
         self.output = _DOutput(ch[4], mbstd=not dp_compatible, mbstd_group=mbstd_group)
         self._init_stage()
+
+    def _stage_modules(self, stage: int) -> list[nn.Module]:
+        used = [self.blocks[str(r)] for r in _octaves(stage)[1:]] + [self.from_rgb[str(stage)], self.output]
+        return used + ([self.from_rgb[str(stage // 2)]] if stage > 4 else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stage = self.stage_resolution
