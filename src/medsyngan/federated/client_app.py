@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from medsyngan.errors import UserError
 from medsyngan.federated import messages as msg
+from medsyngan.federated import wire
 from medsyngan.federated.client import HospitalRuntime, node_identity, persist, restore
 
 app = ClientApp()
@@ -73,13 +74,19 @@ def train(message: Message, context: Context) -> Message:
     identity = node_identity(context.node_config, job)
     hospital, cfg = _runtime.hospital(identity, job)
     restore(hospital, identity, int(job["resume_round"]), _in_memory(context))
-    result = hospital.train_round(msg.record_to_state(message.content[msg.KEY_WEIGHTS]), cfg.federated.local_steps)
+    global_state = msg.record_to_state(message.content[msg.KEY_WEIGHTS])
+    result = hospital.train_round(global_state, cfg.federated.local_steps)
     round_ = int(job["round"])
+    encoded = wire.encode_update(result.update, result.num_examples, cfg.privacy, seed=cfg.run.seed,
+                                 hospital=identity.hospital_id, round_=round_)
+    payload = encoded.payload
+    if cfg.privacy.encrypt:
+        payload = wire.seal_update(payload, job, identity.hospital_id, round_, wire.model_hash(global_state),
+                                   context.node_config.get("aggregator-public"))
     blob = persist(hospital, identity, round_)
     context.state[msg.KEY_STATE] = ConfigRecord({"round": round_, "blob": blob})
-    metrics = {**result.metrics, "num_examples": result.num_examples}
-    content = RecordDict({msg.KEY_UPDATE: msg.state_to_record(result.update),
-                          msg.KEY_METRICS: msg.metrics_record(metrics)})
+    metrics = {**result.metrics, **encoded.stats, "num_examples": result.num_examples, "weight": encoded.weight}
+    content = RecordDict({msg.KEY_UPDATE: msg.update_record(payload), msg.KEY_METRICS: msg.metrics_record(metrics)})
     return msg.reply(message, content)
 
 

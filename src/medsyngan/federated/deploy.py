@@ -360,29 +360,37 @@ def register_hospitals(
 # --- SuperNodes ------------------------------------------------------------------------------------------------
 
 
-def node_config(hospital_id: int, data_path: Path | str) -> str:
-    """The `--node-config` string. Flower splits it on spaces and reads each value as TOML, so the path goes in
-    a TOML literal string (single quotes, no escapes)."""
-    text = str(data_path)
-    if "'" in text:
-        raise UserError(f"data path {text!r} contains a single quote, which --node-config cannot carry; rename it")
-    return f"hospital-id={int(hospital_id)} data-path='{text}'"
+def node_config(hospital_id: int, data_path: Path | str, state_dir: Path | str | None = None) -> str:
+    """The `--node-config` string the ClientApp reads (`hospital-id`, `data-path`, optional `state-dir`).
+    Flower splits it on spaces and reads each value as TOML, so paths go in TOML literal strings (single quotes,
+    no escapes)."""
+    text = f"hospital-id={int(hospital_id)}"
+    for key, path in (("data-path", data_path), ("state-dir", state_dir)):
+        if path is None:
+            continue
+        if "'" in str(path):
+            raise UserError(f"{key} {str(path)!r} contains a single quote, which --node-config cannot carry; rename it")
+        text += f" {key}='{path}'"
+    return text
 
 
-def supernode_command(superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str, runtime_port: int) -> list[str]:
+def supernode_command(
+    superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str, runtime_port: int,
+    state_dir: Path | str | None = None,
+) -> list[str]:
     return [
         executable("flower-supernode"),
         "--superlink", superlink,
         "--root-certificates", str(ca_cert),
         "--auth-supernode-private-key", str(auth_key),
-        "--node-config", node_config(hospital_id, data_path),
+        "--node-config", node_config(hospital_id, data_path, state_dir),
         "--port", str(runtime_port),
     ]
 
 
 def start_supernode(
     run_dir: Path, superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str,
-    *, runtime_port: int = 9094, probe_timeout: float = 10.0,
+    *, runtime_port: int = 9094, state_dir: Path | str | None = None, probe_timeout: float = 10.0,
 ) -> ManagedProcess:
     """Start one hospital's SuperNode once its SuperLink answers (does not wait for activation: see
     `wait_supernode`)."""
@@ -390,7 +398,7 @@ def start_supernode(
     probe_superlink(superlink, ca_cert, probe_timeout)
     home = run_dir / f"hospital-{hospital_id}"
     home.mkdir(parents=True, exist_ok=True)
-    cmd = supernode_command(superlink, ca_cert, auth_key, hospital_id, data_path, runtime_port)
+    cmd = supernode_command(superlink, ca_cert, auth_key, hospital_id, data_path, runtime_port, state_dir)
     return start_process(f"supernode-{hospital_id}", cmd, home / "supernode.log", flower_env(home))
 
 
@@ -424,3 +432,13 @@ def start_run(flwr_home: Path, app_dir: Path, log_path: Path, run_config: dict[s
     if run_config:
         cmd += ["--run-config", run_config_arg(run_config)]
     return start_process("flwr-run", cmd, log_path, flower_env(flwr_home), cwd=Path(app_dir))
+
+
+def medsyngan_run_config(preset: str, overrides: list[str], run_dir: Path, resume: bool = False) -> dict[str, object]:
+    """The run config of MedSynGAN's own Flower app (`[tool.flwr.app.config]` in pyproject.toml) for a real
+    deployment: the aggregator writes `run_dir` on the SuperLink's machine, each hospital brings its data-path."""
+    for item in overrides:
+        if "=" not in item or any(c in item for c in " '\""):
+            raise UserError(f"override {item!r} must be section.key=value without spaces or quotes")
+    return {"config": preset, "overrides": " ".join(overrides), "run-dir": str(Path(run_dir).resolve()),
+            "resume": resume, "mode": "deployment"}

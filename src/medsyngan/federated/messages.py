@@ -70,5 +70,18 @@ def unpack_blob(blob: bytes) -> Any:
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
+def update_record(payload: bytes | Mapping[str, torch.Tensor]) -> ArrayRecord | ConfigRecord:
+    """An update as a record: opaque bytes (quantized, masked or sealed) or plain float tensors."""
+    if isinstance(payload, bytes):
+        return ConfigRecord({"payload": payload})
+    return state_to_record(payload)
+
+
+def record_update(record: ArrayRecord | ConfigRecord) -> bytes | dict[str, torch.Tensor]:
+    if isinstance(record, ConfigRecord):
+        return bytes(record["payload"])
+    return record_to_state(record)
+
+
 def reply(to: Message, content: RecordDict) -> Message:
     return Message(content, reply_to=to)

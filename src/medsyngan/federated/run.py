@@ -56,6 +56,20 @@ def simulation_job(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     return {"dataset": str(dataset.root), "partition": str(target), "state_dir": str(run_dir.root / "hospitals")}
 
 
+def simulation_identity_key(cfg: Config, run_dir: RunDir) -> str | None:
+    """In simulation the aggregator's identity key lives in the run directory (0600), made on first use; a real
+    deployment takes the one `medsyngan pki init` wrote, whose public half the hospitals pin."""
+    if not cfg.privacy.encrypt:
+        return None
+    from medsyngan.privacy.crypto import write_identity_key
+
+    path = run_dir.root / "keys" / "aggregator_x25519.key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_identity_key(path)
+    return str(path)
+
+
 def prepare_federation(
     preset: str | None, overrides: Sequence[str], run_dir: str, resume: bool, simulation: bool
 ) -> tuple[Config, RunDir, dict[str, Any]]:
@@ -85,7 +99,8 @@ def run_federated(cfg: Config, run_dir: RunDir, resume: bool) -> None:
     f = cfg.federated
     if f.quorum > f.hospitals:
         raise UserError(f"federated.quorum ({f.quorum}) exceeds federated.hospitals ({f.hospitals})")
-    server_app = make_server_app(cfg, run_dir, federation_job(cfg, run_dir, resume, simulation=True), resume)
+    job = federation_job(cfg, run_dir, resume, simulation=True)
+    server_app = make_server_app(cfg, run_dir, job, resume, simulation_identity_key(cfg, run_dir))
     cpus = max(1, os.cpu_count() or 1)
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

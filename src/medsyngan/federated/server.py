@@ -22,9 +22,11 @@ from flwr.serverapp import Grid
 from medsyngan.config import Config
 from medsyngan.errors import UserError
 from medsyngan.federated import messages as msg
+from medsyngan.federated import wire
 from medsyngan.federated.aggregation import ServerOptimizer, weighted_mean
 from medsyngan.federated.hospital import shared_parts
 from medsyngan.federated.plan import participants
+from medsyngan.privacy.crypto import IntegrityError
 from medsyngan.rundir import RunDir
 from medsyngan.training.checkpoint import load_checkpoint, save_checkpoint_files
 from medsyngan.training.step import GANTrainer
@@ -127,10 +129,15 @@ class Aggregator:
     """One federation from the server's side. ``job`` is the static part of every instruction (config, data)."""
 
     def __init__(self, cfg: Config, run_dir: RunDir, job: Mapping[str, Any], resume: bool,
+                 identity_key: str | None = None,
                  on_round: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
+        wire.check_settings(cfg.privacy)
+        self.transport = wire.Transport(cfg.privacy, str(job["run_id"]), identity_key)
         self.job = dict(job)
+        if self.transport.identity_public is not None:
+            self.job["aggregator_public"] = self.transport.identity_public
         self.state = load_server_state(run_dir) if resume else ServerState.initial(cfg)
         self.optimizer = ServerOptimizer(cfg.federated.strategy, cfg.federated.server_lr)
         self.optimizer.load_state_dict(self.state.optimizer_state)
@@ -186,16 +193,18 @@ class Aggregator:
             if round_ % f.eval_every == 0 or round_ == f.rounds:
                 self.evaluate(grid, round_)
 
-    def _instruction(self, round_: int, hospital: int, message_type: str, weights: Mapping[str, torch.Tensor]) -> Message:
-        config = {**self.job, "round": round_, "resume_round": self.state.last_round.get(hospital, 0)}
+    def _instruction(self, round_: int, hospital: int, message_type: str, weights: Mapping[str, torch.Tensor],
+                     terms: Mapping[str, Any] | None = None) -> Message:
+        config = {**self.job, **(terms or {}), "round": round_, "resume_round": self.state.last_round.get(hospital, 0)}
         return Message(msg.instruction(config, weights), dst_node_id=self.roster[hospital],
                        message_type=message_type, group_id=str(round_))
 
     def train_round(self, grid: Grid, round_: int) -> list[tuple[int, Message, int]]:
         f = self.cfg.federated
         chosen = [h for h in participants(sorted(self.roster), f.fraction, f.quorum, self.cfg.run.seed, round_)]
-        shared = {k: v for k, v in self.state.global_state.items() if k.split(".", 1)[0] in shared_parts(self.cfg)}
-        out = [self._instruction(round_, h, msg.TRAIN, shared) for h in chosen]
+        shared = self.shared_state()
+        terms = self.transport.round_terms(round_)
+        out = [self._instruction(round_, h, msg.TRAIN, shared, terms) for h in chosen]
         sent = {h: msg.record_bytes(m.content) for h, m in zip(chosen, out)}
         node_to_hospital = {n: h for h, n in self.roster.items()}
         good, errors = _ok(grid.send_and_receive(out, timeout=f.round_timeout_s))
@@ -210,19 +219,46 @@ class Aggregator:
             log.warning("round %d: no update from hospital(s) %s", round_, missing)
         return replies
 
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state.global_state.items() if k.split(".", 1)[0] in shared_parts(self.cfg)}
+
+    def _decode(self, round_: int, hospital: int, reply: Message, global_hash: bytes) -> dict[str, torch.Tensor] | None:
+        """One hospital's update as float tensors, or None (logged) when it fails authentication or decoding."""
+        try:
+            payload = self.transport.open(msg.record_update(reply.content[msg.KEY_UPDATE]), hospital, round_,
+                                          global_hash)
+            arrays = wire.decode_update(payload, self.cfg.privacy)
+        except (IntegrityError, ValueError) as exc:
+            log.error("round %d: update of hospital %d rejected: %s", round_, hospital, exc)
+            return None
+        return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+
     def aggregate(self, round_: int, replies: list[tuple[int, Message, int]]) -> None:
         updates, weights, per_hospital = [], [], {}
         images = 0
+        global_hash = wire.model_hash(self.shared_state())
+        accepted = []
         for hospital, reply, bytes_sent in replies:
-            updates.append(msg.record_to_state(reply.content[msg.KEY_UPDATE]))
+            update = self._decode(round_, hospital, reply, global_hash)
+            if update is None:
+                continue
+            accepted.append((hospital, reply, bytes_sent))
+            updates.append(update)
             metrics = dict(reply.content[msg.KEY_METRICS])
-            weights.append(metrics["num_examples"])
+            weights.append(metrics["weight"])
             images += int(metrics.get("images", 0))
             per_hospital[str(hospital)] = {
                 **{k: round(float(v), 6) for k, v in metrics.items()},
                 "bytes_sent_to": bytes_sent,
                 "bytes_received_from": msg.record_bytes(reply.content),
             }
+        self.transport.close_round(round_)
+        if len(accepted) < self.cfg.federated.quorum:
+            raise UserError(
+                f"round {round_}: only {len(accepted)} updates passed authentication, quorum "
+                f"{self.cfg.federated.quorum}; the run stopped at round {self.state.round} with a saved checkpoint"
+            )
+        replies = accepted
         mean = weighted_mean(updates, weights)
         shared = {k: v for k, v in self.state.global_state.items() if k in mean}
         new_shared = self.optimizer.step(shared, mean)

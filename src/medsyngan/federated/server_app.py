@@ -3,7 +3,8 @@
 ``medsyngan train`` builds the app in-process with :func:`make_server_app`. ``flwr run .`` (Simulation or
 Deployment Engine) uses the module-level ``app``, configured by the run config of ``pyproject.toml``
 (``[tool.flwr.app.config]``): ``config`` (preset), ``overrides`` (space-separated ``section.key=value``),
-``run-dir``, ``resume`` and ``mode`` (``simulation``: the server prepares the data and partition for the virtual
+``run-dir``, ``resume``, ``aggregator-key`` (the X25519 identity key from ``medsyngan pki init``, needed when
+updates are encrypted) and ``mode`` (``simulation``: the server prepares the data and partition for the virtual
 hospitals; ``deployment``: each hospital brings its own ``data-path``).
 """
 
@@ -20,12 +21,13 @@ from medsyngan.federated.server import Aggregator
 from medsyngan.rundir import RunDir
 
 
-def make_server_app(cfg: Config, run_dir: RunDir, job: Mapping[str, Any], resume: bool) -> ServerApp:
+def make_server_app(cfg: Config, run_dir: RunDir, job: Mapping[str, Any], resume: bool,
+                    identity_key: str | None) -> ServerApp:
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        Aggregator(cfg, run_dir, job, resume).run(grid)
+        Aggregator(cfg, run_dir, job, resume, identity_key).run(grid)
 
     return server
 
@@ -46,4 +48,5 @@ def main(grid: Grid, context: Context) -> None:
         resume=bool(run_config.get("resume", False)),
         simulation=str(run_config.get("mode", "simulation")) == "simulation",
     )
-    Aggregator(cfg, run_dir, job, bool(run_config.get("resume", False))).run(grid)
+    key = str(run_config.get("aggregator-key", "")) or None
+    Aggregator(cfg, run_dir, job, bool(run_config.get("resume", False)), key).run(grid)
