@@ -22,13 +22,16 @@ def map_in_workers(
 ) -> Iterator[R]:
     """Yield fn(job) for each job in order. workers=0: all cores; 1: this process.
 
-    Workers are spawned, not forked: the parent may hold torch's thread pools, which do not survive a fork.
+    Workers are forked where the platform can: a spawned worker re-imports the caller's main module (torch
+    included), which costs seconds. The jobs run numpy and PIL only, never torch, so torch's thread pools in
+    the parent (which do not survive a fork) are never touched in a worker.
     """
     n = default_workers() if workers <= 0 else workers
     if n == 1 or len(jobs) < 2 or len(jobs) * cost < _MIN_PARALLEL_WORK:
         yield from map(fn, jobs)
         return
     chunksize = chunksize or max(1, min(64, len(jobs) // (n * 8)))
-    with mp.get_context("spawn").Pool(processes=min(n, len(jobs))) as pool:
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(processes=min(n, len(jobs))) as pool:
         results: Iterable[R] = pool.imap(fn, jobs, chunksize=chunksize)
         yield from results

@@ -168,15 +168,32 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(img, dtype=np.float32)
 
 
+# Anatomy is rendered at most at this side and upsampled beyond it: the structures are smooth at this scale,
+# and a full 1024-px rendering would cost 4× the time for no visible detail. Noise is added at full size.
+MAX_RENDER = 512
+
+
 def render(anatomy: Anatomy, shot: Shot, size: int) -> np.ndarray:
     """One image, uint8 [size, size]."""
+    rng = np.random.default_rng(shot.noise_seed)
+    img = _film(anatomy, shot, min(size, MAX_RENDER), rng)
+    if size > MAX_RENDER:
+        img = np.asarray(Image.fromarray(img, mode="F").resize((size, size), Image.Resampling.BICUBIC))
+    # Quantum mottle: noise correlated over ~2 px at any size (filtered, then scaled back to unit variance).
+    noise = rng.standard_normal(img.shape, dtype=np.float32)
+    noise = (noise + np.roll(noise, 1, 0) + np.roll(noise, 1, 1) + np.roll(noise, (1, 1), (0, 1))) / 2.0
+    img = img + shot.noise * noise * (0.4 + 0.6 * np.sqrt(np.clip(img, 0, 1)))
+    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+
+
+def _film(anatomy: Anatomy, shot: Shot, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Noise-free film brightness in [0, 1], float32 [size, size]."""
     a = anatomy
     e = 0.8 / size
     cv = _Canvas(shot, size)
     x, y = cv.x, cv.y
     ax = np.abs(x)
     side = np.sign(x)
-    rng = np.random.default_rng(shot.noise_seed)
 
     # Soft tissue: neck widening into the shoulders, elliptical thickness profile across the torso.
     shoulder = a.shoulder_y + 0.25 * np.clip(ax - 0.07, 0, None) ** 1.5
@@ -190,7 +207,7 @@ def render(anatomy: Anatomy, shot: Shot, size: int) -> np.ndarray:
     att += 0.32 * arm * (0.7 + 0.3 * np.clip((ax - a.body_w) / 0.05, 0, 1))
 
     # Diaphragm: right dome (image left) higher than the left; deeper inspiration pushes both down.
-    dia_top = a.dia_y + shot.inspiration + np.where(side > 0, a.dia_left_drop, 0.0)
+    dia_top = np.float32(a.dia_y + shot.inspiration) + np.where(side > 0, np.float32(a.dia_left_drop), np.float32(0))
     t = (ax - 0.18) / 0.2
     dia = dia_top + 0.05 * t**2 + 0.1 * np.clip(t, 0, None) ** 2
     below = _step(y - dia, 1.5 * e)
@@ -308,12 +325,7 @@ def render(anatomy: Anatomy, shot: Shot, size: int) -> np.ndarray:
 
     att = np.clip(att, 0.0, None)
     img = 1.0 - np.exp(-shot.mu * att)
-    img = np.clip(img / (1.0 - math.exp(-shot.mu * 0.9)), 0.0, 1.0) ** shot.gamma
-    # Quantum mottle: noise correlated over ~2 px at any size (filtered, then scaled back to unit variance).
-    noise = rng.standard_normal(img.shape).astype(np.float32)
-    noise = (noise + np.roll(noise, 1, 0) + np.roll(noise, 1, 1) + np.roll(noise, (1, 1), (0, 1))) / 2.0
-    img = img + shot.noise * noise * (0.4 + 0.6 * np.sqrt(img))
-    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+    return (np.clip(img / (1.0 - math.exp(-shot.mu * 0.9)), 0.0, 1.0) ** shot.gamma).astype(np.float32)
 
 
 @dataclass
