@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
         nn_threshold: Annotated[Optional[float], typer.Option("--nn-threshold", help="SSIM above which a synthetic image is flagged as a near-copy.")] = None,
         epsilon: Annotated[Optional[float], typer.Option("--epsilon", help="ε of the run, for the membership-inference bound (default: from the run's log).")] = None,
         delta: Annotated[Optional[float], typer.Option("--delta", help="δ of the run (default: from the run's log, else 0).")] = None,
+        ppl_samples: Annotated[int, typer.Option("--ppl-samples", help="Latent pairs for PPL (at least 100).")] = 2000,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the generated latents and of every random subset.")] = 0,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
         config: ConfigOption = None,
@@ -115,7 +116,7 @@ def register(app: typer.Typer) -> None:
             metrics=metrics, feature_extractor=extractor if extractor is not None else feature_extractor,
             generator=generator, discriminator=discriminator, epsilon=epsilon, delta=delta,
             real_patients=real_set.patients, train_patients=None if train_set is None else train_set.patients,
-            nn_threshold=nn_threshold, batch_size=batch_size, seed=seed, device=device,
+            nn_threshold=nn_threshold, ppl_samples=ppl_samples, batch_size=batch_size, seed=seed, device=device,
         )
         snapshot_rows = []
         if run is not None and extractor is not None and snapshot_count > 0:
