@@ -29,7 +29,6 @@ from typing import Iterable
 
 from medsyngan.errors import UserError
 
-IN_MEMORY_DB = ":flwr-in-memory-state:"
 CONNECTION = "medsyngan"
 # Flower marks a SuperNode offline after 2 missed 30 s heartbeats; a crashed SuperNode cannot re-activate
 # with the same key before then.
@@ -244,7 +243,8 @@ def stop_all(processes: Iterable[ManagedProcess], grace: float = 10.0) -> list[i
 # --- SuperLink -----------------------------------------------------------------------------------------------
 
 
-def superlink_command(ca_cert: Path, cert: Path, key: Path, host: str, port: int, database: str = IN_MEMORY_DB) -> list[str]:
+def superlink_command(ca_cert: Path, cert: Path, key: Path, host: str, port: int, database: Path | None = None) -> list[str]:
+    """`database` None keeps registrations and runs in memory (lost when the SuperLink stops)."""
     return [
         executable("flower-superlink"),
         "--ssl-ca-certfile", str(ca_cert),
@@ -252,21 +252,21 @@ def superlink_command(ca_cert: Path, cert: Path, key: Path, host: str, port: int
         "--ssl-keyfile", str(key),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
-        "--database", database,
         "--host", host,
         "--port", str(port),
-    ]
+    ] + (["--database", str(database)] if database is not None else [])
 
 
 def start_superlink(
     run_dir: Path, ca_cert: Path, cert: Path, key: Path, *, host: str = "127.0.0.1", port: int = 9093,
-    database: str = IN_MEMORY_DB, timeout: float = 60.0,
+    database: Path | None = None, timeout: float = 60.0,
 ) -> ManagedProcess:
     """Start a SuperLink with TLS and SuperNode authentication; returns once it accepts connections."""
     require_files(ca_certificate=ca_cert, superlink_certificate=cert, superlink_key=key)
     home = run_dir / "superlink"
     home.mkdir(parents=True, exist_ok=True)
-    proc = start_process("superlink", superlink_command(ca_cert, cert, key, host, port, database), home / "superlink.log", flower_env(home))
+    cmd = superlink_command(ca_cert, cert, key, host, port, database)
+    proc = start_process("superlink", cmd, home / "superlink.log", flower_env(home), cwd=home)
     proc.last = True
     try:
         if proc.wait_for(_READY_SUPERLINK, timeout) is None:
@@ -399,7 +399,7 @@ def start_supernode(
     home = run_dir / f"hospital-{hospital_id}"
     home.mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(superlink, ca_cert, auth_key, hospital_id, data_path, runtime_port, state_dir)
-    return start_process(f"supernode-{hospital_id}", cmd, home / "supernode.log", flower_env(home))
+    return start_process(f"supernode-{hospital_id}", cmd, home / "supernode.log", flower_env(home), cwd=home)
 
 
 def wait_supernode(proc: ManagedProcess, timeout: float = 60.0) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -45,6 +46,7 @@ class ServerState:
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
     last_round: dict[int, int] = field(default_factory=dict)  # hospital → last round whose update was aggregated
     images_seen: int = 0
+    client_dp: dict[str, Any] | None = None  # DP-FedAvg accountant state and the server's secret noise seed
 
     @classmethod
     def initial(cls, cfg: Config) -> "ServerState":
@@ -76,8 +78,11 @@ def save_server_state(run_dir: RunDir, state: ServerState, cfg: Config) -> Path:
         "kimg": state.images_seen / 1000,
         "last_round": {str(k): v for k, v in state.last_round.items()},
     }
-    return save_checkpoint_files(run_dir.checkpoints, round_name(state.round), tensors, meta,
-                                 {"server_optimizer": state.optimizer_state}, keep=0)
+    if state.client_dp is not None:
+        meta["client_dp_accountant"] = state.client_dp["accountant"]
+    # The noise seed is secret (predictable noise protects nothing); it stays in the training-state file.
+    private = {"server_optimizer": state.optimizer_state, "client_dp_seed": (state.client_dp or {}).get("seed")}
+    return save_checkpoint_files(run_dir.checkpoints, round_name(state.round), tensors, meta, private, keep=0)
 
 
 def load_server_state(run_dir: RunDir) -> ServerState:
@@ -87,13 +92,18 @@ def load_server_state(run_dir: RunDir) -> ServerState:
     if "round" not in ckpt.meta:
         raise UserError(f"{ckpt.path} is a centralized checkpoint; resume it without federated.enabled")
     ema = {k: v for k, v in ckpt.tensors.items() if k.startswith("G_ema.")}
+    private = ckpt.training_state()
+    client_dp = None
+    if "client_dp_accountant" in ckpt.meta:
+        client_dp = {"accountant": ckpt.meta["client_dp_accountant"], "seed": private["client_dp_seed"]}
     return ServerState(
         round=int(ckpt.meta["round"]),
         global_state={k: v for k, v in ckpt.tensors.items() if not k.startswith("G_ema.")},
         ema_state=ema or None,
-        optimizer_state=ckpt.training_state()["server_optimizer"],
+        optimizer_state=private["server_optimizer"],
         last_round={int(k): int(v) for k, v in ckpt.meta["last_round"].items()},
         images_seen=int(ckpt.meta["images_seen"]),
+        client_dp=client_dp,
     )
 
 
@@ -139,6 +149,7 @@ class Aggregator:
         if self.transport.identity_public is not None:
             self.job["aggregator_public"] = self.transport.identity_public
         self.state = load_server_state(run_dir) if resume else ServerState.initial(cfg)
+        self.client_dp = ClientLevelDP(cfg, self.state) if cfg.privacy.client_dp else None
         self.optimizer = ServerOptimizer(cfg.federated.strategy, cfg.federated.server_lr)
         self.optimizer.load_state_dict(self.state.optimizer_state)
         self.on_round = on_round
@@ -199,9 +210,13 @@ class Aggregator:
         return Message(msg.instruction(config, weights), dst_node_id=self.roster[hospital],
                        message_type=message_type, group_id=str(round_))
 
+    def participants(self, round_: int) -> list[int]:
+        f = self.cfg.federated
+        return participants(sorted(self.roster), f.fraction, f.quorum, self.cfg.run.seed, round_)
+
     def train_round(self, grid: Grid, round_: int) -> list[tuple[int, Message, int]]:
         f = self.cfg.federated
-        chosen = [h for h in participants(sorted(self.roster), f.fraction, f.quorum, self.cfg.run.seed, round_)]
+        chosen = self.participants(round_)
         shared = self.shared_state()
         terms = self.transport.round_terms(round_)
         out = [self._instruction(round_, h, msg.TRAIN, shared, terms) for h in chosen]
@@ -231,7 +246,7 @@ class Aggregator:
         except (IntegrityError, ValueError) as exc:
             log.error("round %d: update of hospital %d rejected: %s", round_, hospital, exc)
             return None
-        return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+        return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
 
     def aggregate(self, round_: int, replies: list[tuple[int, Message, int]]) -> None:
         updates, weights, per_hospital = [], [], {}
@@ -259,7 +274,10 @@ class Aggregator:
                 f"{self.cfg.federated.quorum}; the run stopped at round {self.state.round} with a saved checkpoint"
             )
         replies = accepted
-        mean = weighted_mean(updates, weights)
+        if self.client_dp is not None:
+            mean = self.client_dp.noisy_mean(updates, len(self.participants(round_)), round_)
+        else:
+            mean = weighted_mean(updates, weights)
         shared = {k: v for k, v in self.state.global_state.items() if k in mean}
         new_shared = self.optimizer.step(shared, mean)
         self.state.global_state.update(new_shared)
@@ -280,6 +298,8 @@ class Aggregator:
             "img_per_s": sum(h.get("img_per_s", 0.0) for h in per_hospital.values()),
             "hospital": per_hospital,
         }
+        if self.client_dp is not None:
+            row.update(self.client_dp.metrics())
         self.run_dir.append_metrics(row)
         log.info("round %d/%d: %d hospitals, d_loss %.3f, g_loss %.3f", round_, self.cfg.federated.rounds,
                  len(replies), row["d_loss"], row["g_loss"])
@@ -318,6 +338,40 @@ class Aggregator:
                                          for k in keys}, "eval_hospitals": len(results)}
         self.run_dir.append_metrics(row)
         log.info("round %d evaluation: %s", round_, ", ".join(f"{k} {v:.4g}" for k, v in row["eval"].items()))
+
+
+class ClientLevelDP:
+    """DP-FedAvg (McMahan et al. 2018) on the server: updates arrive clipped to C by each hospital (so this works
+    under secure aggregation too); the server adds N(0, σ²C²) to their sum and divides by the round's planned
+    number of participants, fixed before anyone replies. Its accountant (unit = hospital, one step per round)
+    lives in the server checkpoint and only grows."""
+
+    def __init__(self, cfg: Config, state: ServerState):
+        import secrets
+
+        from medsyngan.privacy.accounting import PrivacyAccountant, client_level_accountant
+
+        self.privacy = cfg.privacy
+        self.state = state
+        if state.client_dp is None:
+            accountant = client_level_accountant(cfg.federated.fraction, cfg.privacy.client_noise,
+                                                 cfg.federated.hospitals, cfg.privacy.delta)
+            state.client_dp = {"accountant": accountant.state_dict(), "seed": secrets.randbits(63)}
+        self.accountant = PrivacyAccountant.from_state_dict(state.client_dp["accountant"])
+
+    def noisy_mean(self, updates: list[Mapping[str, torch.Tensor]], planned: int, round_: int) -> dict[str, torch.Tensor]:
+        from medsyngan.privacy.codec import add_client_dp_noise
+
+        total = {k: sum(u[k].to(torch.float64) for u in updates).numpy() for k in updates[0]}
+        rng = np.random.default_rng([self.state.client_dp["seed"], round_])
+        noisy = add_client_dp_noise(total, self.privacy.client_clip, self.privacy.client_noise, rng)
+        self.accountant.step(1)
+        self.state.client_dp["accountant"] = self.accountant.state_dict()
+        return {k: torch.as_tensor(np.array(v, np.float64)) / planned for k, v in noisy.items()}
+
+    def metrics(self) -> dict[str, float]:
+        eps = self.accountant.epsilon()
+        return {"client_epsilon": eps["reported"], "client_epsilon_rdp": eps["rdp"], "client_epsilon_prv": eps["prv"]}
 
 
 def _mean(per_hospital: Mapping[str, Mapping[str, float]], key: str) -> float:

@@ -91,7 +91,7 @@ def encode_update(
     weight = hospital_weight(privacy, num_examples)
     bits = privacy.quantize_bits
     if not bits:
-        payload: bytes | State = np_save(arrays) if uses_bytes(privacy) else {k: torch.from_numpy(v) for k, v in arrays.items()}
+        payload: bytes | State = np_save(arrays) if uses_bytes(privacy) else {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
         return Encoded(payload, weight, stats)
     # Seeded per (run, hospital, round) so that a resumed federation rounds exactly as the original did.
     rng = np.random.default_rng(derive_seed(seed, "quantize", hospital, round_))
