@@ -1,9 +1,102 @@
-"""`medsyngan train` commands."""
+"""`medsyngan train` and `medsyngan generate`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from medsyngan.cli.options import ConfigOption, SetOption
+from medsyngan.errors import UserError
+
+
+def _training_config(config: str | None, overrides: list[str], data: str | None, steps: int | None,
+                     rounds: int | None, out: Path, resume: bool):
+    from medsyngan.config import load_config
+    from medsyngan.rundir import RunDir
+
+    extra = list(overrides)
+    if data is not None:
+        extra += ['data.source="prepared"', f"data.path={_toml_string(str(Path(data).resolve()))}"]
+    if rounds is not None:
+        extra.append(f"federated.rounds={rounds}")
+    if config is None:
+        if not resume:
+            raise UserError("no --config given; pass a preset (e.g. --config dcgan64) or a TOML file")
+        # Resuming without --config continues the run's own configuration (plus any --set/--steps).
+        saved = RunDir(out).config_path
+        if not saved.is_file():
+            raise UserError(f"{out} has no config.toml to resume from; pass --config or the right --out")
+        config = str(saved)
+    cfg = load_config(config, extra)
+    if steps is not None:
+        if steps < 1:
+            raise UserError(f"--steps must be at least 1, got {steps}")
+        # A resumed run's saved configuration already holds the first run's cap; --steps is then the new total.
+        cfg.train.steps = steps if resume else min(cfg.train.steps, steps)
+    return cfg
+
+
+def _toml_string(text: str) -> str:
+    import json
+
+    return json.dumps(text)  # a JSON string literal is a valid TOML basic string
 
 
 def register(app: typer.Typer) -> None:
-    """Adds this area's commands to the CLI (filled in by the issue that builds the area)."""
+    @app.command()
+    def train(
+        out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (created; holds checkpoints, samples).")],
+        config: ConfigOption = None,
+        set_: SetOption = None,
+        data: Annotated[Optional[str], typer.Option("--data", help="Prepared dataset directory (sets data.source=prepared).")] = None,
+        steps: Annotated[Optional[int], typer.Option("--steps", help="Cap train.steps (quick trials); with --resume, the total to reach.")] = None,
+        rounds: Annotated[Optional[int], typer.Option("--rounds", help="Set federated.rounds.")] = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+    ) -> None:
+        """Train a GAN: centralized, or federated across hospitals when federated.enabled is set."""
+        from medsyngan.rundir import RunDir, log
+
+        cfg = _training_config(config, set_ or [], data, steps, rounds, out, resume)
+        run_dir = RunDir(out).create(cfg, resume=resume)
+        if cfg.federated.enabled:
+            from medsyngan.federated.run import run_federated
+
+            run_federated(cfg, run_dir, resume)
+            return
+        from medsyngan.training.centralized import train_centralized
+
+        summary = train_centralized(cfg, run_dir, resume)
+        state = "stopped" if summary["interrupted"] else "finished"
+        log.info("%s at step %d (%.1f kimg); run directory %s", state, summary["step"], summary["kimg"], out)
+        if summary["interrupted"]:
+            raise typer.Exit(130)
+
+    @app.command()
+    def generate(
+        out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the generated files.")],
+        run: Annotated[Optional[Path], typer.Option("--run", help="Run directory (its latest checkpoint).")] = None,
+        checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint folder or model.safetensors file.")] = None,
+        count: Annotated[int, typer.Option("--count", "-n", help="Number of images.")] = 16,
+        fmt: Annotated[str, typer.Option("--format", help="png or dicom.")] = "png",
+        truncation: Annotated[float, typer.Option("--truncation", help="StyleGAN2 truncation psi (1: none).")] = 1.0,
+        seed: Annotated[int, typer.Option("--seed", help="Latent seed.")] = 0,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    ) -> None:
+        """Generate synthetic images (PNG, or DICOM marked SYNTHETIC) from a trained generator."""
+        from medsyngan.rundir import console
+        from medsyngan.runtime import select_device
+        from medsyngan.training.generate import generate_images, load_generator, write_dicom, write_png
+
+        if (run is None) == (checkpoint is None):
+            raise UserError("pass exactly one of --run RUN_DIR or --checkpoint FILE")
+        if fmt not in ("png", "dicom"):
+            raise UserError(f"--format must be png or dicom, not '{fmt}'")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        device = select_device("auto")
+        G, meta = load_generator(run if run is not None else checkpoint, device)
+        images = generate_images(G, count, seed, truncation, batch_size, device)
+        paths = write_png(images, out) if fmt == "png" else write_dicom(images, out, meta)
+        console.print(f"wrote {len(paths)} {fmt} images ({images.shape[1]} px) to {out} from {meta['checkpoint']}")

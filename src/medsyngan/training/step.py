@@ -205,7 +205,7 @@ class GANTrainer:
                 z2 = self.latents(n)
                 if coin < self.mixing_p and ws.shape[1] > 1:
                     cut = 1 + int(cutoff * (ws.shape[1] - 1))
-                    ws = torch.cat([ws[:, :cut], self.G.mapping(z2)[:, cut:]], dim=1)
+                    ws = torch.cat([ws[:, :cut], self.G.mapping(z2, update_w_avg=False)[:, cut:]], dim=1)
             return self.G.synthesis(ws), ws
 
     def prepare_real(self, real: Tensor) -> Tensor:
@@ -351,6 +351,9 @@ class GANTrainer:
         for part, sub in grouped.items():
             if part in nets:
                 _unwrapped(nets[part]).load_state_dict(sub)
+        # ProGAN networks carry their stage as buffers; the schedule (images seen) stays the authority.
+        self.stage = None
+        self._sync_stage()
         if "G_ema" not in grouped and "G" in grouped and self.G_ema is not None and not self.step:
             # A fresh trainer given only G starts its EMA from that G, not from its own random init.
             self.G_ema.load_state_dict(_unwrapped(self.G).state_dict())

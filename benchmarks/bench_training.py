@@ -1,0 +1,169 @@
+"""Training throughput: images/s through a full G+D step, per architecture, on this machine.
+
+DCGAN-64 is compared with the plain textbook loop (pytorch/examples/dcgan: 1 channel, batch 64, BatchNorm, BCE,
+Adam 2e-4) run in the same process on the same networks and data, alternating timed rounds so that the noise of a
+shared machine hits both alike. Run: ``python benchmarks/bench_training.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "training.json"
+
+
+class TextbookD(nn.Module):
+    """pytorch/examples/dcgan's Discriminator: its network is ours plus a final Sigmoid, output flattened."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.body(x)).view(-1, 1).squeeze(1)
+
+
+def textbook_loop(netG: nn.Module, netD: nn.Module, nz: int, lr: float = 2e-4, beta1: float = 0.5):
+    """pytorch/examples/dcgan/main.py's training iteration, statement for statement; returns step(real, noise)."""
+    criterion = nn.BCELoss()
+    optimizerD = torch.optim.Adam(netD.parameters(), lr=lr, betas=(beta1, 0.999))
+    optimizerG = torch.optim.Adam(netG.parameters(), lr=lr, betas=(beta1, 0.999))
+    real_label, fake_label = 1.0, 0.0
+
+    def step(real_cpu: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, float]:
+        # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
+        netD.zero_grad()
+        batch_size = real_cpu.size(0)
+        label = torch.full((batch_size,), real_label, dtype=real_cpu.dtype)
+        output = netD(real_cpu)
+        errD_real = criterion(output, label)
+        errD_real.backward()
+        D_x = output.mean().item()
+        if noise is None:
+            noise = torch.randn(batch_size, nz, 1, 1)
+        fake = netG(noise)
+        label.fill_(fake_label)
+        output = netD(fake.detach())
+        errD_fake = criterion(output, label)
+        errD_fake.backward()
+        D_G_z1 = output.mean().item()
+        errD = errD_real + errD_fake
+        optimizerD.step()
+        # (2) Update G network: maximize log(D(G(z)))
+        netG.zero_grad()
+        label.fill_(real_label)
+        output = netD(fake)
+        errG = criterion(output, label)
+        errG.backward()
+        D_G_z2 = output.mean().item()
+        optimizerG.step()
+        return {"d_loss": errD.item(), "g_loss": errG.item(), "D_x": D_x, "D_G_z1": D_G_z1, "D_G_z2": D_G_z2}
+
+    return step
+
+
+def _tiny_real(batch: int, size: int, n: int = 8) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.rand(batch, 1, size, size, generator=gen) * 2 - 1 for _ in range(n)]
+
+
+def _trainer(preset: str, overrides: list[str] | None = None):
+    from medsyngan.config import load_config
+    from medsyngan.training.step import GANTrainer
+
+    cfg = load_config(preset, ["run.device=cpu", *(overrides or [])])
+    return GANTrainer(cfg, device="cpu"), cfg
+
+
+def _time(fn: Callable[[], object], steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return time.perf_counter() - start
+
+
+def bench_dcgan_vs_textbook(rounds: int, steps: int) -> dict[str, float]:
+    import copy
+
+    trainer, cfg = _trainer("dcgan64")
+    netG = copy.deepcopy(trainer.G)
+    netD = TextbookD(copy.deepcopy(trainer.D))
+    textbook = textbook_loop(netG, netD, cfg.model.z_dim)
+    batch = cfg.train.batch_size
+    reals = _tiny_real(batch, 64)
+    it = iter(range(10**9))
+
+    def ours() -> None:
+        trainer.train_step(lambda: reals[next(it) % len(reals)])
+
+    def theirs() -> None:
+        textbook(reals[next(it) % len(reals)])
+
+    for fn in (ours, theirs):  # warm-up: allocator, oneDNN primitive caches
+        _time(fn, 2)
+    ours_s, theirs_s = [], []
+    for _ in range(rounds):
+        ours_s.append(_time(ours, steps))
+        theirs_s.append(_time(theirs, steps))
+    ours_ips = batch * steps / statistics.median(ours_s)
+    theirs_ips = batch * steps / statistics.median(theirs_s)
+    return {"dcgan64_img_per_s": ours_ips, "textbook_dcgan64_img_per_s": theirs_ips, "ratio": ours_ips / theirs_ips}
+
+
+def bench_arch(preset: str, steps: int, overrides: list[str] | None = None) -> float:
+    trainer, cfg = _trainer(preset, overrides)
+    reals = _tiny_real(cfg.train.batch_size, cfg.model.resolution, 2)
+    it = iter(range(10**9))
+
+    def step() -> None:
+        trainer.train_step(lambda: reals[next(it) % 2])
+
+    _time(step, 1)
+    return cfg.train.batch_size * steps / _time(step, steps)
+
+
+def run(quick: bool = False) -> dict:
+    torch.manual_seed(0)
+    rounds, steps = (3, 3) if quick else (5, 8)
+    figures: dict = {
+        "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+    }
+    figures.update(bench_dcgan_vs_textbook(rounds, steps))
+    # ProGAN is timed at its final stage (the most expensive); the schedule's early stages are far cheaper.
+    final = ["train.kimg_per_phase=1e-6"]
+    arch_steps = 2 if quick else 4
+    for preset, extra in [("progan64", final), ("stylegan2-64", []), ("progan256", final), ("stylegan2-256", [])]:
+        if quick and preset.endswith("256"):
+            extra = [*extra, "train.batch_size=8"]
+        figures[f"{preset}_img_per_s"] = bench_arch(preset, arch_steps if "256" not in preset else 1 + quick * 0,
+                                                    extra)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter timing rounds")
+    args = parser.parse_args(argv)
+    figures = run(args.quick)
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value:.2f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(figures, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "src"))
+    main()

@@ -1,0 +1,142 @@
+"""Centralized training: the baseline every federated and private run is compared with.
+
+Stopping: Ctrl-C or SIGTERM asks the loop to stop after the step in progress, then a checkpoint is written and
+the run ends (a second Ctrl-C aborts at once). Stopping between steps, never inside one, is what lets
+``--resume`` reproduce the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medsyngan.config import Config
+from medsyngan.errors import UserError
+from medsyngan.rundir import RunDir, atomic_write_bytes, log, progress
+from medsyngan.runtime import configure_threads, seed_everything
+from medsyngan.training.checkpoint import load_checkpoint, restore_trainer, save_trainer_checkpoint
+from medsyngan.training.generate import image_grid, sample_images
+from medsyngan.training.step import GANTrainer
+
+SAMPLE_GRID = 64  # images in each snapshot grid (8 x 8)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps; a second SIGINT raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stop requested: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+
+    @contextmanager
+    def installed(self) -> Iterator["StopRequest"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals can only be handled on the main thread; the caller's own handling applies
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def fixed_latents(z_dim: int, seed: int, count: int = SAMPLE_GRID) -> torch.Tensor:
+    """The snapshot latents: the same for every snapshot of a run, independent of the training RNG."""
+    return torch.randn(count, z_dim, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def save_sample_grid(trainer: GANTrainer, latents: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    net = trainer.G_ema if trainer.G_ema is not None else trainer.G
+    images = sample_images(net, latents, device=trainer.device)
+    buf = io.BytesIO()
+    Image.fromarray(image_grid(images)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _check_data(cfg: Config, images: np.ndarray, source: str) -> None:
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise UserError(f"{source}: expected square greyscale images [N, S, S], got shape {tuple(images.shape)}")
+    if images.shape[1] != cfg.model.resolution:
+        raise UserError(
+            f"{source} holds {images.shape[1]}-px images but model.resolution is {cfg.model.resolution}; "
+            f"prepare the data at {cfg.model.resolution} px or set model.resolution={images.shape[1]} "
+            f"data.size={images.shape[1]}"
+        )
+
+
+def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
+    """Train on one machine until ``cfg.train.steps`` generator steps; returns a summary of the run."""
+    from medsyngan.data.api import load_training_data
+    from medsyngan.data.loader import BatchLoader
+
+    configure_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
+    t = cfg.train
+    ckpt = load_checkpoint(run_dir.checkpoints) if resume else None
+    if ckpt is not None:
+        ckpt.check_matches(cfg)
+
+    data = load_training_data(cfg)
+    _check_data(cfg, data.images, cfg.data.path or cfg.data.source)
+    trainer = GANTrainer(cfg)
+    loader = BatchLoader(data.images, t.batch_size, cfg.run.seed, device=trainer.device, augment=cfg.data.augment)
+    latents = fixed_latents(trainer.G.z_dim, cfg.run.seed)
+
+    if ckpt is not None:
+        loader_state = restore_trainer(trainer, ckpt)
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+        run_dir.truncate_metrics_after("step", trainer.step)
+        log.info("resumed from %s (step %d, %.1f kimg)", ckpt.path, trainer.step, trainer.kimg)
+    log.info(
+        "training %s at %d px on %s: %d images, batch %d, %d steps",
+        cfg.model.arch, cfg.model.resolution, trainer.device, len(data.images), t.batch_size, t.steps,
+    )
+
+    def checkpoint() -> Path:
+        return save_trainer_checkpoint(run_dir.checkpoints, trainer, cfg, loader.state_dict())
+
+    stop = StopRequest()
+    last_time, last_images = time.perf_counter(), trainer.images_seen
+    stats: dict[str, float] = {}
+    start_step = trainer.step
+    with stop.installed(), progress() as bar:
+        task = bar.add_task("train", total=t.steps, completed=trainer.step)
+        while trainer.step < t.steps and not stop.requested:
+            stats = trainer.train_step(loader.__next__)
+            step = trainer.step
+            bar.update(task, completed=step)
+            if step % t.log_every == 0 or step == t.steps:
+                now = time.perf_counter()
+                img_per_s = (trainer.images_seen - last_images) / max(now - last_time, 1e-9)
+                last_time, last_images = now, trainer.images_seen
+                row = {"step": step, "kimg": round(trainer.kimg, 4), **stats, "img_per_s": round(img_per_s, 2)}
+                if trainer.stage is not None:
+                    row["stage_resolution"], row["alpha"] = trainer.stage
+                run_dir.append_metrics(row)
+            if step % t.sample_every == 0 or step == t.steps:
+                save_sample_grid(trainer, latents, run_dir.samples / f"step-{step:06d}.png")
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                checkpoint()
+    interrupted = trainer.step < t.steps
+    if interrupted and trainer.step > start_step and trainer.step % t.checkpoint_every != 0:
+        path = checkpoint()
+        log.warning("stopped at step %d; checkpoint %s; continue with --resume", trainer.step, path)
+    return {"step": trainer.step, "kimg": trainer.kimg, "interrupted": interrupted, **stats}
