@@ -137,6 +137,12 @@ class PrivacySection(Section):
     secagg: bool = Field(False, description="Secure aggregation: the server learns only the sum.")
     secagg_threshold: float = Field(0.66, gt=0, le=1, description="Fraction of hospitals needed to unmask.")
     secagg_neighbours: int = Field(0, ge=0, description="SecAgg+ neighbours per hospital (0: complete graph).")
+    compression: Literal["zlib", "lzma", "none"] = Field(
+        "zlib", description="Compression of quantized updates on the plain (not secure-aggregation) path."
+    )
+    checkpoint_key: str = Field(
+        "", description="32-byte key file (`medsyngan privacy keygen FILE`) to encrypt checkpoints at rest; empty: off."
+    )
 
 
 class EvalSection(Section):
