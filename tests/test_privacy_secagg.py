@@ -158,3 +158,36 @@ def test_configuration_is_validated():
     with pytest.raises(ValueError, match="at least 2 clients"):
         SecAggConfig((1,), 1, 24, 10)
     assert threshold_for(0.66, 3) == 2 and threshold_for(0.66, 10) == 7 and threshold_for(0.1, 10) == 6
+
+
+def test_wire_pipeline_composes_clip_quantize_secagg_encrypt():
+    # Hospital side: clip → quantize with shared scales → ring; the server gets the exact integer sum, which
+    # dequantizes to the mean of the clipped float updates within the quantization step.
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from medsyngan.privacy.codec import (Layout, clip_update, dequantize_values, quantize, scales_from_bound,
+                                         unpack_ring)
+    from medsyngan.privacy.crypto import Aggregator, HospitalSession, model_hash
+
+    rng = np.random.default_rng(0)
+    updates = {u: {"G.w": rng.normal(0, 0.1, (30, 20)), "D.b": rng.normal(0, 0.5, (50,))} for u in (1, 2, 3, 4)}
+    clipped = {u: clip_update(upd, 1.0)[0] for u, upd in updates.items()}
+    layout = Layout.of(clipped[1])
+    scales = scales_from_bound(layout, 1.0, 16)
+    quantized = {u: quantize(c, 16, np.random.default_rng(u), scales) for u, c in clipped.items()}
+    config = SecAggConfig((1, 2, 3, 4), 3, ring_bits(16, 4), layout.size, 0, b"run/1")
+    trace = simulate(config, {u: to_ring(q.values, config.ring_bits) for u, q in quantized.items()})
+    mean = dequantize_values(from_ring(trace.total, config.ring_bits), layout, scales)
+    for name in layout.names:
+        expected = np.mean([clipped[u][name] for u in clipped], axis=0)
+        assert np.max(np.abs(mean[name] / 4 - expected)) <= scales[0]
+
+    # A packed masked vector travels encrypted and comes back bit-identical.
+    identity = X25519PrivateKey.generate()
+    agg = Aggregator(identity, "run")
+    digest = model_hash(b"global")
+    y = to_ring(quantized[1].values, config.ring_bits)
+    sealed = HospitalSession(identity.public_key(), "run", "1", 1, agg.round_public(1)).seal(
+        pack_ring(y, config.ring_bits), digest)
+    opened = agg.open(sealed, hospital_id="1", round_=1, global_model_hash=digest)
+    np.testing.assert_array_equal(unpack_ring(opened, config.ring_bits), y)
