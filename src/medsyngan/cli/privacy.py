@@ -103,7 +103,8 @@ def _from_config(config: str, overrides: list[str]) -> None:
                      f"{plan.noise_multiplier:.4f}", _fmt(e["rdp"]), _fmt(e["prv"])])
     if not p.dp:
         typer.echo("note: privacy.dp is off in this configuration; the figures apply once it is switched on")
-    _print_table(f"DP-SGD plan: target ε = {p.target_epsilon:g} per hospital over the whole run", ["training set", "unit", "units", "q", "steps", "δ", "σ", "ε RDP", "ε PRV"], rows)
+    _print_table(f"DP-SGD plan: target ε = {p.target_epsilon:g} per hospital over the whole run",
+                 ["training set", "unit", "units", "q", "steps", "δ", "σ", "ε RDP", "ε PRV"], rows)
     if cfg.federated.enabled and p.client_dp:
         acc = client_level_accountant(cfg.federated.fraction, p.client_noise, cfg.federated.hospitals)
         acc.step(cfg.federated.rounds)

@@ -80,7 +80,8 @@ def _raw(public: X25519PublicKey) -> bytes:
 
 
 def _derive(ikm: bytes, run_id: str, round_: int, hospital_id: str, e_pub: bytes, r_pub: bytes) -> bytes:
-    info = b"medsyngan-update" + struct.pack("<BQ", PROTOCOL_VERSION, round_) + _lp(hospital_id.encode()) + e_pub + r_pub
+    info = (b"medsyngan-update" + struct.pack("<BQ", PROTOCOL_VERSION, round_) + _lp(hospital_id.encode())
+            + e_pub + r_pub)
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=run_id.encode(), info=info).derive(ikm)
 
 
@@ -128,7 +129,8 @@ class HospitalSession:
         self._round_public = round_public
         ephemeral = X25519PrivateKey.generate()
         self._e_pub = _raw(ephemeral.public_key())
-        ikm = ephemeral.exchange(aggregator_identity) + ephemeral.exchange(X25519PublicKey.from_public_bytes(round_public))
+        round_key = X25519PublicKey.from_public_bytes(round_public)
+        ikm = ephemeral.exchange(aggregator_identity) + ephemeral.exchange(round_key)
         self._aead = AESGCM(_derive(ikm, run_id, self.round, self.hospital_id, self._e_pub, round_public))
         self._counter = 0
 
@@ -246,7 +248,9 @@ def generate_key_file(path: Path | str) -> None:
     """32 random bytes, mode 0600, never overwriting an existing file."""
     path = Path(path)
     if path.exists():
-        raise UserError(f"{path} exists; refusing to overwrite a key file (checkpoints encrypted with it would be lost)")
+        raise UserError(
+            f"{path} exists; refusing to overwrite a key file (checkpoints encrypted with it would be lost)"
+        )
     atomic_write_bytes(path, os.urandom(KEY_BYTES))
     os.chmod(path, 0o600)
 
@@ -274,7 +278,8 @@ def decrypt_at_rest(blob: bytes, key: bytes, context: str) -> bytes:
     try:
         return AESGCM(key).decrypt(blob[5:17], blob[17:], head + context.encode())
     except InvalidTag:
-        raise _reject("wrong-key", f"encrypted {context} does not open: wrong key file, or the file was altered") from None
+        raise _reject("wrong-key",
+                      f"encrypted {context} does not open: wrong key file, or the file was altered") from None
 
 
 def is_encrypted(blob: bytes) -> bool:
