@@ -181,7 +181,7 @@ def evaluate(
     def do_nn() -> None:
         if train_u8 is None:
             raise _NotApplicable("needs the training images (--train)")
-        ev.nn = nn = pixel.nearest_neighbours(fake_u8, train_u8)
+        ev.nn = nn = pixel.nearest_neighbours(fake_u8, train_u8, device=device)
         m["ssim_nn_train"] = float(nn.ssim.mean())
         m["ssim_nn_train_max"] = float(nn.ssim.max())
         m["psnr_nn_train"] = float(np.mean(np.minimum(nn.psnr, 100.0)))  # exact copies (∞ dB) counted as 100 dB

@@ -144,7 +144,8 @@ class NearestNeighbours:
 
 
 def nearest_neighbours(
-    fake_u8: np.ndarray, train_u8: np.ndarray, pair_block: int = 4096, progress_desc: str | None = None
+    fake_u8: np.ndarray, train_u8: np.ndarray, pair_block: int = 4096, progress_desc: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> NearestNeighbours:
     """Exhaustive NN search over all (synthetic, training) pairs.
 
@@ -159,27 +160,38 @@ def nearest_neighbours(
             f"synthetic images are {fake_u8.shape[1]}×{fake_u8.shape[2]} but training images are "
             f"{train_u8.shape[1]}×{train_u8.shape[2]}; evaluate at one resolution"
         )
-    fake, train = to_unit(fake_u8), to_unit(train_u8)
+    fake, train = to_unit(fake_u8).to(device), to_unit(train_u8).to(device)
     h, w = fake.shape[-2:]
     filt = _Filter(h, w)
+    filt.wv, filt.wh = filt.wv.to(device), filt.wh.to(device)
     c1, c2 = _constants(1.0)
     mu_f, mu_t = filt(fake), filt(train)
     var_f, var_t = filt(fake * fake) - mu_f**2, filt(train * train) - mu_t**2
+    # per-image terms of the SSIM denominators, so that each pair costs only its cross terms
+    sq_f, sq_t = mu_f**2, mu_t**2 + c1
+    var_t = var_t + c2
 
     n_f, n_t = len(fake), len(train)
     block_t = max(1, min(n_t, pair_block))
     block_f = max(1, pair_block // block_t)
-    best = torch.full((n_f,), -2.0)
-    best_idx = torch.zeros(n_f, dtype=torch.long)
+    best = torch.full((n_f,), -2.0, device=device)
+    best_idx = torch.zeros(n_f, dtype=torch.long, device=device)
     with progress() as bar:
         task = bar.add_task(progress_desc or "nearest-neighbour SSIM", total=n_f)
         for fs in range(0, n_f, block_f):
-            f, mf, vf = fake[fs : fs + block_f, None], mu_f[fs : fs + block_f, None], var_f[fs : fs + block_f, None]
+            sl = slice(fs, fs + block_f)
+            f, mf, vf, qf = fake[sl, None], mu_f[sl, None], var_f[sl, None], sq_f[sl, None]
             for ts in range(0, n_t, block_t):
-                t, mt, vt = train[None, ts : ts + block_t], mu_t[None, ts : ts + block_t], var_t[None, ts : ts + block_t]
-                cov = filt(f * t) - mf * mt
-                s = ((2 * mf * mt + c1) * (2 * cov + c2)) / ((mf * mf + mt * mt + c1) * (vf + vt + c2))
-                score = s.mean(dim=(-2, -1))  # [block_f, block_t]
+                tl = slice(ts, ts + block_t)
+                t, mt, vt, qt = train[None, tl], mu_t[None, tl], var_t[None, tl], sq_t[None, tl]
+                # (2·μf·μt + C1)(2·cov + C2) / ((μf² + μt² + C1)(σf² + σt² + C2)), in place: the block's
+                # temporaries are the memory traffic that bounds this loop
+                cross = filt(f * t)
+                means = mf * mt
+                num = torch.add(means, c1 / 2).mul_(2)
+                num.mul_(cross.sub_(means).mul_(2).add_(c2))
+                den = torch.add(qf, qt).mul_(torch.add(vf, vt))
+                score = num.div_(den).mean(dim=(-2, -1))  # [block_f, block_t]
                 value, idx = score.max(dim=1)
                 better = value > best[fs : fs + block_f]
                 best[fs : fs + block_f] = torch.where(better, value, best[fs : fs + block_f])
@@ -190,7 +202,8 @@ def nearest_neighbours(
     tt = train.reshape(n_t, -1).double()
     d2 = (ff * ff).sum(1, keepdim=True) + (tt * tt).sum(1)[None] - 2 * ff @ tt.T
     mse, mse_idx = (d2.clamp_min(0) / ff.shape[1]).min(dim=1)
+    mse, mse_idx = mse.cpu(), mse_idx.cpu()
     return NearestNeighbours(
-        ssim=best.numpy().astype(np.float64), ssim_index=best_idx.numpy(), mse=mse.numpy(),
+        ssim=best.cpu().numpy().astype(np.float64), ssim_index=best_idx.cpu().numpy(), mse=mse.numpy(),
         mse_index=mse_idx.numpy(), psnr=psnr_from_mse(mse).numpy(),
     )
