@@ -2,7 +2,14 @@
 
 import torch
 
-from medsyngan.federated.aggregation import FedAdam, ServerOptimizer, apply_mean_update, delta, weighted_mean
+from medsyngan.federated.aggregation import FedAdam, ServerOptimizer, accumulate, apply_mean_update, delta, mean_of
+
+
+def weighted_mean(updates, weights):
+    total = {}
+    for update, weight in zip(updates, weights):
+        accumulate(total, update, weight)
+    return mean_of(total, sum(weights))
 
 
 def test_fedavg_over_generator_and_discriminator_matches_hand_computation():

@@ -12,32 +12,21 @@ from typing import Mapping
 
 import torch
 
-from medsyngan.errors import UserError
-
 State = dict[str, torch.Tensor]
 
 
-def weighted_mean(updates: list[Mapping[str, torch.Tensor]], weights: list[float]) -> State:
-    """Σ w_k u_k / Σ w_k per tensor, accumulated in float64 so the order of hospitals does not matter."""
-    if not updates:
-        raise ValueError("weighted_mean needs at least one update")
-    if len(updates) != len(weights):
-        raise ValueError("one weight per update")
-    total = float(sum(weights))
-    if total <= 0:
+def accumulate(total: State, update: Mapping[str, torch.Tensor], weight: float) -> None:
+    """total += weight · update per tensor, in float64 so the order of hospitals barely matters."""
+    for key, value in update.items():
+        term = value.to(torch.float64) * weight
+        total[key] = total[key] + term if key in total else term
+
+
+def mean_of(total: Mapping[str, torch.Tensor], weight: float) -> State:
+    """Σ w_k u_k / Σ w_k: the FedAvg mean update."""
+    if weight <= 0:
         raise ValueError("the weights of the updates must sum to a positive number")
-    keys = list(updates[0].keys())
-    for update in updates[1:]:
-        if list(update.keys()) != keys:
-            missing = set(keys) ^ set(update.keys())
-            raise UserError(f"hospital updates disagree on their tensors ({sorted(missing)[:3]}...)")
-    out: State = {}
-    for key in keys:
-        acc = torch.zeros_like(updates[0][key], dtype=torch.float64)
-        for update, weight in zip(updates, weights):
-            acc += update[key].to(torch.float64) * (weight / total)
-        out[key] = acc
-    return out
+    return {k: v / weight for k, v in total.items()}
 
 
 def apply_mean_update(global_state: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]) -> State:

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from medsyngan.errors import UserError
+from medsyngan.privacy.secagg import SecAggAbort, SecAggClient
 from medsyngan.federated import messages as msg
 from medsyngan.federated import wire
 from medsyngan.federated.client import HospitalRuntime, node_identity, persist, restore
@@ -33,7 +34,7 @@ def _answer_user_errors(handler: Callable[[Message, Context], Message]) -> Calla
     def wrapped(message: Message, context: Context) -> Message:
         try:
             return handler(message, context)
-        except UserError as exc:
+        except (UserError, SecAggAbort) as exc:
             log.error("%s", exc)
             return Message(Error(code=USER_ERROR_CODE, reason=str(exc)), reply_to=message)
 
@@ -67,18 +68,73 @@ def hello(message: Message, context: Context) -> Message:
     return msg.reply(message, RecordDict({msg.KEY_METRICS: msg.metrics_record(info)}))
 
 
+def _secagg_client(context: Context, job: dict) -> SecAggClient:
+    record = context.state.get("secagg")
+    if record is None or int(record["round"]) != int(job["round"]):
+        raise SecAggAbort(f"no secure-aggregation keys for round {job['round']} at this hospital")
+    return SecAggClient.from_bytes(bytes(record["client"]), wire.secagg_config(job))
+
+
+def _keep_secagg_client(context: Context, job: dict, client: SecAggClient) -> None:
+    # The client's secrets stay in the hospital's own state between the stages of one round.
+    context.state["secagg"] = ConfigRecord({"round": int(job["round"]), "client": client.to_bytes()})
+
+
+def _secagg_reply(message: Message, record: dict) -> Message:
+    return msg.reply(message, RecordDict({"secagg": ConfigRecord(record)}))
+
+
+@app.query("secagg_advertise")
+@_answer_user_errors
+def secagg_advertise(message: Message, context: Context) -> Message:
+    job = _job(message)
+    identity = node_identity(context.node_config, job)
+    client = SecAggClient(identity.hospital_id + 1, wire.secagg_config(job))
+    _keep_secagg_client(context, job, client)
+    return _secagg_reply(message, wire.advert_record(client.advertise()))
+
+
+@app.query("secagg_share")
+@_answer_user_errors
+def secagg_share(message: Message, context: Context) -> Message:
+    job = _job(message)
+    client = _secagg_client(context, job)
+    shares = client.share_keys(wire.read_adverts(job))
+    _keep_secagg_client(context, job, client)
+    return _secagg_reply(message, wire.shares_record(shares))
+
+
+@app.query("secagg_unmask")
+@_answer_user_errors
+def secagg_unmask(message: Message, context: Context) -> Message:
+    job = _job(message)
+    client = _secagg_client(context, job)
+    reveals = client.unmask(int(i) for i in job["survivors"])
+    _keep_secagg_client(context, job, client)
+    return _secagg_reply(message, wire.reveals_record(reveals))
+
+
 @app.train()
 @_answer_user_errors
 def train(message: Message, context: Context) -> Message:
     job = _job(message)
     identity = node_identity(context.node_config, job)
     hospital, cfg = _runtime.hospital(identity, job)
+    secure = cfg.privacy.secagg
+    client = _secagg_client(context, job) if secure else None
     restore(hospital, identity, int(job["resume_round"]), _in_memory(context))
     global_state = msg.record_to_state(message.content[msg.KEY_WEIGHTS])
     result = hospital.train_round(global_state, cfg.federated.local_steps)
     round_ = int(job["round"])
+    masking = {}
+    if client is not None:
+        inbox = wire.read_inbox(job)
+        masking = {"scales": np.asarray(job["secagg_scales"], np.float64), "ring_bits": int(job["secagg_ring_bits"]),
+                   "masker": lambda ring_vector: client.masked_input(ring_vector, inbox)}
     encoded = wire.encode_update(result.update, result.num_examples, cfg.privacy, seed=cfg.run.seed,
-                                 hospital=identity.hospital_id, round_=round_)
+                                 hospital=identity.hospital_id, round_=round_, **masking)
+    if client is not None:
+        _keep_secagg_client(context, job, client)
     payload = encoded.payload
     if cfg.privacy.encrypt:
         payload = wire.seal_update(payload, job, identity.hospital_id, round_, wire.model_hash(global_state),

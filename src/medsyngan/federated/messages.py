@@ -19,6 +19,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 HELLO = "query.hello"
+SECAGG_ADVERTISE = "query.secagg_advertise"
+SECAGG_SHARE = "query.secagg_share"
+SECAGG_UNMASK = "query.secagg_unmask"
 TRAIN = "train"
 EVALUATE = "evaluate"
 

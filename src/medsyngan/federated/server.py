@@ -24,10 +24,11 @@ from medsyngan.config import Config
 from medsyngan.errors import UserError
 from medsyngan.federated import messages as msg
 from medsyngan.federated import wire
-from medsyngan.federated.aggregation import ServerOptimizer, weighted_mean
+from medsyngan.federated.aggregation import ServerOptimizer, accumulate, mean_of
 from medsyngan.federated.hospital import shared_parts
 from medsyngan.federated.plan import participants
 from medsyngan.privacy.crypto import IntegrityError
+from medsyngan.privacy.secagg import SecAggAbort, SecAggConfig, SecAggServer, threshold_for
 from medsyngan.rundir import RunDir
 from medsyngan.training.checkpoint import load_checkpoint, save_checkpoint_files
 from medsyngan.training.step import GANTrainer
@@ -47,6 +48,7 @@ class ServerState:
     last_round: dict[int, int] = field(default_factory=dict)  # hospital → last round whose update was aggregated
     images_seen: int = 0
     client_dp: dict[str, Any] | None = None  # DP-FedAvg accountant state and the server's secret noise seed
+    previous_mean: dict[str, torch.Tensor] | None = None  # last round's mean update: sets SecAgg's shared scales
 
     @classmethod
     def initial(cls, cfg: Config) -> "ServerState":
@@ -55,6 +57,27 @@ class ServerState:
         state = trainer.model_state(("G", "D"))
         ema = {k.replace("G.", "G_ema.", 1): v.clone() for k, v in state.items() if k.startswith("G.")}
         return cls(round=0, global_state=state, ema_state=ema if cfg.train.ema_kimg > 0 else None)
+
+
+@dataclass
+class RoundTraffic:
+    sent: dict[int, int] = field(default_factory=dict)
+    received: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class RoundOutcome:
+    """What a round produced: Σ w_k Δ_k over the accepted hospitals, Σ w_k, and their metrics."""
+
+    total: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight: float = 0.0
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    traffic: RoundTraffic = field(default_factory=RoundTraffic)
+
+    def add(self, hospital: int, metrics: dict[str, float], update: Mapping[str, torch.Tensor], weight: float) -> None:
+        accumulate(self.total, update, weight)
+        self.weight += weight
+        self.metrics[hospital] = metrics
 
 
 def round_name(round_: int) -> str:
@@ -81,7 +104,8 @@ def save_server_state(run_dir: RunDir, state: ServerState, cfg: Config) -> Path:
     if state.client_dp is not None:
         meta["client_dp_accountant"] = state.client_dp["accountant"]
     # The noise seed is secret (predictable noise protects nothing); it stays in the training-state file.
-    private = {"server_optimizer": state.optimizer_state, "client_dp_seed": (state.client_dp or {}).get("seed")}
+    private = {"server_optimizer": state.optimizer_state, "client_dp_seed": (state.client_dp or {}).get("seed"),
+               "previous_mean": state.previous_mean}
     return save_checkpoint_files(run_dir.checkpoints, round_name(state.round), tensors, meta, private, keep=0)
 
 
@@ -104,6 +128,7 @@ def load_server_state(run_dir: RunDir) -> ServerState:
         last_round={int(k): int(v) for k, v in ckpt.meta["last_round"].items()},
         images_seen=int(ckpt.meta["images_seen"]),
         client_dp=client_dp,
+        previous_mean=private.get("previous_mean"),
     )
 
 
@@ -189,24 +214,25 @@ class Aggregator:
         while self.state.round < f.rounds:
             round_ = self.state.round + 1
             for attempt in range(f.round_retries + 1):
-                replies = self.train_round(grid, round_)
-                if len(replies) >= f.quorum:
+                outcome = self.play_round(grid, round_)
+                if outcome is not None:
                     break
-                log.warning("round %d: %d replies, quorum %d (attempt %d of %d)", round_, len(replies), f.quorum,
-                            attempt + 1, f.round_retries + 1)
+                log.warning("round %d failed (attempt %d of %d)", round_, attempt + 1, f.round_retries + 1)
             else:
                 raise UserError(
                     f"round {round_} missed its quorum of {f.quorum} hospitals {f.round_retries + 1} time(s); "
                     f"the run stopped at round {self.state.round} with a saved checkpoint — fix the hospitals and "
                     "resume with --resume"
                 )
-            self.aggregate(round_, replies)
+            self.finish_round(round_, outcome)
             if round_ % f.eval_every == 0 or round_ == f.rounds:
                 self.evaluate(grid, round_)
 
-    def _instruction(self, round_: int, hospital: int, message_type: str, weights: Mapping[str, torch.Tensor],
-                     terms: Mapping[str, Any] | None = None) -> Message:
-        config = {**self.job, **(terms or {}), "round": round_, "resume_round": self.state.last_round.get(hospital, 0)}
+    def _instruction(self, round_: int, hospital: int, message_type: str,
+                     weights: Mapping[str, torch.Tensor] | None = None, terms: Mapping[str, Any] | None = None,
+                     extra: Mapping[str, Any] | None = None) -> Message:
+        config = {**self.job, **(terms or {}), **(extra or {}), "round": round_,
+                  "resume_round": self.state.last_round.get(hospital, 0)}
         return Message(msg.instruction(config, weights), dst_node_id=self.roster[hospital],
                        message_type=message_type, group_id=str(round_))
 
@@ -214,76 +240,140 @@ class Aggregator:
         f = self.cfg.federated
         return participants(sorted(self.roster), f.fraction, f.quorum, self.cfg.run.seed, round_)
 
-    def train_round(self, grid: Grid, round_: int) -> list[tuple[int, Message, int]]:
-        f = self.cfg.federated
-        chosen = self.participants(round_)
-        shared = self.shared_state()
-        terms = self.transport.round_terms(round_)
-        out = [self._instruction(round_, h, msg.TRAIN, shared, terms) for h in chosen]
-        sent = {h: msg.record_bytes(m.content) for h, m in zip(chosen, out)}
+    def exchange(self, grid: Grid, round_: int, messages: dict[int, Message], traffic: RoundTraffic,
+                 stage: str) -> dict[int, Message]:
+        """Send one message per hospital, return the good replies by hospital; count bytes both ways."""
         node_to_hospital = {n: h for h, n in self.roster.items()}
-        good, errors = _ok(grid.send_and_receive(out, timeout=f.round_timeout_s))
+        for hospital, message in messages.items():
+            traffic.sent[hospital] = traffic.sent.get(hospital, 0) + msg.record_bytes(message.content)
+        good, errors = _ok(grid.send_and_receive(list(messages.values()), timeout=self.cfg.federated.round_timeout_s))
         for error in errors:
-            log.warning("round %d: %s", round_, error)
-        replies = sorted(
-            ((node_to_hospital[r.metadata.src_node_id], r, sent[node_to_hospital[r.metadata.src_node_id]]) for r in good),
-            key=lambda item: item[0],
-        )
-        missing = sorted(set(chosen) - {h for h, _, _ in replies})
+            log.warning("round %d (%s): %s", round_, stage, error)
+        replies = {node_to_hospital[r.metadata.src_node_id]: r for r in good}
+        for hospital, reply in replies.items():
+            traffic.received[hospital] = traffic.received.get(hospital, 0) + msg.record_bytes(reply.content)
+        missing = sorted(set(messages) - set(replies))
         if missing:
-            log.warning("round %d: no update from hospital(s) %s", round_, missing)
-        return replies
+            log.warning("round %d (%s): no reply from hospital(s) %s", round_, stage, missing)
+        return dict(sorted(replies.items()))
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state.global_state.items() if k.split(".", 1)[0] in shared_parts(self.cfg)}
 
-    def _decode(self, round_: int, hospital: int, reply: Message, global_hash: bytes) -> dict[str, torch.Tensor] | None:
-        """One hospital's update as float tensors, or None (logged) when it fails authentication or decoding."""
+    def play_round(self, grid: Grid, round_: int) -> RoundOutcome | None:
+        """One round's exchange; None when fewer than the quorum of usable updates came back."""
+        chosen = self.participants(round_)
+        traffic = RoundTraffic()
         try:
-            payload = self.transport.open(msg.record_update(reply.content[msg.KEY_UPDATE]), hospital, round_,
-                                          global_hash)
-            arrays = wire.decode_update(payload, self.cfg.privacy)
-        except (IntegrityError, ValueError) as exc:
+            if self.cfg.privacy.secagg:
+                outcome = self.secure_round(grid, round_, chosen, traffic)
+            else:
+                outcome = self.plain_round(grid, round_, chosen, traffic)
+        except SecAggAbort as exc:
+            log.warning("round %d: secure aggregation abandoned: %s", round_, exc)
+            outcome = None
+        finally:
+            self.transport.close_round(round_)
+        if outcome is None or len(outcome.metrics) < self.cfg.federated.quorum:
+            return None
+        outcome.traffic = traffic
+        return outcome
+
+    def _open(self, round_: int, hospital: int, reply: Message, global_hash: bytes) -> bytes | dict | None:
+        try:
+            return self.transport.open(msg.record_update(reply.content[msg.KEY_UPDATE]), hospital, round_, global_hash)
+        except IntegrityError as exc:
             log.error("round %d: update of hospital %d rejected: %s", round_, hospital, exc)
             return None
-        return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
 
-    def aggregate(self, round_: int, replies: list[tuple[int, Message, int]]) -> None:
-        updates, weights, per_hospital = [], [], {}
-        images = 0
-        global_hash = wire.model_hash(self.shared_state())
-        accepted = []
-        for hospital, reply, bytes_sent in replies:
-            update = self._decode(round_, hospital, reply, global_hash)
-            if update is None:
+    def plain_round(self, grid: Grid, round_: int, chosen: list[int], traffic: RoundTraffic) -> RoundOutcome:
+        shared = self.shared_state()
+        terms = self.transport.round_terms(round_)
+        replies = self.exchange(grid, round_, {h: self._instruction(round_, h, msg.TRAIN, shared, terms)
+                                               for h in chosen}, traffic, "train")
+        global_hash = wire.model_hash(shared)
+        outcome = RoundOutcome()
+        for hospital, reply in replies.items():
+            payload = self._open(round_, hospital, reply, global_hash)
+            if payload is None:
                 continue
-            accepted.append((hospital, reply, bytes_sent))
-            updates.append(update)
+            try:
+                arrays = wire.decode_update(payload, self.cfg.privacy)
+            except ValueError as exc:
+                log.error("round %d: update of hospital %d rejected: %s", round_, hospital, exc)
+                continue
             metrics = dict(reply.content[msg.KEY_METRICS])
-            weights.append(metrics["weight"])
-            images += int(metrics.get("images", 0))
-            per_hospital[str(hospital)] = {
-                **{k: round(float(v), 6) for k, v in metrics.items()},
-                "bytes_sent_to": bytes_sent,
-                "bytes_received_from": msg.record_bytes(reply.content),
-            }
-        self.transport.close_round(round_)
-        if len(accepted) < self.cfg.federated.quorum:
-            raise UserError(
-                f"round {round_}: only {len(accepted)} updates passed authentication, quorum "
-                f"{self.cfg.federated.quorum}; the run stopped at round {self.state.round} with a saved checkpoint"
-            )
-        replies = accepted
+            outcome.add(hospital, metrics, {k: torch.as_tensor(np.array(v)) for k, v in arrays.items()},
+                        metrics["weight"])
+        return outcome
+
+    def secure_round(self, grid: Grid, round_: int, chosen: list[int], traffic: RoundTraffic) -> RoundOutcome | None:
+        """Secure aggregation over the Message API: advertise keys → share keys → masked (and sealed) input from
+        training → unmask. The server only ever holds the sum of the survivors' integer updates."""
+        p = self.cfg.privacy
+        shared = self.shared_state()
+        arrays = {k: v.numpy() for k, v in shared.items()}
+        weights = {h: wire.hospital_weight(p, self.weights[h]) for h in chosen}
+        ring_bits = wire.secagg_ring_bits(p.quantize_bits, sum(weights.values()))
+        previous = self.state.previous_mean
+        scales = wire.shared_scales(p, arrays, None if previous is None else {k: v.numpy() for k, v in previous.items()})
+        ids = tuple(h + 1 for h in chosen)  # SecAgg ids start at 1 (0 is Shamir's secret point)
+        holders = len(ids) if not p.secagg_neighbours else min(len(ids), p.secagg_neighbours + 1)
+        config = SecAggConfig(ids=ids, threshold=threshold_for(p.secagg_threshold, holders), ring_bits=ring_bits,
+                              length=sum(v.size for v in arrays.values()), neighbours=p.secagg_neighbours,
+                              context=f"{self.job['run_id']}/{round_}".encode())
+        terms = {**self.transport.round_terms(round_), **wire.secagg_terms(config, scales)}
+        server = SecAggServer(config)
+
+        replies = self.exchange(grid, round_, {h: self._instruction(round_, h, msg.SECAGG_ADVERTISE, terms=terms)
+                                               for h in chosen}, traffic, "advertise keys")
+        adverts = server.collect_adverts({h + 1: wire.read_advert(r.content) for h, r in replies.items()})
+        keys = wire.adverts_record(adverts)
+        replies = self.exchange(grid, round_, {h: self._instruction(round_, h, msg.SECAGG_SHARE, terms=terms, extra=keys)
+                                               for h in replies}, traffic, "share keys")
+        inbox = server.route_shares({h + 1: wire.read_shares(r.content) for h, r in replies.items()})
+        replies = self.exchange(grid, round_, {
+            h: self._instruction(round_, h, msg.TRAIN, shared, terms, wire.inbox_record(inbox[h + 1]))
+            for h in replies}, traffic, "train")
+        global_hash = wire.model_hash(shared)
+        masked, metrics = {}, {}
+        for hospital, reply in replies.items():
+            payload = self._open(round_, hospital, reply, global_hash)
+            if payload is not None:
+                masked[hospital + 1] = wire.read_masked(payload, ring_bits)
+                metrics[hospital] = dict(reply.content[msg.KEY_METRICS])
+        survivors = server.collect_masked(masked)
+        listed = {"survivors": sorted(survivors)}
+        replies = self.exchange(grid, round_, {h - 1: self._instruction(round_, h - 1, msg.SECAGG_UNMASK, terms=terms,
+                                                                       extra=listed) for h in survivors},
+                                traffic, "unmask")
+        total = server.unmask({h + 1: wire.read_reveals(r.content) for h, r in replies.items()})
+        summed = wire.dequantize_sum(total, ring_bits, arrays, scales)
+        outcome = RoundOutcome()
+        outcome.total = {k: torch.as_tensor(np.array(v, np.float64)) for k, v in summed.items()}
+        outcome.weight = float(sum(weights[h - 1] for h in survivors))
+        outcome.metrics = {h - 1: metrics[h - 1] for h in sorted(survivors)}
+        return outcome
+
+    def finish_round(self, round_: int, outcome: RoundOutcome) -> None:
+        images = int(sum(m.get("images", 0) for m in outcome.metrics.values()))
+        per_hospital = {
+            str(h): {**{k: round(float(v), 6) for k, v in m.items()},
+                     "bytes_sent_to": outcome.traffic.sent.get(h, 0),
+                     "bytes_received_from": outcome.traffic.received.get(h, 0)}
+            for h, m in outcome.metrics.items()
+        }
         if self.client_dp is not None:
-            mean = self.client_dp.noisy_mean(updates, len(self.participants(round_)), round_)
+            mean = self.client_dp.noisy_mean(outcome.total, len(self.participants(round_)), round_)
         else:
-            mean = weighted_mean(updates, weights)
+            mean = mean_of(outcome.total, outcome.weight)
+        self.state.previous_mean = {k: v.to(torch.float32) for k, v in mean.items()}
         shared = {k: v for k, v in self.state.global_state.items() if k in mean}
         new_shared = self.optimizer.step(shared, mean)
         self.state.global_state.update(new_shared)
         self.state.round = round_
         self.state.images_seen += images
-        for hospital, _, _ in replies:
+        for hospital in outcome.metrics:
             self.state.last_round[hospital] = round_
         self._update_ema(images)
         self.state.optimizer_state = self.optimizer.state_dict()
@@ -292,7 +382,7 @@ class Aggregator:
             "round": round_,
             "kimg": self.state.images_seen / 1000,
             "wall_s": round(time.time() - self.start, 3),
-            "hospitals_replied": [h for h, _, _ in replies],
+            "hospitals_replied": sorted(outcome.metrics),
             "d_loss": _mean(per_hospital, "d_loss"),
             "g_loss": _mean(per_hospital, "g_loss"),
             "img_per_s": sum(h.get("img_per_s", 0.0) for h in per_hospital.values()),
@@ -302,7 +392,7 @@ class Aggregator:
             row.update(self.client_dp.metrics())
         self.run_dir.append_metrics(row)
         log.info("round %d/%d: %d hospitals, d_loss %.3f, g_loss %.3f", round_, self.cfg.federated.rounds,
-                 len(replies), row["d_loss"], row["g_loss"])
+                 len(outcome.metrics), row["d_loss"], row["g_loss"])
         if self.on_round is not None:
             self.on_round(round_, self.generator_state())
 
@@ -359,10 +449,10 @@ class ClientLevelDP:
             state.client_dp = {"accountant": accountant.state_dict(), "seed": secrets.randbits(63)}
         self.accountant = PrivacyAccountant.from_state_dict(state.client_dp["accountant"])
 
-    def noisy_mean(self, updates: list[Mapping[str, torch.Tensor]], planned: int, round_: int) -> dict[str, torch.Tensor]:
+    def noisy_mean(self, total_sum: Mapping[str, torch.Tensor], planned: int, round_: int) -> dict[str, torch.Tensor]:
         from medsyngan.privacy.codec import add_client_dp_noise
 
-        total = {k: sum(u[k].to(torch.float64) for u in updates).numpy() for k in updates[0]}
+        total = {k: v.to(torch.float64).numpy() for k, v in total_sum.items()}
         rng = np.random.default_rng([self.state.client_dp["seed"], round_])
         noisy = add_client_dp_noise(total, self.privacy.client_clip, self.privacy.client_noise, rng)
         self.accountant.step(1)

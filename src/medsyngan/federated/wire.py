@@ -203,3 +203,90 @@ class Transport:
     def close_round(self, round_: int) -> None:
         if self.aggregator is not None:
             self.aggregator.close_round(round_)
+
+
+# --- secure aggregation records: what each stage carries, in Flower ConfigRecord-friendly types ------------
+
+def secagg_terms(config, scales: np.ndarray) -> dict:
+    """The round's public secure-aggregation parameters, sent with every stage's instruction."""
+    return {
+        "secagg_ids": list(config.ids), "secagg_threshold": config.threshold, "secagg_ring_bits": config.ring_bits,
+        "secagg_length": config.length, "secagg_neighbours": config.neighbours,
+        "secagg_context": config.context, "secagg_scales": [float(x) for x in scales],
+    }
+
+
+def secagg_config(job: Mapping):
+    from medsyngan.privacy.secagg import SecAggConfig
+
+    return SecAggConfig(ids=tuple(int(i) for i in job["secagg_ids"]), threshold=int(job["secagg_threshold"]),
+                        ring_bits=int(job["secagg_ring_bits"]), length=int(job["secagg_length"]),
+                        neighbours=int(job["secagg_neighbours"]), context=bytes(job["secagg_context"]))
+
+
+def advert_record(advert) -> dict:
+    return {"cipher_public": advert.cipher_public, "mask_public": advert.mask_public}
+
+
+def read_advert(content) -> object:
+    from medsyngan.privacy.secagg import KeyAdvert
+
+    record = content["secagg"]
+    return KeyAdvert(bytes(record["cipher_public"]), bytes(record["mask_public"]))
+
+
+def adverts_record(adverts: Mapping) -> dict:
+    ids = sorted(adverts)
+    return {"advert_ids": ids, "advert_cipher": [adverts[i].cipher_public for i in ids],
+            "advert_mask": [adverts[i].mask_public for i in ids]}
+
+
+def read_adverts(job: Mapping) -> dict:
+    from medsyngan.privacy.secagg import KeyAdvert
+
+    return {int(i): KeyAdvert(bytes(c), bytes(m))
+            for i, c, m in zip(job["advert_ids"], job["advert_cipher"], job["advert_mask"])}
+
+
+def shares_record(shares: Mapping[int, bytes]) -> dict:
+    ids = sorted(shares)
+    return {"share_to": ids, "share_ct": [shares[i] for i in ids]}
+
+
+def read_shares(content) -> dict[int, bytes]:
+    record = content["secagg"]
+    return {int(i): bytes(c) for i, c in zip(record["share_to"], record["share_ct"])}
+
+
+def inbox_record(inbox: Mapping[int, bytes]) -> dict:
+    ids = sorted(inbox)
+    return {"inbox_from": ids, "inbox_ct": [inbox[i] for i in ids]}
+
+
+def read_inbox(job: Mapping) -> dict[int, bytes]:
+    return {int(i): bytes(c) for i, c in zip(job["inbox_from"], job["inbox_ct"])}
+
+
+SHARE_BYTES = 66  # a GF(2^521 − 1) element, as secagg.SHARE_BYTES
+
+
+def reveals_record(reveals: Mapping[int, tuple[str, int]]) -> dict:
+    ids = sorted(reveals)
+    return {"reveal_peer": ids, "reveal_kind": [reveals[i][0] for i in ids],
+            "reveal_share": [reveals[i][1].to_bytes(SHARE_BYTES, "big") for i in ids]}
+
+
+def read_reveals(content) -> dict[int, tuple[str, int]]:
+    record = content["secagg"]
+    return {int(p): (str(k), int.from_bytes(bytes(s), "big"))
+            for p, k, s in zip(record["reveal_peer"], record["reveal_kind"], record["reveal_share"])}
+
+
+def read_masked(payload: bytes, ring_bits: int) -> np.ndarray:
+    return codec.unpack_ring(payload, ring_bits)
+
+
+def dequantize_sum(total: np.ndarray, ring_bits: int, layout_reference: Mapping[str, np.ndarray],
+                   scales: np.ndarray) -> dict[str, np.ndarray]:
+    """The unmasked ring sum Σ n_k q_k back to Σ n_k Δ_k in floats (exact integers, then one scale per tensor)."""
+    return codec.dequantize_values(codec.from_ring(total, ring_bits), codec.Layout.of(layout_reference), scales)

@@ -25,6 +25,7 @@ the same peer, so a server that follows the protocol cannot rebuild any single c
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -216,6 +217,33 @@ class SecAggClient:
         self._held: dict[int, tuple[int, int]] = {}  # peer → (share of b_peer, share of s_peer)
         self._masked_with: frozenset[int] = frozenset()
         self._revealed = False
+
+    def to_bytes(self) -> bytes:
+        """This client's secrets and progress, to carry it between the stages of a round when each stage may run
+        in another process (Flower keeps it in the hospital's own ``context.state``; it never leaves the site)."""
+        return json.dumps({
+            "id": self.id,
+            "cipher_key": self._cipher_key.private_bytes_raw().hex(),
+            "mask_key": self._mask_key.private_bytes_raw().hex(),
+            "self_seed": self._self_seed.hex(),
+            "adverts": {str(v): [a.cipher_public.hex(), a.mask_public.hex()] for v, a in self._adverts.items()},
+            "held": {str(v): [hex(b), hex(s)] for v, (b, s) in self._held.items()},
+            "masked_with": sorted(self._masked_with),
+            "revealed": self._revealed,
+        }).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, config: SecAggConfig) -> "SecAggClient":
+        state = json.loads(data)
+        client = cls(int(state["id"]), config)
+        client._cipher_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["cipher_key"]))
+        client._mask_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["mask_key"]))
+        client._self_seed = bytes.fromhex(state["self_seed"])
+        client._adverts = {int(v): KeyAdvert(bytes.fromhex(c), bytes.fromhex(m)) for v, (c, m) in state["adverts"].items()}
+        client._held = {int(v): (int(b, 16), int(sh, 16)) for v, (b, sh) in state["held"].items()}
+        client._masked_with = frozenset(int(v) for v in state["masked_with"])
+        client._revealed = bool(state["revealed"])
+        return client
 
     def advertise(self) -> KeyAdvert:
         return KeyAdvert(self._cipher_key.public_key().public_bytes_raw(),
