@@ -105,13 +105,23 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
             loader.load_state_dict(loader_state)
         run_dir.truncate_metrics_after("step", trainer.step)
         log.info("resumed from %s (step %d, %.1f kimg)", ckpt.path, trainer.step, trainer.kimg)
+    # --- DP-SGD (privacy.dp; privacy/dp.py): private D updates on Poisson patient batches, ε in metrics and
+    # checkpoints. The accountant state is restored from the checkpoint, never reset.
+    dp = None
+    if cfg.privacy.dp:
+        from medsyngan.privacy.dp import enable_dp
+
+        dp = enable_dp(trainer, data.images, data.patients, cfg, state=ckpt.meta.get("dp") if ckpt else None)
+    next_real = dp.next_real if dp is not None else loader.__next__
+    # --- end DP-SGD
     log.info(
         "training %s at %d px on %s: %d images, batch %d, %d steps",
         cfg.model.arch, cfg.model.resolution, trainer.device, len(data.images), t.batch_size, t.steps,
     )
 
     def checkpoint() -> Path:
-        return save_trainer_checkpoint(run_dir.checkpoints, trainer, cfg, loader.state_dict())
+        dp_meta = {"dp": dp.state_dict()} if dp is not None else None
+        return save_trainer_checkpoint(run_dir.checkpoints, trainer, cfg, loader.state_dict(), extra_meta=dp_meta)
 
     stop = StopRequest()
     last_time, last_images = time.perf_counter(), trainer.images_seen
@@ -120,7 +130,7 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
     with stop.installed(), progress() as bar:
         task = bar.add_task("train", total=t.steps, completed=trainer.step)
         while trainer.step < t.steps and not stop.requested:
-            stats = trainer.train_step(loader.__next__)
+            stats = trainer.train_step(next_real)
             step = trainer.step
             bar.update(task, completed=step)
             if step % t.log_every == 0 or step == t.steps:
@@ -130,6 +140,8 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
                 row = {"step": step, "kimg": round(trainer.kimg, 4), **stats, "img_per_s": round(img_per_s, 2)}
                 if trainer.stage is not None:
                     row["stage_resolution"], row["alpha"] = trainer.stage
+                if dp is not None:
+                    row.update(dp.metrics())  # epsilon (the larger), epsilon_rdp, epsilon_prv
                 run_dir.append_metrics(row)
             if step % t.sample_every == 0 or step == t.steps:
                 save_sample_grid(trainer, latents, run_dir.samples / f"step-{step:06d}.png")
