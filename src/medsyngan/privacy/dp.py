@@ -616,7 +616,10 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
     if trainer.use_r1:
         raise UserError("lazy R1 touches real images outside DP-SGD; set train.r1_gamma=0 with privacy.dp")
     D = _unwrapped(trainer.D)
-    probe = trainer.prepare_real(torch.rand(2, 1, trainer.resolution, trainer.resolution, device=trainer.device) * 2 - 1)
+    # A private generator: the probe must not move the global RNG (exact resume depends on it).
+    probe_gen = torch.Generator(device=trainer.device).manual_seed(0)
+    probe = torch.rand(2, 1, trainer.resolution, trainer.resolution, generator=probe_gen, device=trainer.device)
+    probe = trainer.prepare_real(probe * 2 - 1)
     validate_discriminator(D, probe)
 
     has_ids = patients is not None and len(patients) == len(images) and all(str(x) for x in patients)
