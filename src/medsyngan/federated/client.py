@@ -12,6 +12,7 @@ resumed continues from exactly the state of the last round the server completed.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from medsyngan.errors import UserError
 from medsyngan.federated.hospital import Hospital
 from medsyngan.federated.messages import pack_blob, unpack_blob
 from medsyngan.federated.plan import split_holdout
-from medsyngan.rundir import atomic_write_bytes
+from medsyngan.rundir import atomic_write_bytes, atomic_write_text
 from medsyngan.runtime import cache_dir
 
 KEEP_ROUNDS = 2
@@ -92,26 +93,42 @@ def state_file(identity: NodeIdentity, round_: int) -> Path:
     return identity.state_dir / f"round-{round_:05d}.pt"
 
 
+def ledger_file(identity: NodeIdentity) -> Path:
+    """The hospital's running privacy ledger: the accountant after its latest training, whatever the server kept.
+
+    A round the server discarded (a late reply, a failed quorum) still spent privacy; restoring an older snapshot
+    must not forget it, so a restored hospital's accountant never holds fewer steps than the ledger."""
+    return identity.state_dir / "privacy-ledger.json"
+
+
 def restore(hospital: Hospital, identity: NodeIdentity, resume_round: int, in_memory: tuple[int, bytes] | None) -> None:
     """Bring the hospital to its state after ``resume_round`` (0: fresh), from memory or its disk copy."""
     if in_memory is not None and in_memory[0] == resume_round:
-        hospital.load_state_dict(unpack_blob(in_memory[1]))
-        return
-    if resume_round == 0:
-        return
-    path = state_file(identity, resume_round)
-    if not path.is_file():
-        raise UserError(
-            f"hospital {identity.hospital_id} has no saved state for round {resume_round} ({path}); "
-            "it cannot resume this federation"
-        )
-    hospital.load_state_dict(unpack_blob(path.read_bytes()))
+        state = unpack_blob(in_memory[1])
+    elif resume_round == 0:
+        state = None
+    else:
+        path = state_file(identity, resume_round)
+        if not path.is_file():
+            raise UserError(
+                f"hospital {identity.hospital_id} has no saved state for round {resume_round} ({path}); "
+                "it cannot resume this federation"
+            )
+        state = unpack_blob(path.read_bytes())
+    if state is not None:
+        hospital.load_state_dict(state)
+    ledger = ledger_file(identity)
+    if ledger.is_file():
+        hospital.privacy_floor = json.loads(ledger.read_text())
 
 
 def persist(hospital: Hospital, identity: NodeIdentity, round_: int) -> bytes:
     """Write the state after ``round_`` to disk (atomically, keeping the last few rounds) and return it."""
-    blob = pack_blob(hospital.state_dict())
+    state = hospital.state_dict()
+    blob = pack_blob(state)
     atomic_write_bytes(state_file(identity, round_), blob)
+    if state.get("dp") is not None:
+        atomic_write_text(ledger_file(identity), json.dumps(state["dp"]["accountant"]))
     for old in sorted(identity.state_dir.glob("round-*.pt"))[:-KEEP_ROUNDS]:
         old.unlink(missing_ok=True)
     return blob

@@ -71,6 +71,10 @@ class Hospital:
             augment=cfg.data.augment,
         )
         self.rounds_done = 0
+        self.local_cfg = local
+        self.dp = None
+        self._dp_state: dict | None = None
+        self.privacy_floor: dict | None = None  # accountant state the DP session must never fall below
 
     @property
     def num_examples(self) -> int:
@@ -80,8 +84,27 @@ class Hospital:
     def num_patients(self) -> int:
         return int(len(np.unique(self.train_set.patients)))
 
+    def _batches(self):
+        """Where real batches come from: the shuffled loader, or under DP the Poisson patient sampler (which also
+        replaces the discriminator update). The DP session is built once, from persisted state when there is
+        one, so σ is calibrated only at the hospital's very first round and the accountant is never reset."""
+        if not self.cfg.privacy.dp:
+            return self.loader.__next__
+        if self.dp is None:
+            from medsyngan.privacy.dp import enable_dp
+
+            self.dp = enable_dp(self.trainer, np.asarray(self.train_set.images), self.train_set.patients,
+                                self.local_cfg, state=self._dp_state)
+            floor = self.privacy_floor
+            if floor is not None and sum(n for _, _, n in floor["history"]) > self.dp.steps:
+                self.dp.accountant.load_state_dict(floor)
+        return self.dp.next_real
+
     def train_round(self, global_state: Mapping[str, Tensor], steps: int) -> RoundResult:
         """K local generator steps from the global networks; returns Δ of the shared networks and round metrics."""
+        next_real = self._batches()
+        if self.dp is not None:
+            self.dp.check_budget(steps * self.cfg.train.d_steps_per_g)
         self.trainer.load_model_state(global_state)
         reference = {k: v.detach().clone() for k, v in global_state.items()}
         hooks = self._proximal_hooks(reference) if self.cfg.federated.strategy == "fedprox" else []
@@ -90,7 +113,7 @@ class Hospital:
         images_before = self.trainer.images_seen
         try:
             for _ in range(steps):
-                for key, value in self.trainer.train_step(self.loader.__next__).items():
+                for key, value in self.trainer.train_step(next_real).items():
                     sums[key] = sums.get(key, 0.0) + value
         finally:
             for hook in hooks:
@@ -101,6 +124,10 @@ class Hospital:
         images = self.trainer.images_seen - images_before
         metrics = {f"{k}": v / steps for k, v in sums.items()}
         metrics.update(train_seconds=seconds, img_per_s=images / max(seconds, 1e-9), images=float(images))
+        if self.dp is not None:
+            metrics.update(self.dp.metrics(), dp_steps=float(self.dp.steps), noise_multiplier=self.dp.noise_multiplier,
+                           sample_rate=self.dp.sample_rate, delta=self.dp.delta,
+                           patient_level=float(self.dp.unit == "patient"))
         return RoundResult(update=delta(local, reference), num_examples=self.num_examples, metrics=metrics)
 
     def _proximal_hooks(self, reference: Mapping[str, Tensor]) -> list:
@@ -149,9 +176,13 @@ class Hospital:
         return result
 
     def state_dict(self) -> dict:
-        return {"trainer": self.trainer.state_dict(), "loader": self.loader.state_dict(), "rounds": self.rounds_done}
+        dp = self.dp.state_dict() if self.dp is not None else self._dp_state
+        return {"trainer": self.trainer.state_dict(), "loader": self.loader.state_dict(), "rounds": self.rounds_done,
+                "dp": dp}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.trainer.load_state_dict(state["trainer"])
         self.loader.load_state_dict(state["loader"])
         self.rounds_done = int(state["rounds"])
+        self._dp_state = state.get("dp")
+        self.dp = None

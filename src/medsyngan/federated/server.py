@@ -132,6 +132,23 @@ def load_server_state(run_dir: RunDir) -> ServerState:
     )
 
 
+def log_privacy_choices(cfg: Config) -> None:
+    """Privacy is the default; every mechanism switched off is said out loud, in the terminal and in run.log."""
+    p = cfg.privacy
+    off = {
+        "privacy.dp": (p.dp, "no differential privacy: the model can memorize patients"),
+        "privacy.secagg": (p.secagg, "the server sees each hospital's update"),
+        "privacy.encrypt": (p.encrypt, "the SuperLink relays updates in plaintext (TLS protects only each hop)"),
+        "privacy.quantize_bits": (bool(p.quantize_bits), "updates travel as full float32"),
+    }
+    for key, (enabled, consequence) in off.items():
+        if not enabled:
+            log.warning("%s is off by choice: %s", key, consequence)
+    if p.dp:
+        log.info("patient-level DP-SGD on each hospital's discriminator, target ε = %g over the whole run",
+                 p.target_epsilon)
+
+
 def wait_for_nodes(grid: Grid, wanted: int, quorum: int, timeout: float) -> list[int]:
     """Node ids once ``wanted`` nodes are connected; after ``timeout`` settle for a quorum or fail clearly."""
     deadline = time.monotonic() + timeout
@@ -171,6 +188,7 @@ class Aggregator:
         wire.check_settings(cfg.privacy)
         self.transport = wire.Transport(cfg.privacy, str(job["run_id"]), identity_key)
         self.job = dict(job)
+        log_privacy_choices(cfg)
         if self.transport.identity_public is not None:
             self.job["aggregator_public"] = self.transport.identity_public
         self.state = load_server_state(run_dir) if resume else ServerState.initial(cfg)
@@ -391,8 +409,10 @@ class Aggregator:
         if self.client_dp is not None:
             row.update(self.client_dp.metrics())
         self.run_dir.append_metrics(row)
-        log.info("round %d/%d: %d hospitals, d_loss %.3f, g_loss %.3f", round_, self.cfg.federated.rounds,
-                 len(outcome.metrics), row["d_loss"], row["g_loss"])
+        losses = ", ".join(f"{k} {row[k]:.3f}" for k in ("d_loss", "g_loss") if row[k] is not None)
+        eps = [m["epsilon"] for m in outcome.metrics.values() if "epsilon" in m]
+        spent = f", ε ≤ {max(eps):.3f}" if eps else ""
+        log.info("round %d/%d: %d hospitals, %s%s", round_, self.cfg.federated.rounds, len(outcome.metrics), losses, spent)
         if self.on_round is not None:
             self.on_round(round_, self.generator_state())
 
@@ -464,6 +484,7 @@ class ClientLevelDP:
         return {"client_epsilon": eps["reported"], "client_epsilon_rdp": eps["rdp"], "client_epsilon_prv": eps["prv"]}
 
 
-def _mean(per_hospital: Mapping[str, Mapping[str, float]], key: str) -> float:
+def _mean(per_hospital: Mapping[str, Mapping[str, float]], key: str) -> float | None:
+    """Mean over hospitals of a reported number; None when none reports it (a private D keeps its real loss)."""
     values = [h[key] for h in per_hospital.values() if key in h]
-    return sum(values) / len(values) if values else float("nan")
+    return sum(values) / len(values) if values else None
