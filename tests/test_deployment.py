@@ -1,11 +1,13 @@
-"""Flower Deployment Engine on loopback: a SuperLink with TLS and SuperNode authentication, three hospitals'
-SuperNodes as separate processes, an unregistered SuperNode that must be refused, and a SuperNode killed in the
-middle of a round while the run still finishes with a quorum of 2 of 3. Every process started is stopped, and
-the test checks that none is left running."""
+"""Flower Deployment Engine on loopback with MedSynGAN's own ServerApp/ClientApp: a SuperLink with TLS and
+SuperNode authentication, three hospitals' SuperNodes as separate processes training a tiny DCGAN for 2 rounds,
+an unregistered SuperNode that must be refused, and a SuperNode killed (SIGKILL, as a crash) in the middle of a
+round while the run still finishes with a quorum of 2 of 3. Every process started is stopped, and the test checks
+that none is left running."""
 
 from __future__ import annotations
 
-import re
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,14 @@ from medsyngan.errors import UserError
 from medsyngan.federated import deploy
 from medsyngan.federated.pki import init_pki
 
-ECHO_APP = Path(__file__).parent / "fixtures" / "flwr_echo_app"
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.resolution=32", "data.size=32", "model.ngf=8", "model.ndf=8", "train.batch_size=8", "run.threads=1",
+    "federated.hospitals=3", "federated.quorum=2", "federated.rounds=2", "federated.local_steps=2",
+    "federated.eval_every=2", "eval.num_samples=16",
+    # Only a safety net: Flower answers for a crashed SuperNode within 2 missed heartbeats (about 60 s).
+    "federated.round_timeout_s=150",
+]
 
 
 @pytest.fixture
@@ -49,8 +58,39 @@ def test_data_path_with_quote_is_rejected():
         deploy.node_config(0, "/data/o'brien")
 
 
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _wait_rows(run_dir: Path, run: deploy.ManagedProcess, done, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while not done(rows := _rows(run_dir)):
+        assert run.alive(), f"flwr run ended early:\n{run.log_tail()}"
+        assert time.monotonic() < deadline, f"timed out; metrics so far {rows}\n{run.log_tail()}"
+        time.sleep(0.5)
+    return rows
+
+
+def _wait_clientapp(node: deploy.ManagedProcess, timeout: float) -> None:
+    """Until this SuperNode is computing: Flower starts a `flwr-clientapp` process per message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in deploy.descendants(node.pid):
+            try:
+                if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return
+            except OSError:
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"{node.name} never started its ClientApp; see {node.log_path}")
+
+
 @pytest.mark.slow
 def test_loopback_federation_tls_auth_quorum(tmp_path, processes):
+    from medsyngan.data.api import phantom_dataset
+
+    data = [phantom_dataset(12, 2, 32, seed=10 + k, root=tmp_path / f"data {k}").root for k in range(3)]
     pki = init_pki(tmp_path / "pki", "127.0.0.1", hospitals=4)  # hospital 3 is never registered
     port = deploy.free_port()
     address = f"127.0.0.1:{port}"
@@ -65,20 +105,19 @@ def test_loopback_federation_tls_auth_quorum(tmp_path, processes):
     nodes = {}
     for k in range(4):
         proc = deploy.start_supernode(
-            tmp_path, address, pki.ca_cert, pki.hospital_key(k), k, tmp_path / f"data {k}", runtime_port=deploy.free_port()
+            tmp_path, address, pki.ca_cert, pki.hospital_key(k), k, data[min(k, 2)],
+            runtime_port=deploy.free_port(), state_dir=tmp_path / "hospital-state",
         )
         processes.append(proc)
         nodes[k] = proc
-    # The ServerApp itself waits for 3 SuperNodes, so the run is submitted while they are still starting.
+    # The ServerApp itself waits for the hospitals, so the run is submitted while the SuperNodes still start.
+    run_dir = tmp_path / "run"
     run = deploy.start_run(
-        cli_home, ECHO_APP, tmp_path / "flwr-run.log",
-        # Each ClientApp holds its reply for a few seconds so that hospital 2 dies mid-round; the round then ends at
-        # its timeout with the 2 replies it has (a SIGKILLed node stays "online" for Flower for up to 60 s).
-        {"num-rounds": 2, "quorum": 2, "min-nodes": 3, "round-timeout-s": 30.0, "client-delay-s": 3.0},
+        cli_home, REPO, tmp_path / "flwr-run.log", deploy.medsyngan_run_config("federated-dcgan64", TINY, run_dir)
     )
     processes.append(run)
     for k in range(3):
-        assert deploy.wait_supernode(nodes[k]) == node_ids[f"hospital-{k}"]
+        assert deploy.wait_supernode(nodes[k], timeout=120) == node_ids[f"hospital-{k}"]
 
     # The unregistered hospital: the SuperLink refuses its key and the SuperNode exits with an error.
     with pytest.raises(UserError, match="refused by the SuperLink"):
@@ -86,10 +125,18 @@ def test_loopback_federation_tls_auth_quorum(tmp_path, processes):
     assert nodes[3].wait(30) != 0
     assert "No SuperNode found with the given public key" in superlink.log_text()
 
-    assert run.wait_for(r"ECHO round=1 replies=3/3 hospitals=\[0, 1, 2\]", 120), run.log_tail()
+    rows = _wait_rows(run_dir, run, lambda rows: any(r.get("round") == 1 for r in rows), 300)
+    assert rows[0]["hospitals_replied"] == [0, 1, 2]
+    _wait_clientapp(nodes[2], 120)  # round 2 is in flight at hospital 2
     nodes[2].kill()
-    assert run.wait_for(r"ECHO done", 120, until_exit=True), run.log_tail()
-    assert run.wait(30) == 0, run.log_tail()
-    log = run.log_text()
-    assert re.search(r"ECHO round=2 replies=2/3 hospitals=\[0, 1\]", log), log
-    assert re.search(r"paths=\['[^']*/data 0', '[^']*/data 1'\]", log), log  # paths with a space arrive intact
+
+    assert run.wait(300) == 0, run.log_tail()
+    train = [r for r in _rows(run_dir) if "hospitals_replied" in r]
+    assert [r["round"] for r in train] == [1, 2]
+    assert train[1]["hospitals_replied"] == [0, 1], train[1]
+    assert json.loads((run_dir / "checkpoints" / "round-00002" / "meta.json").read_text())["last_round"] == {
+        "0": 2, "1": 2, "2": 1
+    }
+    evaluation = [r for r in _rows(run_dir) if "eval" in r]
+    assert evaluation and evaluation[-1]["eval_hospitals"] == 2
+    assert "round 2/2: 2 hospitals" in " ".join(run.log_text().split())
