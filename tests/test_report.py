@@ -79,6 +79,7 @@ def test_evaluate_fake_folder_writes_metrics_and_report(sets, tmp_path):
     assert "near-copy" in text and "Membership inference" in text
 
 
+@pytest.mark.slow
 def test_python_api_and_report(sets, tmp_path, medsyngan_cache):
     images = sets["images"]
     ev = evaluate(images[:30], images[30:60], images[60:90], metrics="fd,nn,privacy", epsilon=2.0)
@@ -124,6 +125,7 @@ def test_partial_evaluation_keeps_what_it_computed(sets, tmp_path):
     assert (out / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_missing_inception_weights_names_the_file(sets, tmp_path):
     out = tmp_path / "out"
     proc = _cli("--fake", str(sets["fake"]), "--real", str(sets["real"]), "--train", str(sets["train"]),

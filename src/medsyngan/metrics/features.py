@@ -66,11 +66,12 @@ class FeatureExtractor:
 class InceptionExtractor(FeatureExtractor):
     tag = "inception"
 
-    def __init__(self, device="cpu", weights_path: str | Path | None = None):
+    def __init__(self, device="cpu", weights_path: str | Path | None = None, net: nn.Module | None = None):
+        """``net``: an already built network (benchmarks time the architecture without the published file)."""
         super().__init__(device)
         from medsyngan.metrics.inception import INPUT_SIZE, load_inception
 
-        self.net = load_inception(weights_path, self.device)
+        self.net = net.to(self.device) if net is not None else load_inception(weights_path, self.device)
         self.size = INPUT_SIZE
         self.cache_key = "inception-2015-12-05-cleanresize"
 
