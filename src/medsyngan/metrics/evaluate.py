@@ -124,6 +124,9 @@ def evaluate(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> Evaluation:
+    """Images are uint8 [N, S, S] at one resolution. ``generator`` enables PPL, ``discriminator`` the LOGAN
+    attack, ``epsilon``/``delta`` the DP bound beside the attacks; ``*_patients`` check that the holdout is
+    patient-disjoint from the training set."""
     groups = parse_metrics(metrics)
     fake_u8, real_u8 = np.asarray(fake_u8), np.asarray(real_u8)
     train_u8 = None if train_u8 is None else np.asarray(train_u8)
