@@ -23,6 +23,8 @@ TINY = [
     "federated.eval_every=2", "eval.num_samples=16",
     # Only a safety net: Flower answers for a crashed SuperNode within 2 missed heartbeats (about 60 s).
     "federated.round_timeout_s=150",
+    # This test is about the deployment mechanics; the privacy mechanisms have their own tests.
+    "privacy.dp=false", "privacy.encrypt=false", "privacy.secagg=false", "privacy.quantize_bits=0", "privacy.update_clip=0",
 ]
 
 
@@ -53,9 +55,31 @@ def test_unreachable_superlink_is_a_clear_message(tmp_path):
     assert not (tmp_path / "hospital-0").exists()
 
 
-def test_data_path_with_quote_is_rejected():
+def test_node_config_round_trips_through_flowers_parser():
+    from flwr.common.config import parse_config_args
+
+    text = deploy.node_config(1, "/data/site a", "/state dir", "/pki/aggregator_x25519.pub")
+    assert parse_config_args([text]) == {
+        "hospital-id": 1, "data-path": "/data/site a", "state-dir": "/state dir",
+        "aggregator-public": "/pki/aggregator_x25519.pub",
+    }
     with pytest.raises(UserError, match="single quote"):
         deploy.node_config(0, "/data/o'brien")
+
+
+def test_run_config_round_trips_and_needs_the_key_when_encrypting(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    plain = deploy.medsyngan_run_config("federated-dcgan64", ["privacy.encrypt=false", "federated.rounds=2"], tmp_path)
+    assert parse_config_args([deploy.run_config_arg(plain)]) == plain
+    assert plain["overrides"] == "privacy.encrypt=false federated.rounds=2" and "aggregator-key" not in plain
+    with pytest.raises(UserError, match="aggregator"):
+        deploy.medsyngan_run_config("federated-dcgan64", [], tmp_path)
+    pki = init_pki(tmp_path / "pki", "127.0.0.1", 1)
+    encrypted = deploy.medsyngan_run_config("federated-dcgan64", [], tmp_path, aggregator_key=pki.aggregator_key)
+    assert encrypted["aggregator-key"] == str(pki.aggregator_key.resolve())
+    with pytest.raises(UserError, match="unknown key 'model.bogus'"):
+        deploy.medsyngan_run_config("federated-dcgan64", ["model.bogus=1"], tmp_path)
 
 
 def _rows(run_dir: Path) -> list[dict]:

@@ -62,15 +62,17 @@ def cmd_supernode(args: argparse.Namespace) -> None:
         raise UserError(f"data path {args.data_path} is not a folder; give the hospital's prepared dataset (medsyngan data prepare)")
     deploy.probe_superlink(args.superlink, ca)
     args.flwr_home.mkdir(parents=True, exist_ok=True)
+    pinned = args.hospital_dir / "aggregator_x25519.pub"
     cmd = deploy.supernode_command(args.superlink, ca, key, args.hospital_id, args.data_path.resolve(), args.port,
-                                   args.state_dir.resolve() if args.state_dir else None)
+                                   args.state_dir.resolve() if args.state_dir else None,
+                                   pinned.resolve() if pinned.is_file() else None)
     _exec(cmd, args.flwr_home)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     deploy.probe_superlink(args.superlink, args.ca)
     deploy.write_connection(args.flwr_home, args.superlink, args.ca)
-    config = deploy.medsyngan_run_config(args.preset, args.set or [], args.run_dir, args.resume)
+    config = deploy.medsyngan_run_config(args.preset, args.set or [], args.run_dir, args.resume, args.aggregator_key)
     cmd = [deploy.executable("flwr"), "run", str(args.app.resolve()), deploy.CONNECTION, "--stream",
            "--run-config", deploy.run_config_arg(config)]
     _exec(cmd, args.flwr_home)
@@ -92,11 +94,12 @@ def cmd_rehearse(args: argparse.Namespace) -> None:
         print("registered: " + ", ".join(f"{n} = {i}" for n, i in ids.items()), flush=True)
         nodes = [
             deploy.start_supernode(work, address, pki.ca_cert, pki.hospital_key(k), k, Path(d).resolve(),
-                                   runtime_port=deploy.free_port(), state_dir=work / "hospital-state")
+                                   runtime_port=deploy.free_port(), state_dir=work / "hospital-state",
+                                   aggregator_public=pki.hospital_dir(k) / "aggregator_x25519.pub")
             for k, d in enumerate(args.data)
         ]
         procs += nodes
-        config = deploy.medsyngan_run_config(args.preset, args.set or [], work / "run")
+        config = deploy.medsyngan_run_config(args.preset, args.set or [], work / "run", aggregator_key=pki.aggregator_key)
         run = deploy.start_run(cli_home, args.app, work / "flwr-run.log", config)
         procs.append(run)
         for node in nodes:
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--ca", type=Path, required=True, help="the federation's ca.crt")
             p.add_argument("--run-dir", type=Path, required=True, help="run directory on the aggregator's machine")
             p.add_argument("--resume", action="store_true")
+            p.add_argument("--aggregator-key", type=Path, help="PKI/aggregator_x25519.key (needed with privacy.encrypt)")
             p.add_argument("--flwr-home", type=Path, default=home)
         else:
             p.add_argument("--pki", type=Path, required=True)

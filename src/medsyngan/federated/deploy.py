@@ -244,17 +244,18 @@ def stop_all(processes: Iterable[ManagedProcess], grace: float = 10.0) -> list[i
 
 
 def superlink_command(ca_cert: Path, cert: Path, key: Path, host: str, port: int, database: Path | None = None) -> list[str]:
-    """`database` None keeps registrations and runs in memory (lost when the SuperLink stops)."""
+    """`database` None keeps registrations and runs in memory (lost when the SuperLink stops). Paths are made
+    absolute: the SuperLink runs in its own home folder."""
     return [
         executable("flower-superlink"),
-        "--ssl-ca-certfile", str(ca_cert),
-        "--ssl-certfile", str(cert),
-        "--ssl-keyfile", str(key),
+        "--ssl-ca-certfile", str(Path(ca_cert).resolve()),
+        "--ssl-certfile", str(Path(cert).resolve()),
+        "--ssl-keyfile", str(Path(key).resolve()),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
         "--host", host,
         "--port", str(port),
-    ] + (["--database", str(database)] if database is not None else [])
+    ] + (["--database", str(Path(database).resolve())] if database is not None else [])
 
 
 def start_superlink(
@@ -270,7 +271,7 @@ def start_superlink(
     proc.last = True
     try:
         if proc.wait_for(_READY_SUPERLINK, timeout) is None:
-            raise UserError(f"flower-superlink exited during start-up (port {port} in use?); see {proc.log_path}: {proc.log_tail(1)}")
+            raise UserError(f"flower-superlink exited during start-up; see {proc.log_path}: {proc.log_tail(1)}")
     except BaseException:
         proc.stop()
         raise
@@ -360,12 +361,16 @@ def register_hospitals(
 # --- SuperNodes ------------------------------------------------------------------------------------------------
 
 
-def node_config(hospital_id: int, data_path: Path | str, state_dir: Path | str | None = None) -> str:
-    """The `--node-config` string the ClientApp reads (`hospital-id`, `data-path`, optional `state-dir`).
-    Flower splits it on spaces and reads each value as TOML, so paths go in TOML literal strings (single quotes,
-    no escapes)."""
+def node_config(
+    hospital_id: int, data_path: Path | str, state_dir: Path | str | None = None,
+    aggregator_public: Path | str | None = None,
+) -> str:
+    """The `--node-config` string the ClientApp reads: `hospital-id`, `data-path`, and optionally `state-dir` and
+    `aggregator-public` (the aggregator's X25519 key pinned by `pki init`, for end-to-end update encryption).
+    Flower splits the string on spaces and reads each value as TOML, so paths go in TOML literal strings (single
+    quotes, no escapes)."""
     text = f"hospital-id={int(hospital_id)}"
-    for key, path in (("data-path", data_path), ("state-dir", state_dir)):
+    for key, path in (("data-path", data_path), ("state-dir", state_dir), ("aggregator-public", aggregator_public)):
         if path is None:
             continue
         if "'" in str(path):
@@ -376,21 +381,22 @@ def node_config(hospital_id: int, data_path: Path | str, state_dir: Path | str |
 
 def supernode_command(
     superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str, runtime_port: int,
-    state_dir: Path | str | None = None,
+    state_dir: Path | str | None = None, aggregator_public: Path | str | None = None,
 ) -> list[str]:
     return [
         executable("flower-supernode"),
         "--superlink", superlink,
-        "--root-certificates", str(ca_cert),
-        "--auth-supernode-private-key", str(auth_key),
-        "--node-config", node_config(hospital_id, data_path, state_dir),
+        "--root-certificates", str(Path(ca_cert).resolve()),
+        "--auth-supernode-private-key", str(Path(auth_key).resolve()),
+        "--node-config", node_config(hospital_id, data_path, state_dir, aggregator_public),
         "--port", str(runtime_port),
     ]
 
 
 def start_supernode(
     run_dir: Path, superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str,
-    *, runtime_port: int = 9094, state_dir: Path | str | None = None, probe_timeout: float = 10.0,
+    *, runtime_port: int = 9094, state_dir: Path | str | None = None, aggregator_public: Path | str | None = None,
+    probe_timeout: float = 10.0,
 ) -> ManagedProcess:
     """Start one hospital's SuperNode once its SuperLink answers (does not wait for activation: see
     `wait_supernode`)."""
@@ -398,7 +404,7 @@ def start_supernode(
     probe_superlink(superlink, ca_cert, probe_timeout)
     home = run_dir / f"hospital-{hospital_id}"
     home.mkdir(parents=True, exist_ok=True)
-    cmd = supernode_command(superlink, ca_cert, auth_key, hospital_id, data_path, runtime_port, state_dir)
+    cmd = supernode_command(superlink, ca_cert, auth_key, hospital_id, data_path, runtime_port, state_dir, aggregator_public)
     return start_process(f"supernode-{hospital_id}", cmd, home / "supernode.log", flower_env(home), cwd=home)
 
 
@@ -434,11 +440,24 @@ def start_run(flwr_home: Path, app_dir: Path, log_path: Path, run_config: dict[s
     return start_process("flwr-run", cmd, log_path, flower_env(flwr_home), cwd=Path(app_dir))
 
 
-def medsyngan_run_config(preset: str, overrides: list[str], run_dir: Path, resume: bool = False) -> dict[str, object]:
+def medsyngan_run_config(
+    preset: str, overrides: list[str], run_dir: Path, resume: bool = False, aggregator_key: Path | None = None
+) -> dict[str, object]:
     """The run config of MedSynGAN's own Flower app (`[tool.flwr.app.config]` in pyproject.toml) for a real
-    deployment: the aggregator writes `run_dir` on the SuperLink's machine, each hospital brings its data-path."""
+    deployment: the aggregator writes `run_dir` on the SuperLink's machine and, when the configuration encrypts
+    updates, reads `aggregator_key` there; each hospital brings its data-path. The configuration is resolved here
+    first, so that a bad preset or override is a one-line error before anything is submitted."""
+    from medsyngan.config import load_config
+
     for item in overrides:
-        if "=" not in item or any(c in item for c in " '\""):
+        if any(c in item for c in " '\""):
             raise UserError(f"override {item!r} must be section.key=value without spaces or quotes")
-    return {"config": preset, "overrides": " ".join(overrides), "run-dir": str(Path(run_dir).resolve()),
-            "resume": resume, "mode": "deployment"}
+    cfg = load_config(preset, overrides)
+    config: dict[str, object] = {"config": preset, "overrides": " ".join(overrides),
+                                 "run-dir": str(Path(run_dir).resolve()), "resume": resume, "mode": "deployment"}
+    if cfg.privacy.encrypt:
+        if aggregator_key is None:
+            raise UserError("privacy.encrypt is on: give the aggregator's key (aggregator_x25519.key from `medsyngan pki init`)")
+        require_files(aggregator_key=aggregator_key)
+        config["aggregator-key"] = str(Path(aggregator_key).resolve())
+    return config
