@@ -71,7 +71,11 @@ def register(app: typer.Typer) -> None:
         state = "stopped" if summary["interrupted"] else "finished"
         log.info("%s at step %d (%.1f kimg); run directory %s", state, summary["step"], summary["kimg"], out)
         if summary["interrupted"]:
-            raise typer.Exit(130)
+            import sys
+
+            # 130 like a shell's Ctrl-C, so scripts see the run did not finish (typer.Exit's code is dropped by
+            # the non-standalone CLI entry point).
+            sys.exit(130)
 
     @app.command()
     def generate(

@@ -85,10 +85,12 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
     """Train on one machine until ``cfg.train.steps`` generator steps; returns a summary of the run."""
     from medsyngan.data.api import load_training_data
     from medsyngan.data.loader import BatchLoader
+    from medsyngan.models.registry import check_model_section
 
     configure_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     t = cfg.train
+    check_model_section(cfg.model)  # before any data is built for a model that cannot exist
     ckpt = load_checkpoint(run_dir.checkpoints) if resume else None
     if ckpt is not None:
         ckpt.check_matches(cfg)
