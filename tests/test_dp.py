@@ -17,7 +17,7 @@ from torch import nn
 from medsyngan.config import load_config
 from medsyngan.errors import UserError
 from medsyngan.privacy.accounting import BudgetExceeded, PrivacyAccountant
-from medsyngan.privacy.dp import DPSession, enable_dp, make_engine
+from medsyngan.privacy.dp import DPSession, enable_dp, make_engine, privacy_unit
 from medsyngan.privacy.sampling import PoissonUnitSampler
 from medsyngan.training.step import DiscriminatorUpdate, GANTrainer
 
@@ -174,6 +174,7 @@ def test_every_private_step_is_accounted_and_the_generator_step_is_not_private()
     assert session.metrics()["epsilon"] == eps["reported"]
 
 
+@pytest.mark.slow
 def test_state_survives_a_json_round_trip_and_resumes_exactly():
     cfg = _cfg("privacy.dp=true", "privacy.target_epsilon=3")
     images, patients = _images(), np.array([f"p{i // 3}" for i in range(60)])
@@ -238,13 +239,14 @@ def test_poisson_patient_sampling():
     assert -1 <= batch.min() and batch.max() <= 1
 
 
-def test_unit_falls_back_to_image_level():
-    cfg = _cfg("privacy.dp=true", "privacy.target_epsilon=3")
-    for patients in (None, np.array([f"p{i}" for i in range(60)])):
-        session = enable_dp(GANTrainer(cfg, device="cpu"), _images(), patients, cfg, planned_steps=5, seed=0)
-        assert session.unit == "image" and session.units == 60
+def test_privacy_unit():
+    assert privacy_unit("auto", 6, np.array(["a", "a", "b", "c", "c", "c"])) == ("patient", 3)
+    assert privacy_unit("auto", 3, np.array(["a", "b", "c"])) == ("image", 3)  # one image each: same thing
+    assert privacy_unit("auto", 3, None) == ("image", 3)
+    assert privacy_unit("image", 6, np.array(["a"] * 6)) == ("image", 6)
+    cfg = _cfg("privacy.dp=true", "privacy.unit=patient")
     with pytest.raises(UserError, match="no patient ids"):
-        enable_dp(GANTrainer(cfg, device="cpu"), _images(), None, _cfg("privacy.unit=patient"), planned_steps=5)
+        enable_dp(GANTrainer(cfg, device="cpu"), _images(), None, cfg, planned_steps=5)
 
 
 @pytest.mark.parametrize("overrides,message", [

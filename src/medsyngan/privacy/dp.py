@@ -604,6 +604,18 @@ class DPSession:
         self.planned_steps = int(state["planned_steps"])
 
 
+def privacy_unit(requested: str, images: int, patients: Sequence[str] | np.ndarray | None) -> tuple[str, int]:
+    """(unit, number of units): patient-level when ids exist and group images, else image-level."""
+    has_ids = patients is not None and len(patients) == images and all(str(x) for x in patients)
+    if not has_ids:
+        if requested == "patient":
+            raise UserError("privacy.unit = 'patient' but the dataset has no patient ids; set privacy.unit=image or auto")
+        return "image", images
+    n_patients = len(np.unique(np.asarray(patients, dtype=str)))
+    unit = resolve_unit(requested, n_patients, images)
+    return unit, n_patients if unit == "patient" else images
+
+
 def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] | np.ndarray | None, cfg: Config,
               *, planned_steps: int | None = None, state: dict[str, Any] | None = None, seed: int | None = None,
               engine: str = "auto") -> DPSession:
@@ -622,12 +634,7 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
     probe = trainer.prepare_real(probe * 2 - 1)
     validate_discriminator(D, probe)
 
-    has_ids = patients is not None and len(patients) == len(images) and all(str(x) for x in patients)
-    if not has_ids and p.unit == "patient":
-        raise UserError("privacy.unit = 'patient' but the dataset has no patient ids; set privacy.unit=image or auto")
-    n_patients = len(np.unique(np.asarray(patients, dtype=str))) if has_ids else len(images)
-    unit = resolve_unit(p.unit, n_patients, len(images)) if has_ids else "image"
-    units = n_patients if unit == "patient" else len(images)
+    unit, units = privacy_unit(p.unit, len(images), patients)
     plan_steps = planned_steps if planned_steps is not None else planned_private_steps(cfg)
     secret = seed if seed is not None else secrets.randbits(63)
     if state is not None:
@@ -643,5 +650,7 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
                         engine)
     if state is not None:
         session.load_state_dict(state)
+    if isinstance(trainer.d_update, PrivateDiscriminatorUpdate):
+        trainer.d_update.engine.remove()  # a session rebuilt on the same trainer (next round): drop the old hooks
     trainer.d_update = session.update
     return session
