@@ -4,7 +4,8 @@ Every hospital and the server run in this one process (the time a real round tak
 client time plus the server's, not their sum). Inputs are 16-bit quantized updates in the ring of
 ``ring_bits(16, hospitals)`` bits. Reference, measured in the same run: the plain (insecure) aggregation of the
 same quantized vectors — the server sums them in the ring — and the bytes of sending the surviving hospitals'
-16-bit updates as they are (2 bytes per parameter; the ring needs 3). Ratios are secure ÷ plain. Small cases are timed three times and the fastest kept (the machine is shared).
+16-bit updates as they are (2 bytes per parameter; the ring needs 3). Ratios are secure ÷ plain. Small cases
+are timed three times and the fastest kept (the machine is shared).
 Run: ``python benchmarks/bench_secagg.py [--quick]``.
 """
 
