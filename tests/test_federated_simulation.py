@@ -26,11 +26,14 @@ TINY = [
 
 
 def _train(out: Path, *extra: str, resume: bool = False) -> subprocess.Popen:
-    args = [sys.executable, "-m", "medsyngan.cli", "train", "--config", "federated-dcgan64", "--out", str(out)]
-    for item in TINY + list(extra):
-        args += ["--set", item]
+    """A federated run in its own process group; resuming continues the run's own saved configuration."""
+    args = [sys.executable, "-m", "medsyngan.cli", "train", "--out", str(out)]
     if resume:
         args.append("--resume")
+    else:
+        args += ["--config", "federated-dcgan64"]
+        for item in TINY + list(extra):
+            args += ["--set", item]
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

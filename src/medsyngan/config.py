@@ -49,6 +49,10 @@ class DataSection(Section):
         "phantoms", description="'phantoms' builds the embedded procedural set; 'prepared' reads `path`."
     )
     path: str = Field("", description="Prepared dataset directory (from `medsyngan data prepare`).")
+    split: Literal["all", "train_val", "test"] = Field(
+        "all", description="Train only on images of this split of the dataset (NIH's official lists, or the "
+        "phantoms' own); the demo trains on train_val and evaluates on test."
+    )
     size: int = Field(64, description="Image side in pixels; must equal model.resolution.")
     phantom_patients: int = Field(200, ge=1, description="Synthetic patients when source = 'phantoms'.")
     phantom_images_per_patient: int = Field(3, ge=1, description="Images per synthetic patient.")

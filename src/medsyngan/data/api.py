@@ -9,6 +9,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from medsyngan.config import Config
 from medsyngan.data.phantoms import PHANTOM_VERSION, write_phantoms
 from medsyngan.data.prepare import PrepareSettings, prepare
@@ -60,7 +62,8 @@ def load_training_data(cfg: Config) -> PreparedDataset:
             f"data.size ({data.size}) differs from model.resolution ({cfg.model.resolution}); set both the same"
         )
     if data.source == "phantoms":
-        return phantom_dataset(data.phantom_patients, data.phantom_images_per_patient, data.size, cfg.run.seed)
+        ds = phantom_dataset(data.phantom_patients, data.phantom_images_per_patient, data.size, cfg.run.seed)
+        return select_split(ds, data.split, "phantoms")
     if not data.path:
         raise UserError("data.source = 'prepared' but data.path is empty; set data.path to a `data prepare` output")
     ds = PreparedDataset.open(data.path)
@@ -69,4 +72,16 @@ def load_training_data(cfg: Config) -> PreparedDataset:
             f"{data.path}: images are {ds.size} px but model.resolution is {cfg.model.resolution}; "
             f"prepare the data with --size {cfg.model.resolution} or set model.resolution={ds.size}"
         )
-    return ds
+    return select_split(ds, data.split, data.path)
+
+
+def select_split(ds: PreparedDataset, split: str, origin: str) -> PreparedDataset:
+    """The rows of one split ('all' keeps everything); an empty selection is an error naming the fix."""
+    if split == "all":
+        return ds
+    rows = np.flatnonzero(ds.splits == split)
+    if len(rows) == 0:
+        found = ", ".join(sorted(set(ds.splits.tolist()))) or "none"
+        raise UserError(f"{origin}: no images in split '{split}' (splits present: {found}); set data.split=all "
+                        "or prepare from a source with train_val/test lists")
+    return ds.subset(rows)

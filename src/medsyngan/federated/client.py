@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medsyngan.config import Config, config_from_toml_text
+from medsyngan.data.api import load_training_data, select_split
 from medsyngan.data.partition import read_partition_csv
 from medsyngan.data.prepared import PreparedDataset
 from medsyngan.errors import UserError
@@ -54,18 +55,19 @@ def node_identity(node_config: Mapping[str, Any], job: Mapping[str, Any]) -> Nod
     return NodeIdentity(hospital, data_path, state_dir)
 
 
-def load_hospital_data(identity: NodeIdentity, job: Mapping[str, Any], seed: int) -> tuple[PreparedDataset, PreparedDataset]:
+def load_hospital_data(identity: NodeIdentity, job: Mapping[str, Any], cfg: Config) -> tuple[PreparedDataset, PreparedDataset]:
     """(train, held-out) images of this hospital, patient-disjoint."""
     if identity.data_path is not None:
-        own = PreparedDataset.open(identity.data_path)
+        own = select_split(PreparedDataset.open(identity.data_path), cfg.data.split, identity.data_path)
     else:
-        dataset = PreparedDataset.open(str(job["dataset"]))
+        # Virtual hospitals share the server's disk: the same configuration gives the same dataset.
+        dataset = load_training_data(cfg)
         assignment = read_partition_csv(str(job["partition"]), dataset)
         rows = [i for i, h in enumerate(assignment) if h == identity.hospital_id]
         if not rows:
             raise UserError(f"partition {job['partition']} gives hospital {identity.hospital_id} no images")
         own = dataset.subset(rows)
-    train_rows, holdout_rows = split_holdout(own.patients, seed, identity.hospital_id)
+    train_rows, holdout_rows = split_holdout(own.patients, cfg.run.seed, identity.hospital_id)
     return own.subset(train_rows), own.subset(holdout_rows)
 
 
@@ -84,7 +86,7 @@ class HospitalRuntime:
         cfg = config_from_toml_text(config_text, "federation config")
         key = (hashlib.sha256(config_text.encode()).hexdigest(), str(identity.data_path), identity.hospital_id)
         if key not in self._data:
-            self._data = {key: load_hospital_data(identity, job, cfg.run.seed)}
+            self._data = {key: load_hospital_data(identity, job, cfg)}
         train, holdout = self._data[key]
         return Hospital(cfg, identity.hospital_id, train, holdout), cfg
 

@@ -63,6 +63,7 @@ def hello(message: Message, context: Context) -> Message:
     job = _job(message)
     identity = node_identity(context.node_config, job)
     hospital, _ = _runtime.hospital(identity, job)
+    hospital.check_ready()
     info = {"hospital": identity.hospital_id, "train_images": hospital.num_examples,
             "train_patients": hospital.num_patients, "holdout_images": len(hospital.holdout or [])}
     return msg.reply(message, RecordDict({msg.KEY_METRICS: msg.metrics_record(info)}))

@@ -30,9 +30,6 @@ from typing import Iterable
 from medsyngan.errors import UserError
 
 CONNECTION = "medsyngan"
-# Flower marks a SuperNode offline after 2 missed 30 s heartbeats; a crashed SuperNode cannot re-activate
-# with the same key before then.
-NODE_OFFLINE_AFTER_S = 60.0
 
 _READY_SUPERLINK = re.compile(r"Uvicorn running on https?://")
 _READY_SUPERNODE = re.compile(r"SuperNode ID: (\d+)")
@@ -74,23 +71,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 # --- processes -----------------------------------------------------------------------------------------------
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, …, starttime at index 19)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def descendants(pid: int) -> set[int]:
     """All processes below `pid` (Linux /proc; empty elsewhere)."""
-    children = _children_map()
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     found: set[int] = set()
     stack = [pid]
     while stack:
@@ -101,30 +95,38 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def is_running(pid: int) -> bool:
-    """True for a live process; a zombie (exited, not yet reaped) counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+# A process is (pid, start time): a pid recorded earlier may since belong to someone else's process.
+Proc = tuple[int, str]
+
+
+def _identity(pid: int) -> Proc | None:
+    fields = _stat(pid)
+    return (pid, fields[19]) if fields is not None else None
+
+
+def is_running(proc: Proc) -> bool:
+    """True while this very process is alive; a zombie (exited, not yet reaped) counts as gone."""
+    fields = _stat(proc[0])
+    return fields is not None and fields[19] == proc[1] and fields[0] != "Z"
+
+
+def _kill(proc: Proc, sig: int) -> None:
+    if is_running(proc):
         try:
-            os.kill(pid, 0)
+            os.kill(proc[0], sig)
         except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return not Path("/proc").is_dir()
+            pass
 
 
 @dataclass
 class ManagedProcess:
-    """A Flower process started in its own session, its output in `log_path`."""
+    """A Flower process started in its own session (Linux), its output in `log_path`."""
 
     name: str
     popen: subprocess.Popen
     log_path: Path
     last: bool = False  # stopped after all others (the SuperLink)
-    seen: set[int] = field(default_factory=set)
+    seen: set[Proc] = field(default_factory=set)
 
     @property
     def pid(self) -> int:
@@ -142,21 +144,21 @@ class ManagedProcess:
     def log_tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
-    def track(self) -> set[int]:
-        """Remember every process below this one (they may be gone by the time we stop)."""
-        self.seen |= {self.pid} | descendants(self.pid)
+    def track(self) -> set[Proc]:
+        """Remember this process and every process below it (they may be orphaned by the time we stop)."""
+        for pid in {self.pid} | (descendants(self.pid) if self.alive() else set()):
+            if (ident := _identity(pid)) is not None:
+                self.seen.add(ident)
         return self.seen
 
-    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float, *, until_exit: bool = False) -> re.Match[str] | None:
-        """Poll the log until `pattern` appears. Returns None when the process exits first (after one last look
-        at its log) or, with until_exit, keeps returning the match only once the process has exited."""
+    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float) -> re.Match[str] | None:
+        """Poll the log until `pattern` appears; None when the process exits without it."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         while True:
             self.track()
             exited = not self.alive()
-            match = regex.search(self.log_text())
-            if match and (not until_exit or exited):
+            if match := regex.search(self.log_text()):
                 return match
             if exited:
                 return None
@@ -175,11 +177,8 @@ class ManagedProcess:
 
     def kill(self) -> None:
         """SIGKILL the process and everything below it at once, as a crash or power loss would."""
-        for pid in sorted(self.track()):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for proc in sorted(self.track()):
+            _kill(proc, signal.SIGKILL)
         self.popen.wait()
 
     def terminate(self) -> None:
@@ -193,25 +192,18 @@ class ManagedProcess:
                 pass
 
     def running(self) -> bool:
-        return any(is_running(pid) for pid in self.track())
+        return any(is_running(proc) for proc in self.track())
 
     def kill_leftovers(self) -> None:
-        for pid in sorted(self.seen):
-            if is_running(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for proc in sorted(self.seen):
+            _kill(proc, signal.SIGKILL)
         try:
             self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
 
-    def stop(self, grace: float = 10.0) -> None:
-        stop_all([self], grace)
-
     def leftovers(self) -> list[int]:
-        return sorted(p for p in self.seen | {self.pid} if is_running(p))
+        return sorted(pid for pid, start in self.seen if is_running((pid, start)))
 
 
 def start_process(name: str, cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None) -> ManagedProcess:
@@ -273,7 +265,7 @@ def start_superlink(
         if proc.wait_for(_READY_SUPERLINK, timeout) is None:
             raise UserError(f"flower-superlink exited during start-up; see {proc.log_path}: {proc.log_tail(1)}")
     except BaseException:
-        proc.stop()
+        stop_all([proc])
         raise
     return proc
 

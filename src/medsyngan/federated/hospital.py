@@ -100,6 +100,11 @@ class Hospital:
                 self.dp.accountant.load_state_dict(floor)
         return self.dp.next_real
 
+    def check_ready(self) -> None:
+        """Everything that can be refused before training starts: DP plan (sampling rate, δ, reachable ε) and a
+        discriminator Opacus can make private. Raises UserError naming the problem."""
+        self._batches()
+
     def train_round(self, global_state: Mapping[str, Tensor], steps: int) -> RoundResult:
         """K local generator steps from the global networks; returns Δ of the shared networks and round metrics."""
         next_real = self._batches()

@@ -221,8 +221,8 @@ class Aggregator:
             self.roster[hospital] = reply.metadata.src_node_id
             self.weights[hospital] = int(info["train_images"])
         if len(self.roster) < f.quorum:
-            detail = "; ".join(errors) or "no replies"
-            raise UserError(f"only {len(self.roster)} hospitals ready, quorum is {f.quorum} ({detail})")
+            reason = errors[0].split(": ", 1)[-1] if errors else "no replies within federated.round_timeout_s"
+            raise UserError(f"only {len(self.roster)} of {f.hospitals} hospitals ready (quorum {f.quorum}): {reason}")
         log.info("hospitals ready: %s", ", ".join(f"{h} ({self.weights[h]} images)" for h in sorted(self.roster)))
 
     # ------------------------------------------------------------------ rounds
@@ -237,11 +237,10 @@ class Aggregator:
                     break
                 log.warning("round %d failed (attempt %d of %d)", round_, attempt + 1, f.round_retries + 1)
             else:
-                raise UserError(
-                    f"round {round_} missed its quorum of {f.quorum} hospitals {f.round_retries + 1} time(s); "
-                    f"the run stopped at round {self.state.round} with a saved checkpoint — fix the hospitals and "
-                    "resume with --resume"
-                )
+                saved = (f"the run stopped after round {self.state.round} with a saved checkpoint — fix the hospitals "
+                         "and resume with --resume") if self.state.round else "no round completed"
+                raise UserError(f"round {round_} missed its quorum of {f.quorum} hospitals "
+                                f"{f.round_retries + 1} time(s); {saved}")
             self.finish_round(round_, outcome)
             if round_ % f.eval_every == 0 or round_ == f.rounds:
                 self.evaluate(grid, round_)
@@ -406,12 +405,15 @@ class Aggregator:
             "img_per_s": sum(h.get("img_per_s", 0.0) for h in per_hospital.values()),
             "hospital": per_hospital,
         }
+        eps = [(m["epsilon"], m["delta"]) for m in outcome.metrics.values() if "epsilon" in m]
+        if eps:
+            # The worst hospital's spend is the federation's patient-level guarantee.
+            row["epsilon"], row["delta"] = max(e for e, _ in eps), max(d for _, d in eps)
         if self.client_dp is not None:
             row.update(self.client_dp.metrics())
         self.run_dir.append_metrics(row)
         losses = ", ".join(f"{k} {row[k]:.3f}" for k in ("d_loss", "g_loss") if row[k] is not None)
-        eps = [m["epsilon"] for m in outcome.metrics.values() if "epsilon" in m]
-        spent = f", ε ≤ {max(eps):.3f}" if eps else ""
+        spent = f", ε ≤ {row['epsilon']:.3f}" if "epsilon" in row else ""
         log.info("round %d/%d: %d hospitals, %s%s", round_, self.cfg.federated.rounds, len(outcome.metrics), losses, spent)
         if self.on_round is not None:
             self.on_round(round_, self.generator_state())
