@@ -191,3 +191,25 @@ def test_wire_pipeline_composes_clip_quantize_secagg_encrypt():
         pack_ring(y, config.ring_bits), digest)
     opened = agg.open(sealed, hospital_id="1", round_=1, global_model_hash=digest)
     np.testing.assert_array_equal(unpack_ring(opened, config.ring_bits), y)
+
+
+def test_client_state_survives_serialization_between_stages():
+    # Flower may run each stage of a hospital in a fresh process: the client is rebuilt from bytes every time.
+    config = _config(n=4, threshold=3)
+    ints, inputs = _inputs(config, seed=9)
+    states = {u: SecAggClient(u, config).to_bytes() for u in config.ids}
+
+    def stage(u, method, *args):
+        client = SecAggClient.from_bytes(states[u], config)
+        result = getattr(client, method)(*args)
+        states[u] = client.to_bytes()
+        return result
+
+    server = SecAggServer(config)
+    keys = server.collect_adverts({u: stage(u, "advertise") for u in config.ids})
+    inbox = server.route_shares({u: stage(u, "share_keys", keys) for u in config.ids})
+    survivors = server.collect_masked({u: stage(u, "masked_input", inputs[u], inbox[u]) for u in (1, 2, 3)})
+    total = server.unmask({u: stage(u, "unmask", survivors) for u in (1, 2, 3)})
+    np.testing.assert_array_equal(from_ring(total, config.ring_bits), ints[1] + ints[2] + ints[3])
+    with pytest.raises(SecAggAbort, match="already revealed"):
+        stage(1, "unmask", survivors)

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from medsyngan.privacy.codec import pack_ring, ring_add, ring_dtype, ring_mask, ring_sub
+from medsyngan.privacy.codec import pack_ring, ring_dtype, ring_mask
 
 FIELD_PRIME = 2**521 - 1  # a Mersenne prime; every 32-byte secret is an element of the field
 SECRET_BYTES = 32
@@ -183,7 +183,13 @@ def prg(seed: bytes, length: int, ring_bits: int) -> np.ndarray:
     dtype = np.dtype(ring_dtype(ring_bits)).newbyteorder("<")
     encryptor = Cipher(algorithms.ChaCha20(seed, b"\0" * 16), mode=None).encryptor()
     stream = encryptor.update(bytes(length * dtype.itemsize))
-    return np.frombuffer(stream, dtype).astype(ring_dtype(ring_bits)) & dtype.type(ring_mask(ring_bits))
+    return (np.frombuffer(stream, dtype) & dtype.type(ring_mask(ring_bits))).astype(ring_dtype(ring_bits), copy=False)
+
+
+def _accumulate(total: np.ndarray, vector: np.ndarray, sign: int, ring_bits: int) -> None:
+    """total ← total ± vector (mod 2^k), in place: masks are as large as the model, so no temporaries."""
+    (np.add if sign > 0 else np.subtract)(total, vector, out=total)
+    np.bitwise_and(total, total.dtype.type(ring_mask(ring_bits)), out=total)
 
 
 def _pair_seed(secret: X25519PrivateKey, peer: bytes, u: int, v: int, context: bytes) -> bytes:
@@ -239,7 +245,8 @@ class SecAggClient:
         client._cipher_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["cipher_key"]))
         client._mask_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["mask_key"]))
         client._self_seed = bytes.fromhex(state["self_seed"])
-        client._adverts = {int(v): KeyAdvert(bytes.fromhex(c), bytes.fromhex(m)) for v, (c, m) in state["adverts"].items()}
+        client._adverts = {int(v): KeyAdvert(bytes.fromhex(c), bytes.fromhex(m))
+                           for v, (c, m) in state["adverts"].items()}
         client._held = {int(v): (int(b, 16), int(sh, 16)) for v, (b, sh) in state["held"].items()}
         client._masked_with = frozenset(int(v) for v in state["masked_with"])
         client._revealed = bool(state["revealed"])
@@ -291,10 +298,11 @@ class SecAggClient:
             self._held[v] = (b_share, s_share)
         self._masked_with = frozenset(inbox)
         k = cfg.ring_bits
-        y = ring_add(x, prg(self._self_seed, cfg.length, k), k)
+        y = x.copy()
+        _accumulate(y, prg(self._self_seed, cfg.length, k), 1, k)
         for v in sorted(self._masked_with):
             mask = prg(_pair_seed(self._mask_key, self._adverts[v].mask_public, self.id, v, cfg.context), cfg.length, k)
-            y = ring_add(y, mask, k) if _sign(self.id, v) > 0 else ring_sub(y, mask, k)
+            _accumulate(y, mask, _sign(self.id, v), k)
         return y
 
     def unmask(self, survivors: Iterable[int]) -> dict[int, tuple[str, int]]:
@@ -385,9 +393,9 @@ class SecAggServer:
                                       "inconsistent with the survivor list")
         total = np.zeros(cfg.length, ring_dtype(k))
         for u in sorted(survivors):
-            total = ring_add(total, self.masked[u], k)
+            _accumulate(total, self.masked[u], 1, k)
             seed = self._rebuild(b_shares[u], f"self-mask seed of client {u}")
-            total = ring_sub(total, prg(seed, cfg.length, k), k)
+            _accumulate(total, prg(seed, cfg.length, k), -1, k)
         for v in sorted(dropped):
             affected = sorted(cfg.graph[v] & survivors)
             if not affected:
@@ -398,7 +406,7 @@ class SecAggServer:
             for u in affected:
                 mask = prg(_pair_seed(secret, self.adverts[u].mask_public, u, v, cfg.context), cfg.length, k)
                 # y_u carries sign(u, v)·mask; take it back out.
-                total = ring_sub(total, mask, k) if _sign(u, v) > 0 else ring_add(total, mask, k)
+                _accumulate(total, mask, -_sign(u, v), k)
         return total
 
     def _rebuild(self, shares: Mapping[int, int], what: str) -> bytes:
