@@ -124,6 +124,9 @@ class FederatedSection(Section):
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight.")
     share_discriminator: bool = Field(True, description="False keeps discriminators local (only G is shared).")
     eval_every: int = Field(1, ge=1, description="Rounds between evaluations.")
+    client_cpus: int = Field(
+        1, ge=1, description="Simulation: CPU cores per virtual hospital (Ray runs cores ÷ client_cpus at once)."
+    )
 
 
 class PrivacySection(Section):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from medsyngan.config import Config, config_from_toml_text
 from medsyngan.data.api import load_training_data, select_split
 from medsyngan.data.partition import read_partition_csv
@@ -88,6 +90,8 @@ class HospitalRuntime:
         if key not in self._data:
             self._data = {key: load_hospital_data(identity, job, cfg)}
         train, holdout = self._data[key]
+        # Fixed per configuration (not whatever the worker process inherited), so reruns compute identically.
+        torch.set_num_threads(cfg.run.threads or cfg.federated.client_cpus)
         return Hospital(cfg, identity.hospital_id, train, holdout), cfg
 
 

@@ -103,7 +103,7 @@ def run_federated(cfg: Config, run_dir: RunDir, resume: bool) -> None:
     server_app = make_server_app(cfg, run_dir, job, resume, simulation_identity_key(cfg, run_dir))
     cpus = max(1, os.cpu_count() or 1)
     backend = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": min(f.client_cpus, cpus), "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
     }
     log.info("federation: %d hospitals, %d rounds of %d local steps (%s)", f.hospitals, f.rounds, f.local_steps,
