@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no test: that must fail CI, not pass it.
 test: $(STAMP)
+	./scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: $(STAMP)

@@ -112,7 +112,7 @@ class RandomExtractor(FeatureExtractor):
         self.cache_key = f"randomconv-v2-seed{seed}"
 
     def embed(self, images_u8):
-        x = torch.from_numpy(np.ascontiguousarray(images_u8)).to(self.device).float()[:, None] / 255.0
+        x = torch.from_numpy(np.array(images_u8, copy=True)).to(self.device).float()[:, None] / 255.0
         if x.shape[-1] != RANDOM_NET_SIZE:
             x = F.interpolate(x, size=(RANDOM_NET_SIZE, RANDOM_NET_SIZE), mode="bilinear", antialias=True,
                               align_corners=False)
@@ -137,7 +137,7 @@ class TorchScriptExtractor(FeatureExtractor):
         self.cache_key = f"torchscript-{digest}"
 
     def embed(self, images_u8):
-        x = torch.from_numpy(np.ascontiguousarray(images_u8)).to(self.device).float()[:, None] / 255.0
+        x = torch.from_numpy(np.array(images_u8, copy=True)).to(self.device).float()[:, None] / 255.0
         out = self.net(x)
         if not isinstance(out, torch.Tensor) or out.shape[0] != x.shape[0]:
             raise UserError("the TorchScript feature extractor must return one tensor [B, ...] per batch of B images")
