@@ -45,7 +45,6 @@ class RunOutcome:
     run_dir: RunDir
     wall_s: float
     metrics: dict[str, float] = field(default_factory=dict)
-    report: Path | None = None
 
 
 def demo_config(quick: bool, data: Path | None, overrides: list[str]) -> Config:
@@ -78,30 +77,45 @@ def evaluation_sets(cfg: Config):
     return train, test
 
 
-def evaluate_run(outcome: RunOutcome, cfg: Config, train, test) -> None:
-    """Generate from the run's generator (EMA when kept) and evaluate it; writes the run's report.html."""
+@dataclass
+class Scored:
+    evaluation: Any
+    fake: np.ndarray
+    notes: list[str]
+
+
+def evaluate_run(outcome: RunOutcome, cfg: Config, train, test) -> Scored:
+    """Generate from the run's generator (EMA when kept) and evaluate it against the test patients."""
     from medsyngan.metrics import evaluate
-    from medsyngan.report.html import write_report
+    from medsyngan.metrics.evaluate import privacy_from_rows
     from medsyngan.training.generate import generate_images, load_generator
 
     G, meta = load_generator(outcome.run_dir.root)
     fake = generate_images(G, cfg.eval.num_samples, seed=cfg.run.seed)
-    rows = outcome.run_dir.read_metrics()
-    eps = [r["epsilon"] for r in rows if isinstance(r.get("epsilon"), (int, float))]
-    deltas = [r["delta"] for r in rows if isinstance(r.get("delta"), (int, float))]
+    epsilon, delta = privacy_from_rows(outcome.run_dir.read_metrics())
     ev = evaluate(
         fake, np.asarray(test.images), np.asarray(train.images), metrics=cfg.eval.metrics,
-        feature_extractor=cfg.eval.feature_extractor, generator=G, epsilon=max(eps) if eps else None,
-        delta=max(deltas) if deltas else None, real_patients=test.patients, train_patients=train.patients,
-        nn_threshold=cfg.eval.nn_threshold, kid_subset_size=min(1000, len(test), cfg.eval.num_samples),
-        msssim_pairs=500, ppl_samples=500, seed=cfg.run.seed,
+        feature_extractor=cfg.eval.feature_extractor, generator=G, epsilon=epsilon, delta=delta,
+        real_patients=test.patients, train_patients=train.patients, nn_threshold=cfg.eval.nn_threshold,
+        kid_subset_size=min(1000, len(test), cfg.eval.num_samples), msssim_pairs=500, ppl_samples=500,
+        seed=cfg.run.seed,
     )
     outcome.metrics = dict(ev.metrics)
     atomic_write_text(outcome.run_dir.root / "metrics.json", json.dumps(ev.metrics, indent=2) + "\n")
-    outcome.report = write_report(
-        outcome.run_dir.report_path, ev, fake, np.asarray(train.images), run_rows=rows,
-        title=f"MedSynGAN demo — {outcome.name}",
-        notes=[f"generator: {meta.get('checkpoint')}; {cfg.eval.num_samples} samples, seed {cfg.run.seed}"],
+    return Scored(ev, fake, [f"{outcome.name}: generator {meta.get('checkpoint')}, {len(fake)} samples, "
+                            f"seed {cfg.run.seed}"])
+
+
+def write_demo_report(out: Path, fed: RunOutcome, scored: Scored, central: RunOutcome, train) -> Path:
+    """One report: the federated private run in full, with its centralized twin's metrics beside it."""
+    from medsyngan.report.html import write_report
+
+    comparison = {fed.name: headline_metrics(fed.metrics), central.name: headline_metrics(central.metrics)}
+    return write_report(
+        out / "report.html", scored.evaluation, scored.fake, np.asarray(train.images),
+        run_rows=fed.run_dir.read_metrics(), title="MedSynGAN demo — federated, private synthetic chest X-rays",
+        notes=scored.notes + [f"wall time: federated {fed.wall_s:.0f} s, centralized {central.wall_s:.0f} s"],
+        comparison=comparison,
     )
 
 
@@ -132,7 +146,8 @@ def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return chosen
 
 
-def print_summary(fed: RunOutcome, central: RunOutcome, hospitals: list[dict[str, Any]], wall_s: float) -> None:
+def print_summary(fed: RunOutcome, central: RunOutcome, hospitals: list[dict[str, Any]], wall_s: float,
+                  report: Path) -> None:
     from rich.table import Table
 
     per = Table(title="hospitals (federated, private)")
@@ -152,7 +167,7 @@ def print_summary(fed: RunOutcome, central: RunOutcome, hospitals: list[dict[str
         overall.add_row(key, _fmt(fed_m.get(key)), _fmt(cen_m.get(key)))
     overall.add_row("wall time", f"{fed.wall_s:.0f} s", f"{central.wall_s:.0f} s")
     console.print(overall)
-    console.print(f"demo finished in {wall_s:.0f} s; report: {fed.report}")
+    console.print(f"demo finished in {wall_s:.0f} s; report: {report}")
 
 
 def _fmt(value: float | None) -> str:
@@ -189,16 +204,16 @@ def run_demo(out: Path, quick: bool = False, data: Path | None = None, overrides
     setup_logging(out / "demo.log")
 
     log.info("evaluating both runs against %d test images", len(test))
-    evaluate_run(fed, cfg, train, test)
+    scored = evaluate_run(fed, cfg, train, test)
     evaluate_run(central, twin, train, test)
+    report = write_demo_report(out, fed, scored, central, train)
     hospitals = hospital_table(fed.run_dir)
     summary = {
-        "federated": {"wall_s": fed.wall_s, "metrics": fed.metrics, "report": str(fed.report)},
-        "centralized": {"wall_s": central.wall_s, "metrics": central.metrics, "report": str(central.report),
-                        "steps": twin.train.steps},
+        "federated": {"wall_s": fed.wall_s, "metrics": fed.metrics},
+        "centralized": {"wall_s": central.wall_s, "metrics": central.metrics, "steps": twin.train.steps},
+        "report": str(report),
         "hospitals": hospitals, "images_through_d": images, "wall_s": time.time() - start, "quick": quick,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    print_summary(fed, central, hospitals, time.time() - start)
-    assert fed.report is not None
-    return fed.report
+    print_summary(fed, central, hospitals, time.time() - start, report)
+    return report

@@ -31,13 +31,6 @@ def _load_discriminator(checkpoint: Path, device):
         return None
 
 
-def _privacy_from_rows(rows: list[dict]) -> tuple[float | None, float | None]:
-    """ε and δ of the run: the largest ε logged (ε only grows; with several hospitals, the worst one)."""
-    eps = [r["epsilon"] for r in rows if isinstance(r.get("epsilon"), (int, float))]
-    deltas = [r["delta"] for r in rows if isinstance(r.get("delta"), (int, float))]
-    return (max(eps) if eps else None), (max(deltas) if deltas else None)
-
-
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate_cmd(
@@ -66,7 +59,7 @@ def register(app: typer.Typer) -> None:
         import json
 
         from medsyngan.config import load_config
-        from medsyngan.metrics.evaluate import evaluate, evaluate_snapshots, snapshot_dirs
+        from medsyngan.metrics.evaluate import evaluate, evaluate_snapshots, privacy_from_rows, snapshot_dirs
         from medsyngan.metrics.features import make_extractor
         from medsyngan.metrics.images import load_image_set
         from medsyngan.report.html import write_report
@@ -103,7 +96,7 @@ def register(app: typer.Typer) -> None:
             notes.append(f"synthetic images: {count} generated from {meta.get('checkpoint', source)} with seed {seed}")
         if run is not None:
             run_rows = RunDir(run).read_metrics()
-            logged_eps, logged_delta = _privacy_from_rows(run_rows)
+            logged_eps, logged_delta = privacy_from_rows(run_rows)
             epsilon = logged_eps if epsilon is None else epsilon
             delta = logged_delta if delta is None else delta
 

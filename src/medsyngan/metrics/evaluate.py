@@ -257,6 +257,14 @@ def evaluate_images(fake_u8: np.ndarray, real_u8: np.ndarray, train_u8: np.ndarr
     return evaluate(fake_u8, real_u8, train_u8, **kwargs).metrics
 
 
+def privacy_from_rows(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """ε and δ of a run from its metrics.jsonl rows: the largest ε logged (ε only grows; with several hospitals
+    the federated rows carry the worst one)."""
+    eps = [r["epsilon"] for r in rows if isinstance(r.get("epsilon"), (int, float))]
+    deltas = [r["delta"] for r in rows if isinstance(r.get("delta"), (int, float))]
+    return (max(eps) if eps else None), (max(deltas) if deltas else None)
+
+
 def snapshot_dirs(run_dir: str | Path) -> list[Path]:
     """The run's saved checkpoint folders (``checkpoints/step-NNNNNN``), oldest first."""
     folder = Path(run_dir) / "checkpoints"

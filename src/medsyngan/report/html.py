@@ -53,6 +53,20 @@ def _metric_table(metrics: dict[str, float]) -> str:
     return f"<table id='metrics'><tr><th>metric (protocol)</th><th>value</th><th>definition</th></tr>{rows}</table>"
 
 
+def _comparison_table(comparison: dict[str, dict[str, float]]) -> str:
+    """Several runs side by side (the demo: federated + DP against its centralized, non-private twin)."""
+    names = list(comparison)
+    keys = [k for k in dict.fromkeys(k for m in comparison.values() for k in m)]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    rows = "".join(
+        f"<tr><td><code>{html.escape(k)}</code></td>"
+        + "".join(f"<td class='num'>{_fmt(comparison[n][k]) if k in comparison[n] else '—'}</td>" for n in names)
+        + "</tr>"
+        for k in keys
+    )
+    return f"<table id='comparison'><tr><th>metric</th>{head}</tr>{rows}</table>"
+
+
 def _protocol(ev: Evaluation) -> str:
     rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
@@ -128,6 +142,7 @@ def render_report(
     ev: Evaluation, fake_u8: np.ndarray, train_u8: np.ndarray | None = None, *,
     run_rows: Sequence[dict[str, Any]] | None = None, snapshot_rows: Sequence[dict[str, Any]] | None = None,
     title: str = "MedSynGAN evaluation", notes: Sequence[str] = (), grid: int = 64,
+    comparison: dict[str, dict[str, float]] | None = None,
 ) -> str:
     skipped = "".join(f"<li><code>{html.escape(g)}</code>: {html.escape(r)}</li>" for g, r in ev.skipped.items())
     body = [
@@ -136,6 +151,7 @@ def render_report(
         *(f"<p class='warn'>{html.escape(n)}</p>" for n in notes),
         "<h2>Synthetic samples</h2>",
         _img(plots.grid_png(np.asarray(fake_u8[:grid]), cols=8), "synthetic sample grid"),
+        *(["<h2>Compared with other runs</h2>", _comparison_table(comparison)] if comparison else []),
         "<h2>Metrics</h2>",
         "<p>Each name carries its protocol: sample count (k = thousand), resolution in pixels, feature network, and k "
         "for k-NN metrics. Values are comparable only between identical protocols.</p>",
