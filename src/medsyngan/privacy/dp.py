@@ -70,7 +70,6 @@ Per-sample gradients: three engines, chosen automatically
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,7 +83,7 @@ from medsyngan.config import Config
 from medsyngan.errors import UserError
 from medsyngan.privacy.accounting import PrivacyAccountant, plan_dp, planned_private_steps, resolve_unit
 from medsyngan.privacy.sampling import PoissonUnitSampler
-from medsyngan.training.step import DiscriminatorUpdate, GANTrainer, _unwrapped
+from medsyngan.training.step import DiscriminatorUpdate, GANTrainer
 
 ENGINES = ("auto", "ghost", "vmap", "loop")
 STATE_VERSION = 1
@@ -609,7 +608,9 @@ def privacy_unit(requested: str, images: int, patients: Sequence[str] | np.ndarr
     has_ids = patients is not None and len(patients) == images and all(str(x) for x in patients)
     if not has_ids:
         if requested == "patient":
-            raise UserError("privacy.unit = 'patient' but the dataset has no patient ids; set privacy.unit=image or auto")
+            raise UserError(
+                "privacy.unit = 'patient' but the dataset has no patient ids; set privacy.unit=image or auto"
+            )
         return "image", images
     n_patients = len(np.unique(np.asarray(patients, dtype=str)))
     unit = resolve_unit(requested, n_patients, images)
@@ -627,12 +628,11 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
     p = cfg.privacy
     if trainer.use_r1:
         raise UserError("lazy R1 touches real images outside DP-SGD; set train.r1_gamma=0 with privacy.dp")
-    D = _unwrapped(trainer.D)
     # A private generator: the probe must not move the global RNG (exact resume depends on it).
     probe_gen = torch.Generator(device=trainer.device).manual_seed(0)
     probe = torch.rand(2, 1, trainer.resolution, trainer.resolution, generator=probe_gen, device=trainer.device)
     probe = trainer.prepare_real(probe * 2 - 1)
-    validate_discriminator(D, probe)
+    validate_discriminator(trainer.D, probe)
 
     unit, units = privacy_unit(p.unit, len(images), patients)
     plan_steps = planned_steps if planned_steps is not None else planned_private_steps(cfg)
