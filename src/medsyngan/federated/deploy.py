@@ -359,15 +359,15 @@ def node_config(
 ) -> str:
     """The `--node-config` string the ClientApp reads: `hospital-id`, `data-path`, and optionally `state-dir` and
     `aggregator-public` (the aggregator's X25519 key pinned by `pki init`, for end-to-end update encryption).
-    Flower splits the string on spaces and reads each value as TOML, so paths go in TOML literal strings (single
-    quotes, no escapes)."""
+    Paths are made absolute (the ClientApp runs in the SuperNode's home folder). Flower splits the string on
+    spaces and reads each value as TOML, so paths go in TOML literal strings (single quotes, no escapes)."""
     text = f"hospital-id={int(hospital_id)}"
     for key, path in (("data-path", data_path), ("state-dir", state_dir), ("aggregator-public", aggregator_public)):
         if path is None:
             continue
         if "'" in str(path):
             raise UserError(f"{key} {str(path)!r} contains a single quote, which --node-config cannot carry; rename it")
-        text += f" {key}='{path}'"
+        text += f" {key}='{Path(path).resolve()}'"
     return text
 
 
