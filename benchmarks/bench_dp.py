@@ -11,6 +11,8 @@ wall time unevenly, while CPU time counts only this process's work; the headline
 - ``vmap``: our generic engine (torch.func per-sample gradients of the real loss + ordinary fake backward).
 - ``opacus_textbook``: Opacus' DCGAN example loop — ``GradSampleModule`` + ``DPOptimizer``, D called on real and
   fake, one backward of the summed loss, per-sample gradients of both materialised and clipped together.
+- ``opacus_ghost``: Opacus' own ghost clipping (``GradSampleModuleFastGradientClipping``, two backward passes) on
+  the 128 real + fake rows, BCE loss — the library's fast path, for reference.
 
 Target: ghost ≤ 1.5× the non-private step (the textbook Opacus loop costs about 2.7× here).
 Run: ``python benchmarks/bench_dp.py [--quick]``.
@@ -84,6 +86,31 @@ def _opacus_textbook(cfg):
     return step
 
 
+def _opacus_ghost(cfg):
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    from medsyngan.models.registry import build_discriminator
+
+    torch.manual_seed(cfg.run.seed)
+    D = GradSampleModuleFastGradientClipping(build_discriminator(cfg.model).train(), max_grad_norm=CLIP,
+                                             use_ghost_clipping=True, loss_reduction="mean")
+    t = cfg.train
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2)), noise_multiplier=SIGMA,
+        max_grad_norm=CLIP, expected_batch_size=2 * BATCH, loss_reduction="mean")
+    criterion = DPLossFastGradientClipping(D, opt, torch.nn.BCEWithLogitsLoss(), loss_reduction="mean")
+    labels = torch.cat([torch.ones(BATCH), torch.zeros(BATCH)])
+
+    def step(real, fake):
+        opt.zero_grad(set_to_none=True)
+        criterion(D(torch.cat([real, fake])), labels).backward()
+        opt.step()
+
+    return step
+
+
 def run(quick: bool = False) -> dict:
     cfg = load_config("dcgan64", ["model.dp_compatible=true"])
     gen = torch.Generator().manual_seed(0)
@@ -95,12 +122,13 @@ def run(quick: bool = False) -> dict:
     plain_update = DiscriminatorUpdate()
     ghost, vmap = _trainer(cfg), _trainer(cfg)
     sessions = [_session(ghost, cfg, "ghost"), _session(vmap, cfg, "vmap")]
-    textbook = _opacus_textbook(cfg)
+    textbook, opacus_ghost = _opacus_textbook(cfg), _opacus_ghost(cfg)
     variants = {
         "nonprivate": lambda: plain_update.step(plain, real, fake),
         "ghost": lambda: ghost.d_update.step(ghost, real, fake),
         "vmap": lambda: vmap.d_update.step(vmap, real, fake),
         "opacus_textbook": lambda: textbook(real, fake),
+        "opacus_ghost": lambda: opacus_ghost(real, fake),
     }
     rounds = 3 if quick else 10
     wall: dict[str, list[float]] = {k: [] for k in variants}

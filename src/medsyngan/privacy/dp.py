@@ -134,8 +134,7 @@ class _Rule:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.params = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None))
-                       if p is not None and p.requires_grad]
+        self.params = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if p is not None]
         self.per_sample: list[Tensor] | None = None
 
     def norms2(self, a: Tensor, g: Tensor) -> Tensor:
@@ -264,11 +263,14 @@ def ghost_rules(D: nn.Module) -> list[_Rule] | None:
     """Rules covering every trainable parameter of D exactly, or None when some parameter is not covered."""
     rules, covered = [], set()
     for module in D.modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if not own:
+        own = list(module.parameters(recurse=False))
+        if not any(p.requires_grad for p in own):
             continue
         rule = _rule_for(module)
-        if rule is None or {id(p) for p in own} != {id(p) for p in rule.params}:
+        # A layer with some parameters frozen and others not is left to the generic engine.
+        if rule is None or not all(p.requires_grad for p in own):
+            return None
+        if {id(p) for p in own} != {id(p) for p in rule.params}:
             return None
         rules.append(rule)
         covered.update(id(p) for p in own)
