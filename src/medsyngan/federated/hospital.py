@@ -22,6 +22,7 @@ from medsyngan.data.loader import BatchLoader
 from medsyngan.data.prepared import PreparedDataset
 from medsyngan.federated.aggregation import delta
 from medsyngan.federated.plan import derive_seed
+from medsyngan.training.generate import generate_images
 from medsyngan.training.step import GANTrainer
 
 # Called with (generated uint8 [N,S,S], held-out uint8 [M,S,S]); returns scalar metrics. Injected by the app so
@@ -157,25 +158,12 @@ class Hospital:
             handles.append(optimizer.register_step_pre_hook(pre_step))
         return handles
 
-    @torch.no_grad()
     def evaluate(self, generator_state: Mapping[str, Tensor], count: int, evaluate_fn: EvaluateFn) -> dict[str, float]:
         """Metrics of the global generator against this hospital's held-out images; only scalars leave."""
         if self.holdout is None or len(self.holdout) == 0:
             return {}
         self.trainer.load_model_state(generator_state)
-        G = self.trainer.G
-        was_training = G.training
-        G.eval()
-        try:
-            gen = torch.Generator(device=self.trainer.device).manual_seed(derive_seed("evaluate", self.hospital_id))
-            chunks = []
-            for start in range(0, count, 128):
-                z = torch.randn(min(128, count - start), G.z_dim, device=self.trainer.device, generator=gen)
-                chunks.append(G(z).float())
-            images = torch.cat(chunks)
-        finally:
-            G.train(was_training)
-        fake = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).cpu().numpy()
+        fake = generate_images(self.trainer.G, count, seed=derive_seed("evaluate", self.hospital_id) % 2**31)
         result = dict(evaluate_fn(fake, np.asarray(self.holdout.images)))
         result["holdout_images"] = float(len(self.holdout))
         return result
