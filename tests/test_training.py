@@ -233,3 +233,10 @@ def test_unsupported_resolution_is_one_line():
 
     with pytest.raises(UserError, match="not supported by dcgan; use one of: 32, 64, 128, 256"):
         GANTrainer(load_config(None, ["model.resolution=512", "data.size=512"]))
+
+
+def test_compiled_trainer_keeps_the_plain_state_keys():
+    plain = GANTrainer(tiny_cfg("dcgan"))
+    compiled = GANTrainer(tiny_cfg("dcgan", "train.compile=true"))
+    assert compiled.model_state().keys() == plain.model_state().keys()
+    assert all(torch.equal(a, b) for a, b in zip(compiled.model_state().values(), plain.model_state().values()))

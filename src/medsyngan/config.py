@@ -103,6 +103,11 @@ class TrainSection(Section):
     sample_every: int = Field(500, ge=1, description="Steps between sample grids.")
     log_every: int = Field(50, ge=1, description="Steps between metrics.jsonl rows.")
     amp: Literal["auto", "off", "bf16"] = Field("auto", description="bf16 autocast on CUDA when 'auto'.")
+    compile: bool = Field(
+        False,
+        description="torch.compile G and D (inductor): minutes of compilation at start, faster steps after; "
+        "leave off under DP-SGD (Opacus hooks) and for short runs.",
+    )
 
 
 class FederatedSection(Section):

@@ -25,7 +25,7 @@ from medsyngan.rundir import RunDir, atomic_write_bytes, log, progress
 from medsyngan.runtime import configure_threads, seed_everything
 from medsyngan.training.checkpoint import load_checkpoint, restore_trainer, save_trainer_checkpoint
 from medsyngan.training.generate import image_grid, sample_images
-from medsyngan.training.step import GANTrainer
+from medsyngan.training.step import GANTrainer, unwrap
 
 SAMPLE_GRID = 64  # images in each snapshot grid (8 x 8)
 
@@ -63,7 +63,8 @@ def fixed_latents(z_dim: int, seed: int, count: int = SAMPLE_GRID) -> torch.Tens
 def save_sample_grid(trainer: GANTrainer, latents: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
-    net = trainer.G_ema if trainer.G_ema is not None else trainer.G
+    # The plain module: a compiled G would recompile for eval mode.
+    net = unwrap(trainer.G_ema if trainer.G_ema is not None else trainer.G)
     images = sample_images(net, latents, device=trainer.device)
     buf = io.BytesIO()
     Image.fromarray(image_grid(images)).save(buf, format="PNG")

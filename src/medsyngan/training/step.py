@@ -136,6 +136,10 @@ class GANTrainer:
         self.G = G.to(self.device, memory_format=fmt).train()
         self.D = D.to(self.device, memory_format=fmt).train()
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if t.ema_kimg > 0 else None
+        if t.compile:
+            # Fuses BatchNorm/activations and their backward with the convolutions' neighbours; the networks and
+            # the algorithm are unchanged (state_dict keys too: see unwrap).
+            self.G, self.D = torch.compile(self.G), torch.compile(self.D)
         self.autocast_dtype = torch.bfloat16 if (
             t.amp == "bf16" or (t.amp == "auto" and self.device.type == "cuda")
         ) else None
@@ -335,7 +339,7 @@ class GANTrainer:
         for part in parts:
             if part not in nets:
                 raise KeyError(f"no network {part!r}; have {sorted(nets)}")
-            for key, value in _unwrapped(nets[part]).state_dict().items():
+            for key, value in unwrap(nets[part]).state_dict().items():
                 state[f"{part}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
         return state
 
@@ -350,13 +354,13 @@ class GANTrainer:
             grouped.setdefault(part, {})[name] = value
         for part, sub in grouped.items():
             if part in nets:
-                _unwrapped(nets[part]).load_state_dict(sub)
+                unwrap(nets[part]).load_state_dict(sub)
         # ProGAN networks carry their stage as buffers; the schedule (images seen) stays the authority.
         self.stage = None
         self._sync_stage()
         if "G_ema" not in grouped and "G" in grouped and self.G_ema is not None and not self.step:
             # A fresh trainer given only G starts its EMA from that G, not from its own random init.
-            self.G_ema.load_state_dict(_unwrapped(self.G).state_dict())
+            self.G_ema.load_state_dict(unwrap(self.G).state_dict())
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: networks, optimizers, regularizer state, counters, RNG."""
@@ -392,10 +396,10 @@ class GANTrainer:
         self._sync_stage()
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
     """The plain network behind a wrapper (Opacus GradSampleModule, torch.compile) so state keys stay stable."""
     for attr in ("_module", "_orig_mod"):
         inner = getattr(module, attr, None)
         if isinstance(inner, nn.Module):
-            return _unwrapped(inner)
+            return unwrap(inner)
     return module
