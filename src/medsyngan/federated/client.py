@@ -107,10 +107,10 @@ def ledger_file(identity: NodeIdentity) -> Path:
     return identity.state_dir / "privacy-ledger.json"
 
 
-def restore(hospital: Hospital, identity: NodeIdentity, resume_round: int, in_memory: tuple[int, bytes] | None) -> None:
-    """Bring the hospital to its state after ``resume_round`` (0: fresh), from memory or its disk copy."""
+def restore(hospital: Hospital, identity: NodeIdentity, resume_round: int, in_memory: tuple[int, dict] | None) -> None:
+    """Bring the hospital to its state after ``resume_round`` (0: fresh), from ``context.state`` or its disk copy."""
     if in_memory is not None and in_memory[0] == resume_round:
-        state = unpack_blob(in_memory[1])
+        state = in_memory[1]
     elif resume_round == 0:
         state = None
     else:
@@ -128,11 +128,10 @@ def restore(hospital: Hospital, identity: NodeIdentity, resume_round: int, in_me
         hospital.privacy_floor = json.loads(ledger.read_text())
 
 
-def persist(hospital: Hospital, identity: NodeIdentity, round_: int) -> bytes:
+def persist(hospital: Hospital, identity: NodeIdentity, round_: int) -> dict:
     """Write the state after ``round_`` to disk (atomically, keeping the last few rounds) and return it."""
     state = hospital.state_dict()
-    blob = pack_blob(state)
-    atomic_write_bytes(state_file(identity, round_), blob)
+    atomic_write_bytes(state_file(identity, round_), pack_blob(state))
     if state.get("dp") is not None:
         atomic_write_text(ledger_file(identity), json.dumps(state["dp"]["accountant"]))
     for old in sorted(identity.state_dir.glob("round-*.pt"))[:-KEEP_ROUNDS]:

@@ -52,9 +52,17 @@ def _job(message: Message) -> dict:
     return dict(message.content[msg.KEY_CONFIG])
 
 
-def _in_memory(context: Context) -> tuple[int, bytes] | None:
-    record = context.state.get(msg.KEY_STATE)
-    return (int(record["round"]), bytes(record["blob"])) if record is not None else None
+def _in_memory(context: Context) -> tuple[int, dict] | None:
+    meta, arrays = context.state.get(msg.KEY_STATE_META), context.state.get(msg.KEY_STATE)
+    if meta is None or arrays is None:
+        return None
+    return int(meta["round"]), msg.join_state(msg.record_to_state(arrays), str(meta["skeleton"]))
+
+
+def _keep_in_memory(context: Context, round_: int, state: dict) -> None:
+    tensors, skeleton = msg.split_state(state)
+    context.state[msg.KEY_STATE] = msg.state_to_record(tensors)
+    context.state[msg.KEY_STATE_META] = ConfigRecord({"round": round_, "skeleton": skeleton})
 
 
 @app.query("hello")
@@ -140,8 +148,7 @@ def train(message: Message, context: Context) -> Message:
     if cfg.privacy.encrypt:
         payload = wire.seal_update(payload, job, identity.hospital_id, round_, wire.model_hash(global_state),
                                    context.node_config.get("aggregator-public"))
-    blob = persist(hospital, identity, round_)
-    context.state[msg.KEY_STATE] = ConfigRecord({"round": round_, "blob": blob})
+    _keep_in_memory(context, round_, persist(hospital, identity, round_))
     metrics = {**result.metrics, **encoded.stats, "num_examples": result.num_examples, "weight": encoded.weight}
     content = RecordDict({msg.KEY_UPDATE: msg.update_record(payload), msg.KEY_METRICS: msg.metrics_record(metrics)})
     return msg.reply(message, content)

@@ -12,6 +12,7 @@ Message types:
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ KEY_WEIGHTS = "weights"
 KEY_UPDATE = "update"
 KEY_METRICS = "metrics"
 KEY_STATE = "hospital_state"
+KEY_STATE_META = "hospital_state_meta"
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -60,6 +62,42 @@ def record_bytes(content: RecordDict) -> int:
         elif isinstance(record, ConfigRecord):
             total += sum(len(v) for v in record.values() if isinstance(v, (bytes, str)))
     return total
+
+
+def split_state(obj: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """A nested state (dicts, lists, tensors, numbers) as flat tensors plus a JSON skeleton.
+
+    Flower chunks the arrays of an ArrayRecord but sends a ConfigRecord value in one piece, so a hospital's state
+    (weights and Adam moments: tens of MB at DCGAN-64) must travel as arrays to fit a deployment's messages.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            tensors[path] = node.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(node, dict):
+            return {"__dict__": [[walk(k, f"{path}/k{i}"), walk(v, f"{path}/{i}")] for i, (k, v) in enumerate(node.items())]}
+        if isinstance(node, (list, tuple)):
+            return {"__list__": [walk(v, f"{path}/{i}") for i, v in enumerate(node)], "tuple": isinstance(node, tuple)}
+        return node
+
+    skeleton = walk(obj, "s")
+    return tensors, json.dumps(skeleton)
+
+
+def join_state(tensors: Mapping[str, torch.Tensor], skeleton: str) -> Any:
+    def build(node: Any) -> Any:
+        if isinstance(node, dict) and "__tensor__" in node:
+            return tensors[node["__tensor__"]]
+        if isinstance(node, dict) and "__dict__" in node:
+            return {build(k): build(v) for k, v in node["__dict__"]}
+        if isinstance(node, dict) and "__list__" in node:
+            items = [build(v) for v in node["__list__"]]
+            return tuple(items) if node["tuple"] else items
+        return node
+
+    return build(json.loads(skeleton))
 
 
 def pack_blob(obj: Any) -> bytes:

@@ -259,20 +259,28 @@ class Aggregator:
 
     def exchange(self, grid: Grid, round_: int, messages: dict[int, Message], traffic: RoundTraffic,
                  stage: str) -> dict[int, Message]:
-        """Send one message per hospital, return the good replies by hospital; count bytes both ways."""
-        node_to_hospital = {n: h for h, n in self.roster.items()}
+        """Send one message per hospital, return the good replies by hospital; count bytes both ways.
+
+        Replies are matched to hospitals through the message they answer: an error for a node the SuperLink
+        declared offline comes from the SuperLink itself, not from the hospital's node."""
         for hospital, message in messages.items():
             traffic.sent[hospital] = traffic.sent.get(hospital, 0) + msg.record_bytes(message.content)
-        good, errors = _ok(grid.send_and_receive(list(messages.values()), timeout=self.cfg.federated.round_timeout_s))
-        for error in errors:
-            log.warning("round %d (%s): %s", round_, stage, error)
-        replies = {node_to_hospital[r.metadata.src_node_id]: r for r in good}
-        for hospital, reply in replies.items():
+        replies = list(grid.send_and_receive(list(messages.values()), timeout=self.cfg.federated.round_timeout_s))
+        by_message = {m.metadata.message_id: h for h, m in messages.items()}
+        good: dict[int, Message] = {}
+        for reply in replies:
+            hospital = by_message.get(reply.metadata.reply_to_message_id)
+            if hospital is None:
+                continue
+            if reply.has_error():
+                log.warning("round %d (%s): hospital %d: %s", round_, stage, hospital, reply.error.reason)
+                continue
+            good[hospital] = reply
             traffic.received[hospital] = traffic.received.get(hospital, 0) + msg.record_bytes(reply.content)
-        missing = sorted(set(messages) - set(replies))
+        missing = sorted(set(messages) - set(good))
         if missing:
-            log.warning("round %d (%s): no reply from hospital(s) %s", round_, stage, missing)
-        return dict(sorted(replies.items()))
+            log.warning("round %d (%s): no usable reply from hospital(s) %s", round_, stage, missing)
+        return dict(sorted(good.items()))
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state.global_state.items() if k.split(".", 1)[0] in shared_parts(self.cfg)}

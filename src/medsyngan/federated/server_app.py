@@ -10,6 +10,7 @@ hospitals; ``deployment``: each hospital brings its own ``data-path``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from medsyngan.config import Config
+from medsyngan.errors import UserError
 from medsyngan.federated.server import Aggregator
 from medsyngan.rundir import RunDir
 
@@ -32,6 +34,7 @@ def make_server_app(cfg: Config, run_dir: RunDir, job: Mapping[str, Any], resume
     return server
 
 
+log = logging.getLogger("medsyngan.federated")
 app = ServerApp()
 
 
@@ -49,4 +52,9 @@ def main(grid: Grid, context: Context) -> None:
         simulation=str(run_config.get("mode", "simulation")) == "simulation",
     )
     key = str(run_config.get("aggregator-key", "")) or None
-    Aggregator(cfg, run_dir, job, bool(run_config.get("resume", False)), key).run(grid)
+    try:
+        Aggregator(cfg, run_dir, job, bool(run_config.get("resume", False)), key).run(grid)
+    except UserError as exc:
+        # `flwr run` shows the ServerApp's log; one clear line reads better there than a traceback.
+        log.error("federation stopped: %s", exc)
+        raise SystemExit(2) from None
