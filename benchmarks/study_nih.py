@@ -1,0 +1,392 @@
+"""Study: what federation and privacy cost in image quality on the real NIH chest X-ray sample.
+
+One command reruns the whole study::
+
+    .venv/bin/python benchmarks/study_nih.py [--quick] [--seeds 0 1] [--out runs/study-nih] [--docs docs]
+
+1. Data: the 64-px NIH sample (``../shared/data/nih-chestxray14``, or ``$MEDSYNGAN_NIH_DIR``) is prepared once;
+   20% of its patients (fixed seed) become the evaluation set, the rest the training set — two prepared datasets,
+   patient-disjoint. Nothing below looks at the evaluation set until the final scoring.
+2. Five configurations at the same number of images through D (``hospitals × rounds × local_steps × batch``),
+   all with the same network (DCGAN-64, GroupNorm discriminator so that DP-SGD applies) and the same optimizer:
+   centralized non-private; federated 3 hospitals by patient; federated label-skew (Dirichlet α = 0.5);
+   federated + patient-level DP ε = 10; the product default (DP ε = 1, clipped 8-bit updates, AES-GCM, secure
+   aggregation).
+3. Each run's generator (its EMA) is scored against the evaluation patients (random-feature FD/KID,
+   precision/recall, density/coverage, MS-SSIM diversity beside the real set's own), against the training set
+   (nearest-neighbour SSIM/PSNR/MSE, near-copies) and by a GAN-Leaks membership attack (training vs evaluation
+   images); ε spent, bytes the hospitals sent and wall time come from the run's own metrics.
+
+Outputs: ``OUT/study.json`` and ``OUT/study.md`` (with ``--docs DIR`` also ``DIR/results/study.json`` and one
+sample grid PNG per configuration in ``DIR/results/``). ``run(quick)`` returns the figures for ``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_NIH = REPO.parent / "shared" / "data" / "nih-chestxray14"
+HOLDOUT_FRACTION = 0.2
+SPLIT_SEED = 2024
+METRICS = "fd,kid,prdc,nn,msssim,privacy"  # PPL is not part of the study's questions and costs minutes
+GRID = 36
+RESULT_FILE = "study-result.json"
+
+
+@dataclass(frozen=True)
+class Budget:
+    width: int          # DCGAN ngf = ndf
+    batch: int
+    rounds: int
+    local_steps: int
+    hospitals: int
+    samples: int        # synthetic images scored per run
+    ema_kimg: float
+
+    @property
+    def images_through_d(self) -> int:
+        return self.hospitals * self.rounds * self.local_steps * self.batch
+
+
+# Sized on the 2-core shared CPU (see docs/results.md): width 24 ran ~125 img/s centralized under load.
+FULL = Budget(width=24, batch=32, rounds=16, local_steps=25, hospitals=3, samples=500, ema_kimg=1.0)
+QUICK = Budget(width=8, batch=8, rounds=2, local_steps=2, hospitals=3, samples=48, ema_kimg=0.05)
+
+PLAIN_WIRE = ["privacy.update_clip=0", "privacy.quantize_bits=0", "privacy.encrypt=false", "privacy.secagg=false"]
+CONFIGS: list[tuple[str, str, list[str]]] = [
+    ("centralized", "(1) centralized, non-private", []),
+    ("fed-patient", "(2) federated, 3 hospitals, patient partition",
+     ['federated.scheme="patient"', "privacy.dp=false", *PLAIN_WIRE]),
+    ("fed-labelskew", "(3) federated, label-skew α=0.5",
+     ['federated.scheme="label-skew"', "federated.alpha=0.5", "privacy.dp=false", *PLAIN_WIRE]),
+    ("fed-dp10", "(4) federated + patient-level DP ε=10",
+     ['federated.scheme="patient"', "privacy.dp=true", "privacy.target_epsilon=10.0", *PLAIN_WIRE]),
+    ("fed-dp1-secure", "(5) federated + DP ε=1, 8-bit, AES-GCM, secure aggregation (product default)",
+     ['federated.scheme="patient"', "privacy.dp=true", "privacy.target_epsilon=1.0", "privacy.update_clip=1.0",
+      "privacy.quantize_bits=8", "privacy.encrypt=true", "privacy.secagg=true"]),
+]
+
+
+def nih_dir() -> Path:
+    return Path(os.environ.get("MEDSYNGAN_NIH_DIR", DEFAULT_NIH))
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def write_subset(ds, rows: np.ndarray, out: Path, role: str) -> Path:
+    """Rows of a prepared dataset as a prepared dataset of their own (built beside ``out``, renamed into place)."""
+    from medsyngan.data.prepared import IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, index_csv_text
+
+    sub = ds.subset(rows)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.ascontiguousarray(sub.images).tofile(tmp / IMAGES_FILE)
+    (tmp / INDEX_FILE).write_text(index_csv_text(sub.image_names, sub.patients, sub.labels, sub.views, sub.splits))
+    manifest = dict(ds.manifest, count=len(sub), key=f"{ds.manifest.get('key', '')}:{role}",
+                    study_subset={"role": role, "holdout_fraction": HOLDOUT_FRACTION, "seed": SPLIT_SEED})
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def holdout_patients(patients: np.ndarray, fraction: float = HOLDOUT_FRACTION, seed: int = SPLIT_SEED) -> set[str]:
+    """A fixed-seed random fraction of the patients (at least one, never all)."""
+    unique = np.unique(patients.astype(str))
+    count = min(len(unique) - 1, max(1, round(fraction * len(unique))))
+    chosen = np.random.default_rng(seed).permutation(len(unique))[:count]
+    return set(unique[chosen].tolist())
+
+
+def prepare_split(work: Path) -> tuple[Path, Path, dict[str, int]]:
+    """(training dataset, evaluation dataset, counts) under ``work``; patient-disjoint."""
+    from medsyngan.data.prepare import PrepareSettings, prepare
+    from medsyngan.data.prepared import PreparedDataset
+
+    source = nih_dir()
+    prepare(source, work / "nih-64", PrepareSettings(size=64, skip_bad=True), images_dir=source / "images-64")
+    ds = PreparedDataset.open(work / "nih-64")
+    held = holdout_patients(ds.patients)
+    is_eval = np.isin(ds.patients.astype(str), sorted(held))
+    train = write_subset(ds, np.flatnonzero(~is_eval), work / "train", "train")
+    evaluation = write_subset(ds, np.flatnonzero(is_eval), work / "eval", "eval")
+    counts = {"train_images": int((~is_eval).sum()), "eval_images": int(is_eval.sum()),
+              "train_patients": len(np.unique(ds.patients[~is_eval])), "eval_patients": len(held)}
+    return train, evaluation, counts
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def config_for(key: str, overrides: list[str], budget: Budget, train_dir: Path, seed: int):
+    from medsyngan.config import load_config
+
+    common = [
+        'data.source="prepared"', f"data.path={json.dumps(str(train_dir))}", 'data.split="all"',
+        f"model.ngf={budget.width}", f"model.ndf={budget.width}", "model.dp_compatible=true",
+        f"train.batch_size={budget.batch}", f"train.ema_kimg={budget.ema_kimg}", f"run.seed={seed}",
+        f'run.name="study-{key}-s{seed}"', f"eval.num_samples={budget.samples}", "run.threads=1",
+    ]
+    if key == "centralized":
+        steps = budget.images_through_d // budget.batch
+        return load_config("dcgan64", common + [
+            f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.sample_every={steps}",
+            f"train.log_every={max(1, steps // 20)}", *overrides])
+    return load_config("federated-dcgan64", common + [
+        f"federated.hospitals={budget.hospitals}", f"federated.rounds={budget.rounds}",
+        f"federated.local_steps={budget.local_steps}", f"federated.eval_every={budget.rounds}",
+        "federated.quorum=2", *overrides])
+
+
+def train_one(cfg, run_root: Path) -> float:
+    from medsyngan.federated.run import run_federated
+    from medsyngan.rundir import RunDir
+    from medsyngan.training.centralized import train_centralized
+
+    shutil.rmtree(run_root, ignore_errors=True)
+    rd = RunDir(run_root).create(cfg)
+    t0 = time.time()
+    if cfg.federated.enabled:
+        run_federated(cfg, rd, resume=False)
+    else:
+        train_centralized(cfg, rd)
+    return time.time() - t0
+
+
+def score(cfg, run_root: Path, train, evaluation, grid_path: Path | None) -> dict[str, Any]:
+    from medsyngan.demo import hospital_table
+    from medsyngan.metrics import evaluate
+    from medsyngan.metrics.evaluate import privacy_from_rows
+    from medsyngan.rundir import RunDir
+    from medsyngan.training.generate import generate_images, image_grid, load_generator
+
+    rd = RunDir(run_root)
+    rows = rd.read_metrics()
+    G, meta = load_generator(run_root)
+    fake = generate_images(G, cfg.eval.num_samples, seed=cfg.run.seed + 1000)
+    epsilon, delta = privacy_from_rows(rows)
+    ev = evaluate(
+        fake, np.asarray(evaluation.images), np.asarray(train.images), metrics=METRICS, feature_extractor="random",
+        epsilon=epsilon, delta=delta, real_patients=evaluation.patients, train_patients=train.patients,
+        nn_threshold=cfg.eval.nn_threshold, kid_subset_size=min(len(evaluation), len(fake)), msssim_pairs=500,
+        seed=cfg.run.seed,
+    )
+    if grid_path is not None:
+        from PIL import Image
+
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image_grid(fake[:GRID], cols=6)).save(grid_path, optimize=True)
+    hospitals = hospital_table(rd) if cfg.federated.enabled else []
+    return {
+        "metrics": ev.metrics, "skipped": ev.skipped, "epsilon": epsilon, "delta": delta,
+        "bytes_sent": sum(h["bytes_sent"] for h in hospitals), "hospitals": hospitals,
+        "kimg": max((r.get("kimg", 0.0) for r in rows), default=0.0), "generator": meta.get("generator_part"),
+    }
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+def pick(metrics: dict[str, float], prefix: str, suffix: str = "") -> float | None:
+    """The value of the one metric named ``prefix…suffix`` (protocol tags vary with sample counts)."""
+    for key, value in metrics.items():
+        if key.startswith(prefix) and key.endswith(suffix) and not key.endswith("_std"):
+            return value
+    return None
+
+
+COLUMNS = [  # (heading, metric prefix, suffix)
+    ("FD (rand)", "fd", ""), ("KID", "kid", ""), ("prec", "precision", ""), ("recall", "recall", ""),
+    ("density", "density", ""), ("coverage", "coverage", ""), ("MS-SSIM div", "msssim_div_fake", ""),
+    ("NN-SSIM", "ssim_nn_train", ""), ("NN-SSIM max", "ssim_nn_train_max", ""), ("NN-PSNR", "psnr_nn_train", ""),
+    ("NN-MSE", "mse_nn_train", ""), ("near-copies", "near_copies", ""), ("MIA AUC", "mia_ganleaks_pixel_auc", ""),
+]
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per configuration: every table column (mean, std over seeds) plus ε, bytes and wall time."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, label, _ in CONFIGS:
+        runs = [r for r in results if r["config"] == key]
+        if not runs:
+            continue
+        row: dict[str, Any] = {"label": label, "seeds": [r["seed"] for r in runs]}
+        for heading, prefix, suffix in COLUMNS:
+            row[heading] = mean_std([pick(r["metrics"], prefix, suffix) for r in runs])
+        row["MS-SSIM real"] = mean_std([pick(r["metrics"], "msssim_div_real") for r in runs])
+        row["ε"] = mean_std([r["epsilon"] for r in runs])
+        row["MB sent"] = mean_std([r["bytes_sent"] / 1e6 if r["bytes_sent"] else None for r in runs])
+        row["wall s"] = mean_std([r["wall_s"] for r in runs])
+        out[key] = row
+    return out
+
+
+def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured figure and whether it was met."""
+    def fd(key: str) -> float | None:
+        return summary.get(key, {}).get("FD (rand)", (None, None))[0]
+
+    checks: list[dict[str, Any]] = []
+    ref = fd("centralized")
+    for key, limit in (("fed-patient", 1.2), ("fed-labelskew", 1.5), ("fed-dp10", 2.0), ("fed-dp1-secure", None)):
+        value = fd(key)
+        if ref is None or value is None:
+            continue
+        ratio = value / ref
+        checks.append({"target": f"FD {key} / centralized" + (f" ≤ {limit}" if limit else " (measured only)"),
+                       "value": round(ratio, 3), "met": None if limit is None else ratio <= limit})
+    copies = [summary[k]["near-copies"][0] for k in summary if summary[k]["near-copies"][0] is not None]
+    if copies:
+        checks.append({"target": "no near-copies (NN-SSIM > 0.95) in any run", "value": max(copies),
+                       "met": max(copies) == 0})
+    for key in ("fed-dp10", "fed-dp1-secure"):
+        auc = summary.get(key, {}).get("MIA AUC", (None, None))[0]
+        if auc is not None:
+            checks.append({"target": f"MIA AUC {key} ≤ 0.55", "value": round(auc, 3), "met": auc <= 0.55})
+    return checks
+
+
+def _cell(value: tuple[float | None, float | None]) -> str:
+    mean, std = value
+    if mean is None:
+        return "—"
+    text = f"{mean:.4g}" if abs(mean) >= 1e-3 or mean == 0 else f"{mean:.2e}"
+    return text + (f" ± {std:.2g}" if std is not None else "")
+
+
+def markdown(summary: dict[str, dict[str, Any]], checks: list[dict[str, Any]]) -> str:
+    heads = ["configuration"] + [h for h, _, _ in COLUMNS] + ["ε", "MB sent", "wall s"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for row in summary.values():
+        lines.append("| " + " | ".join([row["label"]] + [_cell(row[h]) for h in heads[1:]]) + " |")
+    real = next((r["MS-SSIM real"] for r in summary.values() if r["MS-SSIM real"][0] is not None), (None, None))
+    lines += ["", f"MS-SSIM diversity of the real evaluation set itself: {_cell(real)} (lower = more diverse).", "",
+              "| target | measured | met |", "|---|---|---|"]
+    for c in checks:
+        met = "measured" if c["met"] is None else ("yes" if c["met"] else "**no**")
+        lines.append(f"| {c['target']} | {c['value']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None,
+              only: list[str] | None = None, reuse: bool = False) -> dict[str, Any]:
+    """``reuse`` keeps a finished run whose configuration is unchanged (an interrupted study continues)."""
+    from medsyngan.data.prepared import PreparedDataset
+    from medsyngan.errors import UserError
+    from medsyngan.rundir import atomic_write_text
+
+    if not (nih_dir() / "images-64").is_dir():
+        raise UserError(f"{nih_dir()}: NIH sample not found; set MEDSYNGAN_NIH_DIR to the nih-chestxray14 folder")
+    budget = QUICK if quick else FULL
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    train_dir, eval_dir, counts = prepare_split(out / "data")
+    train, evaluation = PreparedDataset.open(train_dir), PreparedDataset.open(eval_dir)
+    results: list[dict[str, Any]] = []
+    for seed in seeds:
+        for key, label, overrides in CONFIGS:
+            if only and key not in only:
+                continue
+            cfg = config_for(key, overrides, budget, train_dir, seed)
+            run_root = out / "runs" / f"{key}-s{seed}"
+            saved = run_root / RESULT_FILE
+            if reuse and saved.is_file() and json.loads(saved.read_text()).get("config_toml") == cfg.to_toml():
+                print(f"[study] {label}, seed {seed}: reusing {saved}", flush=True)
+                results.append({k: v for k, v in json.loads(saved.read_text()).items() if k != "config_toml"})
+                continue
+            print(f"[study] {label}, seed {seed}: {budget.images_through_d} images through D", flush=True)
+            wall = train_one(cfg, run_root)
+            grid = (docs / "results" / f"study-{key}.png") if docs is not None and seed == seeds[0] else \
+                out / "grids" / f"{key}-s{seed}.png"
+            scored = score(cfg, run_root, train, evaluation, grid)
+            results.append({"config": key, "label": label, "seed": seed, "wall_s": round(wall, 1),
+                            "grid": str(grid), **scored})
+            atomic_write_text(saved, json.dumps(results[-1] | {"config_toml": cfg.to_toml()}, default=str) + "\n")
+            print(f"[study] {key} s{seed}: {wall:.0f} s, FD {pick(scored['metrics'], 'fd'):.4g}", flush=True)
+            atomic_write_text(out / "partial.json", json.dumps(results, indent=2, default=str) + "\n")
+    summary = summarize(results)
+    checks = targets(summary)
+    report = {
+        "quick": quick, "budget": budget.__dict__ | {"images_through_d": budget.images_through_d},
+        "split": counts | {"holdout_fraction": HOLDOUT_FRACTION, "seed": SPLIT_SEED}, "seeds": seeds,
+        "machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "study_wall_s": round(time.time() - start, 1), "summary": summary, "targets": checks, "runs": results,
+    }
+    text = json.dumps(report, indent=2, default=str) + "\n"
+    atomic_write_text(out / "study.json", text)
+    atomic_write_text(out / "study.md", markdown(summary, checks))
+    if docs is not None:
+        atomic_write_text(docs / "results" / "study.json", text)
+    return report
+
+
+def run(quick: bool) -> dict:
+    """Entry point of ``make bench``: the study's headline figures."""
+    out = REPO / "runs" / ("study-nih-quick" if quick else "study-nih")
+    report = run_study(quick, [0], out)
+    return {"summary": report["summary"], "targets": report["targets"], "study_wall_s": report["study_wall_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized smoke run (tiny network, a few steps)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default runs/study-nih[-quick])")
+    parser.add_argument("--docs", type=Path, default=None, help="also write study.json and sample grids here")
+    parser.add_argument("--only", nargs="+", choices=[k for k, _, _ in CONFIGS], help="a subset of configurations")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs whose configuration is unchanged")
+    args = parser.parse_args(argv)
+    out = args.out or REPO / "runs" / ("study-nih-quick" if args.quick else "study-nih")
+    from medsyngan.errors import UserError
+
+    try:
+        report = run_study(args.quick, args.seeds, out, args.docs, args.only, args.reuse)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(report["summary"], report["targets"]))
+    print(f"study finished in {report['study_wall_s']:.0f} s; {out / 'study.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

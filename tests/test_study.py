@@ -1,0 +1,83 @@
+"""The NIH study script: patient-disjoint split and a --quick end-to-end run of all five configurations."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NIH = Path(os.environ.get("MEDSYNGAN_NIH_DIR", REPO.parent / "shared" / "data" / "nih-chestxray14"))
+needs_nih = pytest.mark.skipif(not (NIH / "images-64").is_dir(), reason=f"NIH sample not found at {NIH}")
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("study_nih", REPO / "benchmarks" / "study_nih.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_holdout_is_a_fixed_fraction_of_patients():
+    study = _study()
+    patients = np.repeat(np.array([f"p{i}" for i in range(50)]), 3)
+    held = study.holdout_patients(patients, 0.2, seed=5)
+    assert len(held) == 10 and held <= set(patients.tolist())
+    assert held == study.holdout_patients(patients, 0.2, seed=5)
+    assert held != study.holdout_patients(patients, 0.2, seed=6)
+    assert len(study.holdout_patients(np.array(["a", "b"]), 0.9)) == 1  # never every patient
+
+
+def test_targets_compare_against_centralized():
+    study = _study()
+    cell = lambda v: (v, None)  # noqa: E731
+    summary = {
+        "centralized": {"FD (rand)": cell(10.0), "near-copies": cell(0.0), "MIA AUC": cell(0.6)},
+        "fed-patient": {"FD (rand)": cell(11.0), "near-copies": cell(0.0), "MIA AUC": cell(0.5)},
+        "fed-labelskew": {"FD (rand)": cell(16.0), "near-copies": cell(1.0), "MIA AUC": cell(0.5)},
+        "fed-dp10": {"FD (rand)": cell(19.0), "near-copies": cell(0.0), "MIA AUC": cell(0.56)},
+    }
+    checks = {c["target"]: c for c in study.targets(summary)}
+    assert checks["FD fed-patient / centralized ≤ 1.2"]["met"] is True
+    assert checks["FD fed-labelskew / centralized ≤ 1.5"]["met"] is False
+    assert checks["FD fed-dp10 / centralized ≤ 2.0"]["value"] == pytest.approx(1.9)
+    assert checks["no near-copies (NN-SSIM > 0.95) in any run"]["met"] is False
+    assert checks["MIA AUC fed-dp10 ≤ 0.55"]["met"] is False
+
+
+@needs_nih
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path):
+    study = _study()
+    report = study.run_study(quick=True, seeds=[0], out=tmp_path / "study", docs=tmp_path / "docs")
+
+    split = report["split"]
+    assert split["eval_patients"] == round(0.2 * (split["eval_patients"] + split["train_patients"]))
+    from medsyngan.data.prepared import PreparedDataset
+
+    train = PreparedDataset.open(tmp_path / "study" / "data" / "train")
+    evaluation = PreparedDataset.open(tmp_path / "study" / "data" / "eval")
+    assert not set(train.patients.tolist()) & set(evaluation.patients.tolist())
+    assert len(train) == split["train_images"] and len(evaluation) == split["eval_images"]
+
+    assert set(report["summary"]) == {key for key, _, _ in study.CONFIGS}
+    runs = {r["config"]: r for r in report["runs"]}
+    budget = study.QUICK.images_through_d
+    for key, r in runs.items():
+        assert r["kimg"] * 1000 == pytest.approx(budget, rel=0.5 if "dp" in key else 1e-6), key
+        assert np.isfinite(study.pick(r["metrics"], "fd")) and 0 <= r["metrics"]["mia_ganleaks_pixel_auc"] <= 1
+        assert Path(r["grid"]).is_file()
+    assert runs["centralized"]["epsilon"] is None and runs["fed-patient"]["epsilon"] is None
+    assert runs["fed-dp10"]["epsilon"] <= 10.0 + 1e-6 and runs["fed-dp1-secure"]["epsilon"] <= 1.0 + 1e-6
+    assert runs["fed-patient"]["bytes_sent"] > 0 and runs["centralized"]["bytes_sent"] == 0
+    # 8-bit clipped updates are smaller on the wire than float32 ones.
+    assert runs["fed-dp1-secure"]["bytes_sent"] < runs["fed-dp10"]["bytes_sent"]
+    saved = json.loads((tmp_path / "docs" / "results" / "study.json").read_text())
+    assert saved["summary"].keys() == report["summary"].keys()
+    assert "| (1) centralized, non-private |" in (tmp_path / "study" / "study.md").read_text()
