@@ -136,4 +136,4 @@ def persist(hospital: Hospital, identity: NodeIdentity, round_: int) -> dict:
         atomic_write_text(ledger_file(identity), json.dumps(state["dp"]["accountant"]))
     for old in sorted(identity.state_dir.glob("round-*.pt"))[:-KEEP_ROUNDS]:
         old.unlink(missing_ok=True)
-    return blob
+    return state
