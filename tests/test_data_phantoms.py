@@ -8,7 +8,8 @@ from PIL import Image
 
 from medsyngan.config import load_config
 from medsyngan.data.nih import read_nih
-from medsyngan.data.phantoms import Anatomy, grid_image, plan_phantoms, render, sample_anatomy, sample_shot, write_phantoms
+from medsyngan.data.imageio import image_grid
+from medsyngan.data.phantoms import Anatomy, plan_phantoms, render, sample_anatomy, sample_shot, write_phantoms
 from medsyngan.errors import UserError
 
 S = 128
@@ -30,7 +31,7 @@ def phantom_set(tmp_path_factory):
 def test_grid_is_saved_and_lungs_are_darker_than_mediastinum(phantom_set, tmp_path):
     out, records = phantom_set
     imgs = [np.asarray(Image.open(out / "images" / r.name)) for r in records]
-    Image.fromarray(grid_image(imgs, 6)).save(tmp_path / "grid.png")
+    Image.fromarray(image_grid(imgs, 6, pad=0)).save(tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size == (6 * S, 4 * S)
     for img in imgs:
         right_lung = _box(img, -0.28, -0.14, 0.3, 0.5)   # patient's right = image left

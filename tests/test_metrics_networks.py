@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from medsyngan.rundir import sha256_file
 import torch
 
 from medsyngan.errors import UserError
@@ -144,7 +146,7 @@ def test_download_verifies_the_hash_prefix(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDSYNGAN_OFFLINE", raising=False)
     source = tmp_path / "published.bin"
     source.write_bytes(b"published weights")
-    digest = weights.sha256_of(source)
+    digest = sha256_file(source)
     good = weights.WeightFile("test", (f"w-{digest[:8]}.pth",), source.as_uri(), "MEDSYNGAN_TEST_W", digest[:8])
     path = weights.resolve(good)
     assert path.read_bytes() == b"published weights" and path.parent == weights.weights_cache_dir()

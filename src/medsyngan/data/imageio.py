@@ -6,6 +6,7 @@ UserError, or into an entry of the skipped list when the user asked to skip bad 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +110,17 @@ def _looks_like_dicom(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(132)
     return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 [N, S, S] (or a list of S×S arrays) → one uint8 grid image, ``cols`` wide (default square-ish),
+    with black padding; the one tiling used by phantom previews, training samples and reports."""
+    images = np.asarray(images)
+    n, s = images.shape[0], images.shape[1]
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (s + pad) + pad, cols * (s + pad) + pad), np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[pad + r * (s + pad): pad + r * (s + pad) + s, pad + c * (s + pad): pad + c * (s + pad) + s] = img
+    return grid

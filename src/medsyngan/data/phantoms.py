@@ -397,14 +397,3 @@ def write_phantoms(
     atomic_write_text(out / "train_val_list.txt", "".join(r.name + "\n" for r in records if r.patient not in test_patients))
     atomic_write_text(out / "test_list.txt", "".join(r.name + "\n" for r in records if r.patient in test_patients))
     return records
-
-
-def grid_image(images: list[np.ndarray], cols: int) -> np.ndarray:
-    """Tile equally sized uint8 images into one (for a quick look at a set)."""
-    rows = -(-len(images) // cols)
-    s = images[0].shape[0]
-    grid = np.zeros((rows * s, cols * s), np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * s : (r + 1) * s, c * s : (c + 1) * s] = im
-    return grid

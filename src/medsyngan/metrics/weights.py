@@ -7,7 +7,6 @@ metric other papers report.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsyngan.errors import UserError
+from medsyngan.rundir import sha256_file
 from medsyngan.runtime import cache_dir
 
 
@@ -51,14 +51,6 @@ def _offline() -> bool:
     return os.environ.get("MEDSYNGAN_OFFLINE", "") not in ("", "0")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _from_explicit(spec: WeightFile, given: Path, origin: str) -> Path:
     if given.is_dir():
         for name in spec.filenames:
@@ -78,7 +70,7 @@ def _download(spec: WeightFile, timeout_s: float) -> Path:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url, timeout=timeout_s) as response:
             shutil.copyfileobj(response, out)
         if spec.sha256_prefix is not None:
-            digest = sha256_of(Path(tmp))
+            digest = sha256_file(Path(tmp))
             if not digest.startswith(spec.sha256_prefix):
                 raise UserError(
                     f"download of {spec.url} has SHA-256 {digest[:12]}…, expected {spec.sha256_prefix}…; "

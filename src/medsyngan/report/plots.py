@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from medsyngan.data.imageio import image_grid  # noqa: E402
+
 X_KEYS = ("kimg", "round", "step")
 
 
@@ -26,13 +28,8 @@ def _png(fig) -> bytes:
 
 def grid_png(images_u8: np.ndarray, cols: int | None = None, pad: int = 2, min_side: int = 96) -> bytes:
     """A tiled grid of greyscale images, upscaled (nearest) so that 64-px images stay legible in a browser."""
-    n, s = len(images_u8), images_u8.shape[-1]
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * (s + pad) + pad, cols * (s + pad) + pad), np.uint8)
-    for i, img in enumerate(images_u8):
-        r, c = divmod(i, cols)
-        grid[pad + r * (s + pad) : pad + r * (s + pad) + s, pad + c * (s + pad) : pad + c * (s + pad) + s] = img
+    grid = image_grid(images_u8, cols, pad)
+    s = images_u8.shape[-1]
     scale = max(1, math.ceil(min_side / s))
     img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()

@@ -18,7 +18,6 @@ at any moment leaves the previous checkpoint intact and pointed to. Only the new
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -37,7 +36,7 @@ from torch import Tensor
 
 from medsyngan.config import Config, config_from_toml_text
 from medsyngan.errors import UserError
-from medsyngan.rundir import atomic_write_text
+from medsyngan.rundir import atomic_write_text, sha256_file
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -107,12 +106,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- writing
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -147,12 +140,12 @@ def save_checkpoint_files(
                                                          "stage_resolution", "alpha", "config_toml", "parts")}
         weights = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         _write_synced(tmp / WEIGHTS_FILE, st_save(weights, metadata={_META_KEY: json.dumps(header)}))
-        files = {WEIGHTS_FILE: _sha256(tmp / WEIGHTS_FILE)}
+        files = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
         if state is not None:
             buf = io.BytesIO()
             torch.save(state, buf)
             _write_synced(tmp / STATE_FILE, buf.getvalue())
-            files[STATE_FILE] = _sha256(tmp / STATE_FILE)
+            files[STATE_FILE] = sha256_file(tmp / STATE_FILE)
         meta["files"] = files
         _write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode())
         if final.exists():
@@ -294,7 +287,7 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
             file = target / name
             if not file.is_file():
                 raise FileNotFoundError(f"{name} missing")
-            if _sha256(file) != digest:
+            if sha256_file(file) != digest:
                 raise ValueError(f"{name} does not match its recorded SHA-256")
         return Checkpoint(target, meta, load_file(str(target / WEIGHTS_FILE)))
     except UserError:
