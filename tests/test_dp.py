@@ -271,3 +271,21 @@ def test_wgan_gp_needs_the_loop_engine():
     assert session.engine == "loop"
     stats = trainer.train_step(lambda: torch.rand(4, 1, SIZE, SIZE) * 2 - 1)
     assert session.steps == 1 and math.isfinite(stats["d_fake"])
+
+
+def test_private_centralized_run_through_the_cli_logs_epsilon_within_target(tmp_path, medsyngan_cache):
+    from medsyngan.cli import app
+    from typer.testing import CliRunner
+
+    sets = ["model.arch=dcgan", f"model.resolution={SIZE}", f"data.size={SIZE}", "model.ngf=8", "model.ndf=8",
+            "model.dp_compatible=true", "train.batch_size=8", "model.z_dim=16", "privacy.dp=true",
+            "privacy.target_epsilon=2", "data.phantom_patients=40", "data.phantom_images_per_patient=2",
+            "train.log_every=1"]
+    args = ["train", "--config", "dcgan64", "--out", str(tmp_path / "run"), "--steps", "3"]
+    for item in sets:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    eps = [r["epsilon"] for r in rows]
+    assert len(eps) == 3 and eps == sorted(eps) and 0 < eps[-1] <= 2.0

@@ -65,9 +65,13 @@ def register(app: typer.Typer) -> None:
 
             run_federated(cfg, run_dir, resume)
             return
+        from medsyngan.privacy.dp import enable_dp
         from medsyngan.training.centralized import train_centralized
 
-        summary = train_centralized(cfg, run_dir, resume)
+        def make_private(trainer, images, patients, cfg, state):
+            return enable_dp(trainer, images, patients, cfg, state=state)
+
+        summary = train_centralized(cfg, run_dir, resume, make_private=make_private)
         state = "stopped" if summary["interrupted"] else "finished"
         log.info("%s at step %d (%.1f kimg); run directory %s", state, summary["step"], summary["kimg"], out)
         if summary["interrupted"]:

@@ -11,10 +11,10 @@ import io
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -82,8 +82,27 @@ def _check_data(cfg: Config, images: np.ndarray, source: str) -> None:
         )
 
 
-def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
-    """Train on one machine until ``cfg.train.steps`` generator steps; returns a summary of the run."""
+class PrivateTraining(Protocol):
+    """What a DP session gives the loop (``medsyngan.privacy.dp.DPSession``): batches, ε, persistent state."""
+
+    next_real: Callable[[], Any]
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+# (trainer, images, patients, cfg, saved DP state or None) → a session that has replaced the D update.
+MakePrivate = Callable[[GANTrainer, np.ndarray, np.ndarray, Config, "dict[str, Any] | None"], PrivateTraining]
+
+
+def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False,
+                      make_private: MakePrivate | None = None) -> dict[str, Any]:
+    """Train on one machine until ``cfg.train.steps`` generator steps; returns a summary of the run.
+
+    With ``privacy.dp`` the caller passes ``make_private`` (the CLI passes DP-SGD's ``enable_dp``): training sits
+    below privacy in the layers, so it is handed the private update rather than importing it.
+    """
     from medsyngan.data.api import load_training_data
     from medsyngan.data.loader import BatchLoader
     from medsyngan.models.registry import check_model_section
@@ -108,15 +127,14 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
             loader.load_state_dict(loader_state)
         run_dir.truncate_metrics_after("step", trainer.step)
         log.info("resumed from %s (step %d, %.1f kimg)", ckpt.path, trainer.step, trainer.kimg)
-    # --- DP-SGD (privacy.dp; privacy/dp.py): private D updates on Poisson patient batches, ε in metrics and
-    # checkpoints. The accountant state is restored from the checkpoint, never reset.
+    # DP-SGD: private D updates on Poisson patient batches, ε in metrics and checkpoints; the accountant state
+    # comes back from the checkpoint, never reset.
     dp = None
     if cfg.privacy.dp:
-        from medsyngan.privacy.dp import enable_dp
-
-        dp = enable_dp(trainer, data.images, data.patients, cfg, state=ckpt.meta.get("dp") if ckpt else None)
+        if make_private is None:
+            raise ValueError("privacy.dp is set but no make_private was given to train_centralized")
+        dp = make_private(trainer, data.images, data.patients, cfg, ckpt.meta.get("dp") if ckpt else None)
     next_real = dp.next_real if dp is not None else loader.__next__
-    # --- end DP-SGD
     log.info(
         "training %s at %d px on %s: %d images, batch %d, %d steps",
         cfg.model.arch, cfg.model.resolution, trainer.device, len(data.images), t.batch_size, t.steps,
