@@ -266,10 +266,10 @@ def privacy_from_rows(rows: list[dict[str, Any]]) -> tuple[float | None, float |
 
 
 def snapshot_dirs(run_dir: str | Path) -> list[Path]:
-    """The run's saved checkpoint folders (``checkpoints/step-NNNNNN``), oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    """The run's saved checkpoint folders (``step-*`` of a centralized run, ``round-*`` of a federation)."""
+    from medsyngan.training.checkpoint import snapshot_dirs as checkpoint_folders
+
+    return checkpoint_folders(Path(run_dir) / "checkpoints")
 
 
 def evaluate_snapshots(

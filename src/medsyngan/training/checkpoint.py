@@ -44,7 +44,8 @@ STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
 _META_KEY = "medsyngan"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Centralized runs save step-NNNNNN folders, federated runs round-NNNNN folders; both are snapshots of a run.
+_SNAPSHOT_DIR = re.compile(r"^(?:step|round)-(\d+)$")
 
 
 # ---------------------------------------------------------------------- JSON encoding of tensors and RNG states
@@ -164,13 +165,16 @@ def save_checkpoint_files(
     return final
 
 
-def _step_dirs(checkpoints_dir: Path) -> list[Path]:
-    dirs = [p for p in checkpoints_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(dirs, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+def snapshot_dirs(checkpoints_dir: Path) -> list[Path]:
+    """The complete checkpoint folders of a run (steps or rounds), oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    dirs = [p for p in checkpoints_dir.iterdir() if p.is_dir() and _SNAPSHOT_DIR.match(p.name)]
+    return sorted(dirs, key=lambda p: int(_SNAPSHOT_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
 def _prune(checkpoints_dir: Path, keep: int, protect: str) -> None:
-    for old in _step_dirs(checkpoints_dir)[:-keep] if keep > 0 else []:
+    for old in snapshot_dirs(checkpoints_dir)[:-keep] if keep > 0 else []:
         if old.name != protect:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -260,7 +264,7 @@ def resolve_checkpoint(path: Path | str) -> Path:
         target = folder / latest.read_text().strip()
         if target.is_dir():
             return target
-    candidates = _step_dirs(folder) if folder.is_dir() else []
+    candidates = snapshot_dirs(folder)
     if not candidates:
         raise UserError(f"no checkpoint found in {path}; train first or pass a checkpoint folder/file")
     return candidates[-1]
