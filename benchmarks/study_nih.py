@@ -61,8 +61,11 @@ class Budget:
 
 
 # Sized on the 2-core shared CPU (see docs/results.md): width 24 ran ~125 img/s centralized under load.
-FULL = Budget(width=24, batch=32, rounds=16, local_steps=25, hospitals=3, samples=500, ema_kimg=1.0)
+FULL = Budget(width=24, batch=32, rounds=8, local_steps=25, hospitals=3, samples=500, ema_kimg=1.0)
 QUICK = Budget(width=8, batch=8, rounds=2, local_steps=2, hospitals=3, samples=48, ema_kimg=0.05)
+# Each federated run starts Ray (about a minute on the loaded CPU), so --quick runs the reference and the product
+# default only — the two ends of the comparison, and every mechanism (DP, 8-bit, AES-GCM, secure aggregation).
+QUICK_CONFIGS = ("centralized", "fed-dp1-secure")
 
 PLAIN_WIRE = ["privacy.update_clip=0", "privacy.quantize_bits=0", "privacy.encrypt=false", "privacy.secagg=false"]
 CONFIGS: list[tuple[str, str, list[str]]] = [
@@ -172,7 +175,8 @@ def score(cfg, run_root: Path, train, evaluation, grid_path: Path | None) -> dic
     from medsyngan.metrics import evaluate
     from medsyngan.metrics.evaluate import privacy_from_rows
     from medsyngan.rundir import RunDir
-    from medsyngan.training.generate import generate_images, image_grid, load_generator
+    from medsyngan.data.imageio import image_grid
+    from medsyngan.training.generate import generate_images, load_generator
 
     rd = RunDir(run_root)
     rows = rd.read_metrics()
@@ -317,6 +321,8 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
     if not (nih_dir() / "images-64").is_dir():
         raise UserError(f"{nih_dir()}: NIH sample not found; set MEDSYNGAN_NIH_DIR to the nih-chestxray14 folder")
     budget = QUICK if quick else FULL
+    if quick and not only:
+        only = list(QUICK_CONFIGS)
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     train_dir, eval_dir, counts = prepare_split(out / "data")

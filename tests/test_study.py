@@ -1,4 +1,4 @@
-"""The NIH study script: patient-disjoint split and a --quick end-to-end run of all five configurations."""
+"""The NIH study script: patient-disjoint split, target checks and a --quick end-to-end run."""
 
 from __future__ import annotations
 
@@ -66,18 +66,18 @@ def test_quick_study_end_to_end(tmp_path):
     assert not set(train.patients.tolist()) & set(evaluation.patients.tolist())
     assert len(train) == split["train_images"] and len(evaluation) == split["eval_images"]
 
-    assert set(report["summary"]) == {key for key, _, _ in study.CONFIGS}
+    assert set(report["summary"]) == set(study.QUICK_CONFIGS)
     runs = {r["config"]: r for r in report["runs"]}
     budget = study.QUICK.images_through_d
-    for key, r in runs.items():
-        assert r["kimg"] * 1000 == pytest.approx(budget, rel=0.5 if "dp" in key else 1e-6), key
+    assert runs["centralized"]["kimg"] * 1000 == budget
+    # Poisson patient sampling under DP: the images through D vary around the plan.
+    assert runs["fed-dp1-secure"]["kimg"] * 1000 == pytest.approx(budget, rel=0.5)
+    for r in runs.values():
         assert np.isfinite(study.pick(r["metrics"], "fd")) and 0 <= r["metrics"]["mia_ganleaks_pixel_auc"] <= 1
         assert Path(r["grid"]).is_file()
-    assert runs["centralized"]["epsilon"] is None and runs["fed-patient"]["epsilon"] is None
-    assert runs["fed-dp10"]["epsilon"] <= 10.0 + 1e-6 and runs["fed-dp1-secure"]["epsilon"] <= 1.0 + 1e-6
-    assert runs["fed-patient"]["bytes_sent"] > 0 and runs["centralized"]["bytes_sent"] == 0
-    # 8-bit clipped updates are smaller on the wire than float32 ones.
-    assert runs["fed-dp1-secure"]["bytes_sent"] < runs["fed-dp10"]["bytes_sent"]
+    assert runs["centralized"]["epsilon"] is None and runs["centralized"]["bytes_sent"] == 0
+    assert 0 < runs["fed-dp1-secure"]["epsilon"] <= 1.0 + 1e-6
+    assert runs["fed-dp1-secure"]["bytes_sent"] > 0
     saved = json.loads((tmp_path / "docs" / "results" / "study.json").read_text())
     assert saved["summary"].keys() == report["summary"].keys()
     assert "| (1) centralized, non-private |" in (tmp_path / "study" / "study.md").read_text()
