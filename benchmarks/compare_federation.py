@@ -31,6 +31,9 @@ VARIANTS = {
     "FedAdam (server lr 0.01), shared D, float32": ["federated.strategy=fedadam", "federated.server_lr=0.01"],
     "FedProx (μ 0.01), shared D, float32": ["federated.strategy=fedprox", "federated.proximal_mu=0.01"],
     "FedAvg, shared D, 8-bit + clip 5": ["privacy.quantize_bits=8", "privacy.update_clip=5.0"],
+    "FedAvg, shared D, float32 + clip 5": ["privacy.update_clip=5.0"],
+    "FedAvg, shared D, 8-bit": ["privacy.quantize_bits=8"],
+    "FedAvg, shared D, 8-bit + secure aggregation": ["privacy.quantize_bits=8", "privacy.secagg=true"],
 }
 
 
@@ -60,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "federation-comparison.md")
+    parser.add_argument("--only", nargs="*", help="variant numbers to run (0-based), default all")
     args = parser.parse_args()
     from medsyngan.data.api import load_training_data, select_split
     from medsyngan.federated.run import run_federated
@@ -69,9 +73,11 @@ def main() -> None:
         os.environ.setdefault("MEDSYNGAN_CACHE", str(Path(tmp) / "cache"))
         everything = load_config("federated-dcgan64", base(args.quick) + ["data.split=all"])
         test = np.asarray(select_split(load_training_data(everything), "test", "phantoms").images)
-        for name, extra in VARIANTS.items():
+        for index, (name, extra) in enumerate(VARIANTS.items()):
+            if args.only and str(index) not in args.only:
+                continue
             cfg = load_config("federated-dcgan64", base(args.quick) + extra)
-            run_dir = RunDir(Path(tmp) / f"v{len(rows)}").create(cfg)
+            run_dir = RunDir(Path(tmp) / f"v{index}").create(cfg)
             start = time.perf_counter()
             run_federated(cfg, run_dir, resume=False)
             wall = time.perf_counter() - start

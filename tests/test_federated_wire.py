@@ -36,7 +36,7 @@ def test_secure_aggregation_sum_equals_the_plain_quantized_sum():
     privacy = PrivacySection(quantize_bits=8, secagg=True)
     updates, counts = _updates(3), [5, 7, 11]
     arrays = {k: v.numpy() for k, v in updates[0].items()}
-    scales = wire.shared_scales(privacy, arrays, {k: v.numpy() for k, v in updates[1].items()})
+    scales = wire.shared_scales(privacy, arrays, {k: v.numpy() for k, v in updates[1].items()}, adam_bound=0.05)
     ring_bits = wire.secagg_ring_bits(8, sum(counts))
     config = SecAggConfig(ids=(1, 2, 3), threshold=2, ring_bits=ring_bits, length=289, context=b"run/1")
     clients = {u: SecAggClient(u, config) for u in config.ids}
@@ -87,6 +87,13 @@ def test_sealed_update_opens_only_for_its_hospital_round_and_model(tmp_path):
         transport.open(bytes(tampered), 2, 4, global_hash)
     with pytest.raises(IntegrityError):
         transport.open(wire.seal_update(payload, job, 2, 4, global_hash), 2, 4, b"\0" * 32)  # other model
+
+
+def test_first_round_scales_come_from_the_clip_or_the_adam_step_bound():
+    arrays = {"w": np.zeros((3, 3), np.float32), "b": np.zeros(2, np.float32)}
+    clipped = wire.shared_scales(PrivacySection(quantize_bits=8, secagg=True, update_clip=2.0), arrays, None, 0.05)
+    unclipped = wire.shared_scales(PrivacySection(quantize_bits=8, secagg=True), arrays, None, 0.05)
+    assert np.allclose(clipped, 2.0 / codec.qmax(8)) and np.allclose(unclipped, 0.05 / codec.qmax(8))
 
 
 def test_secure_aggregation_without_quantization_is_refused():

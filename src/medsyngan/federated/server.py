@@ -341,7 +341,10 @@ class Aggregator:
         weights = {h: wire.hospital_weight(p, self.weights[h]) for h in chosen}
         ring_bits = wire.secagg_ring_bits(p.quantize_bits, sum(weights.values()))
         previous = self.state.previous_mean
-        scales = wire.shared_scales(p, arrays, None if previous is None else {k: v.numpy() for k, v in previous.items()})
+        t = self.cfg.train
+        adam_bound = self.cfg.federated.local_steps * t.d_steps_per_g * max(t.lr_g, t.lr_d)
+        scales = wire.shared_scales(p, arrays, None if previous is None else {k: v.numpy() for k, v in previous.items()},
+                                    adam_bound)
         ids = tuple(h + 1 for h in chosen)  # SecAgg ids start at 1 (0 is Shamir's secret point)
         holders = len(ids) if not p.secagg_neighbours else min(len(ids), p.secagg_neighbours + 1)
         config = SecAggConfig(ids=ids, threshold=threshold_for(p.secagg_threshold, holders), ring_bits=ring_bits,

@@ -126,22 +126,22 @@ def secagg_ring_bits(bits: int, weights_total: int) -> int:
 
 
 def shared_scales(
-    privacy: PrivacySection, layout_reference: Mapping[str, np.ndarray], previous_mean: Mapping[str, np.ndarray] | None
+    privacy: PrivacySection, layout_reference: Mapping[str, np.ndarray], previous_mean: Mapping[str, np.ndarray] | None,
+    adam_bound: float,
 ) -> np.ndarray:
     """Per-tensor quantization scales that every hospital of a secure-aggregation round must share.
 
     From round 2 on they follow the previous round's mean update (public: the change of the global model) with
-    4× headroom; in round 1, with nothing public to go by, they come from the clipping bound when one is set,
-    else from 1 % of the global weights' RMS. Coordinates beyond the range are clamped (counted per hospital).
+    4× headroom. In round 1 nothing public describes an update yet; the clipping bound is used when one is set,
+    else ``adam_bound``: Adam moves a weight by about lr per step, so K local steps move it by at most ≈ K·lr.
+    Coordinates beyond the range are clamped, which only shrinks an update (counted per hospital).
     """
     bits = privacy.quantize_bits
     if previous_mean is not None:
         return codec.scales_from_reference(previous_mean, bits)
     clip = privacy.client_clip if privacy.client_dp else privacy.update_clip
     layout = codec.Layout.of(layout_reference)
-    if clip > 0:
-        return codec.scales_from_bound(layout, clip, bits)
-    return codec.scales_from_reference({k: 0.01 * np.asarray(v) for k, v in layout_reference.items()}, bits)
+    return codec.scales_from_bound(layout, clip if clip > 0 else adam_bound, bits)
 
 
 def aggregator_identity(job: Mapping, pinned_path: str | None):
