@@ -125,7 +125,7 @@ class Hospital:
             for hook in hooks:
                 hook.remove()
         seconds = time.perf_counter() - start
-        local = self.trainer.model_state(shared_parts(self.cfg))
+        local = {k: v for k, v in self.trainer.model_state(shared_parts(self.cfg)).items() if k in global_state}
         self.rounds_done += 1
         images = self.trainer.images_seen - images_before
         metrics = {f"{k}": v / steps for k, v in sums.items()}

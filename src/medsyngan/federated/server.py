@@ -283,7 +283,11 @@ class Aggregator:
         return dict(sorted(good.items()))
 
     def shared_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state.global_state.items() if k.split(".", 1)[0] in shared_parts(self.cfg)}
+        """The tensors a round averages: the shared networks' float weights and statistics. Integer counters
+        (BatchNorm's num_batches_tracked) stay out: averaging them means nothing, and their Δ of K steps per round
+        would dominate an update's norm and so its clipping and quantization scale."""
+        return {k: v for k, v in self.state.global_state.items()
+                if k.split(".", 1)[0] in shared_parts(self.cfg) and v.is_floating_point()}
 
     def play_round(self, grid: Grid, round_: int) -> RoundOutcome | None:
         """One round's exchange; None when fewer than the quorum of usable updates came back."""
