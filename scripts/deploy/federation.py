@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Launch a MedSynGAN federation on Flower's Deployment Engine (see docs/guide-deploy.md).
+"""Launch a MedSynGAN federation on Flower's Deployment Engine (see "Deploy across hospitals" in README.md).
 
 Each step is one subcommand, run where it belongs:
 

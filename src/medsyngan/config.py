@@ -152,9 +152,6 @@ class PrivacySection(Section):
     compression: Literal["zlib", "lzma", "none"] = Field(
         "zlib", description="Compression of quantized updates on the plain (not secure-aggregation) path."
     )
-    checkpoint_key: str = Field(
-        "", description="32-byte key file (`medsyngan privacy keygen FILE`) to encrypt checkpoints at rest; empty: off."
-    )
 
 
 class EvalSection(Section):

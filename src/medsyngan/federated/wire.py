@@ -99,7 +99,7 @@ def encode_update(
     quantized = codec.quantize(arrays, bits, rng, scales=scales if privacy.secagg else None, norm_bound=bound)
     stats["clamped"] = float(quantized.clamped)
     if not privacy.secagg:
-        return Encoded(codec.encode(quantized), weight, stats)
+        return Encoded(codec.encode(quantized, privacy.compression), weight, stats)
     if masker is None or ring_bits is None:
         raise ValueError("secure aggregation needs the round's masker and ring size")
     weighted = quantized.values.astype(np.int64) * weight
