@@ -19,6 +19,8 @@ One command reruns the whole study::
 
 Outputs: ``OUT/study.json`` and ``OUT/study.md`` (with ``--docs DIR`` also ``DIR/results/study.json`` and one
 sample grid PNG per configuration in ``DIR/results/``). ``run(quick)`` returns the figures for ``make bench``.
+``--tune [--only KEY…]`` trains the ``TUNING`` variants on a validation split of the training patients and
+writes ``OUT/tuning.json`` / ``OUT/tuning.md`` (validation scores only).
 """
 
 from __future__ import annotations
@@ -153,6 +155,13 @@ def config_for(key: str, overrides: list[str], budget: Budget, train_dir: Path, 
         f"federated.hospitals={budget.hospitals}", f"federated.rounds={budget.rounds}",
         f"federated.local_steps={budget.local_steps}", f"federated.eval_every={budget.rounds}",
         "federated.quorum=2", *overrides])
+
+
+def recipe(key: str, overrides: list[str], budget: Budget, train_dir: Path, seed: int) -> dict[str, Any]:
+    """What the study asked of a run: ``--reuse`` keeps a finished run with the same recipe (comparing the
+    resolved configuration instead would discard every run whenever another area adds or removes a key)."""
+    return {"config": key, "overrides": list(overrides), "budget": dict(budget.__dict__), "data": str(train_dir),
+            "seed": seed}
 
 
 def train_one(cfg, run_root: Path) -> float:
@@ -334,10 +343,10 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
                 continue
             cfg = config_for(key, overrides, budget, train_dir, seed)
             run_root = out / "runs" / f"{key}-s{seed}"
-            saved = run_root / RESULT_FILE
-            if reuse and saved.is_file() and json.loads(saved.read_text()).get("config_toml") == cfg.to_toml():
+            saved, plan = run_root / RESULT_FILE, recipe(key, overrides, budget, train_dir, seed)
+            if reuse and saved.is_file() and json.loads(saved.read_text()).get("recipe") == plan:
                 print(f"[study] {label}, seed {seed}: reusing {saved}", flush=True)
-                results.append({k: v for k, v in json.loads(saved.read_text()).items() if k != "config_toml"})
+                results.append({k: v for k, v in json.loads(saved.read_text()).items() if k != "recipe"})
                 continue
             print(f"[study] {label}, seed {seed}: {budget.images_through_d} images through D", flush=True)
             wall = train_one(cfg, run_root)
@@ -346,7 +355,7 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
             scored = score(cfg, run_root, train, evaluation, grid)
             results.append({"config": key, "label": label, "seed": seed, "wall_s": round(wall, 1),
                             "grid": str(grid), **scored})
-            atomic_write_text(saved, json.dumps(results[-1] | {"config_toml": cfg.to_toml()}, default=str) + "\n")
+            atomic_write_text(saved, json.dumps(results[-1] | {"recipe": plan}, default=str) + "\n")
             print(f"[study] {key} s{seed}: {wall:.0f} s, FD {pick(scored['metrics'], 'fd'):.4g}", flush=True)
             atomic_write_text(out / "partial.json", json.dumps(results, indent=2, default=str) + "\n")
     summary = summarize(results)
@@ -380,7 +389,8 @@ TUNING: list[tuple[str, str, list[str]]] = [
 TUNE_METRICS = "fd,kid,prdc"
 
 
-def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = FULL) -> dict[str, Any]:
+def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = FULL,
+               only: list[str] | None = None) -> dict[str, Any]:
     from medsyngan.data.prepared import PreparedDataset
     from medsyngan.rundir import atomic_write_text
 
@@ -393,20 +403,22 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
     tune_train, val = PreparedDataset.open(tune_dir), PreparedDataset.open(val_dir)
     overrides = {key: o for key, _, o in CONFIGS}
     rows = []
-    for key, variant, extra in TUNING:
+    for number, (key, variant, extra) in enumerate(TUNING):
+        if only and key not in only:
+            continue
         cfg = config_for(key, overrides[key] + extra, budget, tune_dir, seed)
-        run_root = out / "tuning" / f"{key}-{len(rows)}"
-        saved = run_root / RESULT_FILE
-        if reuse and saved.is_file() and json.loads(saved.read_text()).get("config_toml") == cfg.to_toml():
+        run_root = out / "tuning" / f"{key}-{number}"
+        saved, plan = run_root / RESULT_FILE, recipe(key, overrides[key] + extra, budget, tune_dir, seed)
+        if reuse and saved.is_file() and json.loads(saved.read_text()).get("recipe") == plan:
             row = json.loads(saved.read_text())
         else:
             print(f"[tune] {key}: {variant}", flush=True)
             wall = train_one(cfg, run_root)
-            scored = score(cfg, run_root, tune_train, val, out / "tuning" / f"{key}-{len(rows)}.png", TUNE_METRICS)
+            scored = score(cfg, run_root, tune_train, val, run_root.with_suffix(".png"), TUNE_METRICS)
             row = {"config": key, "variant": variant, "overrides": extra, "wall_s": round(wall, 1),
-                   "epsilon": scored["epsilon"], "metrics": scored["metrics"], "config_toml": cfg.to_toml()}
+                   "epsilon": scored["epsilon"], "metrics": scored["metrics"], "recipe": plan}
             atomic_write_text(saved, json.dumps(row, default=str) + "\n")
-        row.pop("config_toml", None)
+        row.pop("recipe", None)
         rows.append(row)
         print(f"[tune] {key} / {variant}: validation FD {pick(row['metrics'], 'fd'):.4g}", flush=True)
     report = {"seed": seed, "validation_patients": len(val_patients), "tune_train_images": len(tune_train),
@@ -445,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.tune:
-            run_tuning(out, args.seeds[0], args.reuse)
+            run_tuning(out, args.seeds[0], args.reuse, only=args.only)
             print((out / "tuning.md").read_text())
             return 0
         report = run_study(args.quick, args.seeds, out, args.docs, args.only, args.reuse)
