@@ -385,6 +385,7 @@ TUNING: list[tuple[str, str, list[str]]] = [
     ("fed-patient", "FedAdam (server lr 1e-3)", ['federated.strategy="fedadam"', "federated.server_lr=1e-3"]),
     ("fed-dp10", "as in the study", []),
     ("fed-dp10", "clipping norm 0.1", ["privacy.max_grad_norm=0.1"]),
+    ("centralized", "the reference, on the same split", []),
 ]
 TUNE_METRICS = "fd,kid,prdc"
 
