@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -39,6 +38,9 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import run_all  # noqa: E402  (the one machine description of every benchmark)
+
 DEFAULT_NIH = REPO.parent / "shared" / "data" / "nih-chestxray14"
 HOLDOUT_FRACTION = 0.2
 SPLIT_SEED = 2024
@@ -302,21 +304,6 @@ def markdown(summary: dict[str, dict[str, Any]], checks: list[dict[str, Any]]) -
     return "\n".join(lines) + "\n"
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 # --------------------------------------------------------------------------------------------- driver
 
 
@@ -363,7 +350,7 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
     report = {
         "quick": quick, "budget": budget.__dict__ | {"images_through_d": budget.images_through_d},
         "split": counts | {"holdout_fraction": HOLDOUT_FRACTION, "seed": SPLIT_SEED}, "seeds": seeds,
-        "machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": run_all.machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "study_wall_s": round(time.time() - start, 1), "summary": summary, "targets": checks, "runs": results,
     }
     text = json.dumps(report, indent=2, default=str) + "\n"
