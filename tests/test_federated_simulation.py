@@ -64,6 +64,7 @@ def test_label_skew_federation_with_the_default_privacy_completes(tmp_path, meds
             assert 0 < stats["epsilon"] <= 1.0 and stats["patient_level"] == 1.0
             # 8-bit masked updates: far fewer bytes back than the float32 model that went out.
             assert stats["bytes_received_from"] < 0.6 * stats["bytes_sent_to"]
+    assert (run / "samples" / "round-00002.png").is_file()  # the server's grid at the final evaluation
     log = (run / "run.log").read_text()
     assert "off by choice" not in log
     assert (run / "checkpoints" / "round-00002" / "model.safetensors").is_file()

@@ -30,6 +30,7 @@ from medsyngan.federated.plan import participants
 from medsyngan.privacy.crypto import IntegrityError
 from medsyngan.privacy.secagg import SecAggAbort, SecAggConfig, SecAggServer, threshold_for
 from medsyngan.rundir import RunDir
+from medsyngan.training.centralized import fixed_latents, save_sample_grid
 from medsyngan.training.checkpoint import load_checkpoint, save_checkpoint_files
 from medsyngan.training.step import GANTrainer
 
@@ -449,8 +450,13 @@ class Aggregator:
         return {k: v for k, v in self.state.global_state.items() if k.startswith("G.")}
 
     def evaluate(self, grid: Grid, round_: int) -> None:
-        """Hospitals score the global generator on their held-out patients; only the scalars come back."""
+        """The server's sample grid from fixed latents, then hospitals score the global generator on their
+        held-out patients; only the scalars come back."""
         generator = self.generator_state()
+        trainer = GANTrainer(self.cfg, device="cpu")
+        trainer.load_model_state(generator)
+        save_sample_grid(trainer, fixed_latents(trainer.G.z_dim, self.cfg.run.seed),
+                         self.run_dir.samples / f"{round_name(round_)}.png")
         out = [self._instruction(round_, h, msg.EVALUATE, generator) for h in sorted(self.roster)]
         good, errors = _ok(grid.send_and_receive(out, timeout=self.cfg.federated.round_timeout_s))
         for error in errors:
