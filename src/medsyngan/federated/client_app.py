@@ -52,6 +52,14 @@ def _job(message: Message) -> dict:
     return dict(message.content[msg.KEY_CONFIG])
 
 
+def _hospital_for(message: Message, context: Context):
+    """(job, identity, hospital, cfg) of the node answering ``message``: every handler starts here."""
+    job = _job(message)
+    identity = node_identity(context.node_config, job)
+    hospital, cfg = _runtime.hospital(identity, job)
+    return job, identity, hospital, cfg
+
+
 def _in_memory(context: Context) -> tuple[int, dict] | None:
     meta, arrays = context.state.get(msg.KEY_STATE_META), context.state.get(msg.KEY_STATE)
     if meta is None or arrays is None:
@@ -68,9 +76,7 @@ def _keep_in_memory(context: Context, round_: int, state: dict) -> None:
 @app.query("hello")
 @_answer_user_errors
 def hello(message: Message, context: Context) -> Message:
-    job = _job(message)
-    identity = node_identity(context.node_config, job)
-    hospital, _ = _runtime.hospital(identity, job)
+    job, identity, hospital, _ = _hospital_for(message, context)
     hospital.check_ready()
     info = {"hospital": identity.hospital_id, "train_images": hospital.num_examples,
             "train_patients": hospital.num_patients, "holdout_images": len(hospital.holdout or [])}
@@ -126,9 +132,7 @@ def secagg_unmask(message: Message, context: Context) -> Message:
 @app.train()
 @_answer_user_errors
 def train(message: Message, context: Context) -> Message:
-    job = _job(message)
-    identity = node_identity(context.node_config, job)
-    hospital, cfg = _runtime.hospital(identity, job)
+    job, identity, hospital, cfg = _hospital_for(message, context)
     secure = cfg.privacy.secagg
     client = _secagg_client(context, job) if secure else None
     restore(hospital, identity, int(job["resume_round"]), _in_memory(context))
@@ -157,9 +161,7 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 @_answer_user_errors
 def evaluate(message: Message, context: Context) -> Message:
-    job = _job(message)
-    identity = node_identity(context.node_config, job)
-    hospital, cfg = _runtime.hospital(identity, job)
+    job, identity, hospital, cfg = _hospital_for(message, context)
     generator = msg.record_to_state(message.content[msg.KEY_WEIGHTS])
     scores = hospital.evaluate(generator, cfg.eval.num_samples, hospital_metrics)
     return msg.reply(message, RecordDict({msg.KEY_METRICS: msg.metrics_record(scores)}))

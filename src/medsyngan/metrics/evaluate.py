@@ -155,7 +155,7 @@ def evaluate(
         except UserError as exc:
             for group in sorted(FEATURE_GROUPS & set(groups)):
                 ev.skip(group, str(exc))
-    n, base = count_tag(len(fake_u8)), f"{count_tag(len(fake_u8))}_{res}_{tag}"
+    base = f"{count_tag(len(fake_u8))}_{res}_{tag}"
 
     def run(group: str, fn) -> None:
         if group not in groups or group in ev.skipped:
