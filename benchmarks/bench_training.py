@@ -94,7 +94,8 @@ def _time(fn: Callable[[], object], steps: int) -> float:
 
 
 def bench_dcgan_vs_textbook(rounds: int, steps: int, compiled: bool) -> dict[str, float]:
-    """Interleaved timing rounds of the textbook loop, our step, and (optionally) our step with torch.compile."""
+    """Interleaved timing rounds of the textbook loop, our step (default precision: bf16 autocast where the hardware
+    has it), our step in float32, and (optionally) our step with torch.compile."""
     import copy
 
     trainer, cfg = _trainer("dcgan64")
@@ -106,6 +107,9 @@ def bench_dcgan_vs_textbook(rounds: int, steps: int, compiled: bool) -> dict[str
         "textbook": lambda: textbook(reals[next(it) % len(reals)]),
         "ours": lambda: trainer.train_step(lambda: reals[next(it) % len(reals)]),
     }
+    if trainer.autocast_dtype is not None:
+        fp32, _ = _trainer("dcgan64", ["train.amp=off"])
+        variants["ours_fp32"] = lambda: fp32.train_step(lambda: reals[next(it) % len(reals)])
     figures: dict[str, float] = {}
     if compiled:
         fast, _ = _trainer("dcgan64", ["train.compile=true"])
@@ -121,6 +125,10 @@ def bench_dcgan_vs_textbook(rounds: int, steps: int, compiled: bool) -> dict[str
     figures["textbook_dcgan64_img_per_s"] = ips["textbook"]
     figures["dcgan64_img_per_s"] = ips["ours"]
     figures["ratio_vs_textbook"] = ips["ours"] / ips["textbook"]
+    figures["precision"] = str(trainer.autocast_dtype or torch.float32).removeprefix("torch.")
+    if "ours_fp32" in ips:
+        figures["dcgan64_fp32_img_per_s"] = ips["ours_fp32"]
+        figures["ratio_fp32_vs_textbook"] = ips["ours_fp32"] / ips["textbook"]
     if compiled:
         figures["dcgan64_compiled_img_per_s"] = ips["ours_compiled"]
         figures["ratio_compiled_vs_textbook"] = ips["ours_compiled"] / ips["textbook"]

@@ -25,9 +25,10 @@ SIZE = 32
 
 
 def _cfg(*overrides: str):
+    # float32, as enable_dp makes every private trainer; tests that build engines by hand need it explicitly.
     return load_config(None, [
         "model.arch=dcgan", f"model.resolution={SIZE}", f"data.size={SIZE}", "model.ngf=8", "model.ndf=8",
-        "model.dp_compatible=true", "train.batch_size=8", "model.z_dim=16", *overrides,
+        "model.dp_compatible=true", "train.batch_size=8", "model.z_dim=16", "train.amp=off", *overrides,
     ])
 
 
@@ -151,6 +152,16 @@ def test_private_step_without_noise_or_clipping_equals_the_plain_step():
     for (name, a), b in zip(plain.D.state_dict().items(), private.D.state_dict().values()):
         assert not torch.equal(a, before[name]) or a.dtype != torch.float32  # the step did change D
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert session.steps == 1
+
+
+def test_private_training_runs_in_float32_even_where_bf16_is_the_default():
+    cfg = _cfg("train.amp=bf16", "privacy.dp=true", "privacy.target_epsilon=3")
+    trainer = GANTrainer(cfg, device="cpu")
+    assert trainer.autocast_dtype == torch.bfloat16
+    session = enable_dp(trainer, _images(), None, cfg, planned_steps=20, seed=5)
+    assert trainer.autocast_dtype is None
+    trainer.train_step(session.next_real)
     assert session.steps == 1
 
 

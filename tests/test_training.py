@@ -85,7 +85,7 @@ def _bench_module():
 def test_dcgan_step_is_the_textbook_iteration():
     """Same networks, data and noise: our step and pytorch/examples' loop end with the same weights."""
     bench = _bench_module()
-    cfg = tiny_cfg("dcgan")
+    cfg = tiny_cfg("dcgan", "train.amp=off")  # the textbook loop runs in float32
     trainer = GANTrainer(cfg)
     netG, netD = copy.deepcopy(trainer.G), bench.TextbookD(copy.deepcopy(trainer.D))
     textbook = bench.textbook_loop(netG, netD, cfg.model.z_dim)

@@ -102,7 +102,9 @@ class TrainSection(Section):
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
     sample_every: int = Field(500, ge=1, description="Steps between sample grids.")
     log_every: int = Field(50, ge=1, description="Steps between metrics.jsonl rows.")
-    amp: Literal["auto", "off", "bf16"] = Field("auto", description="bf16 autocast on CUDA when 'auto'.")
+    amp: Literal["auto", "off", "bf16"] = Field(
+        "auto", description="bf16 autocast; 'auto': on CUDA and on CPUs with AMX (Intel Sapphire Rapids and later)."
+    )
     compile: bool = Field(
         False,
         description="torch.compile G and D (inductor): minutes of compilation at start, faster steps after; "

@@ -655,4 +655,7 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
     if isinstance(trainer.d_update, PrivateDiscriminatorUpdate):
         trainer.d_update.engine.remove()  # a session rebuilt on the same trainer (next round): drop the old hooks
     trainer.d_update = session.update
+    # float32 throughout: per-sample norms rounded to bf16 can leave a "clipped" gradient above C, and the
+    # sensitivity bound that ε rests on must hold exactly, not to 3 significant digits.
+    trainer.autocast_dtype = None
     return session

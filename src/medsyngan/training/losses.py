@@ -68,16 +68,17 @@ def gradient_penalty(D: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor, 
 
     Sample i depends only on real[i] and fake[i], so the term stays per-sample for DP.
     """
-    mixed = torch.lerp(real.detach(), fake.detach(), eps.view(-1, 1, 1, 1)).requires_grad_(True)
+    # Under autocast G's output may be bf16 while reals are float32; interpolate in float32.
+    mixed = torch.lerp(real.detach().float(), fake.detach().float(), eps.view(-1, 1, 1, 1)).requires_grad_(True)
     (grad,) = torch.autograd.grad(D(mixed).float().sum(), mixed, create_graph=True)
-    return (grad.flatten(1).norm(dim=1) - 1.0).square()
+    return (grad.float().flatten(1).norm(dim=1) - 1.0).square()
 
 
 def r1_penalty(D: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
     """R1 (Mescheder et al. 2018): ‖∇ₓD(x)‖² on real images, per sample, (B,). Callers scale it by γ/2."""
     real = real.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(D(real).float().sum(), real, create_graph=True)
-    return grad.square().flatten(1).sum(dim=1)
+    return grad.float().square().flatten(1).sum(dim=1)
 
 
 def lazy_adam_factor(interval: int) -> float:
