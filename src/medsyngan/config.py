@@ -110,6 +110,11 @@ class TrainSection(Section):
         description="torch.compile G and D (inductor): minutes of compilation at start, faster steps after; "
         "leave off under DP-SGD (Opacus hooks) and for short runs.",
     )
+    init_from: str = Field(
+        "",
+        description="Start from the G/D weights of this checkpoint or run directory (same architecture and size), "
+        "e.g. a model trained on public phantoms; optimizer state and counters start fresh. Empty: random init.",
+    )
 
 
 class FederatedSection(Section):
