@@ -234,3 +234,41 @@ def test_cli_train_then_generate_dicom(tmp_path, medsyngan_cache):
     assert len(list((tmp_path / "g").glob("*.dcm"))) == 3
     wrong = _cli("train", "--config", "progan64", "--resume", "--out", str(out))
     assert wrong.returncode == 2 and "dcgan model at 32 px" in wrong.stderr
+
+
+# --- warm start ---------------------------------------------------------------------------------------------------
+
+
+def test_init_from_starts_centralized_and_federated_runs_from_the_checkpoint_weights(tmp_path, cfg):
+    from medsyngan.federated.server import ServerState
+    from medsyngan.training.centralized import train_centralized
+
+    source = RunDir(tmp_path / "public").create(cfg)
+    train_centralized(cfg, source)
+    pretrained = _weights(source.root)
+    # A learning rate of 1e-12 leaves the weights where the first step found them (to ~1e-12), so they show where
+    # the run started; BatchNorm running statistics do move and are left out.
+    warm_cfg = load_config("dcgan64", RUN + ["train.steps=1", "train.ema_kimg=0.05", "train.lr_g=1e-12", "train.lr_d=1e-12",
+                                             f"train.init_from={json.dumps(str(source.root))}"])
+    warm = RunDir(tmp_path / "warm").create(warm_cfg)
+    train_centralized(warm_cfg, warm)
+    started = _weights(warm.root)
+    params = [k for k in pretrained if k.startswith(("G.", "D.")) and "running_" not in k and "num_batches" not in k]
+    assert params and all(torch.allclose(started[k], pretrained[k], atol=1e-8) for k in params)
+    state = ServerState.initial(warm_cfg)
+    assert all(torch.equal(state.global_state[k], pretrained[k]) for k in pretrained if k.startswith(("G.", "D.")))
+    assert all(torch.equal(v, pretrained[k.replace("G_ema.", "G.", 1)]) for k, v in state.ema_state.items())
+
+
+def test_init_from_another_model_is_one_line(tmp_path, cfg):
+    from medsyngan.training.centralized import train_centralized
+    from medsyngan.training.pretrained import pretrained_state
+
+    source = RunDir(tmp_path / "public").create(cfg)
+    train_centralized(cfg, source)
+    other = load_config("dcgan64", RUN + ["model.ngf=16", f"train.init_from={json.dumps(str(source.root))}"])
+    with pytest.raises(UserError, match=r"model\.ngf \(8 there, 16 here\)"):
+        pretrained_state(other)
+    missing = load_config("dcgan64", RUN + [f"train.init_from={json.dumps(str(tmp_path / 'nowhere'))}"])
+    with pytest.raises(UserError, match="does not exist"):
+        pretrained_state(missing)

@@ -32,6 +32,7 @@ from medsyngan.privacy.secagg import SecAggAbort, SecAggConfig, SecAggServer, th
 from medsyngan.rundir import RunDir
 from medsyngan.training.centralized import fixed_latents, save_sample_grid
 from medsyngan.training.checkpoint import load_checkpoint, save_checkpoint_files
+from medsyngan.training.pretrained import pretrained_state
 from medsyngan.training.step import GANTrainer
 
 log = logging.getLogger("medsyngan.federated")
@@ -55,6 +56,8 @@ class ServerState:
     def initial(cls, cfg: Config) -> "ServerState":
         """Global networks initialised exactly as a centralized run with the same seed would be."""
         trainer = GANTrainer(cfg, device="cpu")
+        if cfg.train.init_from:
+            trainer.load_model_state(pretrained_state(cfg))
         state = trainer.model_state(("G", "D"))
         ema = {k.replace("G.", "G_ema.", 1): v.clone() for k, v in state.items() if k.startswith("G.")}
         return cls(round=0, global_state=state, ema_state=ema if cfg.train.ema_kimg > 0 else None)

@@ -25,6 +25,7 @@ from medsyngan.rundir import RunDir, atomic_write_bytes, log, progress
 from medsyngan.runtime import configure_threads, seed_everything
 from medsyngan.training.checkpoint import load_checkpoint, restore_trainer, save_trainer_checkpoint
 from medsyngan.training.generate import image_grid, sample_images
+from medsyngan.training.pretrained import pretrained_state
 from medsyngan.training.step import GANTrainer, unwrap
 
 SAMPLE_GRID = 64  # images in each snapshot grid (8 x 8)
@@ -118,6 +119,8 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False,
     data = load_training_data(cfg)
     _check_data(cfg, data.images, cfg.data.path or cfg.data.source)
     trainer = GANTrainer(cfg)
+    if ckpt is None and t.init_from:
+        trainer.load_model_state(pretrained_state(cfg))
     loader = BatchLoader(data.images, t.batch_size, cfg.run.seed, device=trainer.device, augment=cfg.data.augment)
     latents = fixed_latents(trainer.G.z_dim, cfg.run.seed)
 
