@@ -159,6 +159,10 @@ class PrivacySection(Section):
     compression: Literal["zlib", "lzma", "none"] = Field(
         "zlib", description="Compression of quantized updates on the plain (not secure-aggregation) path."
     )
+    checkpoint_key: str = Field(
+        "", description="Key file (32 bytes, from `medsyngan privacy keygen`) that encrypts the run's checkpoints "
+        "at rest (AES-256-GCM); `medsyngan train` stores it as an absolute path. Empty: checkpoints in plaintext."
+    )
 
 
 class EvalSection(Section):

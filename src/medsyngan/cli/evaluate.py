@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from medsyngan.cli.options import ConfigOption, SetOption
+from medsyngan.cli.options import ConfigOption, KeyOption, SetOption, read_key
 from medsyngan.errors import UserError
 
 
-def _load_discriminator(checkpoint: Path, device):
+def _load_discriminator(checkpoint: Path, device, key: bytes | None):
     """The run's discriminator for the LOGAN attack, or None (with the reason logged) when it cannot be built."""
     import logging
 
@@ -19,7 +19,7 @@ def _load_discriminator(checkpoint: Path, device):
     from medsyngan.training.checkpoint import load_checkpoint
 
     try:
-        ckpt = load_checkpoint(checkpoint)
+        ckpt = load_checkpoint(checkpoint, key)
         D = build_discriminator(ckpt.config().model)
         state = {k.removeprefix("_module."): v for k, v in ckpt.part("D").items()}
         if not state:
@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
         config: ConfigOption = None,
         overrides: SetOption = None,
+        key: KeyOption = None,
     ) -> None:
         """Evaluate synthetic images: FD/FID, KID, precision/recall, density/coverage, nearest-neighbour SSIM/PSNR/MSE,
         MS-SSIM diversity, PPL and a privacy audit; writes metrics.json and a self-contained report.html."""
@@ -80,6 +81,7 @@ def register(app: typer.Typer) -> None:
         feature_extractor = feature_extractor or cfg.eval.feature_extractor
         nn_threshold = cfg.eval.nn_threshold if nn_threshold is None else nn_threshold
         count = count or cfg.eval.num_samples
+        checkpoint_key = read_key(key)
 
         real_set = load_image_set(real, "--real")
         train_set = load_image_set(train, "--train") if train is not None else None
@@ -90,9 +92,9 @@ def register(app: typer.Typer) -> None:
             from medsyngan.training.generate import generate_images, load_generator
 
             source = run if run is not None else checkpoint
-            generator, meta = load_generator(source, device)
+            generator, meta = load_generator(source, device, checkpoint_key)
             fake_images = generate_images(generator, count, seed, batch_size=batch_size, device=device)
-            discriminator = _load_discriminator(Path(meta.get("checkpoint", source)), device)
+            discriminator = _load_discriminator(Path(meta.get("checkpoint", source)), device, checkpoint_key)
             notes.append(f"synthetic images: {count} generated from {meta.get('checkpoint', source)} with seed {seed}")
         if run is not None:
             run_rows = RunDir(run).read_metrics()
@@ -115,7 +117,8 @@ def register(app: typer.Typer) -> None:
         if run is not None and extractor is not None and snapshot_count > 0:
             snaps = snapshot_dirs(run)
             if len(snaps) > 1:
-                snapshot_rows = evaluate_snapshots(snaps, real_set.images, extractor, snapshot_count, seed, batch_size, device)
+                snapshot_rows = evaluate_snapshots(snaps, real_set.images, extractor, snapshot_count, seed, batch_size,
+                                                   device, checkpoint_key)
 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.json", json.dumps(ev.metrics, indent=2) + "\n")

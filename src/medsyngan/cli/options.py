@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -14,3 +15,14 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override one setting: section.key=value (repeatable)."),
 ]
+KeyOption = Annotated[
+    Optional[Path],
+    typer.Option("--key", help="Key file of an encrypted checkpoint (default: the run's privacy.checkpoint_key)."),
+]
+
+
+def read_key(path: Path | None) -> bytes | None:
+    """The bytes of a --key file, or None to let the checkpoint's own run name its key."""
+    from medsyngan.sealed import load_key_file
+
+    return load_key_file(path) if path is not None else None

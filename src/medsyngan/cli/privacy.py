@@ -150,7 +150,7 @@ def register(app: typer.Typer) -> None:
     @privacy_app.command("keygen")
     def keygen(path: Annotated[Path, typer.Argument(help="Key file to create (32 random bytes, mode 0600).")]) -> None:
         """Create a key file for encrypting checkpoints at rest."""
-        from medsyngan.privacy.crypto import generate_key_file
+        from medsyngan.sealed import generate_key_file
 
         generate_key_file(path)
         typer.echo(f"wrote {path} (keep it apart from the checkpoints it protects)")

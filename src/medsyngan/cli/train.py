@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medsyngan.cli.options import ConfigOption, SetOption
+from medsyngan.cli.options import ConfigOption, KeyOption, SetOption, read_key
 from medsyngan.errors import UserError
 
 
@@ -35,6 +35,10 @@ def _training_config(config: str | None, overrides: list[str], data: str | None,
             raise UserError(f"--steps must be at least 1, got {steps}")
         # A resumed run's saved configuration already holds the first run's cap; --steps is then the new total.
         cfg.train.steps = steps if resume else min(cfg.train.steps, steps)
+    if cfg.privacy.checkpoint_key:
+        # Absolute in the run's config.toml, so that generate/evaluate find the key from any directory.
+        cfg.privacy.checkpoint_key = str(Path(cfg.privacy.checkpoint_key).expanduser().resolve())
+        read_key(Path(cfg.privacy.checkpoint_key))  # a missing key file fails before the run directory is made
     return cfg
 
 
@@ -91,6 +95,7 @@ def register(app: typer.Typer) -> None:
         truncation: Annotated[float, typer.Option("--truncation", help="StyleGAN2 truncation psi (1: none).")] = 1.0,
         seed: Annotated[int, typer.Option("--seed", help="Latent seed.")] = 0,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+        key: KeyOption = None,
     ) -> None:
         """Generate synthetic images (PNG, or DICOM marked SYNTHETIC) from a trained generator."""
         from medsyngan.rundir import console
@@ -104,7 +109,7 @@ def register(app: typer.Typer) -> None:
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         device = select_device("auto")
-        G, meta = load_generator(run if run is not None else checkpoint, device)
+        G, meta = load_generator(run if run is not None else checkpoint, device, read_key(key))
         images = generate_images(G, count, seed, truncation, batch_size, device)
         paths = write_png(images, out) if fmt == "png" else write_dicom(images, out, meta)
         console.print(f"wrote {len(paths)} {fmt} images ({images.shape[1]} px) to {out} from {meta['checkpoint']}")

@@ -31,7 +31,7 @@ from medsyngan.privacy.crypto import IntegrityError
 from medsyngan.privacy.secagg import SecAggAbort, SecAggConfig, SecAggServer, threshold_for
 from medsyngan.rundir import RunDir
 from medsyngan.training.centralized import fixed_latents, save_sample_grid
-from medsyngan.training.checkpoint import load_checkpoint, save_checkpoint_files
+from medsyngan.training.checkpoint import checkpoint_key, load_checkpoint, save_checkpoint_files
 from medsyngan.training.pretrained import pretrained_state
 from medsyngan.training.step import GANTrainer
 
@@ -88,9 +88,9 @@ def round_name(round_: int) -> str:
     return f"round-{round_:05d}"
 
 
-def save_server_state(run_dir: RunDir, state: ServerState, cfg: Config) -> Path:
+def save_server_state(run_dir: RunDir, state: ServerState, cfg: Config, key: bytes | None = None) -> Path:
     """The round's checkpoint in the training checkpoint format, so `generate` and `evaluate` read it as they read
-    a centralized run; the server optimizer's moments ride in the training-state file."""
+    a centralized run; the server optimizer's moments ride in the training-state file; sealed with ``key``."""
     tensors = dict(state.global_state)
     if state.ema_state is not None:
         tensors.update(state.ema_state)
@@ -110,13 +110,14 @@ def save_server_state(run_dir: RunDir, state: ServerState, cfg: Config) -> Path:
     # The noise seed is secret (predictable noise protects nothing); it stays in the training-state file.
     private = {"server_optimizer": state.optimizer_state, "client_dp_seed": (state.client_dp or {}).get("seed"),
                "previous_mean": state.previous_mean}
-    return save_checkpoint_files(run_dir.checkpoints, round_name(state.round), tensors, meta, private, keep=0)
+    return save_checkpoint_files(run_dir.checkpoints, round_name(state.round), tensors, meta, private, keep=0,
+                                 key=key)
 
 
-def load_server_state(run_dir: RunDir) -> ServerState:
+def load_server_state(run_dir: RunDir, key: bytes | None = None) -> ServerState:
     if not (run_dir.checkpoints / "latest").is_file():
         raise UserError(f"{run_dir.root}: no federated checkpoint to resume from; start without --resume")
-    ckpt = load_checkpoint(run_dir.root)
+    ckpt = load_checkpoint(run_dir.root, key)
     if "round" not in ckpt.meta:
         raise UserError(f"{ckpt.path} is a centralized checkpoint; resume it without federated.enabled")
     ema = {k: v for k, v in ckpt.tensors.items() if k.startswith("G_ema.")}
@@ -189,13 +190,14 @@ class Aggregator:
                  on_round: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
+        self.checkpoint_key = checkpoint_key(cfg)  # a missing key file fails before any round
         wire.check_settings(cfg.privacy)
         self.transport = wire.Transport(cfg.privacy, str(job["run_id"]), identity_key)
         self.job = dict(job)
         log_privacy_choices(cfg)
         if self.transport.identity_public is not None:
             self.job["aggregator_public"] = self.transport.identity_public
-        self.state = load_server_state(run_dir) if resume else ServerState.initial(cfg)
+        self.state = load_server_state(run_dir, self.checkpoint_key) if resume else ServerState.initial(cfg)
         self.client_dp = ClientLevelDP(cfg, self.state) if cfg.privacy.client_dp else None
         self.optimizer = ServerOptimizer(cfg.federated.strategy, cfg.federated.server_lr)
         self.optimizer.load_state_dict(self.state.optimizer_state)
@@ -413,7 +415,7 @@ class Aggregator:
             self.state.last_round[hospital] = round_
         self._update_ema(images)
         self.state.optimizer_state = self.optimizer.state_dict()
-        save_server_state(self.run_dir, self.state, self.cfg)
+        save_server_state(self.run_dir, self.state, self.cfg, self.checkpoint_key)
         row = {
             "round": round_,
             "kimg": self.state.images_seen / 1000,

@@ -274,17 +274,17 @@ def snapshot_dirs(run_dir: str | Path) -> list[Path]:
 
 def evaluate_snapshots(
     checkpoints: list[Path], real_u8: np.ndarray, extractor: FeatureExtractor, count: int, seed: int = 0,
-    batch_size: int = 64, device: torch.device | str = "cpu",
+    batch_size: int = 64, device: torch.device | str = "cpu", key: bytes | None = None,
 ) -> list[dict[str, Any]]:
     """FD and KID of ``count`` samples from every checkpoint (a curve over kimg / rounds); a damaged checkpoint
-    is reported and skipped."""
+    is reported and skipped. ``key`` opens encrypted checkpoints."""
     from medsyngan.training.generate import generate_images, load_generator
 
     real_feats = cached_features(extractor, real_u8, batch_size, "features: real")
     rows = []
     for path in checkpoints:
         try:
-            G, meta = load_generator(path, device)
+            G, meta = load_generator(path, device, key)
             fake = generate_images(G, count, seed, batch_size=batch_size, device=device)
             check_same_resolution(synthetic=fake, real=real_u8)
             feats = extract(extractor, fake, batch_size, f"features: {path.name}")

@@ -1,4 +1,4 @@
-"""AES-256-GCM end to end between each hospital and the aggregator, and checkpoint encryption at rest.
+"""AES-256-GCM end to end between each hospital and the aggregator.
 
 Key agreement (one fresh key per hospital, round and session)::
 
@@ -23,6 +23,9 @@ so a message moved to another hospital, round, run or model fails authentication
 
 Hospital authentication (is this message really from hospital 3?) comes from Flower's SuperNode authentication;
 the transport layer here protects confidentiality and integrity against the relay.
+
+Encryption at rest (checkpoints under a key file) lives in :mod:`medsyngan.sealed`, below training in the layers;
+its functions are re-exported here so that the privacy API is found in one place.
 """
 
 from __future__ import annotations
@@ -42,27 +45,24 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from medsyngan.errors import UserError
 from medsyngan.rundir import atomic_write_bytes
+from medsyngan.sealed import (  # noqa: F401 - the at-rest names are re-exported
+    KEY_BYTES,
+    IntegrityError,
+    decrypt_at_rest,
+    encrypt_at_rest,
+    generate_key_file,
+    is_encrypted,
+    load_key_file,
+    read_encrypted,
+    read_key_bytes,
+    write_encrypted,
+)
 
 log = logging.getLogger("medsyngan.privacy.crypto")
 
 PROTOCOL_VERSION = 1
-KEY_BYTES = 32
 _SEALED_MAGIC = b"MSGE"
-_AT_REST_MAGIC = b"MSGC"
 _HEADER = struct.Struct("<4sBQ32s32s32s12sH")  # magic, version, round, model hash, E.pub, R.pub, nonce, id len
-
-
-class IntegrityError(Exception):
-    """A message or file failed authentication or does not belong where it arrived; it was not used.
-
-    ``reason`` is one of: tampered, replay, wrong-hospital, wrong-round, wrong-model, unknown-round-key,
-    malformed, wrong-key. A message from another run fails as "tampered": the run id is bound only into the
-    key and the associated data.
-    """
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def _reject(reason: str, message: str) -> IntegrityError:
@@ -222,73 +222,8 @@ def write_identity_key(path: Path | str) -> bytes:
 
 
 def load_identity_key(path: Path | str) -> X25519PrivateKey:
-    return X25519PrivateKey.from_private_bytes(_read_key_bytes(path, "X25519 private key"))
+    return X25519PrivateKey.from_private_bytes(read_key_bytes(path, "X25519 private key"))
 
 
 def load_public_key(path: Path | str) -> X25519PublicKey:
-    return X25519PublicKey.from_public_bytes(_read_key_bytes(path, "X25519 public key"))
-
-
-def _read_key_bytes(path: Path | str, what: str) -> bytes:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"key file {path} not found; create it first (medsyngan privacy keygen / pki init)") from None
-    except OSError as exc:
-        raise UserError(f"key file {path} cannot be read ({exc.strerror}); check its permissions") from None
-    if len(data) != KEY_BYTES:
-        raise UserError(f"key file {path} holds {len(data)} bytes; a {what} file holds exactly {KEY_BYTES} raw bytes")
-    return data
-
-
-# --- encryption at rest ------------------------------------------------------------------------------------
-
-def generate_key_file(path: Path | str) -> None:
-    """32 random bytes, mode 0600, never overwriting an existing file."""
-    path = Path(path)
-    if path.exists():
-        raise UserError(
-            f"{path} exists; refusing to overwrite a key file (checkpoints encrypted with it would be lost)"
-        )
-    atomic_write_bytes(path, os.urandom(KEY_BYTES))
-    os.chmod(path, 0o600)
-
-
-def load_key_file(path: Path | str) -> bytes:
-    return _read_key_bytes(path, "checkpoint key")
-
-
-def encrypt_at_rest(data: bytes, key: bytes, context: str) -> bytes:
-    """magic | version | random 96-bit nonce | AES-256-GCM(data), AD = magic, version, context.
-
-    One long-lived key encrypts few files (one per checkpoint), so random nonces are safe: the collision
-    probability stays below 2^-32 for 2^32 files. ``context`` (e.g. "checkpoint") stops a blob written for one
-    purpose from being accepted as another.
-    """
-    nonce = os.urandom(12)
-    head = _AT_REST_MAGIC + bytes([PROTOCOL_VERSION])
-    return head + nonce + AESGCM(key).encrypt(nonce, data, head + context.encode())
-
-
-def decrypt_at_rest(blob: bytes, key: bytes, context: str) -> bytes:
-    head = _AT_REST_MAGIC + bytes([PROTOCOL_VERSION])
-    if blob[:5] != head:
-        raise _reject("malformed", "file is not a MedSynGAN encrypted file (or another version)")
-    try:
-        return AESGCM(key).decrypt(blob[5:17], blob[17:], head + context.encode())
-    except InvalidTag:
-        raise _reject("wrong-key",
-                      f"encrypted {context} does not open: wrong key file, or the file was altered") from None
-
-
-def is_encrypted(blob: bytes) -> bool:
-    return blob[:4] == _AT_REST_MAGIC
-
-
-def write_encrypted(path: Path | str, data: bytes, key: bytes, context: str = "checkpoint") -> None:
-    atomic_write_bytes(Path(path), encrypt_at_rest(data, key, context))
-
-
-def read_encrypted(path: Path | str, key: bytes, context: str = "checkpoint") -> bytes:
-    return decrypt_at_rest(Path(path).read_bytes(), key, context)
+    return X25519PublicKey.from_public_bytes(read_key_bytes(path, "X25519 public key"))

@@ -23,7 +23,7 @@ from medsyngan.config import Config
 from medsyngan.errors import UserError
 from medsyngan.rundir import RunDir, atomic_write_bytes, log, progress
 from medsyngan.runtime import configure_threads, seed_everything
-from medsyngan.training.checkpoint import load_checkpoint, restore_trainer, save_trainer_checkpoint
+from medsyngan.training.checkpoint import checkpoint_key, load_checkpoint, restore_trainer, save_trainer_checkpoint
 from medsyngan.training.generate import image_grid, sample_images
 from medsyngan.training.pretrained import pretrained_state
 from medsyngan.training.step import GANTrainer, unwrap
@@ -112,7 +112,8 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False,
     seed_everything(cfg.run.seed)
     t = cfg.train
     check_model_section(cfg.model)  # before any data is built for a model that cannot exist
-    ckpt = load_checkpoint(run_dir.checkpoints) if resume else None
+    key = checkpoint_key(cfg)  # a missing key file fails here, not at the first checkpoint
+    ckpt = load_checkpoint(run_dir.checkpoints, key) if resume else None
     if ckpt is not None:
         ckpt.check_matches(cfg)
 
@@ -145,7 +146,8 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False,
 
     def checkpoint() -> Path:
         dp_meta = {"dp": dp.state_dict()} if dp is not None else None
-        return save_trainer_checkpoint(run_dir.checkpoints, trainer, cfg, loader.state_dict(), extra_meta=dp_meta)
+        return save_trainer_checkpoint(run_dir.checkpoints, trainer, cfg, loader.state_dict(), extra_meta=dp_meta,
+                                       key=key)
 
     stop = StopRequest()
     last_time, last_images = time.perf_counter(), trainer.images_seen

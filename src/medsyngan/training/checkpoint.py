@@ -13,6 +13,12 @@ Layout::
 
 A folder is assembled under a hidden temporary name and renamed into place, then ``latest`` is replaced: a crash
 at any moment leaves the previous checkpoint intact and pointed to. Only the newest ``keep`` folders are kept.
+
+Encryption at rest (``privacy.checkpoint_key``): the three files are sealed with AES-256-GCM under the run's key
+file (:mod:`medsyngan.sealed`), each bound to its role, so nothing of the weights, optimizer moments, RNG or
+accountant state is readable on disk. ``latest`` (a folder name) stays plain. Readers recognise sealed files by
+their header and take the key from the caller (``--key FILE``) or from the ``config.toml`` of the run the
+checkpoint belongs to.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +42,8 @@ from torch import Tensor
 
 from medsyngan.config import Config, config_from_toml_text
 from medsyngan.errors import UserError
-from medsyngan.rundir import atomic_write_text, sha256_file
+from medsyngan.rundir import RunDir, atomic_write_text, sha256_file
+from medsyngan.sealed import IntegrityError, decrypt_at_rest, encrypt_at_rest, is_encrypted, load_key_file
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -106,10 +113,26 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([_decode(s) for s in state["cuda"]])
 
 
+# ---------------------------------------------------------------------- keys
+def checkpoint_key(cfg: Config) -> bytes | None:
+    """The key that seals this run's checkpoints (``privacy.checkpoint_key``), or None for plaintext checkpoints.
+
+    Load it once when a run starts: a missing or wrong-size key file is then a one-line error before training."""
+    return load_key_file(cfg.privacy.checkpoint_key) if cfg.privacy.checkpoint_key else None
+
+
+def _role(name: str) -> str:
+    """The associated data of a sealed checkpoint file: its role, not its path, so a checkpoint folder can be
+    copied or a lone model.safetensors renamed, but weights cannot be passed off as training state."""
+    return f"checkpoint/{name}"
+
+
 # ---------------------------------------------------------------------- writing
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_synced(path: Path, data: bytes, key: bytes | None = None) -> None:
+    if key is not None:
+        data = encrypt_at_rest(data, key, _role(path.name))
     with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -123,11 +146,13 @@ def save_checkpoint_files(
     meta: dict[str, Any],
     state: dict[str, Any] | None = None,
     keep: int = 3,
+    key: bytes | None = None,
 ) -> Path:
     """Write one checkpoint folder ``checkpoints_dir/name`` atomically and point ``latest`` at it.
 
     ``tensors``: flat name → tensor (saved as safetensors); ``meta``: JSON-safe metadata (tensors inside are encoded);
-    ``state``: anything ``torch.load(weights_only=True)`` can read back (optimizer state dicts, counters).
+    ``state``: anything ``torch.load(weights_only=True)`` can read back (optimizer state dicts, counters);
+    ``key``: seal every file with it (:func:`checkpoint_key`); the recorded SHA-256 are those of the sealed bytes.
     """
     from safetensors.torch import save as st_save
 
@@ -140,15 +165,15 @@ def save_checkpoint_files(
         header = {k: v for k, v in meta.items() if k in ("format", "arch", "resolution", "z_dim", "step", "kimg",
                                                          "stage_resolution", "alpha", "config_toml", "parts")}
         weights = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        _write_synced(tmp / WEIGHTS_FILE, st_save(weights, metadata={_META_KEY: json.dumps(header)}))
+        _write_synced(tmp / WEIGHTS_FILE, st_save(weights, metadata={_META_KEY: json.dumps(header)}), key)
         files = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
         if state is not None:
             buf = io.BytesIO()
             torch.save(state, buf)
-            _write_synced(tmp / STATE_FILE, buf.getvalue())
+            _write_synced(tmp / STATE_FILE, buf.getvalue(), key)
             files[STATE_FILE] = sha256_file(tmp / STATE_FILE)
         meta["files"] = files
-        _write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode())
+        _write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode(), key)
         if final.exists():
             # Re-saving a step (after a resume) replaces the old folder; move it aside first so the rename is atomic.
             stale = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=checkpoints_dir))
@@ -190,8 +215,10 @@ def save_trainer_checkpoint(
     loader_state: dict[str, Any] | None = None,
     extra_meta: dict[str, Any] | None = None,
     keep: int = 3,
+    key: bytes | None = None,
 ) -> Path:
-    """Checkpoint a :class:`~medsyngan.training.step.GANTrainer` together with global RNG and data-loader state."""
+    """Checkpoint a :class:`~medsyngan.training.step.GANTrainer` together with global RNG and data-loader state
+    (sealed with ``key`` when given)."""
     full = trainer.state_dict()
     counters = full["counters"]
     meta = {
@@ -206,10 +233,55 @@ def save_trainer_checkpoint(
         **(extra_meta or {}),
     }
     state = {k: v for k, v in full.items() if k != "models"}
-    return save_checkpoint_files(checkpoints_dir, step_name(trainer.step), full["models"], meta, state, keep)
+    return save_checkpoint_files(checkpoints_dir, step_name(trainer.step), full["models"], meta, state, keep, key)
 
 
 # ---------------------------------------------------------------------- reading
+class _KeyRing:
+    """Opens the files of one checkpoint: plain ones as they are, sealed ones with the caller's key, else the key
+    file named by the ``config.toml`` of the run the checkpoint lies in (looked up at the first sealed file)."""
+
+    def __init__(self, target: Path, key: bytes | None):
+        self.target = target
+        self._given = [(key, "the key given")] if key is not None else []
+        self._from_run: list[tuple[bytes, str]] | None = None
+        self._run_problem = ""
+
+    def _run_key(self) -> list[tuple[bytes, str]]:
+        folder = next((f for f in self.target.resolve().parents if f.name == "checkpoints"), None)
+        run = RunDir(folder.parent) if folder is not None else None
+        if run is None or not run.config_path.is_file():
+            return []
+        key_file = run.load_config().privacy.checkpoint_key
+        if not key_file:
+            return []
+        where = f"key file {key_file} (privacy.checkpoint_key of {run.config_path})"
+        if not Path(key_file).is_file():
+            self._run_problem = f"; its run names {where}, which is not found here"
+            return []
+        return [(load_key_file(key_file), where)]
+
+    def open(self, file: Path, role: str) -> bytes:
+        blob = file.read_bytes()
+        if not is_encrypted(blob):
+            return blob
+        if self._from_run is None:
+            self._from_run = self._run_key()
+        keys = self._given + self._from_run
+        if not keys:
+            raise UserError(f"checkpoint {file} is encrypted; pass --key FILE, the key file it was written with "
+                            f"(privacy.checkpoint_key of its run){self._run_problem}")
+        for key, _ in keys:
+            try:
+                return decrypt_at_rest(blob, key, _role(role))
+            except IntegrityError as exc:
+                if exc.reason == "malformed":
+                    raise _corrupt(file, exc) from None
+        tried = " or ".join(name for _, name in keys)
+        raise UserError(f"checkpoint {file} does not decrypt with {tried}: wrong key file, or the file was altered; "
+                        f"pass the key file it was written with (--key FILE){self._run_problem}")
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint found on disk; ``tensors`` and ``meta`` are read eagerly, the training state on demand."""
@@ -217,6 +289,7 @@ class Checkpoint:
     path: Path  # the folder, or the lone safetensors file
     meta: dict[str, Any]
     tensors: dict[str, Tensor]
+    keys: _KeyRing | None = field(default=None, repr=False)
 
     def config(self) -> Config:
         return config_from_toml_text(self.meta["config_toml"], f"{self.path} (embedded configuration)")
@@ -225,8 +298,11 @@ class Checkpoint:
         file = self.path / STATE_FILE if self.path.is_dir() else None
         if file is None or not file.is_file():
             raise UserError(f"{self.path}: no {STATE_FILE} (training state); resume needs a full checkpoint folder")
+        keys = self.keys or _KeyRing(self.path, None)
         try:
-            return torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(keys.open(file, STATE_FILE)), map_location="cpu", weights_only=True)
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
             raise _corrupt(self.path, exc) from None
 
@@ -270,30 +346,40 @@ def resolve_checkpoint(path: Path | str) -> Path:
     return candidates[-1]
 
 
-def load_checkpoint(path: Path | str) -> Checkpoint:
-    """Read a checkpoint; any damage (missing file, bad hash, unreadable data) is one clear UserError."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def _read_weights(data: bytes) -> tuple[dict[str, Any] | None, dict[str, Tensor]]:
+    """(metadata from the safetensors header or None, tensors) of a safetensors file's bytes."""
+    from safetensors.torch import load
 
+    size = int.from_bytes(data[:8], "little")
+    header = (json.loads(data[8:8 + size]).get("__metadata__") or {}).get(_META_KEY)
+    return (json.loads(header) if header is not None else None), load(data)
+
+
+def load_checkpoint(path: Path | str, key: bytes | None = None) -> Checkpoint:
+    """Read a checkpoint; any damage (missing file, bad hash, unreadable data) is one clear UserError.
+
+    Sealed files open with ``key`` (e.g. from ``--key FILE``) or with the key file that the ``config.toml`` of
+    the checkpoint's run names; a missing or wrong key is a UserError naming the file.
+    """
     target = resolve_checkpoint(path)
+    keys = _KeyRing(target, key)
     try:
         if target.is_file():
-            with safe_open(str(target), framework="pt") as fh:
-                header = (fh.metadata() or {}).get(_META_KEY)
-            if header is None:
+            meta, tensors = _read_weights(keys.open(target, WEIGHTS_FILE))
+            if meta is None:
                 raise ValueError("not a MedSynGAN checkpoint (no metadata in the safetensors header)")
-            return Checkpoint(target, json.loads(header), load_file(str(target)))
+            return Checkpoint(target, meta, tensors, keys)
         meta_path = target / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"{META_FILE} missing")
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(keys.open(meta_path, META_FILE))
         for name, digest in meta.get("files", {}).items():
             file = target / name
             if not file.is_file():
                 raise FileNotFoundError(f"{name} missing")
             if sha256_file(file) != digest:
                 raise ValueError(f"{name} does not match its recorded SHA-256")
-        return Checkpoint(target, meta, load_file(str(target / WEIGHTS_FILE)))
+        return Checkpoint(target, meta, _read_weights(keys.open(target / WEIGHTS_FILE, WEIGHTS_FILE))[1], keys)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem

@@ -58,12 +58,14 @@ def sample_images(
     return np.concatenate(out) if out else np.zeros((0, net.resolution, net.resolution), np.uint8)
 
 
-def load_generator(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The generator of a run directory or checkpoint (its EMA when the run kept one) and the checkpoint metadata."""
+def load_generator(path: Path | str, device: torch.device | str = "cpu",
+                   key: bytes | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The generator of a run directory or checkpoint (its EMA when the run kept one) and the checkpoint metadata;
+    ``key`` opens an encrypted checkpoint (see :func:`~medsyngan.training.checkpoint.load_checkpoint`)."""
     from medsyngan.models.registry import build_generator
     from medsyngan.training.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, key)
     cfg = ckpt.config()
     part = "G_ema" if any(k.startswith("G_ema.") for k in ckpt.tensors) else "G"
     G = build_generator(cfg.model)

@@ -12,12 +12,13 @@ from torch import Tensor
 
 from medsyngan.config import Config
 from medsyngan.errors import UserError
-from medsyngan.training.checkpoint import load_checkpoint
+from medsyngan.training.checkpoint import checkpoint_key, load_checkpoint
 
 
 def pretrained_state(cfg: Config) -> dict[str, Tensor]:
     """``G.``/``D.``-prefixed weights of ``cfg.train.init_from``, checked against ``cfg``'s networks."""
-    ckpt = load_checkpoint(cfg.train.init_from)
+    # An encrypted source opens with this run's key or with the one its own run names.
+    ckpt = load_checkpoint(cfg.train.init_from, checkpoint_key(cfg))
     ckpt.check_matches(cfg)
     source, wanted = ckpt.config().model.model_dump(), cfg.model.model_dump()
     mismatched = [f"model.{k} ({source.get(k)} there, {v} here)" for k, v in wanted.items() if source.get(k) != v]
