@@ -29,6 +29,7 @@ from medsyngan.federated.hospital import Hospital
 from medsyngan.federated.messages import pack_blob, unpack_blob
 from medsyngan.federated.plan import split_holdout
 from medsyngan.rundir import atomic_write_bytes, atomic_write_text
+from medsyngan.sealed import IntegrityError, decrypt_at_rest, encrypt_at_rest, is_encrypted, load_key_file
 from medsyngan.runtime import cache_dir
 
 KEEP_ROUNDS = 2
@@ -39,6 +40,7 @@ class NodeIdentity:
     hospital_id: int
     data_path: str | None
     state_dir: Path
+    state_key: bytes | None = None  # seals the round state on disk (AES-256-GCM); None: plaintext
 
 
 def node_identity(node_config: Mapping[str, Any], job: Mapping[str, Any]) -> NodeIdentity:
@@ -54,7 +56,10 @@ def node_identity(node_config: Mapping[str, Any], job: Mapping[str, Any]) -> Nod
     # Simulation: the server names a folder in its run directory; deployment: the hospital's own setting.
     default_dir = job.get("state_dir") or Path(cache_dir()) / "hospital-state" / str(job["run_id"])
     state_dir = Path(str(node_config.get("state-dir", default_dir))) / f"hospital-{hospital}"
-    return NodeIdentity(hospital, data_path, state_dir)
+    # A deployed hospital seals its state with its own key file (node config state-key); a virtual hospital, which
+    # lives in the server's run directory, with the run's checkpoint key (job state_key, simulation only).
+    key_path = node_config.get("state-key") or job.get("state_key")
+    return NodeIdentity(hospital, data_path, state_dir, load_key_file(str(key_path)) if key_path else None)
 
 
 def load_hospital_data(identity: NodeIdentity, job: Mapping[str, Any], cfg: Config) -> tuple[PreparedDataset, PreparedDataset]:
@@ -120,7 +125,7 @@ def restore(hospital: Hospital, identity: NodeIdentity, resume_round: int, in_me
                 f"hospital {identity.hospital_id} has no saved state for round {resume_round} ({path}); "
                 "it cannot resume this federation"
             )
-        state = unpack_blob(path.read_bytes())
+        state = unpack_blob(_open_state(identity, path))
     if state is not None:
         hospital.load_state_dict(state)
     ledger = ledger_file(identity)
@@ -128,10 +133,29 @@ def restore(hospital: Hospital, identity: NodeIdentity, resume_round: int, in_me
         hospital.privacy_floor = json.loads(ledger.read_text())
 
 
+STATE_CONTEXT = "hospital-state"
+
+
+def _open_state(identity: NodeIdentity, path: Path) -> bytes:
+    blob = path.read_bytes()
+    if not is_encrypted(blob):
+        return blob
+    if identity.state_key is None:
+        raise UserError(f"{path} is encrypted; give hospital {identity.hospital_id} its key file "
+                        "(node config state-key=FILE, or privacy.checkpoint_key in a simulation)")
+    try:
+        return decrypt_at_rest(blob, identity.state_key, STATE_CONTEXT)
+    except IntegrityError as exc:
+        raise UserError(f"{path}: {exc}; check the hospital's state-key") from None
+
+
 def persist(hospital: Hospital, identity: NodeIdentity, round_: int) -> dict:
     """Write the state after ``round_`` to disk (atomically, keeping the last few rounds) and return it."""
     state = hospital.state_dict()
-    atomic_write_bytes(state_file(identity, round_), pack_blob(state))
+    blob = pack_blob(state)
+    if identity.state_key is not None:
+        blob = encrypt_at_rest(blob, identity.state_key, STATE_CONTEXT)
+    atomic_write_bytes(state_file(identity, round_), blob)
     if state.get("dp") is not None:
         atomic_write_text(ledger_file(identity), json.dumps(state["dp"]["accountant"]))
     for old in sorted(identity.state_dir.glob("round-*.pt"))[:-KEEP_ROUNDS]:

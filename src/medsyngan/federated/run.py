@@ -53,7 +53,9 @@ def simulation_job(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     elif not target.is_file():
         assignment = partition(dataset.patients, dataset.labels, f.hospitals, f.scheme, f.alpha, cfg.run.seed)
         write_partition_csv(target, dataset.image_names, dataset.patients, assignment)
-    return {"partition": str(target), "state_dir": str(run_dir.root / "hospitals")}
+    # Virtual hospitals keep their round state in the run directory, sealed with the run's checkpoint key.
+    return {"partition": str(target), "state_dir": str(run_dir.root / "hospitals"),
+            "state_key": cfg.privacy.checkpoint_key}
 
 
 def simulation_identity_key(cfg: Config, run_dir: RunDir) -> str | None:
