@@ -19,7 +19,7 @@ from medsyngan.errors import UserError
 from medsyngan.privacy.accounting import BudgetExceeded, PrivacyAccountant
 from medsyngan.privacy.dp import DPSession, enable_dp, make_engine, privacy_unit
 from medsyngan.privacy.sampling import PoissonUnitSampler
-from medsyngan.training.step import DiscriminatorUpdate, GANTrainer
+from medsyngan.training.step import DiscriminatorUpdate, GANTrainer, unwrap
 
 SIZE = 32
 
@@ -300,3 +300,16 @@ def test_private_centralized_run_through_the_cli_logs_epsilon_within_target(tmp_
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     eps = [r["epsilon"] for r in rows]
     assert len(eps) == 3 and eps == sorted(eps) and 0 < eps[-1] <= 2.0
+
+
+def test_private_steps_train_only_the_unfrozen_head():
+    cfg = _cfg("train.d_trainable_last=1", "privacy.dp=true", "privacy.target_epsilon=3")
+    trainer = GANTrainer(cfg, device="cpu")
+    before = {k: v.clone() for k, v in trainer.D.state_dict().items()}
+    session = enable_dp(trainer, _images(), np.array([f"p{i // 2}" for i in range(60)]), cfg, planned_steps=20,
+                        seed=5)
+    for _ in range(2):
+        trainer.train_step(session.next_real)
+    moved = [k for k, v in unwrap(trainer.D).state_dict().items() if not torch.equal(before[k], v)]
+    head = [n for n, m in unwrap(trainer.D).named_modules() if isinstance(m, nn.Conv2d)][-1] + ".weight"
+    assert moved == [head] and session.steps == 2

@@ -238,3 +238,17 @@ def test_compiled_trainer_keeps_the_plain_state_keys():
     compiled = GANTrainer(tiny_cfg("dcgan", "train.compile=true"))
     assert compiled.model_state().keys() == plain.model_state().keys()
     assert all(torch.equal(a, b) for a, b in zip(compiled.model_state().values(), plain.model_state().values()))
+
+
+def test_frozen_discriminator_layers_stay_put_and_the_head_trains():
+    trainer = GANTrainer(tiny_cfg("dcgan", "model.dp_compatible=true", "train.d_trainable_last=2"))
+    before = {k: v.clone() for k, v in trainer.D.state_dict().items()}
+    real = batches(32)
+    for _ in range(2):
+        trainer.train_step(real)
+    after = trainer.D.state_dict()
+    moved = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    last_conv = [n for n, m in trainer.D.named_modules() if isinstance(m, torch.nn.Conv2d)][-1] + ".weight"
+    # The last two parameterized layers: the last GroupNorm (weight and bias) and the final convolution.
+    assert len(moved) == 3 and last_conv in moved
+    assert [p.requires_grad for p in trainer.D.parameters()].count(True) == 3

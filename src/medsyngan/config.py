@@ -110,6 +110,12 @@ class TrainSection(Section):
         description="torch.compile G and D (inductor): minutes of compilation at start, faster steps after; "
         "leave off under DP-SGD (Opacus hooks) and for short runs.",
     )
+    d_trainable_last: int = Field(
+        0, ge=0,
+        description="Train only the last N parameterized layers of D and freeze the others (0: train all). With a D "
+        "pretrained on public data (train.init_from) this is DP fine-tuning of a head: DP-SGD's noise grows with "
+        "the number of trained parameters.",
+    )
     init_from: str = Field(
         "",
         description="Start from the G/D weights of this checkpoint or run directory (same architecture and size), "

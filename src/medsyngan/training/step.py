@@ -72,6 +72,13 @@ def _fast_bf16(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())
 
 
+def _freeze_all_but_last(net: nn.Module, trainable: int) -> None:
+    """Freeze every parameterized layer of ``net`` except the last ``trainable`` (in registration order)."""
+    layers = [m for m in net.modules() if any(True for _ in m.parameters(recurse=False))]
+    for layer in layers[:-trainable]:
+        layer.requires_grad_(False)
+
+
 def _adam(params: Iterable[Tensor], lr: float, betas: tuple[float, float], eps: float,
           lazy_interval: int | None) -> torch.optim.Adam:
     if lazy_interval:
@@ -142,6 +149,9 @@ class GANTrainer:
         self.G = G.to(self.device, memory_format=fmt).train()
         self.D = D.to(self.device, memory_format=fmt).train()
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if t.ema_kimg > 0 else None
+        if t.d_trainable_last:
+            _freeze_all_but_last(self.D, t.d_trainable_last)
+        self.d_params = [p for p in self.D.parameters() if p.requires_grad]
         if t.compile:
             # Fuses BatchNorm/activations and their backward with the convolutions' neighbours; the networks and
             # the algorithm are unchanged (state_dict keys too: see unwrap).
@@ -159,7 +169,7 @@ class GANTrainer:
 
         betas = (t.beta1, t.beta2)
         self.opt_g = _adam(self.G.parameters(), t.lr_g, betas, t.adam_eps, t.pl_interval if self.use_pl else None)
-        self.opt_d = _adam(self.D.parameters(), t.lr_d, betas, t.adam_eps, t.r1_interval if self.use_r1 else None)
+        self.opt_d = _adam(self.d_params, t.lr_d, betas, t.adam_eps, t.r1_interval if self.use_r1 else None)
         self.pl_reg = losses.PathLengthRegularizer().to(self.device) if self.use_pl else None
         self.rng = torch.Generator(device=self.device)
         self.rng.manual_seed(cfg.run.seed ^ _RNG_SALT)
@@ -288,7 +298,8 @@ class GANTrainer:
             if self.use_r1 and self.d_step % t.r1_interval == 0:
                 out.update(self.d_update.regularize(self, real))
 
-        self.D.requires_grad_(False)
+        for p in self.d_params:
+            p.requires_grad_(False)
         try:
             self.opt_g.zero_grad(set_to_none=True)
             with self._autocast():
@@ -301,7 +312,8 @@ class GANTrainer:
             if self.use_pl and self.step % t.pl_interval == 0:
                 out["pl"] = self._path_length_step()
         finally:
-            self.D.requires_grad_(True)
+            for p in self.d_params:
+                p.requires_grad_(True)
 
         self._update_ema()
         self._sync_stage()
