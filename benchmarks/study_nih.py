@@ -64,15 +64,24 @@ class Budget:
         return self.hospitals * self.rounds * self.local_steps * self.batch
 
 
-# Sized on the 2-core shared CPU (see docs/results.md): width 24 ran ~125 img/s centralized under load.
-FULL = Budget(width=24, batch=32, rounds=8, local_steps=25, hospitals=3, samples=500, ema_kimg=1.0)
+# Sized on the 2-core CPU (see docs/results.md). Batch 16 came out of tuning (validation split): at this budget
+# every configuration is short of steps, and federated averaging of 3 hospitals' batch-32 steps made only a third
+# of centralized's sequential steps (validation FD 10.2 → 3.7 going from batch 32 × 25 to 16 × 50 local steps).
+FULL = Budget(width=24, batch=16, rounds=8, local_steps=50, hospitals=3, samples=500, ema_kimg=1.0)
 QUICK = Budget(width=8, batch=8, rounds=2, local_steps=2, hospitals=3, samples=48, ema_kimg=0.05)
 # Each federated run starts Ray (about a minute on the loaded CPU), so --quick runs the reference and the product
-# default only — the two ends of the comparison, and every mechanism (DP, 8-bit, AES-GCM, secure aggregation).
-QUICK_CONFIGS = ("centralized", "fed-dp1-secure")
+# default from the public warm start only — the two ends of the comparison, and every mechanism (public
+# pretraining, DP, 8-bit, AES-GCM, secure aggregation).
+QUICK_CONFIGS = ("centralized", "fed-dp1-secure-warm")
 
 PLAIN_WIRE = ["privacy.update_clip=0", "privacy.quantize_bits=0", "privacy.encrypt=false", "privacy.secagg=false"]
+# Replaced by the path of this seed's "public" run: a generator and discriminator trained on the built-in phantoms
+# only, i.e. on public data, which costs no privacy budget (DPImageBench's lesson: DP-GANs need public pretraining).
+PUBLIC_INIT = "train.init_from=@public"
+WARM = [PUBLIC_INIT, "train.d_trainable_last=1"]
 CONFIGS: list[tuple[str, str, list[str]]] = [
+    ("public", "(0) public phantoms only, no real image (the warm start of 4w, 5w)",
+     ['data.source="phantoms"', 'data.path=""']),
     ("centralized", "(1) centralized, non-private", []),
     ("fed-patient", "(2) federated, 3 hospitals, patient partition",
      ['federated.scheme="patient"', "privacy.dp=false", *PLAIN_WIRE]),
@@ -80,10 +89,42 @@ CONFIGS: list[tuple[str, str, list[str]]] = [
      ['federated.scheme="label-skew"', "federated.alpha=0.5", "privacy.dp=false", *PLAIN_WIRE]),
     ("fed-dp10", "(4) federated + patient-level DP ε=10",
      ['federated.scheme="patient"', "privacy.dp=true", "privacy.target_epsilon=10.0", *PLAIN_WIRE]),
+    # The product default as configs/federated-dcgan64.toml ships it: DP ε = 1, 8-bit, AES-GCM, secure aggregation.
     ("fed-dp1-secure", "(5) federated + DP ε=1, 8-bit, AES-GCM, secure aggregation (product default)",
-     ['federated.scheme="patient"', "privacy.dp=true", "privacy.target_epsilon=1.0", "privacy.update_clip=1.0",
-      "privacy.quantize_bits=8", "privacy.encrypt=true", "privacy.secagg=true"]),
+     ['federated.scheme="patient"']),
+    # Tuned on the validation split: from the public model, DP-SGD on D's last layer only (validation FD 54 from
+    # scratch, 43 warm, 30 warm at learning rates 2e-5, 16 warm with only D's head trained; the public model 14).
+    ("fed-dp10-warm", "(4w) = (4), from the public model (0), DP fine-tuning of D's last layer",
+     ['federated.scheme="patient"', "privacy.dp=true", "privacy.target_epsilon=10.0", *PLAIN_WIRE, *WARM]),
+    ("fed-dp1-secure-warm", "(5w) = (5), from the public model (0), DP fine-tuning of D's last layer",
+     ['federated.scheme="patient"', *WARM]),
 ]
+CENTRALIZED = ("public", "centralized")
+
+
+def public_run(out: Path, seed: int) -> Path:
+    return out / "runs" / f"public-s{seed}"
+
+
+def resolve(overrides: list[str], out: Path, seed: int) -> list[str]:
+    """The overrides with ``@public`` replaced by this seed's public run."""
+    path = json.dumps(str(public_run(out, seed)))
+    return [o.replace("@public", path) if o == PUBLIC_INIT else o for o in overrides]
+
+
+def ensure_public(out: Path, budget: Budget, train_dir: Path, seed: int) -> float:
+    """Train the public phantom model unless a finished one with the same recipe is there; its training seconds."""
+    from medsyngan.rundir import atomic_write_text
+
+    overrides = {k: o for k, _, o in CONFIGS}["public"]
+    run_root, plan = public_run(out, seed), recipe("public", overrides, budget, train_dir, seed)
+    marker = run_root / "public-trained.json"
+    if marker.is_file() and json.loads(marker.read_text())["recipe"] == plan:
+        return json.loads(marker.read_text())["wall_s"]
+    print(f"[study] public phantom model, seed {seed}: {budget.images_through_d} phantom images through D", flush=True)
+    wall = train_one(config_for("public", overrides, budget, train_dir, seed), run_root)
+    atomic_write_text(marker, json.dumps({"recipe": plan, "wall_s": round(wall, 1)}) + "\n")
+    return wall
 
 
 def nih_dir() -> Path:
@@ -148,8 +189,9 @@ def config_for(key: str, overrides: list[str], budget: Budget, train_dir: Path, 
         f"train.batch_size={budget.batch}", f"train.ema_kimg={budget.ema_kimg}", f"run.seed={seed}",
         f'run.name="study-{key}-s{seed}"', f"eval.num_samples={budget.samples}", "run.threads=1",
     ]
-    if key == "centralized":
-        steps = budget.images_through_d // budget.batch
+    if key in CENTRALIZED:
+        # The same images through D at whatever batch the overrides choose.
+        steps = budget.images_through_d // load_config("dcgan64", common + overrides).train.batch_size
         return load_config("dcgan64", common + [
             f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.sample_every={steps}",
             f"train.log_every={max(1, steps // 20)}", *overrides])
@@ -264,7 +306,8 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
     checks: list[dict[str, Any]] = []
     ref = fd("centralized")
-    for key, limit in (("fed-patient", 1.2), ("fed-labelskew", 1.5), ("fed-dp10", 2.0), ("fed-dp1-secure", None)):
+    for key, limit in (("fed-patient", 1.2), ("fed-labelskew", 1.5), ("fed-dp10", 2.0), ("fed-dp10-warm", 2.0),
+                       ("fed-dp1-secure", None), ("fed-dp1-secure-warm", None)):
         value = fd(key)
         if ref is None or value is None:
             continue
@@ -275,7 +318,7 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     if copies:
         checks.append({"target": "no near-copies (NN-SSIM > 0.95) in any run", "value": max(copies),
                        "met": max(copies) == 0})
-    for key in ("fed-dp10", "fed-dp1-secure"):
+    for key in ("fed-dp10", "fed-dp1-secure", "fed-dp10-warm", "fed-dp1-secure-warm"):
         auc = summary.get(key, {}).get("MIA AUC", (None, None))[0]
         if auc is not None:
             checks.append({"target": f"MIA AUC {key} ≤ 0.55", "value": round(auc, 3), "met": auc <= 0.55})
@@ -326,8 +369,12 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
     results: list[dict[str, Any]] = []
     for seed in seeds:
         for key, label, overrides in CONFIGS:
-            if only and key not in only:
+            trainable = not only or key in only  # with --reuse, finished runs of the others are still reported
+            if not (trainable or reuse):
                 continue
+            if PUBLIC_INIT in overrides and trainable:
+                ensure_public(out, budget, train_dir, seed)
+            overrides = resolve(overrides, out, seed)
             cfg = config_for(key, overrides, budget, train_dir, seed)
             run_root = out / "runs" / f"{key}-s{seed}"
             saved, plan = run_root / RESULT_FILE, recipe(key, overrides, budget, train_dir, seed)
@@ -335,8 +382,10 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
                 print(f"[study] {label}, seed {seed}: reusing {saved}", flush=True)
                 results.append({k: v for k, v in json.loads(saved.read_text()).items() if k != "recipe"})
                 continue
+            if not trainable:
+                continue
             print(f"[study] {label}, seed {seed}: {budget.images_through_d} images through D", flush=True)
-            wall = train_one(cfg, run_root)
+            wall = ensure_public(out, budget, train_dir, seed) if key == "public" else train_one(cfg, run_root)
             grid = (docs / "results" / f"study-{key}.png") if docs is not None and seed == seeds[0] else \
                 out / "grids" / f"{key}-s{seed}.png"
             scored = score(cfg, run_root, train, evaluation, grid)
@@ -365,20 +414,38 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
 # seed) into tuning-train and validation; each variant trains on tuning-train at the study's budget and is
 # scored against validation only. (For the DP rows this is a choice made on private data outside the accounting,
 # as in most DP-GAN papers; the study rows use the settings chosen here, stated in docs/results.md.)
+B32 = ["train.batch_size=32", "federated.local_steps=25"]  # the first study's setting, before tuning
 TUNING: list[tuple[str, str, list[str]]] = [
-    ("fed-patient", "as in the study", []),
-    ("fed-patient", "10 local steps × 20 rounds", ["federated.local_steps=10", "federated.rounds=20"]),
-    ("fed-patient", "local discriminators (only G shared)", ["federated.share_discriminator=false"]),
-    ("fed-patient", "FedAdam (server lr 1e-3)", ['federated.strategy="fedadam"', "federated.server_lr=1e-3"]),
-    ("fed-dp10", "as in the study", []),
-    ("fed-dp10", "clipping norm 0.1", ["privacy.max_grad_norm=0.1"]),
-    ("centralized", "the reference, on the same split", []),
+    ("centralized", "batch 32 (600 steps)", ["train.batch_size=32"]),
+    ("centralized", "batch 16 (1,200 steps)", []),
+    ("fed-patient", "batch 32 × 25 local steps", B32),
+    ("fed-patient", "batch 32 × 10 local steps × 20 rounds",
+     ["train.batch_size=32", "federated.local_steps=10", "federated.rounds=20"]),
+    ("fed-patient", "batch 32 × 25, local discriminators (only G shared)",
+     B32 + ["federated.share_discriminator=false"]),
+    ("fed-patient", "batch 32 × 25, FedAdam (server lr 1e-3)",
+     B32 + ['federated.strategy="fedadam"', "federated.server_lr=1e-3"]),
+    # Same images through D, more sequential steps: 3 hospitals averaging batch-32 steps move like one batch-96
+    # run, a third of centralized's steps.
+    ("fed-patient", "batch 8 × 100 local steps", ["train.batch_size=8", "federated.local_steps=100"]),
+    ("fed-patient", "batch 16 × 50 local steps", []),
+    ("fed-patient", "batch 16 × 25 local steps × 16 rounds", ["federated.local_steps=25", "federated.rounds=16"]),
+    ("fed-patient", "batch 16 × 50, local discriminators", ["federated.share_discriminator=false"]),
+    ("fed-labelskew", "batch 16 × 50 local steps", []),
+    ("fed-dp10", "batch 32 × 25 local steps", B32),
+    ("fed-dp10", "batch 32 × 25, from the public phantom model", B32 + [PUBLIC_INIT]),
+    ("fed-dp10", "batch 32 × 25, from the public phantom model, learning rates 2e-5",
+     B32 + [PUBLIC_INIT, "train.lr_g=2e-5", "train.lr_d=2e-5"]),
+    # DP fine-tuning of D's last layer only (3,072 of 389,000 weights at width 24): the noise a private step adds
+    # grows with the square root of the number of trained weights, the signal does not.
+    ("fed-dp10", "batch 32 × 25, from the public phantom model, only D's last layer trained",
+     B32 + [PUBLIC_INIT, "train.d_trainable_last=1"]),
 ]
 TUNE_METRICS = "fd,kid,prdc"
 
 
 def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = FULL,
-               only: list[str] | None = None) -> dict[str, Any]:
+               only: list[str] | None = None, variants: list[int] | None = None) -> dict[str, Any]:
     from medsyngan.data.prepared import PreparedDataset
     from medsyngan.rundir import atomic_write_text
 
@@ -392,11 +459,15 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
     overrides = {key: o for key, _, o in CONFIGS}
     rows = []
     for number, (key, variant, extra) in enumerate(TUNING):
-        if only and key not in only:
+        if (only and key not in only) or (variants and number not in variants):
             continue
-        cfg = config_for(key, overrides[key] + extra, budget, tune_dir, seed)
+        wanted = overrides[key] + extra
+        if PUBLIC_INIT in wanted:
+            ensure_public(out, budget, train_dir, seed)  # public data: the same model as the study's
+        wanted = resolve(wanted, out, seed)
+        cfg = config_for(key, wanted, budget, tune_dir, seed)
         run_root = out / "tuning" / f"{key}-{number}"
-        saved, plan = run_root / RESULT_FILE, recipe(key, overrides[key] + extra, budget, tune_dir, seed)
+        saved, plan = run_root / RESULT_FILE, recipe(key, wanted, budget, tune_dir, seed)
         if reuse and saved.is_file() and json.loads(saved.read_text()).get("recipe") == plan:
             row = json.loads(saved.read_text())
         else:
@@ -435,17 +506,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=None, help="work folder (default runs/study-nih[-quick])")
     parser.add_argument("--docs", type=Path, default=None, help="also write study.json and sample grids here")
-    parser.add_argument("--only", nargs="+", choices=[k for k, _, _ in CONFIGS], help="a subset of configurations")
+    parser.add_argument("--only", nargs="+", choices=[k for k, _, _ in CONFIGS],
+                        help="train only these configurations (with --reuse, finished runs of the others are "
+                        "still reported)")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs whose configuration is unchanged")
     parser.add_argument("--tune", action="store_true",
                         help="run the tuning variants on a validation split of the training patients instead")
+    parser.add_argument("--variant", type=int, nargs="+", help="with --tune: only these TUNING entries (0-based)")
     args = parser.parse_args(argv)
     out = args.out or REPO / "runs" / ("study-nih-quick" if args.quick else "study-nih")
     from medsyngan.errors import UserError
 
     try:
         if args.tune:
-            run_tuning(out, args.seeds[0], args.reuse, only=args.only)
+            run_tuning(out, args.seeds[0], args.reuse, only=args.only, variants=args.variant)
             print((out / "tuning.md").read_text())
             return 0
         report = run_study(args.quick, args.seeds, out, args.docs, args.only, args.reuse)

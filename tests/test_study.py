@@ -71,13 +71,20 @@ def test_quick_study_end_to_end(tmp_path):
     budget = study.QUICK.images_through_d
     assert runs["centralized"]["kimg"] * 1000 == budget
     # Poisson patient sampling under DP: the images through D vary around the plan.
-    assert runs["fed-dp1-secure"]["kimg"] * 1000 == pytest.approx(budget, rel=0.5)
+    assert runs["fed-dp1-secure-warm"]["kimg"] * 1000 == pytest.approx(budget, rel=0.5)
     for r in runs.values():
         assert np.isfinite(study.pick(r["metrics"], "fd")) and 0 <= r["metrics"]["mia_ganleaks_pixel_auc"] <= 1
         assert Path(r["grid"]).is_file()
     assert runs["centralized"]["epsilon"] is None and runs["centralized"]["bytes_sent"] == 0
-    assert 0 < runs["fed-dp1-secure"]["epsilon"] <= 1.0 + 1e-6
-    assert runs["fed-dp1-secure"]["bytes_sent"] > 0
+    assert 0 < runs["fed-dp1-secure-warm"]["epsilon"] <= 1.0 + 1e-6
+    assert runs["fed-dp1-secure-warm"]["bytes_sent"] > 0
+    # The warm start is a model trained on phantoms only, and the private run began from its weights.
+    from medsyngan.config import load_config
+
+    public = load_config(tmp_path / "study" / "runs" / "public-s0" / "config.toml")
+    assert public.data.source == "phantoms"
+    warm = load_config(tmp_path / "study" / "runs" / "fed-dp1-secure-warm-s0" / "config.toml")
+    assert Path(warm.train.init_from) == tmp_path / "study" / "runs" / "public-s0"
     saved = json.loads((tmp_path / "docs" / "results" / "study.json").read_text())
     assert saved["summary"].keys() == report["summary"].keys()
     assert "| (1) centralized, non-private |" in (tmp_path / "study" / "study.md").read_text()
