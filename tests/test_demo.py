@@ -1,5 +1,5 @@
-"""`medsyngan demo --quick` end to end: federation with DP, secure aggregation and encryption, its centralized
-twin, evaluation of both, the summary and one report."""
+"""`medsyngan demo --quick` end to end: the public phantom model, federation from it with DP, secure aggregation
+and encryption, its centralized twin, evaluation of all three, the summary and one report."""
 
 from __future__ import annotations
 
@@ -28,11 +28,19 @@ def test_quick_demo_writes_summary_and_report(tmp_path, medsyngan_cache):
     for h in hospitals:
         assert h["images"] > 0 and h["bytes_sent"] > 0
         assert 0 < h["epsilon"] <= 1.0  # the accountant's figure never exceeds the target
-    for run in ("federated", "centralized"):
+    for run in ("federated", "centralized", "public"):
         metrics = summary[run]["metrics"]
         assert any(k.startswith("fd") for k in metrics), metrics
         assert "ssim_nn_train" in metrics
-    assert summary["centralized"]["steps"] >= 1
+    assert summary["centralized"]["steps"] >= 1 and summary["public"]["steps"] >= 1
+    # The public model saw freshly drawn phantoms, never a hospital's patient; both runs started from it.
+    from medsyngan.config import load_config
+
+    public = load_config(out / "public" / "config.toml")
+    assert public.data.source == "phantoms" and public.data.split == "all" and not public.privacy.dp
+    for run in ("federated", "centralized"):
+        assert load_config(out / run / "config.toml").train.init_from == str(out / "public")
+    assert load_config(out / "federated" / "config.toml").train.d_trainable_last == 1
 
     report = (out / "report.html").read_text()
     assert "<table id='comparison'>" in report and "data:image/png;base64," in report

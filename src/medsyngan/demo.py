@@ -2,12 +2,16 @@
 
 1. Data: phantom patients in the NIH layout with an official-style train_val / test split (test = evaluation
    patients, never trained on), hospitals by a patient-disjoint label-skew partition.
-2. Federated training (Flower simulation): DCGAN-64, patient-level DP-SGD at ε = 1 in every hospital, clipped
-   8-bit updates, AES-256-GCM to the aggregator, secure aggregation.
-3. The reference: the same model trained centrally, without privacy, on the same images for the same number of
-   images through D — what federation and privacy cost.
-4. Evaluation of both against the test patients (random-feature FD/KID, precision/recall, density/coverage,
-   nearest-neighbour SSIM/PSNR/MSE, MS-SSIM diversity, memorization and membership-inference audit) and one report.
+2. A public model: the same network trained without privacy on public data — phantoms of other, freshly drawn
+   patients — which costs no privacy budget. DP-SGD at ε = 1 on a few hundred patients per hospital cannot teach
+   a discriminator anatomy from scratch (its noise swamps the signal), so the hospitals start from it.
+3. Federated training (Flower simulation) from the public model: DCGAN-64, patient-level DP-SGD at ε = 1 on the
+   discriminator's last layer in every hospital, 8-bit updates, AES-256-GCM to the aggregator, secure aggregation.
+4. The reference: the same model trained centrally from the same start, without privacy, on the same images for
+   the same number of images through D — what federation and privacy cost.
+5. Evaluation of all three against the test patients (random-feature FD/KID, precision/recall, density/coverage,
+   nearest-neighbour SSIM/PSNR/MSE, MS-SSIM diversity, memorization and membership-inference audit) and one report;
+   the public model's column shows what the hospitals' private data added.
 
 This module is a composition root like ``cli``: it may call every layer.
 """
@@ -55,15 +59,32 @@ def demo_config(quick: bool, data: Path | None, overrides: list[str]) -> Config:
 
 
 def centralized_twin(cfg: Config, images_through_d: int) -> Config:
-    """The same model without federation or privacy, trained for the same number of images through D."""
+    """The same model without federation or privacy, trained for the same number of images through D (all of D:
+    freezing layers is part of the private recipe, not of the model)."""
     twin = cfg.model_copy(deep=True)
     twin.run.name = f"{cfg.run.name}-centralized"
     twin.federated.enabled = False
     twin.privacy.dp = False
+    twin.train.d_trainable_last = 0
     twin.train.steps = max(1, round(images_through_d / cfg.train.batch_size / cfg.train.d_steps_per_g))
     twin.train.checkpoint_every = twin.train.steps
     twin.train.sample_every = max(1, twin.train.steps // 4)
     return twin
+
+
+# Public phantoms are drawn with another seed than the hospitals' patients: other anatomy, other findings.
+PUBLIC_SEED_OFFSET = 1_000_003
+
+
+def public_config(cfg: Config) -> Config:
+    """The public model: the twin's recipe on freshly drawn phantoms, for the images the federation plans."""
+    f = cfg.federated
+    public = centralized_twin(cfg, f.rounds * f.local_steps * cfg.train.batch_size * f.hospitals)
+    public.run.name = f"{cfg.run.name}-public"
+    public.run.seed = cfg.run.seed + PUBLIC_SEED_OFFSET
+    public.data.source, public.data.path, public.data.split = "phantoms", "", "all"
+    public.train.init_from = ""
+    return public
 
 
 def evaluation_sets(cfg: Config):
@@ -106,16 +127,16 @@ def evaluate_run(outcome: RunOutcome, cfg: Config, train, test) -> Scored:
                             f"seed {cfg.run.seed}"])
 
 
-def write_demo_report(out: Path, fed: RunOutcome, scored: Scored, central: RunOutcome, train) -> Path:
-    """One report: the federated private run in full, with its centralized twin's metrics beside it."""
+def write_demo_report(out: Path, fed: RunOutcome, scored: Scored, references: list[RunOutcome], train) -> Path:
+    """One report: the federated private run in full, with the reference runs' metrics beside it."""
     from medsyngan.report.html import write_report
 
-    comparison = {fed.name: headline_metrics(fed.metrics), central.name: headline_metrics(central.metrics)}
+    runs = [fed, *references]
     return write_report(
         out / "report.html", scored.evaluation, scored.fake, np.asarray(train.images),
         run_rows=fed.run_dir.read_metrics(), title="MedSynGAN demo — federated, private synthetic chest X-rays",
-        notes=scored.notes + [f"wall time: federated {fed.wall_s:.0f} s, centralized {central.wall_s:.0f} s"],
-        comparison=comparison,
+        notes=scored.notes + ["wall time: " + ", ".join(f"{r.name} {r.wall_s:.0f} s" for r in runs)],
+        comparison={r.name: headline_metrics(r.metrics) for r in runs},
     )
 
 
@@ -146,8 +167,7 @@ def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return chosen
 
 
-def print_summary(fed: RunOutcome, central: RunOutcome, hospitals: list[dict[str, Any]], wall_s: float,
-                  report: Path) -> None:
+def print_summary(runs: list[RunOutcome], hospitals: list[dict[str, Any]], wall_s: float, report: Path) -> None:
     from rich.table import Table
 
     per = Table(title="hospitals (federated, private)")
@@ -160,12 +180,12 @@ def print_summary(fed: RunOutcome, central: RunOutcome, hospitals: list[dict[str
 
     overall = Table(title="what federation and privacy cost")
     overall.add_column("metric")
-    overall.add_column("federated + DP ε=1", justify="right")
-    overall.add_column("centralized, no privacy", justify="right")
-    fed_m, cen_m = headline_metrics(fed.metrics), headline_metrics(central.metrics)
-    for key in sorted(set(fed_m) | set(cen_m)):
-        overall.add_row(key, _fmt(fed_m.get(key)), _fmt(cen_m.get(key)))
-    overall.add_row("wall time", f"{fed.wall_s:.0f} s", f"{central.wall_s:.0f} s")
+    for run in runs:
+        overall.add_column(run.name, justify="right")
+    chosen = [headline_metrics(run.metrics) for run in runs]
+    for key in sorted(set().union(*chosen)):
+        overall.add_row(key, *(_fmt(m.get(key)) for m in chosen))
+    overall.add_row("wall time", *(f"{run.wall_s:.0f} s" for run in runs))
     console.print(overall)
     console.print(f"demo finished in {wall_s:.0f} s; report: {report}")
 
@@ -190,7 +210,15 @@ def run_demo(out: Path, quick: bool = False, data: Path | None = None, overrides
     log.info("demo data: %d training images of %d patients; %d test images of %d patients", len(train),
              len(np.unique(train.patients)), len(test), len(np.unique(test.patients)))
 
-    fed = RunOutcome("federated + DP", RunDir(out / "federated").create(cfg), 0.0)
+    public_cfg = public_config(cfg)
+    public = RunOutcome("public phantoms only", RunDir(out / "public").create(public_cfg), 0.0)
+    t0 = time.time()
+    train_centralized(public_cfg, public.run_dir)
+    public.wall_s = time.time() - t0
+    cfg.train.init_from = str(public.run_dir.root)
+
+    fed = RunOutcome(f"federated + DP ε={cfg.privacy.target_epsilon:g}" if cfg.privacy.dp else "federated",
+                     RunDir(out / "federated").create(cfg), 0.0)
     t0 = time.time()
     run_federated(cfg, fed.run_dir, resume=False)
     fed.wall_s = time.time() - t0
@@ -203,17 +231,19 @@ def run_demo(out: Path, quick: bool = False, data: Path | None = None, overrides
     central.wall_s = time.time() - t0
     setup_logging(out / "demo.log")
 
-    log.info("evaluating both runs against %d test images", len(test))
+    log.info("evaluating the three runs against %d test images", len(test))
     scored = evaluate_run(fed, cfg, train, test)
     evaluate_run(central, twin, train, test)
-    report = write_demo_report(out, fed, scored, central, train)
+    evaluate_run(public, public_cfg, train, test)
+    report = write_demo_report(out, fed, scored, [central, public], train)
     hospitals = hospital_table(fed.run_dir)
     summary = {
         "federated": {"wall_s": fed.wall_s, "metrics": fed.metrics},
         "centralized": {"wall_s": central.wall_s, "metrics": central.metrics, "steps": twin.train.steps},
+        "public": {"wall_s": public.wall_s, "metrics": public.metrics, "steps": public_cfg.train.steps},
         "report": str(report),
         "hospitals": hospitals, "images_through_d": images, "wall_s": time.time() - start, "quick": quick,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    print_summary(fed, central, hospitals, time.time() - start, report)
+    print_summary([fed, central, public], hospitals, time.time() - start, report)
     return report
