@@ -40,7 +40,12 @@ def test_quick_demo_writes_summary_and_report(tmp_path, medsyngan_cache):
     assert public.data.source == "phantoms" and public.data.split == "all" and not public.privacy.dp
     for run in ("federated", "centralized"):
         assert load_config(out / run / "config.toml").train.init_from == str(out / "public")
-    assert load_config(out / "federated" / "config.toml").train.d_trainable_last == 1
+    from medsyngan.demo import FINE_TUNING
+
+    for run in ("federated", "centralized"):  # the twin differs only by federation and privacy
+        train = load_config(out / run / "config.toml").train
+        assert all(getattr(train, key) == value for key, value in FINE_TUNING.items())
+    assert public.train.d_trainable_last == 0
 
     report = (out / "report.html").read_text()
     assert "<table id='comparison'>" in report and "data:image/png;base64," in report
