@@ -78,10 +78,12 @@ PLAIN_WIRE = ["privacy.update_clip=0", "privacy.quantize_bits=0", "privacy.encry
 # Replaced by the path of this seed's "public" run: a generator and discriminator trained on the built-in phantoms
 # only, i.e. on public data, which costs no privacy budget (DPImageBench's lesson: DP-GANs need public pretraining).
 PUBLIC_INIT = "train.init_from=@public"
-# As tuned (TUNING below): batch 32 × 25 local steps, from the public model, DP-SGD on D's last layer only, G at
-# a tenth of D's learning rate.
+# Replaced by twice the budget's batch and half its local steps (the same images through D): 32 × 25 at the full
+# budget, the setting the private variants were tuned at.
+DOUBLE_BATCH = "@double-batch"
 B32 = ["train.batch_size=32", "federated.local_steps=25"]  # the first study's setting, before tuning
-WARM = [*B32, PUBLIC_INIT, "train.d_trainable_last=1", "train.lr_g=2e-5"]
+# As tuned (TUNING below): from the public model, DP-SGD on D's last layer only, G at a tenth of D's learning rate.
+WARM = [DOUBLE_BATCH, PUBLIC_INIT, "train.d_trainable_last=1", "train.lr_g=2e-5"]
 CONFIGS: list[tuple[str, str, list[str]]] = [
     ("public", "(0) public phantoms only, no real image (the warm start of 4w, 5w)",
      ['data.source="phantoms"', 'data.path=""']),
@@ -110,10 +112,14 @@ def public_run(out: Path, seed: int) -> Path:
     return out / "runs" / f"public-s{seed}"
 
 
-def resolve(overrides: list[str], out: Path, seed: int) -> list[str]:
-    """The overrides with ``@public`` replaced by this seed's public run."""
+def resolve(overrides: list[str], out: Path, seed: int, budget: Budget) -> list[str]:
+    """The overrides with ``@public`` replaced by this seed's public run and ``@double-batch`` expanded."""
     path = json.dumps(str(public_run(out, seed)))
-    return [o.replace("@public", path) if o == PUBLIC_INIT else o for o in overrides]
+    doubled = [f"train.batch_size={2 * budget.batch}", f"federated.local_steps={max(1, budget.local_steps // 2)}"]
+    resolved: list[str] = []
+    for o in overrides:
+        resolved += doubled if o == DOUBLE_BATCH else [o.replace("@public", path) if o == PUBLIC_INIT else o]
+    return resolved
 
 
 def ensure_public(out: Path, budget: Budget, train_dir: Path, seed: int) -> float:
@@ -378,7 +384,7 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
                 continue
             if PUBLIC_INIT in overrides and trainable:
                 ensure_public(out, budget, train_dir, seed)
-            overrides = resolve(overrides, out, seed)
+            overrides = resolve(overrides, out, seed, budget)
             cfg = config_for(key, overrides, budget, train_dir, seed)
             run_root = out / "runs" / f"{key}-s{seed}"
             saved, plan = run_root / RESULT_FILE, recipe(key, overrides, budget, train_dir, seed)
@@ -469,7 +475,7 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
         wanted = overrides[key] + extra
         if PUBLIC_INIT in wanted:
             ensure_public(out, budget, train_dir, seed)  # public data: the same model as the study's
-        wanted = resolve(wanted, out, seed)
+        wanted = resolve(wanted, out, seed, budget)
         cfg = config_for(key, wanted, budget, tune_dir, seed)
         run_root = out / "tuning" / f"{key}-{number}"
         saved, plan = run_root / RESULT_FILE, recipe(key, wanted, budget, tune_dir, seed)

@@ -88,3 +88,13 @@ def test_quick_study_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "docs" / "results" / "study.json").read_text())
     assert saved["summary"].keys() == report["summary"].keys()
     assert "| (1) centralized, non-private |" in (tmp_path / "study" / "study.md").read_text()
+
+
+def test_warm_rows_keep_the_budget_of_images_through_d(tmp_path):
+    study = _study()
+    for budget in (study.FULL, study.QUICK):
+        resolved = study.resolve(study.WARM, tmp_path, 3, budget)
+        values = dict(o.split("=", 1) for o in resolved)
+        images = budget.hospitals * budget.rounds * int(values["federated.local_steps"]) * int(values["train.batch_size"])
+        assert images == budget.images_through_d
+        assert values["train.init_from"] == json.dumps(str(tmp_path / "runs" / "public-s3"))
