@@ -95,6 +95,6 @@ def test_warm_rows_keep_the_budget_of_images_through_d(tmp_path):
     for budget in (study.FULL, study.QUICK):
         resolved = study.resolve(study.WARM, tmp_path, 3, budget)
         values = dict(o.split("=", 1) for o in resolved)
-        images = budget.hospitals * budget.rounds * int(values["federated.local_steps"]) * int(values["train.batch_size"])
-        assert images == budget.images_through_d
+        per_round = int(values["federated.local_steps"]) * int(values["train.batch_size"])
+        assert budget.hospitals * budget.rounds * per_round == budget.images_through_d
         assert values["train.init_from"] == json.dumps(str(tmp_path / "runs" / "public-s3"))
