@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from dicom_files import write_xray_dicom
 
 from medsyngan.data.imageio import read_grey
 from medsyngan.data.prepare import PrepareSettings, prepare
@@ -205,38 +206,16 @@ def test_equalization_matches_scikit_image():
     assert np.all(tiles(ours_c) > tiles(img.astype(float)))  # local contrast is raised in every tile
 
 
-def _dicom(path: Path, pixels: np.ndarray, photometric: str, slope=1.0, intercept=0.0, window=None) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", "P1"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_dicom_monochrome_rescale_window_and_inversion(tmp_path):
     pytest.importorskip("pydicom")
     ramp = np.tile(np.linspace(0, 4000, 64).astype(np.uint16), (64, 1))
-    _dicom(tmp_path / "m2.dcm", ramp, "MONOCHROME2")
-    _dicom(tmp_path / "m1.dcm", ramp, "MONOCHROME1")
+    write_xray_dicom(tmp_path / "m2.dcm", ramp, photometric="MONOCHROME2")
+    write_xray_dicom(tmp_path / "m1.dcm", ramp, photometric="MONOCHROME1")
     m2, m1 = read_grey(tmp_path / "m2.dcm"), read_grey(tmp_path / "m1.dcm")
     np.testing.assert_array_equal(m2, np.round(ramp / 4000 * 255).astype(np.uint8))
     np.testing.assert_array_equal(m1, 255 - m2)  # MONOCHROME1: high values are dark
     # Window 1000..2000 (centre 1500, width 1000) after rescale 2x - 1000: stored 1000..1500 spans the window.
-    _dicom(tmp_path / "win.dcm", ramp, "MONOCHROME2", slope=2.0, intercept=-1000.0, window=(1500, 1000))
+    write_xray_dicom(tmp_path / "win.dcm", ramp, slope=2.0, intercept=-1000.0, window=(1500, 1000))
     win = read_grey(tmp_path / "win.dcm").astype(int)
     value = ramp * 2.0 - 1000.0
     assert np.all(win[value <= 995] == 0) and np.all(win[value >= 2005] == 255)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_files import write_xray_dicom
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -207,25 +208,6 @@ def _phantom_release(download: Path, scratch: Path) -> int:
     return len(list((source / "images").glob("*.png")))
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, patient: str) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", patient
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 def _my_xrays(data: Path, nih_images: Path) -> None:
     """A user's own folder: PNGs and DICOMs (one in a subfolder, as in the README's CSV example) with labels."""
     from PIL import Image
@@ -239,7 +221,7 @@ def _my_xrays(data: Path, nih_images: Path) -> None:
         patient, split = f"p{k // 2:03d}", "test" if k >= 6 else "train_val"
         name = "sub/a.dcm" if k == 0 else (f"x{k}.dcm" if k % 3 == 0 else f"x{k}.png")
         if name.endswith(".dcm"):
-            _write_dicom(folder / name, grey, patient)
+            write_xray_dicom(folder / name, grey.astype(np.uint16) * 16, patient)
         else:
             Image.fromarray(grey).save(folder / name)
         rows.append((name, patient, "Effusion|Nodule" if k == 0 else "No Finding", "PA", split))
