@@ -76,16 +76,27 @@ def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
-def _reference(trainer: GANTrainer, real, fake, clip: float, expected: float) -> list[torch.Tensor]:
-    """Σ_i clip(∇ real loss_i) / expected + ∇ mean fake loss, one backward per sample."""
-    params = [p for p in trainer.D.parameters() if p.requires_grad]
+def _clipped_loop(losses, params, clip: float | None, scale: float) -> list[torch.Tensor]:
+    """Σ_i clip(∇ loss_i) · scale, one backward per sample (no clipping when clip is None)."""
     total = [torch.zeros_like(p) for p in params]
-    for i in range(real.shape[0]):
-        grads = _grads(trainer.d_real_loss(trainer.D, real[i:i + 1])[0], params)
+    for loss in losses:
+        grads = _grads(loss, params)
         norm = torch.sqrt(sum(g.square().sum() for g in grads))
-        factor = min(1.0, clip / (norm.item() + 1e-6))
-        total = [t + g * factor / expected for t, g in zip(total, grads)]
-    return [t + g for t, g in zip(total, _grads(trainer.d_fake_loss(trainer.D, fake).mean(), params))]
+        factor = 1.0 if clip is None else min(1.0, clip / (norm.item() + 1e-6))
+        total = [t + g * factor * scale for t, g in zip(total, grads)]
+    return total
+
+
+def _reference(trainer: GANTrainer, real, fake, clip: float, expected: float,
+               fake_clip: float | None = None) -> list[torch.Tensor]:
+    """Σ_i clip(∇ real loss_i) / expected + the mean fake gradient (each clipped to fake_clip when given)."""
+    params = [p for p in trainer.D.parameters() if p.requires_grad]
+    real_part = _clipped_loop([trainer.d_real_loss(trainer.D, real[i:i + 1])[0] for i in range(real.shape[0])],
+                              params, clip, 1 / expected)
+    m = fake.shape[0]
+    fake_part = _clipped_loop([trainer.d_fake_loss(trainer.D, fake[j:j + 1])[0] for j in range(m)],
+                              params, fake_clip, 1 / m)
+    return [a + b for a, b in zip(real_part, fake_part)]
 
 
 @pytest.mark.parametrize("arch,engine,disc", [
@@ -114,6 +125,23 @@ def test_per_sample_gradients_match_a_per_example_loop(arch, engine, disc):
         torch.testing.assert_close(grads.get(p, torch.zeros_like(p)), ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("engine,disc", [("ghost", None), ("vmap", None), ("loop", None), ("ghost", "biased")])
+def test_generated_samples_clipped_per_sample_when_asked(engine, disc):
+    trainer = GANTrainer(_cfg(), device="cpu", discriminator=_BiasedD() if disc else None)
+    real = trainer.prepare_real(torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2)) * 2 - 1)
+    fake = trainer.generate(3)[0].detach()
+    params = [p for p in trainer.D.parameters() if p.requires_grad]
+    fake_norms = sorted(torch.sqrt(sum(g.square().sum() for g in _grads(trainer.d_fake_loss(trainer.D, fake[j:j + 1])[0],
+                                                                           params))).item() for j in range(3))
+    fake_clip = fake_norms[1]  # between the per-sample norms: one generated sample unclipped, others clipped
+    grads, _ = make_engine(trainer, engine).gradients(trainer, real, fake, 0.5, 4.0, fake_clip=fake_clip)
+    expected = _reference(trainer, real, fake, 0.5, 4.0, fake_clip=fake_clip)
+    unclipped = _reference(trainer, real, fake, 0.5, 4.0)
+    assert any(not torch.allclose(a, b) for a, b in zip(expected, unclipped))
+    for p, ref in zip(params, expected):
+        torch.testing.assert_close(grads.get(p, torch.zeros_like(p)), ref, rtol=1e-4, atol=1e-6)
+
+
 def test_noise_std_is_sigma_clip_over_expected_batch():
     trainer = GANTrainer(_cfg(), device="cpu")
     sigma, clip, expected = 1.3, 0.7, 16
@@ -122,7 +150,7 @@ def test_noise_std_is_sigma_clip_over_expected_batch():
     class Zero:  # zero gradient inputs: what reaches the optimizer is the noise alone
         name = "zero"
 
-        def gradients(self, trainer, real, fake, clip, expected):
+        def gradients(self, trainer, real, fake, clip, expected, fake_clip=None):
             return {}, torch.zeros(())
 
     session.update.engine = Zero()
@@ -172,7 +200,7 @@ def test_every_private_step_is_accounted_and_the_generator_step_is_not_private()
                         planned_steps=20, seed=5)
     calls = []
     engine_gradients = session.update.engine.gradients
-    session.update.engine.gradients = lambda *a: calls.append(1) or engine_gradients(*a)
+    session.update.engine.gradients = lambda *a, **k: calls.append(1) or engine_gradients(*a, **k)
     for _ in range(3):
         stats = trainer.train_step(session.next_real)
     assert trainer.d_step == 6 == session.steps == session.update.private_steps == len(calls)

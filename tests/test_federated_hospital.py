@@ -89,3 +89,18 @@ def test_round_state_on_disk_is_sealed_with_the_hospital_key(data, tmp_path):
     without_key = node_identity({k: v for k, v in node.items() if k != "state-key"}, {"run_id": "r"})
     with pytest.raises(UserError, match="is encrypted; give hospital 0 its key file"):
         restore(_hospital(data)[0], without_key, 1, None)
+
+
+def test_holdout_fraction_keeps_patients_out_and_zero_keeps_none(data):
+    from medsyngan.errors import UserError
+    from medsyngan.federated.plan import split_holdout
+
+    patients = data.patients
+    train, held = split_holdout(patients, 4, 0, 0.25)
+    assert set(patients[train]).isdisjoint(patients[held])
+    assert len(set(patients[held])) == round(0.25 * len(set(patients)))
+    assert sorted(train.tolist() + held.tolist()) == list(range(len(patients)))
+    train, held = split_holdout(patients, 4, 0, 0.0)
+    assert len(held) == 0 and len(train) == len(patients)
+    with pytest.raises(UserError, match="holdout_fraction=0"):
+        split_holdout(patients[:1], 4, 0, 0.1)

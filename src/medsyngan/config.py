@@ -137,11 +137,20 @@ class FederatedSection(Section):
     quorum: int = Field(2, ge=1, description="Fewest replies that complete a round.")
     round_timeout_s: float = Field(600.0, gt=0, description="Seconds a round waits for replies.")
     round_retries: int = Field(1, ge=0, description="Retries of a round that missed its quorum before stopping.")
-    strategy: Literal["fedavg", "fedadam", "fedprox"] = Field("fedavg", description="Server aggregation.")
-    server_lr: float = Field(1e-2, gt=0, description="FedAdam server learning rate.")
+    strategy: Literal["fedavg", "fedavgm", "fedadam", "fedprox"] = Field(
+        "fedavg", description="Server aggregation: FedAvg, FedAvgM (server momentum), FedAdam, FedProx."
+    )
+    server_lr: float = Field(
+        0.0, ge=0, description="Server learning rate of FedAvgM / FedAdam (0: the strategy's default, 1.0 / 0.01)."
+    )
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM server momentum β.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight.")
     share_discriminator: bool = Field(True, description="False keeps discriminators local (only G is shared).")
     eval_every: int = Field(1, ge=1, description="Rounds between evaluations.")
+    holdout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of each hospital's patients kept out of training for the evaluation "
+        "it reports (0: all train, no hospital-side evaluation)."
+    )
     client_cpus: int = Field(
         1, ge=1, description="Simulation: CPU cores per virtual hospital (Ray runs cores ÷ client_cpus at once)."
     )
@@ -152,6 +161,10 @@ class PrivacySection(Section):
     target_epsilon: float = Field(1.0, gt=0, description="ε over the whole run, per hospital.")
     delta: float = Field(0.0, ge=0, lt=1, description="δ; 0 means min(1e-5, 1 / (2 · privacy units)).")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
+    clip_fake: bool = Field(
+        False, description="Also clip each generated image's D gradient to max_grad_norm (no noise, no privacy "
+        "cost), so that the generated side cannot outweigh the clipped real side."
+    )
     unit: Literal["auto", "patient", "image"] = Field("auto", description="Privacy unit; auto: patient when ids exist.")
     client_dp: bool = Field(False, description="DP-FedAvg: clip each hospital's update, noise the aggregate.")
     client_clip: float = Field(1.0, gt=0, description="Client-level DP clipping norm.")

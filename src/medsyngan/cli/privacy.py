@@ -78,7 +78,7 @@ def _hospital_units(cfg) -> list[tuple[str, int, int]]:
     out = []
     for hospital in sorted(set(assignment.tolist())):
         patients = dataset.patients[assignment == hospital]
-        train_rows, _ = split_holdout(patients, cfg.run.seed, hospital)
+        train_rows, _ = split_holdout(patients, cfg.run.seed, hospital, cfg.federated.holdout_fraction)
         train_patients = patients[train_rows]
         out.append((f"hospital {hospital}", len(np.unique(train_patients)), len(train_patients)))
     return out

@@ -2,13 +2,14 @@
 
 Hospitals send updates Δ_k = local_k − global (for every tensor they share). The server forms the
 sample-weighted mean Δ = Σ n_k Δ_k / Σ n_k (FedAvg, McMahan et al. 2017) and applies it with a server
-optimizer: plain addition (FedAvg), or Adam on the pseudo-gradient −Δ (FedAdam, Reddi et al. 2021).
+optimizer: plain addition (FedAvg), heavy-ball momentum on Δ (FedAvgM, Hsu et al. 2019), or Adam on the
+pseudo-gradient −Δ (FedAdam, Reddi et al. 2021).
 FedProx changes only the hospitals' local objective; its server step is FedAvg's.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -76,24 +77,75 @@ class FedAdam:
         self.v = {k[2:]: v.to(torch.float64) for k, v in state.items() if k.startswith("v.")}
 
 
-class ServerOptimizer:
-    """The configured server step: FedAvg/FedProx add the mean update, FedAdam adapts it."""
+class FedAvgM:
+    """Server momentum (Hsu et al. 2019): v ← βv + Δ, global ← global + η·v.
 
-    def __init__(self, strategy: str, server_lr: float):
-        self.strategy = strategy
-        self.adam = FedAdam(server_lr) if strategy == "fedadam" else None
+    Averaging K hospitals' updates that point the same way moves the global model about as far as one hospital
+    moved, although K times the images went through the discriminators; η > 1 or β > 0 lets the server take
+    the longer step. β = 0, η = 1 is FedAvg. The velocity is part of the server's checkpoint.
+    """
+
+    def __init__(self, lr: float, momentum: float):
+        self.lr, self.momentum = lr, momentum
+        self.velocity: State = {}
 
     def step(self, global_state: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]) -> State:
-        if self.adam is not None:
-            return self.adam.step(global_state, mean_delta)
-        return apply_mean_update(global_state, mean_delta)
+        stepped: State = {}
+        for key, value in mean_delta.items():
+            if not global_state[key].is_floating_point():
+                stepped[key] = value.to(torch.float64)
+                continue
+            velocity = self.momentum * self.velocity.get(key, torch.zeros_like(value, dtype=torch.float64))
+            self.velocity[key] = velocity + value.to(torch.float64)
+            stepped[key] = self.lr * self.velocity[key]
+        return apply_mean_update(global_state, stepped)
 
     def state_dict(self) -> State:
-        return self.adam.state_dict() if self.adam is not None else {}
+        return {f"velocity.{k}": v for k, v in self.velocity.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        if self.adam is not None:
-            self.adam.load_state_dict(state)
+        self.velocity = {k[len("velocity."):]: v.to(torch.float64) for k, v in state.items()
+                         if k.startswith("velocity.")}
+
+
+# The server learning rate each strategy uses when the configuration leaves it at 0.
+DEFAULT_SERVER_LR = {"fedadam": 1e-2, "fedavgm": 1.0}
+
+
+class ServerOptimizer:
+    """The configured server step: FedAvg/FedProx add the mean update, FedAvgM adds momentum, FedAdam adapts it.
+
+    Momentum and Adam act on trainable parameters only (``parameters``; None: every floating-point tensor).
+    Buffers such as BatchNorm's running variance take the plain mean update: an Adam step or an overshooting
+    velocity can drive a variance negative, and the generator then samples NaN although training looked fine.
+    """
+
+    def __init__(self, strategy: str, server_lr: float = 0.0, server_momentum: float = 0.9,
+                 parameters: Collection[str] | None = None):
+        self.strategy = strategy
+        self.parameters = None if parameters is None else frozenset(parameters)
+        lr = server_lr or DEFAULT_SERVER_LR.get(strategy, 1.0)
+        self.inner: FedAdam | FedAvgM | None = None
+        if strategy == "fedadam":
+            self.inner = FedAdam(lr)
+        elif strategy == "fedavgm":
+            self.inner = FedAvgM(lr, server_momentum)
+
+    def step(self, global_state: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]) -> State:
+        if self.inner is None:
+            return apply_mean_update(global_state, mean_delta)
+        stepped = {k for k in mean_delta if self.parameters is None or k in self.parameters}
+        plain = {k: v for k, v in global_state.items() if k not in stepped}
+        out = apply_mean_update(plain, {k: v for k, v in mean_delta.items() if k not in stepped})
+        out.update(self.inner.step({k: global_state[k] for k in stepped}, {k: mean_delta[k] for k in stepped}))
+        return out
+
+    def state_dict(self) -> State:
+        return self.inner.state_dict() if self.inner is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if self.inner is not None:
+            self.inner.load_state_dict(state)
 
 
 def delta(local: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> State:

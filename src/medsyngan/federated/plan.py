@@ -14,8 +14,6 @@ import numpy as np
 
 from medsyngan.errors import UserError
 
-HOLDOUT_FRACTION = 0.1
-
 
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from any tuple of identifiers (stable across processes, unlike hash())."""
@@ -30,21 +28,24 @@ def participants(hospitals: list[int], fraction: float, quorum: int, seed: int, 
     return sorted(int(h) for h in rng.choice(sorted(hospitals), size=count, replace=False))
 
 
-def split_holdout(patients: np.ndarray, seed: int, hospital: int) -> tuple[np.ndarray, np.ndarray]:
+def split_holdout(patients: np.ndarray, seed: int, hospital: int,
+                  fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Patient-disjoint train / held-out image indices inside one hospital.
 
-    About 10 % of the hospital's patients (at least one, and never all) are held out. Held-out images are used only
-    for the evaluation a hospital reports as aggregates; they never enter training, so they are outside the DP
-    accounting and outside the training-set membership audit.
+    ``fraction`` of the hospital's patients (at least one, and never all; none when it is 0) are held out.
+    Held-out images are used only for the evaluation a hospital reports as aggregates; they never enter training,
+    so they are outside the DP accounting and outside the training-set membership audit.
     """
     unique = np.unique(patients)
+    if fraction == 0:
+        return np.arange(len(patients)), np.arange(0)
     if len(unique) < 2:
         raise UserError(
             f"hospital {hospital} has {len(unique)} patient(s); it needs at least 2 to keep a held-out patient "
-            "(use fewer hospitals or more data)"
+            "(use fewer hospitals or more data, or federated.holdout_fraction=0)"
         )
     rng = np.random.default_rng(derive_seed(seed, "holdout", hospital))
-    n_holdout = min(len(unique) - 1, max(1, round(HOLDOUT_FRACTION * len(unique))))
+    n_holdout = min(len(unique) - 1, max(1, round(fraction * len(unique))))
     held = set(rng.choice(unique, size=n_holdout, replace=False).tolist())
     mask = np.array([p in held for p in patients])
     return np.flatnonzero(~mask), np.flatnonzero(mask)

@@ -199,7 +199,9 @@ class Aggregator:
             self.job["aggregator_public"] = self.transport.identity_public
         self.state = load_server_state(run_dir, self.checkpoint_key) if resume else ServerState.initial(cfg)
         self.client_dp = ClientLevelDP(cfg, self.state) if cfg.privacy.client_dp else None
-        self.optimizer = ServerOptimizer(cfg.federated.strategy, cfg.federated.server_lr)
+        f = cfg.federated
+        self.optimizer = ServerOptimizer(f.strategy, f.server_lr, f.server_momentum,
+                                         parameters=GANTrainer(cfg, device="cpu").parameter_names(("G", "D")))
         self.optimizer.load_state_dict(self.state.optimizer_state)
         self.on_round = on_round
         self.roster: dict[int, int] = {}  # hospital → node id

@@ -40,7 +40,10 @@ What is private and why
   per-sample gradients together in one batch (Opacus issue #418): that spends part of the clipping budget C on
   public samples, shrinks the real signal, and makes the denominator the real+fake batch, while the accountant is
   still charged for the real rate. Our scheme charges exactly one subsampled Gaussian step per D update and clips
-  only what touches data. The WGAN-GP penalty interpolates real[i] with a fake and so sits inside sample i's clipped
+  only what touches data. ``privacy.clip_fake`` clips each generated sample's gradient to C as well (still
+  without noise or privacy cost): otherwise a D that finds the real images unlike anything it has seen (a D
+  pretrained on phantoms meeting X-rays) gets per-sample real gradients clipped from norms of ~40 down to 1 while
+  the fake side keeps its full size, and learns only to push fakes down. The WGAN-GP penalty interpolates real[i] with a fake and so sits inside sample i's clipped
   loss. The generator step sees data only through D (post-processing, no privacy cost, no per-sample machinery).
 - **Lazy R1 is refused** under DP: it is an extra optimizer step on real images that would need its own clipping,
   noise and accounting, doubling the cost of the budget for a regularizer; use ``train.r1_gamma = 0``.
@@ -144,16 +147,18 @@ class _Rule:
         """Gradients of the rows' summed loss, given output gradients already weighted per row."""
         raise NotImplementedError
 
-    def grads(self, a: Tensor, g: Tensor, row_weights: Tensor, n: int) -> list[Tensor]:
-        """Σ_rows weight_row · (per-row gradient); rows [0, n) are the real ones."""
+    def grads(self, a: Tensor, g: Tensor, row_weights: Tensor) -> list[Tensor]:
+        """Σ_rows weight_row · (per-row gradient), reusing the per-row gradients that norms2 kept (the first k
+        rows: the real ones, and the generated ones too when they are clipped)."""
         weights = row_weights.view(-1, *([1] * (g.dim() - 1)))
         if self.per_sample is None:
             return self.summed(a, g * weights)
-        real = [torch.einsum("i,i...->...", row_weights[:n], ps) for ps in self.per_sample]
+        k = self.per_sample[0].shape[0]
+        kept = [torch.einsum("i,i...->...", row_weights[:k], ps) for ps in self.per_sample]
         self.per_sample = None
-        if a.shape[0] == n:
-            return real
-        return [r + f for r, f in zip(real, self.summed(a[n:], g[n:] * weights[n:]))]
+        if a.shape[0] == k:
+            return kept
+        return [r + f for r, f in zip(kept, self.summed(a[k:], g[k:] * weights[k:]))]
 
 
 class _Conv(_Rule):
@@ -312,8 +317,8 @@ class GhostEngine:
         for h in self._handles:
             h.remove()
 
-    def gradients(self, trainer: GANTrainer, real: Tensor, fake: Tensor, clip: float, expected: float
-                  ) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
+    def gradients(self, trainer: GANTrainer, real: Tensor, fake: Tensor, clip: float, expected: float,
+                  fake_clip: float | None = None) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
         n, m = real.shape[0], fake.shape[0]
         x = torch.cat([real, fake]) if n else fake
         for rule in self.rules:
@@ -345,20 +350,24 @@ class GhostEngine:
         total = real_terms.sum() + fake_terms.sum()
         grads_out = torch.autograd.grad(total, outs, allow_unused=True)
 
-        norms2 = torch.zeros(n, device=x.device)
+        rows = n + m if fake_clip is not None else n
+        norms2 = torch.zeros(rows, device=x.device)
         layers = []
         for (rule, a, _), g in zip(used, grads_out):
             if g is None:
                 continue
             a, g = a.detach().float(), g.float()
-            if n:
-                norms2 = norms2 + rule.norms2(a[:n], g[:n])
+            if rows:
+                norms2 = norms2 + rule.norms2(a[:rows], g[:rows])
             layers.append((rule, a, g))
-        factors = (clip / (norms2.sqrt() + 1e-6)).clamp(max=1.0)
-        row_weights = torch.cat([factors / expected, torch.full((m,), 1.0 / m, device=x.device)])
+        factors = (clip / (norms2[:n].sqrt() + 1e-6)).clamp(max=1.0)
+        fake_weights = torch.full((m,), 1.0 / m, device=x.device)
+        if fake_clip is not None:
+            fake_weights = fake_weights * (fake_clip / (norms2[n:].sqrt() + 1e-6)).clamp(max=1.0)
+        row_weights = torch.cat([factors / expected, fake_weights])
         grads: dict[nn.Parameter, Tensor] = {}
         for rule, a, g in layers:
-            for p, gp in zip(rule.params, rule.grads(a, g, row_weights, n)):
+            for p, gp in zip(rule.params, rule.grads(a, g, row_weights)):
                 grads[p] = gp.to(p.dtype)
         return grads, fake_terms.detach().mean()
 
@@ -372,7 +381,8 @@ def _clipped_sum(per_sample: list[Tensor], clip: float) -> list[Tensor]:
 
 
 class _SeparateFakeEngine:
-    """Shared part of the generic engines: the fake term by an ordinary backward, the real one per sample."""
+    """Shared part of the generic engines: the fake term by an ordinary backward (or per sample when it is
+    clipped too), the real one per sample."""
 
     name = ""
 
@@ -386,13 +396,23 @@ class _SeparateFakeEngine:
                   fake: Tensor, clip: float) -> list[Tensor]:
         raise NotImplementedError
 
-    def gradients(self, trainer: GANTrainer, real: Tensor, fake: Tensor, clip: float, expected: float
-                  ) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
+    def fake_sums(self, trainer: GANTrainer, params: list[nn.Parameter], names: list[str], fake: Tensor,
+                  clip: float) -> list[Tensor]:
+        raise NotImplementedError
+
+    def gradients(self, trainer: GANTrainer, real: Tensor, fake: Tensor, clip: float, expected: float,
+                  fake_clip: float | None = None) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
         named = [(k, p) for k, p in self.D.named_parameters() if p.requires_grad]
         names, params = [k for k, _ in named], [p for _, p in named]
-        fake_loss = trainer.d_fake_loss(self.D, fake).mean()
-        fake_grads = torch.autograd.grad(fake_loss, params, allow_unused=True)
-        grads = {p: (g if g is not None else torch.zeros_like(p)) for p, g in zip(params, fake_grads)}
+        if fake_clip is None:
+            fake_loss = trainer.d_fake_loss(self.D, fake).mean()
+            fake_grads = torch.autograd.grad(fake_loss, params, allow_unused=True)
+            grads = {p: (g if g is not None else torch.zeros_like(p)) for p, g in zip(params, fake_grads)}
+        else:
+            with torch.no_grad():
+                fake_loss = trainer.d_fake_loss(self.D, fake).mean()
+            sums = self.fake_sums(trainer, params, names, fake, fake_clip)
+            grads = {p: s / fake.shape[0] for p, s in zip(params, sums)}
         if real.shape[0]:
             for p, s in zip(params, self.real_sums(trainer, params, names, real, fake, clip)):
                 grads[p] = grads[p] + s / expected
@@ -404,7 +424,7 @@ class VmapEngine(_SeparateFakeEngine):
 
     name = "vmap"
 
-    def real_sums(self, trainer, params, names, real, fake, clip):
+    def _sums(self, params, names, batch: Tensor, loss_of: Callable, clip: float) -> list[Tensor]:
         from torch.func import functional_call, grad, vmap
 
         buffers = dict(self.D.named_buffers())
@@ -412,10 +432,16 @@ class VmapEngine(_SeparateFakeEngine):
 
         def loss_one(p: dict[str, Tensor], x: Tensor) -> Tensor:
             D = lambda y: functional_call(self.D, (p, buffers), (y,))  # noqa: E731
-            return trainer.d_real_loss(D, x.unsqueeze(0))[0]
+            return loss_of(D, x.unsqueeze(0))[0]
 
-        per_sample = vmap(grad(loss_one), in_dims=(None, 0))(values, real)
+        per_sample = vmap(grad(loss_one), in_dims=(None, 0))(values, batch)
         return _clipped_sum([per_sample[k] for k in names], clip)
+
+    def real_sums(self, trainer, params, names, real, fake, clip):
+        return self._sums(params, names, real, trainer.d_real_loss, clip)
+
+    def fake_sums(self, trainer, params, names, fake, clip):
+        return self._sums(params, names, fake, trainer.d_fake_loss, clip)
 
 
 class LoopEngine(_SeparateFakeEngine):
@@ -423,16 +449,23 @@ class LoopEngine(_SeparateFakeEngine):
 
     name = "loop"
 
-    def real_sums(self, trainer, params, names, real, fake, clip):
+    @staticmethod
+    def _sums(params, count: int, loss_of: Callable[[int], Tensor], clip: float) -> list[Tensor]:
         sums = [torch.zeros_like(p) for p in params]
-        for i in range(real.shape[0]):
-            j = i % fake.shape[0]
-            loss = trainer.d_real_loss(self.D, real[i:i + 1], fake[j:j + 1])[0]
+        for i in range(count):
             grads = [g if g is not None else torch.zeros_like(p)
-                     for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+                     for p, g in zip(params, torch.autograd.grad(loss_of(i), params, allow_unused=True))]
             for s, c in zip(sums, _clipped_sum([g.unsqueeze(0) for g in grads], clip)):
                 s.add_(c)
         return sums
+
+    def real_sums(self, trainer, params, names, real, fake, clip):
+        m = fake.shape[0]
+        return self._sums(params, real.shape[0],
+                          lambda i: trainer.d_real_loss(self.D, real[i:i + 1], fake[i % m:i % m + 1])[0], clip)
+
+    def fake_sums(self, trainer, params, names, fake, clip):
+        return self._sums(params, fake.shape[0], lambda i: trainer.d_fake_loss(self.D, fake[i:i + 1])[0], clip)
 
 
 def make_engine(trainer: GANTrainer, engine: str = "auto"):
@@ -472,7 +505,8 @@ class PrivateDiscriminatorUpdate(DiscriminatorUpdate):
         s.check_budget()
         clip, sigma, expected = s.max_grad_norm, s.noise_multiplier, s.expected_batch
         trainer.opt_d.zero_grad(set_to_none=True)
-        grads, fake_loss = self.engine.gradients(trainer, real, fake, clip, expected)
+        grads, fake_loss = self.engine.gradients(trainer, real, fake, clip, expected,
+                                                 fake_clip=clip if s.clip_fake else None)
         noise_gen = s.noise_generator(s.steps)
         std = sigma * clip / expected
         for p in trainer.D.parameters():
@@ -500,8 +534,9 @@ class DPSession:
 
     def __init__(self, trainer: GANTrainer, sampler: PoissonUnitSampler, accountant: PrivacyAccountant,
                  target_epsilon: float, max_grad_norm: float, guaranteed_steps: int, planned_steps: int,
-                 engine: str = "auto"):
+                 engine: str = "auto", clip_fake: bool = False):
         self.trainer = trainer
+        self.clip_fake = bool(clip_fake)
         self.sampler = sampler
         self.accountant = accountant
         self.target_epsilon = float(target_epsilon)
@@ -556,7 +591,8 @@ class DPSession:
         return {"unit": self.unit, "units": self.units, "sample_rate": self.sample_rate,
                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
                 "delta": self.delta, "target_epsilon": self.target_epsilon, "steps": self.steps,
-                "planned_steps": self.planned_steps, "engine": self.engine, **self.metrics()}
+                "planned_steps": self.planned_steps, "engine": self.engine, "clip_fake": self.clip_fake,
+                **self.metrics()}
 
     def _single_mechanism(self) -> bool:
         h = self.accountant.history
@@ -649,7 +685,7 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
     sampler = PoissonUnitSampler(images, patients if unit == "patient" else None, cfg.train.batch_size, unit,
                                  secret, trainer.device, cfg.data.augment)
     session = DPSession(trainer, sampler, accountant, p.target_epsilon, p.max_grad_norm, guaranteed, plan_steps,
-                        engine)
+                        engine, clip_fake=p.clip_fake)
     if state is not None:
         session.load_state_dict(state)
     if isinstance(trainer.d_update, PrivateDiscriminatorUpdate):

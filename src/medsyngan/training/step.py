@@ -361,6 +361,11 @@ class GANTrainer:
                 state[f"{part}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
         return state
 
+    def parameter_names(self, parts: Iterable[str] = ("G", "D")) -> set[str]:
+        """The prefixed keys of :meth:`model_state` that are trainable parameters (not buffers)."""
+        nets = self.networks()
+        return {f"{part}.{name}" for part in parts for name, _ in unwrap(nets[part]).named_parameters()}
+
     def load_model_state(self, state: Mapping[str, Tensor]) -> None:
         """Load prefixed state (any subset of G/D/G_ema); each network present must match exactly."""
         nets = self.networks()
