@@ -145,18 +145,28 @@ def nih_dir() -> Path:
 
 
 def write_subset(ds, rows: np.ndarray, out: Path, role: str) -> Path:
-    """Rows of a prepared dataset as a prepared dataset of their own (built beside ``out``, renamed into place)."""
+    """Rows of a prepared dataset as a prepared dataset of their own (built beside ``out``, renamed into place).
+
+    An identical subset already at ``out`` is left alone, so that a second study process (another seed) started
+    beside a running one does not swap the files under its runs.
+    """
     from medsyngan.data.prepared import IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, index_csv_text
 
     sub = ds.subset(rows)
+    index = index_csv_text(sub.image_names, sub.patients, sub.labels, sub.views, sub.splits)
+    manifest = dict(ds.manifest, count=len(sub), key=f"{ds.manifest.get('key', '')}:{role}",
+                    study_subset={"role": role, "holdout_fraction": HOLDOUT_FRACTION, "seed": SPLIT_SEED})
+    manifest_text = json.dumps(manifest, indent=2) + "\n"
+    if ((out / MANIFEST_FILE).is_file() and (out / MANIFEST_FILE).read_text() == manifest_text
+            and (out / INDEX_FILE).read_text() == index
+            and (out / IMAGES_FILE).read_bytes() == np.ascontiguousarray(sub.images).tobytes()):
+        return out
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     np.ascontiguousarray(sub.images).tofile(tmp / IMAGES_FILE)
-    (tmp / INDEX_FILE).write_text(index_csv_text(sub.image_names, sub.patients, sub.labels, sub.views, sub.splits))
-    manifest = dict(ds.manifest, count=len(sub), key=f"{ds.manifest.get('key', '')}:{role}",
-                    study_subset={"role": role, "holdout_fraction": HOLDOUT_FRACTION, "seed": SPLIT_SEED})
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / INDEX_FILE).write_text(index)
+    (tmp / MANIFEST_FILE).write_text(manifest_text)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -481,6 +491,20 @@ TUNING: list[tuple[str, str, list[str]]] = [
     ("fed-dp10-warm", "(4w), all of D trained, generated samples clipped too",
      ["train.d_trainable_last=0", "privacy.clip_fake=true"]),
     ("fed-dp10", "from scratch, batch 32 × 25, generated samples clipped too", B32 + ["privacy.clip_fake=true"]),
+    # Run-to-run spread: the same recipes with another run seed.
+    ("centralized", "batch 16, run seed 1", ["run.seed=1"]),
+    ("fed-patient", "batch 16 × 50, all patients train, run seed 1", ["run.seed=1"]),
+    ("fed-patient", "batch 16 × 50, server EMA half-life 3 kimg", ["train.ema_kimg=3"]),
+    ("centralized", "batch 16, EMA half-life 3 kimg", ["train.ema_kimg=3"]),
+    ("fed-patient", "batch 16 × 50, local learning rates 1e-4", ["train.lr_g=1e-4", "train.lr_d=1e-4"]),
+    ("fed-patient", "batch 16 × 20 local steps × 20 rounds", ["federated.local_steps=20", "federated.rounds=20"]),
+    # The reference gets the same chance as the federated runs at a higher learning rate.
+    ("centralized", "batch 16, learning rates 3e-4", ["train.lr_g=3e-4", "train.lr_d=3e-4"]),
+    ("centralized", "batch 16, learning rates 4e-4", ["train.lr_g=4e-4", "train.lr_d=4e-4"]),
+    ("fed-patient", "batch 16 × 50, local learning rates 4e-4", ["train.lr_g=4e-4", "train.lr_d=4e-4"]),
+    ("fed-labelskew", "batch 16 × 50, local learning rates 3e-4", ["train.lr_g=3e-4", "train.lr_d=3e-4"]),
+    ("fed-patient", "batch 16 × 50, local learning rates 3e-4, run seed 1", ["train.lr_g=3e-4", "train.lr_d=3e-4",
+                                                                          "run.seed=1"]),
 ]
 TUNE_METRICS = "fd,kid,prdc"
 
@@ -499,8 +523,9 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
     tune_train, val = PreparedDataset.open(tune_dir), PreparedDataset.open(val_dir)
     overrides = {key: o for key, _, o in CONFIGS}
     rows = []
-    for number, (key, variant, extra) in enumerate(TUNING):
-        if (only and key not in only) or (variants and number not in variants):
+    for number in variants or range(len(TUNING)):  # in the order asked for
+        key, variant, extra = TUNING[number]
+        if only and key not in only:
             continue
         wanted = overrides[key] + extra
         if PUBLIC_INIT in wanted or key == "public":
@@ -555,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep finished runs whose configuration is unchanged")
     parser.add_argument("--tune", action="store_true",
                         help="run the tuning variants on a validation split of the training patients instead")
-    parser.add_argument("--variant", type=int, nargs="+", help="with --tune: only these TUNING entries (0-based)")
+    parser.add_argument("--variant", type=int, nargs="+", choices=range(len(TUNING)), metavar="N",
+                        help="with --tune: only these TUNING entries (0-based), in this order")
     args = parser.parse_args(argv)
     out = args.out or REPO / "runs" / ("study-nih-quick" if args.quick else "study-nih")
     from medsyngan.errors import UserError

@@ -98,3 +98,18 @@ def test_warm_rows_keep_the_budget_of_images_through_d(tmp_path):
         per_round = int(values["federated.local_steps"]) * int(values["train.batch_size"])
         assert budget.hospitals * budget.rounds * per_round == budget.images_through_d
         assert values["train.init_from"] == json.dumps(str(tmp_path / "runs" / "public-s3"))
+
+
+def test_an_identical_subset_is_left_in_place_and_a_changed_one_replaced(tmp_path, medsyngan_cache):
+    from medsyngan.data.api import phantom_dataset
+    from medsyngan.data.prepared import PreparedDataset
+
+    study = _study()
+    ds = phantom_dataset(6, 2, 32, seed=1)
+    out = study.write_subset(ds, np.arange(4), tmp_path / "train", "train")
+    marker = out / "kept"
+    marker.write_text("")
+    study.write_subset(ds, np.arange(4), tmp_path / "train", "train")
+    assert marker.exists()  # not rebuilt
+    study.write_subset(ds, np.arange(6), tmp_path / "train", "train")
+    assert not marker.exists() and len(PreparedDataset.open(out)) == 6
