@@ -505,6 +505,8 @@ TUNING: list[tuple[str, str, list[str]]] = [
     ("fed-labelskew", "batch 16 × 50, local learning rates 3e-4", ["train.lr_g=3e-4", "train.lr_d=3e-4"]),
     ("fed-patient", "batch 16 × 50, local learning rates 3e-4, run seed 1", ["train.lr_g=3e-4", "train.lr_d=3e-4",
                                                                           "run.seed=1"]),
+    ("fed-dp10-warm", "(4w), 4 D steps per G step, generated samples clipped too",
+     ["federated.rounds=10", "federated.local_steps=5", "train.d_steps_per_g=4", "privacy.clip_fake=true"]),
 ]
 TUNE_METRICS = "fd,kid,prdc"
 
@@ -551,14 +553,31 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
     report = {"seed": seed, "validation_patients": len(val_patients), "tune_train_images": len(tune_train),
               "validation_images": len(val), "rows": rows}
     atomic_write_text(out / "tuning.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(out / "tuning.md", tuning_markdown(rows))
+    return report
+
+
+def tuning_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| configuration | variant | val FD | val KID | precision | recall | coverage | ε | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [_cell((pick(r["metrics"], p), None)) for p in ("fd", "kid", "precision", "recall", "coverage")]
         lines.append(f"| {r['config']} | {r['variant']} | " + " | ".join(cells)
                      + f" | {_cell((r['epsilon'], None))} | {r['wall_s']:.0f} |")
-    atomic_write_text(out / "tuning.md", "\n".join(lines) + "\n")
-    return report
+    return "\n".join(lines) + "\n"
+
+
+def collect_tuning(folders: list[Path]) -> str:
+    """One tuning table from the finished variants in several work folders (tuning runs made side by side in
+    separate folders, so that their data preparation never races), in TUNING order."""
+    from medsyngan.errors import UserError
+
+    order = {(key, variant): n for n, (key, variant, _) in enumerate(TUNING)}
+    rows = [json.loads(f.read_text()) for folder in folders for f in sorted((folder / "tuning").glob(f"*/{RESULT_FILE}"))]
+    if not rows:
+        raise UserError(f"no finished tuning runs under {', '.join(map(str, folders))}; run --tune first")
+    rows.sort(key=lambda r: order.get((r["config"], r["variant"]), len(order)))
+    return tuning_markdown(rows)
 
 
 def run(quick: bool) -> dict:
@@ -580,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep finished runs whose configuration is unchanged")
     parser.add_argument("--tune", action="store_true",
                         help="run the tuning variants on a validation split of the training patients instead")
+    parser.add_argument("--collect", type=Path, nargs="+", metavar="OUT",
+                        help="print one tuning table from the finished tuning runs in these work folders")
     parser.add_argument("--variant", type=int, nargs="+", choices=range(len(TUNING)), metavar="N",
                         help="with --tune: only these TUNING entries (0-based), in this order")
     args = parser.parse_args(argv)
@@ -587,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     from medsyngan.errors import UserError
 
     try:
+        if args.collect:
+            print(collect_tuning(args.collect), end="")
+            return 0
         if args.tune:
             run_tuning(out, args.seeds[0], args.reuse, only=args.only, variants=args.variant)
             print((out / "tuning.md").read_text())
