@@ -81,6 +81,9 @@ PUBLIC_INIT = "train.init_from=@public"
 # Replaced by twice the budget's batch and half its local steps (the same images through D): 32 × 25 at the full
 # budget, the setting the private variants were tuned at.
 DOUBLE_BATCH = "@double-batch"
+# After @double-batch: the round's private D steps in groups of five per G step (5 G × 5 D at the full budget;
+# Bie et al. 2023: a noisy D needs more steps per G step to keep up). Fewer when a round has fewer than five.
+FIVE_D_STEPS, FIVE = "@five-d-steps", 5
 B32 = ["train.batch_size=32", "federated.local_steps=25"]  # the first study's setting, before tuning
 # As tuned (TUNING below): from the public model, DP-SGD on D's last layer only, G at a tenth of D's learning rate.
 WARM = [DOUBLE_BATCH, PUBLIC_INIT, "train.d_trainable_last=1", "train.lr_g=2e-5"]
@@ -100,12 +103,17 @@ CONFIGS: list[tuple[str, str, list[str]]] = [
     # Tuned on the validation split: from the public model, DP-SGD on D's last layer only, G at lr 2e-5
     # (validation FD 54 from scratch, 43 warm, 30 warm at learning rates 2e-5, 16 warm with only D's head trained,
     # 12.9 with that and G at 2e-5; the public model alone 14.0).
-    ("fed-dp10-warm", "(4w) = (4), from the public model (0), DP fine-tuning of D's last layer, slow G",
+    ("fed-dp10-warm", "(4w) = (4), from the public model (0), DP fine-tuning of D's last layer, slow G, 5 D steps per G",
      ['federated.scheme="patient"', "privacy.dp=true", "privacy.target_epsilon=10.0", *PLAIN_WIRE, *WARM]),
-    ("fed-dp1-secure-warm", "(5w) = (5), from the public model (0), DP fine-tuning of D's last layer, slow G",
+    ("fed-dp1-secure-warm", "(5w) = (5), from the public model (0), DP fine-tuning of D's last layer, slow G, 5 D steps per G",
      ['federated.scheme="patient"', *WARM]),
 ]
 CENTRALIZED = ("public", "centralized")
+# What tuning chose (TUNING below, validation split only), added to the rows above in the study; tuning variants
+# start from the rows without it, so that each entry keeps meaning what it meant when it ran.
+LR_3E4 = ["train.lr_g=3e-4", "train.lr_d=3e-4"]
+TUNED: dict[str, list[str]] = {"centralized": LR_3E4, "fed-patient": LR_3E4, "fed-labelskew": LR_3E4,
+                               "fed-dp10-warm": [FIVE_D_STEPS], "fed-dp1-secure-warm": [FIVE_D_STEPS]}
 
 
 def public_run(out: Path, seed: int) -> Path:
@@ -113,13 +121,17 @@ def public_run(out: Path, seed: int) -> Path:
 
 
 def resolve(overrides: list[str], out: Path, seed: int, budget: Budget) -> list[str]:
-    """The overrides with ``@public`` replaced by this seed's public run and ``@double-batch`` expanded."""
+    """The overrides with ``@public`` replaced by this seed's public run and ``@double-batch`` /
+    ``@five-d-steps`` expanded."""
     path = json.dumps(str(public_run(out, seed)))
-    doubled = [f"train.batch_size={2 * budget.batch}", f"federated.local_steps={max(1, budget.local_steps // 2)}"]
-    resolved: list[str] = []
-    for o in overrides:
-        resolved += doubled if o == DOUBLE_BATCH else [o.replace("@public", path) if o == PUBLIC_INIT else o]
-    return resolved
+    private_steps = max(1, budget.local_steps // 2)  # D steps of a round at the doubled batch
+    d_steps = min(FIVE, private_steps)
+    expand = {
+        DOUBLE_BATCH: [f"train.batch_size={2 * budget.batch}", f"federated.local_steps={private_steps}"],
+        FIVE_D_STEPS: [f"train.d_steps_per_g={d_steps}", f"federated.local_steps={private_steps // d_steps}"],
+        PUBLIC_INIT: [PUBLIC_INIT.replace("@public", path)],
+    }
+    return [r for o in overrides for r in expand.get(o, [o])]
 
 
 def ensure_public(out: Path, budget: Budget, train_dir: Path, seed: int) -> float:
@@ -397,7 +409,7 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
                 continue
             if PUBLIC_INIT in overrides and trainable:
                 ensure_public(out, budget, train_dir, seed)
-            overrides = resolve(overrides, out, seed, budget)
+            overrides = resolve(overrides + TUNED.get(key, []), out, seed, budget)
             cfg = config_for(key, overrides, budget, train_dir, seed)
             run_root = out / "runs" / f"{key}-s{seed}"
             saved, plan = run_root / RESULT_FILE, recipe(key, overrides, budget, train_dir, seed)
@@ -507,6 +519,13 @@ TUNING: list[tuple[str, str, list[str]]] = [
                                                                           "run.seed=1"]),
     ("fed-dp10-warm", "(4w), 4 D steps per G step, generated samples clipped too",
      ["federated.rounds=10", "federated.local_steps=5", "train.d_steps_per_g=4", "privacy.clip_fake=true"]),
+    # 5 divides the 25 private steps of a round, so the study's rounds stay as they are (8 × 5 × 5 × 32).
+    ("fed-dp10-warm", "(4w), 5 D steps per G step", ["federated.local_steps=5", "train.d_steps_per_g=5"]),
+    ("fed-dp10-warm", "(4w), 5 D steps per G step, generated samples clipped too",
+     ["federated.local_steps=5", "train.d_steps_per_g=5", "privacy.clip_fake=true"]),    # Label skew: the smallest hospital (63 images) runs 12 epochs a round on its own data; pull it back.
+    ("fed-labelskew", "batch 16 × 50, FedProx μ 0.1", ['federated.strategy="fedprox"', "federated.proximal_mu=0.1"]),
+    ("fed-labelskew", "batch 16 × 50, local discriminators", ["federated.share_discriminator=false"]),
+    ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds", ["federated.local_steps=25", "federated.rounds=16"]),
 ]
 TUNE_METRICS = "fd,kid,prdc"
 
