@@ -113,3 +113,22 @@ def test_an_identical_subset_is_left_in_place_and_a_changed_one_replaced(tmp_pat
     assert marker.exists()  # not rebuilt
     study.write_subset(ds, np.arange(6), tmp_path / "train", "train")
     assert not marker.exists() and len(PreparedDataset.open(out)) == 6
+
+
+def test_collect_merges_tuning_folders_in_tuning_order(tmp_path):
+    study = _study()
+    late, early = study.TUNING[3], study.TUNING[1]
+    for folder, (key, variant, extra), fd in (("a", late, 7.5), ("b", early, 2.25)):
+        run = tmp_path / folder / "tuning" / f"{key}-x"
+        run.mkdir(parents=True)
+        (run / study.RESULT_FILE).write_text(json.dumps(
+            {"config": key, "variant": variant, "overrides": extra, "wall_s": 10.0, "epsilon": None,
+             "metrics": {"fd_rand500": fd, "kid_rand500": 0.01}}))
+    table = study.collect_tuning([tmp_path / "a", tmp_path / "b"]).splitlines()
+    assert len(table) == 4
+    assert early[1] in table[2] and "2.25" in table[2]
+    assert late[1] in table[3] and "7.5" in table[3]
+    from medsyngan.errors import UserError
+
+    with pytest.raises(UserError, match="no finished tuning runs"):
+        study.collect_tuning([tmp_path / "missing"])
