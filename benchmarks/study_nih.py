@@ -112,7 +112,8 @@ CENTRALIZED = ("public", "centralized")
 # What tuning chose (TUNING below, validation split only), added to the rows above in the study; tuning variants
 # start from the rows without it, so that each entry keeps meaning what it meant when it ran.
 LR_3E4 = ["train.lr_g=3e-4", "train.lr_d=3e-4"]
-TUNED: dict[str, list[str]] = {"centralized": LR_3E4, "fed-patient": LR_3E4, "fed-labelskew": LR_3E4,
+FEDPROX_01 = ['federated.strategy="fedprox"', "federated.proximal_mu=0.1"]
+TUNED: dict[str, list[str]] = {"centralized": LR_3E4, "fed-patient": LR_3E4, "fed-labelskew": FEDPROX_01 + LR_3E4,
                                "fed-dp10-warm": [FIVE_D_STEPS], "fed-dp1-secure-warm": [FIVE_D_STEPS]}
 
 
@@ -523,9 +524,12 @@ TUNING: list[tuple[str, str, list[str]]] = [
     ("fed-dp10-warm", "(4w), 5 D steps per G step", ["federated.local_steps=5", "train.d_steps_per_g=5"]),
     ("fed-dp10-warm", "(4w), 5 D steps per G step, generated samples clipped too",
      ["federated.local_steps=5", "train.d_steps_per_g=5", "privacy.clip_fake=true"]),    # Label skew: the smallest hospital (63 images) runs 12 epochs a round on its own data; pull it back.
-    ("fed-labelskew", "batch 16 × 50, FedProx μ 0.1", ['federated.strategy="fedprox"', "federated.proximal_mu=0.1"]),
+    ("fed-labelskew", "batch 16 × 50, FedProx μ 0.1", FEDPROX_01),
     ("fed-labelskew", "batch 16 × 50, local discriminators", ["federated.share_discriminator=false"]),
     ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds", ["federated.local_steps=25", "federated.rounds=16"]),
+    ("fed-labelskew", "batch 16 × 50, FedProx μ 1", ['federated.strategy="fedprox"', "federated.proximal_mu=1"]),
+    ("fed-labelskew", "batch 16 × 50, FedProx μ 0.1, local learning rates 3e-4", FEDPROX_01 + LR_3E4),
+    ("fed-patient", "batch 16 × 50, FedProx μ 0.1, local learning rates 3e-4", FEDPROX_01 + LR_3E4),
 ]
 TUNE_METRICS = "fd,kid,prdc"
 
