@@ -132,3 +132,16 @@ def test_collect_merges_tuning_folders_in_tuning_order(tmp_path):
 
     with pytest.raises(UserError, match="no finished tuning runs"):
         study.collect_tuning([tmp_path / "missing"])
+
+
+def test_fd_targets_carry_medians_and_per_seed_ratios():
+    study = _study()
+    fds = {"centralized": [2.0, 8.0, 3.0], "fed-patient": [3.0, 2.0, 3.3]}
+    runs = [{"config": k, "seed": s, "metrics": {"fd_rand500": v}, "epsilon": None, "bytes_sent": 0, "wall_s": 1.0}
+            for k, vs in fds.items() for s, v in enumerate(vs)]
+    summary = study.summarize(runs)
+    check = next(c for c in study.targets(summary, runs) if c["target"].startswith("FD fed-patient"))
+    assert check["value"] == pytest.approx((8.3 / 3) / (13 / 3), abs=1e-3) and check["met"] is True
+    assert check["median_ratio"] == pytest.approx(3.0 / 3.0)
+    assert check["per_seed"] == {0: 1.5, 1: 0.25, 2: 1.1}
+    assert "per seed s0 1.5, s1 0.25, s2 1.1" in study.markdown(summary, [check])
