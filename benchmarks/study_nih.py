@@ -103,9 +103,11 @@ CONFIGS: list[tuple[str, str, list[str]]] = [
     # Tuned on the validation split: from the public model, DP-SGD on D's last layer only, G at lr 2e-5
     # (validation FD 54 from scratch, 43 warm, 30 warm at learning rates 2e-5, 16 warm with only D's head trained,
     # 12.9 with that and G at 2e-5; the public model alone 14.0).
-    ("fed-dp10-warm", "(4w) = (4), from the public model (0), DP fine-tuning of D's last layer, slow G, 5 D steps per G",
+    ("fed-dp10-warm",
+     "(4w) = (4), from the public model (0), DP fine-tuning of D's last layer, slow G, 5 D steps per G",
      ['federated.scheme="patient"', "privacy.dp=true", "privacy.target_epsilon=10.0", *PLAIN_WIRE, *WARM]),
-    ("fed-dp1-secure-warm", "(5w) = (5), from the public model (0), DP fine-tuning of D's last layer, slow G, 5 D steps per G",
+    ("fed-dp1-secure-warm",
+     "(5w) = (5), from the public model (0), DP fine-tuning of D's last layer, slow G, 5 D steps per G",
      ['federated.scheme="patient"', *WARM]),
 ]
 CENTRALIZED = ("public", "centralized")
@@ -496,12 +498,15 @@ TUNING: list[tuple[str, str, list[str]]] = [
     ("fed-patient", "batch 16 × 50, all patients train", []),
     # Server momentum / a server step > 1: averaging three hospitals' aligned updates moves the global model as
     # far as one hospital moved.
-    ("fed-patient", "batch 16 × 50, FedAvgM β 0.5", ['federated.strategy="fedavgm"', "federated.server_momentum=0.5"]),
-    ("fed-patient", "batch 16 × 50, FedAvgM β 0.9", ['federated.strategy="fedavgm"', "federated.server_momentum=0.9"]),
+    ("fed-patient", "batch 16 × 50, FedAvgM β 0.5",
+     ['federated.strategy="fedavgm"', "federated.server_momentum=0.5"]),
+    ("fed-patient", "batch 16 × 50, FedAvgM β 0.9",
+     ['federated.strategy="fedavgm"', "federated.server_momentum=0.9"]),
     ("fed-patient", "batch 16 × 50, server lr 2 (FedAvgM β 0)",
      ['federated.strategy="fedavgm"', "federated.server_momentum=0", "federated.server_lr=2"]),
-    ("fed-patient", "batch 16 × 50, local learning rates 3e-4", ["train.lr_g=3e-4", "train.lr_d=3e-4"]),
-    ("fed-patient", "batch 16 × 50, FedAdam (server lr 1e-2)", ['federated.strategy="fedadam"', "federated.server_lr=1e-2"]),
+    ("fed-patient", "batch 16 × 50, local learning rates 3e-4", LR_3E4),
+    ("fed-patient", "batch 16 × 50, FedAdam (server lr 1e-2)",
+     ['federated.strategy="fedadam"', "federated.server_lr=1e-2"]),
     ("fed-labelskew", "batch 16 × 50, all patients train", []),
     ("fed-dp10-warm", "the study's (4w) recipe, all patients train", []),
     ("fed-dp10-warm", "(4w) with D's last two layers trained", ["train.d_trainable_last=2"]),
@@ -526,18 +531,19 @@ TUNING: list[tuple[str, str, list[str]]] = [
     ("fed-patient", "batch 16 × 50, local learning rates 1e-4", ["train.lr_g=1e-4", "train.lr_d=1e-4"]),
     ("fed-patient", "batch 16 × 20 local steps × 20 rounds", ["federated.local_steps=20", "federated.rounds=20"]),
     # The reference gets the same chance as the federated runs at a higher learning rate.
-    ("centralized", "batch 16, learning rates 3e-4", ["train.lr_g=3e-4", "train.lr_d=3e-4"]),
+    ("centralized", "batch 16, learning rates 3e-4", LR_3E4),
     ("centralized", "batch 16, learning rates 4e-4", ["train.lr_g=4e-4", "train.lr_d=4e-4"]),
     ("fed-patient", "batch 16 × 50, local learning rates 4e-4", ["train.lr_g=4e-4", "train.lr_d=4e-4"]),
-    ("fed-labelskew", "batch 16 × 50, local learning rates 3e-4", ["train.lr_g=3e-4", "train.lr_d=3e-4"]),
-    ("fed-patient", "batch 16 × 50, local learning rates 3e-4, run seed 1", ["train.lr_g=3e-4", "train.lr_d=3e-4",
-                                                                          "run.seed=1"]),
+    ("fed-labelskew", "batch 16 × 50, local learning rates 3e-4", LR_3E4),
+    ("fed-patient", "batch 16 × 50, local learning rates 3e-4, run seed 1", LR_3E4 + ["run.seed=1"]),
     ("fed-dp10-warm", "(4w), 4 D steps per G step, generated samples clipped too",
      ["federated.rounds=10", "federated.local_steps=5", "train.d_steps_per_g=4", "privacy.clip_fake=true"]),
     # 5 divides the 25 private steps of a round, so the study's rounds stay as they are (8 × 5 × 5 × 32).
     ("fed-dp10-warm", "(4w), 5 D steps per G step", ["federated.local_steps=5", "train.d_steps_per_g=5"]),
     ("fed-dp10-warm", "(4w), 5 D steps per G step, generated samples clipped too",
-     ["federated.local_steps=5", "train.d_steps_per_g=5", "privacy.clip_fake=true"]),    # Label skew: the smallest hospital (63 images) runs 12 epochs a round on its own data; pull it back.
+     ["federated.local_steps=5", "train.d_steps_per_g=5", "privacy.clip_fake=true"]),
+    # Label skew: hospitals of 142/119/203 tuning images each train 50 × 16 images a round on their own data
+    # (5.6–6.7 epochs); pull them back towards the global model.
     ("fed-labelskew", "batch 16 × 50, FedProx μ 0.1", FEDPROX_01),
     ("fed-labelskew", "batch 16 × 50, local discriminators", ["federated.share_discriminator=false"]),
     ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds", ["federated.local_steps=25", "federated.rounds=16"]),

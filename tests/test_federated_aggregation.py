@@ -30,7 +30,7 @@ def test_fedavg_equals_weighted_average_of_local_models():
     g = {"x": torch.randn(5)}
     locals_ = [{"x": torch.randn(5)} for _ in range(3)]
     weights = [1.0, 2.0, 7.0]
-    new = ServerOptimizer("fedavg", 1.0).step(g, weighted_mean([delta(l, g) for l in locals_], weights))
+    new = ServerOptimizer("fedavg", {"x"}).step(g, weighted_mean([delta(l, g) for l in locals_], weights))
     expected = sum(w * l["x"] for w, l in zip(weights, locals_)) / sum(weights)
     assert torch.allclose(new["x"], expected, atol=1e-6)
 
@@ -52,11 +52,11 @@ def test_fedavgm_two_steps_by_hand_and_resume_from_state():
     g = {"x": torch.tensor([0.0, 1.0]), "n": torch.tensor(3)}
     d1 = {"x": torch.tensor([0.5, -0.25], dtype=torch.float64), "n": torch.tensor(2.0, dtype=torch.float64)}
     d2 = {"x": torch.tensor([0.1, 0.1], dtype=torch.float64), "n": torch.tensor(1.0, dtype=torch.float64)}
-    opt = ServerOptimizer("fedavgm", server_lr=2.0, server_momentum=0.5)
+    opt = ServerOptimizer("fedavgm", {"x"}, server_lr=2.0, server_momentum=0.5)
     first = opt.step(g, d1)
     assert torch.allclose(first["x"], torch.tensor([1.0, 0.5]))  # v = Δ1, global + 2·v
     assert int(first["n"]) == 5  # integer buffers take the plain mean update, no momentum
-    resumed = ServerOptimizer("fedavgm", server_lr=2.0, server_momentum=0.5)
+    resumed = ServerOptimizer("fedavgm", {"x"}, server_lr=2.0, server_momentum=0.5)
     resumed.load_state_dict(opt.state_dict())
     second = opt.step(first, d2)
     # v = 0.5·Δ1 + Δ2 = [0.35, -0.025]; global + 2·v
@@ -67,13 +67,14 @@ def test_fedavgm_two_steps_by_hand_and_resume_from_state():
 def test_fedavgm_without_momentum_at_unit_rate_is_fedavg():
     torch.manual_seed(1)
     g, d = {"x": torch.randn(4)}, {"x": torch.randn(4, dtype=torch.float64)}
-    assert torch.allclose(ServerOptimizer("fedavgm", 1.0, 0.0).step(g, d)["x"], ServerOptimizer("fedavg").step(g, d)["x"])
+    fedavgm = ServerOptimizer("fedavgm", {"x"}, server_lr=1.0, server_momentum=0.0)
+    assert torch.allclose(fedavgm.step(g, d)["x"], ServerOptimizer("fedavg", {"x"}).step(g, d)["x"])
 
 
 def test_server_lr_zero_takes_the_strategys_default():
-    assert ServerOptimizer("fedadam").inner.lr == 1e-2
-    assert ServerOptimizer("fedavgm").inner.lr == 1.0
-    assert ServerOptimizer("fedadam", server_lr=3e-3).inner.lr == 3e-3
+    assert ServerOptimizer("fedadam", {"x"}).inner.lr == 1e-2
+    assert ServerOptimizer("fedavgm", {"x"}).inner.lr == 1.0
+    assert ServerOptimizer("fedadam", {"x"}, server_lr=3e-3).inner.lr == 3e-3
 
 
 def test_server_momentum_and_adam_leave_buffers_to_the_plain_mean():
@@ -81,11 +82,12 @@ def test_server_momentum_and_adam_leave_buffers_to_the_plain_mean():
     g = {"G.w": torch.tensor([1.0]), "G.bn.running_var": torch.tensor([0.5])}
     down = {"G.w": torch.tensor([-0.4], dtype=torch.float64), "G.bn.running_var": torch.tensor([-0.4], dtype=torch.float64)}
     for strategy in ("fedavgm", "fedadam"):
-        opt = ServerOptimizer(strategy, server_lr=1.0, server_momentum=0.9, parameters={"G.w"})
+        opt = ServerOptimizer(strategy, {"G.w"}, server_lr=1.0, server_momentum=0.9)
         state = g
         for _ in range(3):
             state = opt.step(state, {k: v * 0.25 for k, v in down.items()})
         assert torch.allclose(state["G.bn.running_var"], torch.tensor([0.5 - 3 * 0.1]))
         assert set(opt.state_dict()) <= {f"{p}.G.w" for p in ("velocity", "m", "v")}
-    plain = ServerOptimizer("fedavgm", server_lr=1.0, server_momentum=0.9)  # no parameter list: all floats step
+    # Positive control: a variance wrongly listed as a parameter is driven below zero.
+    plain = ServerOptimizer("fedavgm", set(g), server_lr=1.0, server_momentum=0.9)
     assert float(plain.step(plain.step(g, down), down)["G.bn.running_var"]) < 0

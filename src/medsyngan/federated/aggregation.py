@@ -92,9 +92,6 @@ class FedAvgM:
     def step(self, global_state: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]) -> State:
         stepped: State = {}
         for key, value in mean_delta.items():
-            if not global_state[key].is_floating_point():
-                stepped[key] = value.to(torch.float64)
-                continue
             velocity = self.momentum * self.velocity.get(key, torch.zeros_like(value, dtype=torch.float64))
             self.velocity[key] = velocity + value.to(torch.float64)
             stepped[key] = self.lr * self.velocity[key]
@@ -115,15 +112,16 @@ DEFAULT_SERVER_LR = {"fedadam": 1e-2, "fedavgm": 1.0}
 class ServerOptimizer:
     """The configured server step: FedAvg/FedProx add the mean update, FedAvgM adds momentum, FedAdam adapts it.
 
-    Momentum and Adam act on trainable parameters only (``parameters``; None: every floating-point tensor).
-    Buffers such as BatchNorm's running variance take the plain mean update: an Adam step or an overshooting
-    velocity can drive a variance negative, and the generator then samples NaN although training looked fine.
+    Momentum and Adam act on the trainable parameters named in ``parameters`` only (there is no default, so
+    no caller can forget it). Buffers such as BatchNorm's running variance, and integer counters, take the plain
+    mean update: an Adam step or an overshooting velocity can drive a variance negative, and the generator then
+    samples NaN although training looked fine.
     """
 
-    def __init__(self, strategy: str, server_lr: float = 0.0, server_momentum: float = 0.9,
-                 parameters: Collection[str] | None = None):
+    def __init__(self, strategy: str, parameters: Collection[str], server_lr: float = 0.0,
+                 server_momentum: float = 0.9):
         self.strategy = strategy
-        self.parameters = None if parameters is None else frozenset(parameters)
+        self.parameters = frozenset(parameters)
         lr = server_lr or DEFAULT_SERVER_LR.get(strategy, 1.0)
         self.inner: FedAdam | FedAvgM | None = None
         if strategy == "fedadam":
@@ -134,7 +132,7 @@ class ServerOptimizer:
     def step(self, global_state: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]) -> State:
         if self.inner is None:
             return apply_mean_update(global_state, mean_delta)
-        stepped = {k for k in mean_delta if self.parameters is None or k in self.parameters}
+        stepped = {k for k in mean_delta if k in self.parameters}
         plain = {k: v for k, v in global_state.items() if k not in stepped}
         out = apply_mean_update(plain, {k: v for k, v in mean_delta.items() if k not in stepped})
         out.update(self.inner.step({k: global_state[k] for k in stepped}, {k: mean_delta[k] for k in stepped}))

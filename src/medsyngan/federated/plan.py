@@ -36,9 +36,9 @@ def split_holdout(patients: np.ndarray, seed: int, hospital: int,
     Held-out images are used only for the evaluation a hospital reports as aggregates; they never enter training,
     so they are outside the DP accounting and outside the training-set membership audit.
     """
-    unique = np.unique(patients)
     if fraction == 0:
         return np.arange(len(patients)), np.arange(0)
+    unique = np.unique(patients)
     if len(unique) < 2:
         raise UserError(
             f"hospital {hospital} has {len(unique)} patient(s); it needs at least 2 to keep a held-out patient "

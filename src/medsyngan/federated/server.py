@@ -200,8 +200,8 @@ class Aggregator:
         self.state = load_server_state(run_dir, self.checkpoint_key) if resume else ServerState.initial(cfg)
         self.client_dp = ClientLevelDP(cfg, self.state) if cfg.privacy.client_dp else None
         f = cfg.federated
-        self.optimizer = ServerOptimizer(f.strategy, f.server_lr, f.server_momentum,
-                                         parameters=GANTrainer(cfg, device="cpu").parameter_names(("G", "D")))
+        self.optimizer = ServerOptimizer(f.strategy, GANTrainer(cfg, device="cpu").parameter_names(("G", "D")),
+                                         f.server_lr, f.server_momentum)
         self.optimizer.load_state_dict(self.state.optimizer_state)
         self.on_round = on_round
         self.roster: dict[int, int] = {}  # hospital → node id
