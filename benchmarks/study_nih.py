@@ -114,8 +114,10 @@ CENTRALIZED = ("public", "centralized")
 # What tuning chose (TUNING below, validation split only), added to the rows above in the study; tuning variants
 # start from the rows without it, so that each entry keeps meaning what it meant when it ran.
 LR_3E4 = ["train.lr_g=3e-4", "train.lr_d=3e-4"]
+HALF_ROUNDS = ["federated.local_steps=25", "federated.rounds=16"]  # twice the rounds, half the steps each
 FEDPROX_01 = ['federated.strategy="fedprox"', "federated.proximal_mu=0.1"]
-TUNED: dict[str, list[str]] = {"centralized": LR_3E4, "fed-patient": LR_3E4, "fed-labelskew": FEDPROX_01 + LR_3E4,
+TUNED: dict[str, list[str]] = {"centralized": LR_3E4, "fed-patient": LR_3E4 + HALF_ROUNDS,
+                               "fed-labelskew": FEDPROX_01 + LR_3E4,
                                "fed-dp10-warm": [FIVE_D_STEPS], "fed-dp1-secure-warm": [FIVE_D_STEPS]}
 
 
@@ -480,7 +482,7 @@ TUNING: list[tuple[str, str, list[str]]] = [
     # run, a third of centralized's steps.
     ("fed-patient", "batch 8 × 100 local steps", ["train.batch_size=8", "federated.local_steps=100"]),
     ("fed-patient", "batch 16 × 50 local steps", []),
-    ("fed-patient", "batch 16 × 25 local steps × 16 rounds", ["federated.local_steps=25", "federated.rounds=16"]),
+    ("fed-patient", "batch 16 × 25 local steps × 16 rounds", HALF_ROUNDS),
     ("fed-patient", "batch 16 × 50, local discriminators", ["federated.share_discriminator=false"]),
     ("fed-labelskew", "batch 16 × 50 local steps", []),
     ("fed-dp10", "batch 32 × 25 local steps", B32),
@@ -546,10 +548,20 @@ TUNING: list[tuple[str, str, list[str]]] = [
     # (5.6–6.7 epochs); pull them back towards the global model.
     ("fed-labelskew", "batch 16 × 50, FedProx μ 0.1", FEDPROX_01),
     ("fed-labelskew", "batch 16 × 50, local discriminators", ["federated.share_discriminator=false"]),
-    ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds", ["federated.local_steps=25", "federated.rounds=16"]),
+    ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds", HALF_ROUNDS),
     ("fed-labelskew", "batch 16 × 50, FedProx μ 1", ['federated.strategy="fedprox"', "federated.proximal_mu=1"]),
     ("fed-labelskew", "batch 16 × 50, FedProx μ 0.1, local learning rates 3e-4", FEDPROX_01 + LR_3E4),
     ("fed-patient", "batch 16 × 50, FedProx μ 0.1, local learning rates 3e-4", FEDPROX_01 + LR_3E4),
+    # Averaging twice as often (twice the bytes sent) keeps the hospitals' GANs from drifting apart.
+    ("fed-patient", "batch 16 × 25 local steps × 16 rounds, local learning rates 3e-4",
+     LR_3E4 + HALF_ROUNDS),
+    ("fed-patient", "batch 16 × 25 local steps × 16 rounds, local learning rates 3e-4, run seed 1",
+     LR_3E4 + HALF_ROUNDS + ["run.seed=1"]),
+    ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds, FedProx μ 0.1, local learning rates 3e-4",
+     FEDPROX_01 + LR_3E4 + HALF_ROUNDS),
+    ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds, local learning rates 3e-4", LR_3E4 + HALF_ROUNDS),
+    ("fed-patient", "batch 16 × 10 local steps × 40 rounds, local learning rates 3e-4",
+     LR_3E4 + ["federated.local_steps=10", "federated.rounds=40"]),
 ]
 TUNE_METRICS = "fd,kid,prdc"
 
