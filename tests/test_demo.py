@@ -51,3 +51,17 @@ def test_quick_demo_writes_summary_and_report(tmp_path, medsyngan_cache):
     assert "<table id='comparison'>" in report and "data:image/png;base64," in report
     assert (out / "federated" / "checkpoints" / "latest").is_file()
     assert (out / "centralized" / "checkpoints" / "latest").is_file()
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_fine_tuning_spends_the_planned_private_steps_in_groups_of_d_steps(tmp_path, quick):
+    from medsyngan.demo import FINE_TUNING, demo_config, fine_tuning_config
+    from medsyngan.privacy.accounting import planned_private_steps
+
+    cfg = demo_config(quick, None, [])
+    tuned = fine_tuning_config(cfg, tmp_path)
+    assert tuned.train.d_steps_per_g == FINE_TUNING["d_steps_per_g"] > cfg.train.d_steps_per_g
+    # Fewer G steps, the same private D steps: the privacy plan (and so the noise) is the one cfg asked for.
+    assert tuned.federated.local_steps < cfg.federated.local_steps
+    assert planned_private_steps(tuned) == planned_private_steps(cfg)
+    assert tuned.train.init_from == str(tmp_path)
