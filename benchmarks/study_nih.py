@@ -31,7 +31,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,9 @@ CENTRALIZED = ("public", "centralized")
 # What tuning chose (TUNING below, validation split only), added to the rows above in the study; tuning variants
 # start from the rows without it, so that each entry keeps meaning what it meant when it ran.
 LR_3E4 = ["train.lr_g=3e-4", "train.lr_d=3e-4"]
-HALF_ROUNDS = ["federated.local_steps=25", "federated.rounds=16"]  # twice the rounds, half the steps each
+# Replaced by twice the budget's rounds of half its local steps (the same images through D, twice the bytes sent):
+# 16 × 25 at the full budget.
+HALF_ROUNDS = ["@half-rounds"]
 FEDPROX_01 = ['federated.strategy="fedprox"', "federated.proximal_mu=0.1"]
 TUNED: dict[str, list[str]] = {"centralized": LR_3E4, "fed-patient": LR_3E4 + HALF_ROUNDS,
                                "fed-labelskew": FEDPROX_01 + LR_3E4,
@@ -126,13 +128,14 @@ def public_run(out: Path, seed: int) -> Path:
 
 
 def resolve(overrides: list[str], out: Path, seed: int, budget: Budget) -> list[str]:
-    """The overrides with ``@public`` replaced by this seed's public run and ``@double-batch`` /
-    ``@five-d-steps`` expanded."""
+    """The overrides with ``@public`` replaced by this seed's public run and ``@double-batch``,
+    ``@five-d-steps`` and ``@half-rounds`` expanded."""
     path = json.dumps(str(public_run(out, seed)))
     private_steps = max(1, budget.local_steps // 2)  # D steps of a round at the doubled batch
     d_steps = min(FIVE, private_steps)
     expand = {
         DOUBLE_BATCH: [f"train.batch_size={2 * budget.batch}", f"federated.local_steps={private_steps}"],
+        HALF_ROUNDS[0]: [f"federated.local_steps={budget.local_steps // 2}", f"federated.rounds={2 * budget.rounds}"],
         FIVE_D_STEPS: [f"train.d_steps_per_g={d_steps}", f"federated.local_steps={private_steps // d_steps}"],
         PUBLIC_INIT: [PUBLIC_INIT.replace("@public", path)],
     }
@@ -405,15 +408,20 @@ def markdown(summary: dict[str, dict[str, Any]], checks: list[dict[str, Any]]) -
 
 
 def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None,
-              only: list[str] | None = None, reuse: bool = False) -> dict[str, Any]:
-    """``reuse`` keeps a finished run whose configuration is unchanged (an interrupted study continues)."""
+              only: list[str] | None = None, reuse: bool = False, scale: int = 1) -> dict[str, Any]:
+    """``reuse`` keeps a finished run whose configuration is unchanged (an interrupted study continues);
+    ``scale`` multiplies the budget's rounds, so every row sees ``scale`` times the images through D (files in
+    ``docs`` then carry an ``-x{scale}`` suffix beside the full-budget ones)."""
     from medsyngan.data.prepared import PreparedDataset
     from medsyngan.errors import UserError
     from medsyngan.rundir import atomic_write_text
 
+    if scale < 1:
+        raise UserError(f"--scale {scale}: the budget multiplier must be a whole number ≥ 1")
     if not (nih_dir() / "images-64").is_dir():
         raise UserError(f"{nih_dir()}: NIH sample not found; set MEDSYNGAN_NIH_DIR to the nih-chestxray14 folder")
-    budget = QUICK if quick else FULL
+    budget = replace(QUICK if quick else FULL, rounds=(QUICK if quick else FULL).rounds * scale)
+    tag = f"-x{scale}" if scale != 1 else ""
     if quick and not only:
         only = list(QUICK_CONFIGS)
     start = time.time()
@@ -440,7 +448,7 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
                 continue
             print(f"[study] {label}, seed {seed}: {budget.images_through_d} images through D", flush=True)
             wall = ensure_public(out, budget, train_dir, seed) if key == "public" else train_one(cfg, run_root)
-            grid = (docs / "results" / f"study-{key}.png") if docs is not None and seed == seeds[0] else \
+            grid = (docs / "results" / f"study{tag}-{key}.png") if docs is not None and seed == seeds[0] else \
                 out / "grids" / f"{key}-s{seed}.png"
             scored = score(cfg, run_root, train, evaluation, grid)
             results.append({"config": key, "label": label, "seed": seed, "wall_s": round(wall, 1),
@@ -451,7 +459,7 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
     summary = summarize(results)
     checks = targets(summary, results)
     report = {
-        "quick": quick, "budget": budget.__dict__ | {"images_through_d": budget.images_through_d},
+        "quick": quick, "scale": scale, "budget": budget.__dict__ | {"images_through_d": budget.images_through_d},
         "split": counts | {"holdout_fraction": HOLDOUT_FRACTION, "seed": SPLIT_SEED}, "seeds": seeds,
         "machine": run_all.machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "study_wall_s": round(time.time() - start, 1), "summary": summary, "targets": checks, "runs": results,
@@ -460,7 +468,7 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
     atomic_write_text(out / "study.json", text)
     atomic_write_text(out / "study.md", markdown(summary, checks))
     if docs is not None:
-        atomic_write_text(docs / "results" / "study.json", text)
+        atomic_write_text(docs / "results" / f"study{tag}.json", text)
     return report
 
 
@@ -651,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=[k for k, _, _ in CONFIGS],
                         help="train only these configurations (with --reuse, finished runs of the others are "
                         "still reported)")
+    parser.add_argument("--scale", type=int, default=1, metavar="K",
+                        help="K times the budget's rounds (K times the images through D) for every row")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs whose configuration is unchanged")
     parser.add_argument("--tune", action="store_true",
                         help="run the tuning variants on a validation split of the training patients instead")
@@ -670,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
             run_tuning(out, args.seeds[0], args.reuse, only=args.only, variants=args.variant)
             print((out / "tuning.md").read_text())
             return 0
-        report = run_study(args.quick, args.seeds, out, args.docs, args.only, args.reuse)
+        report = run_study(args.quick, args.seeds, out, args.docs, args.only, args.reuse, args.scale)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

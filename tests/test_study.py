@@ -90,14 +90,26 @@ def test_quick_study_end_to_end(tmp_path):
     assert "| (1) centralized, non-private |" in (tmp_path / "study" / "study.md").read_text()
 
 
-def test_warm_rows_keep_the_budget_of_images_through_d(tmp_path):
+def test_expanded_rows_keep_the_budget_of_images_through_d(tmp_path):
+    from dataclasses import replace
+
     study = _study()
-    for budget in (study.FULL, study.QUICK):
-        resolved = study.resolve(study.WARM, tmp_path, 3, budget)
-        values = dict(o.split("=", 1) for o in resolved)
-        per_round = int(values["federated.local_steps"]) * int(values["train.batch_size"])
-        assert budget.hospitals * budget.rounds * per_round == budget.images_through_d
-        assert values["train.init_from"] == json.dumps(str(tmp_path / "runs" / "public-s3"))
+    for budget in (study.FULL, study.QUICK, replace(study.FULL, rounds=4 * study.FULL.rounds)):
+        for tokens in (study.WARM, study.WARM + [study.FIVE_D_STEPS], study.HALF_ROUNDS):
+            values = dict(o.split("=", 1) for o in study.resolve(tokens, tmp_path, 3, budget))  # last one wins
+            rounds = int(values.get("federated.rounds", budget.rounds))
+            per_round = (int(values["federated.local_steps"]) * int(values.get("train.batch_size", budget.batch))
+                         * int(values.get("train.d_steps_per_g", 1)))
+            assert budget.hospitals * rounds * per_round == budget.images_through_d, (budget, tokens)
+            assert not any(o.startswith("@") for o in values)
+        assert values.get("federated.rounds") == str(2 * budget.rounds)  # @half-rounds: twice the rounds
+    warm = dict(o.split("=", 1) for o in study.resolve(study.WARM, tmp_path, 3, study.FULL))
+    assert warm["train.init_from"] == json.dumps(str(tmp_path / "runs" / "public-s3"))
+
+
+def test_scale_must_be_a_positive_whole_number(capsys):
+    assert _study().main(["--scale", "0"]) == 2
+    assert "--scale 0" in capsys.readouterr().err
 
 
 def test_an_identical_subset_is_left_in_place_and_a_changed_one_replaced(tmp_path, medsyngan_cache):
