@@ -116,9 +116,9 @@ CENTRALIZED = ("public", "centralized")
 LR_3E4 = ["train.lr_g=3e-4", "train.lr_d=3e-4"]
 # Replaced by twice the budget's rounds of half its local steps (the same images through D, twice the bytes sent):
 # 16 × 25 at the full budget.
-HALF_ROUNDS = ["@half-rounds"]
+HALF_ROUNDS = "@half-rounds"
 FEDPROX_01 = ['federated.strategy="fedprox"', "federated.proximal_mu=0.1"]
-TUNED: dict[str, list[str]] = {"centralized": LR_3E4, "fed-patient": LR_3E4 + HALF_ROUNDS,
+TUNED: dict[str, list[str]] = {"centralized": LR_3E4, "fed-patient": LR_3E4 + [HALF_ROUNDS],
                                "fed-labelskew": FEDPROX_01 + LR_3E4,
                                "fed-dp10-warm": [FIVE_D_STEPS], "fed-dp1-secure-warm": [FIVE_D_STEPS]}
 
@@ -135,7 +135,7 @@ def resolve(overrides: list[str], out: Path, seed: int, budget: Budget) -> list[
     d_steps = min(FIVE, private_steps)
     expand = {
         DOUBLE_BATCH: [f"train.batch_size={2 * budget.batch}", f"federated.local_steps={private_steps}"],
-        HALF_ROUNDS[0]: [f"federated.local_steps={budget.local_steps // 2}", f"federated.rounds={2 * budget.rounds}"],
+        HALF_ROUNDS: [f"federated.local_steps={budget.local_steps // 2}", f"federated.rounds={2 * budget.rounds}"],
         FIVE_D_STEPS: [f"train.d_steps_per_g={d_steps}", f"federated.local_steps={private_steps // d_steps}"],
         PUBLIC_INIT: [PUBLIC_INIT.replace("@public", path)],
     }
@@ -420,7 +420,8 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
         raise UserError(f"--scale {scale}: the budget multiplier must be a whole number ≥ 1")
     if not (nih_dir() / "images-64").is_dir():
         raise UserError(f"{nih_dir()}: NIH sample not found; set MEDSYNGAN_NIH_DIR to the nih-chestxray14 folder")
-    budget = replace(QUICK if quick else FULL, rounds=(QUICK if quick else FULL).rounds * scale)
+    base = QUICK if quick else FULL
+    budget = replace(base, rounds=base.rounds * scale)
     tag = f"-x{scale}" if scale != 1 else ""
     if quick and not only:
         only = list(QUICK_CONFIGS)
@@ -490,7 +491,7 @@ TUNING: list[tuple[str, str, list[str]]] = [
     # run, a third of centralized's steps.
     ("fed-patient", "batch 8 × 100 local steps", ["train.batch_size=8", "federated.local_steps=100"]),
     ("fed-patient", "batch 16 × 50 local steps", []),
-    ("fed-patient", "batch 16 × 25 local steps × 16 rounds", HALF_ROUNDS),
+    ("fed-patient", "batch 16 × 25 local steps × 16 rounds", [HALF_ROUNDS]),
     ("fed-patient", "batch 16 × 50, local discriminators", ["federated.share_discriminator=false"]),
     ("fed-labelskew", "batch 16 × 50 local steps", []),
     ("fed-dp10", "batch 32 × 25 local steps", B32),
@@ -556,18 +557,19 @@ TUNING: list[tuple[str, str, list[str]]] = [
     # (5.6–6.7 epochs); pull them back towards the global model.
     ("fed-labelskew", "batch 16 × 50, FedProx μ 0.1", FEDPROX_01),
     ("fed-labelskew", "batch 16 × 50, local discriminators", ["federated.share_discriminator=false"]),
-    ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds", HALF_ROUNDS),
+    ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds", [HALF_ROUNDS]),
     ("fed-labelskew", "batch 16 × 50, FedProx μ 1", ['federated.strategy="fedprox"', "federated.proximal_mu=1"]),
     ("fed-labelskew", "batch 16 × 50, FedProx μ 0.1, local learning rates 3e-4", FEDPROX_01 + LR_3E4),
     ("fed-patient", "batch 16 × 50, FedProx μ 0.1, local learning rates 3e-4", FEDPROX_01 + LR_3E4),
     # Averaging twice as often (twice the bytes sent) keeps the hospitals' GANs from drifting apart.
     ("fed-patient", "batch 16 × 25 local steps × 16 rounds, local learning rates 3e-4",
-     LR_3E4 + HALF_ROUNDS),
+     LR_3E4 + [HALF_ROUNDS]),
     ("fed-patient", "batch 16 × 25 local steps × 16 rounds, local learning rates 3e-4, run seed 1",
-     LR_3E4 + HALF_ROUNDS + ["run.seed=1"]),
+     LR_3E4 + [HALF_ROUNDS, "run.seed=1"]),
     ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds, FedProx μ 0.1, local learning rates 3e-4",
-     FEDPROX_01 + LR_3E4 + HALF_ROUNDS),
-    ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds, local learning rates 3e-4", LR_3E4 + HALF_ROUNDS),
+     FEDPROX_01 + LR_3E4 + [HALF_ROUNDS]),
+    ("fed-labelskew", "batch 16 × 25 local steps × 16 rounds, local learning rates 3e-4",
+     LR_3E4 + [HALF_ROUNDS]),
     ("fed-patient", "batch 16 × 10 local steps × 40 rounds, local learning rates 3e-4",
      LR_3E4 + ["federated.local_steps=10", "federated.rounds=40"]),
 ]

@@ -95,14 +95,15 @@ def test_expanded_rows_keep_the_budget_of_images_through_d(tmp_path):
 
     study = _study()
     for budget in (study.FULL, study.QUICK, replace(study.FULL, rounds=4 * study.FULL.rounds)):
-        for tokens in (study.WARM, study.WARM + [study.FIVE_D_STEPS], study.HALF_ROUNDS):
+        for tokens in (study.WARM, study.WARM + [study.FIVE_D_STEPS], [study.HALF_ROUNDS]):
             values = dict(o.split("=", 1) for o in study.resolve(tokens, tmp_path, 3, budget))  # last one wins
             rounds = int(values.get("federated.rounds", budget.rounds))
             per_round = (int(values["federated.local_steps"]) * int(values.get("train.batch_size", budget.batch))
                          * int(values.get("train.d_steps_per_g", 1)))
             assert budget.hospitals * rounds * per_round == budget.images_through_d, (budget, tokens)
             assert not any(o.startswith("@") for o in values)
-        assert values.get("federated.rounds") == str(2 * budget.rounds)  # @half-rounds: twice the rounds
+        half = dict(o.split("=", 1) for o in study.resolve([study.HALF_ROUNDS], tmp_path, 3, budget))
+        assert half["federated.rounds"] == str(2 * budget.rounds)  # scales with the budget, not a fixed 16
     warm = dict(o.split("=", 1) for o in study.resolve(study.WARM, tmp_path, 3, study.FULL))
     assert warm["train.init_from"] == json.dumps(str(tmp_path / "runs" / "public-s3"))
 

@@ -94,8 +94,9 @@ def public_config(cfg: Config) -> Config:
 
 
 def fine_tuning_config(cfg: Config, public_run: Path) -> Config:
-    """The federation's configuration: every network starts from the public model, trained the FINE_TUNING way,
-    with as many private D steps a round as ``cfg`` plans (so the same privacy plan), grouped under fewer G steps."""
+    """The federation's configuration: every network starts from the public model, trained the FINE_TUNING way.
+    A round keeps the private D steps ``cfg`` plans, grouped under fewer G steps (rounded down to whole groups, at
+    least one); the privacy plan is computed from the returned configuration, so ε holds either way."""
     tuned = cfg.model_copy(deep=True)
     tuned.train.init_from = str(public_run)
     for key, value in FINE_TUNING.items():

@@ -44,7 +44,8 @@ What is private and why
   without noise or privacy cost): otherwise a D that finds the real images unlike anything it has seen (a D
   pretrained on phantoms meeting X-rays) gets per-sample real gradients clipped from norms of ~40 down to 1 while
   the fake side keeps its full size, and learns only to push fakes down. The WGAN-GP penalty interpolates
-  real[i] with a fake and so sits inside sample i's clipped loss. The generator step sees data only through D (post-processing, no privacy cost, no per-sample machinery).
+  real[i] with a fake and so sits inside sample i's clipped loss. The generator step sees data only through D
+  (post-processing, no privacy cost, no per-sample machinery).
 - **Lazy R1 is refused** under DP: it is an extra optimizer step on real images that would need its own clipping,
   noise and accounting, doubling the cost of the budget for a regularizer; use ``train.r1_gamma = 0``.
 - **Released diagnostics.** The private update reports only the loss on generated images. The real-sample loss is
