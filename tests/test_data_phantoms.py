@@ -1,6 +1,9 @@
-"""Phantoms: anatomy where it belongs (checked on the pixels), NIH layout, findings as labels, determinism."""
+"""Phantoms: anatomy where it belongs (checked on the pixels), the film-to-film variation doing what it says,
+NIH layout, findings as labels, determinism."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,6 +24,15 @@ def _box(img: np.ndarray, x0: float, x1: float, y0: float, y1: float) -> float:
     return float(img[int(y0 * s) : int(y1 * s), int((x0 + 0.5) * s) : int((x1 + 0.5) * s)].mean())
 
 
+def _neutral_shot(rng: np.random.Generator, **changes):
+    """A centred PA film with a mid exposure and nothing on the patient, so that anatomy lies where the boxes
+    look; a test that is about one of these settings changes it back."""
+    shot = replace(sample_shot(rng), angle=0.0, shift=(0.0, 0.0), zoom=1.0, mu=1.85, gamma=1.0, contrast=1.0,
+                   level=0.0, blur=0.002, shutters=(0.0, 0.0, 0.0, 0.0), marker=None,
+                   leads=np.zeros((0, 2), np.float32), line=None)
+    return replace(shot, **changes)
+
+
 @pytest.fixture(scope="module")
 def phantom_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantoms")
@@ -28,28 +40,42 @@ def phantom_set(tmp_path_factory):
     return out, records
 
 
-def test_grid_is_saved_and_lungs_are_darker_than_mediastinum(phantom_set, tmp_path):
+@pytest.mark.parametrize("seed", range(6))
+def test_lungs_are_darker_than_mediastinum_and_heart_sits_on_the_left(seed):
+    rng = np.random.default_rng(seed)
+    img = render(sample_anatomy(rng, findings_rate={}, female=seed % 2 == 1), _neutral_shot(rng), S).astype(float)
+    right_lung = _box(img, -0.28, -0.14, 0.3, 0.5)   # patient's right = image left
+    left_lung = _box(img, 0.16, 0.28, 0.3, 0.45)
+    mediastinum = _box(img, -0.03, 0.03, 0.25, 0.5)
+    abdomen = _box(img, -0.3, 0.3, 0.9, 0.98)
+    above_shoulder = _box(img, -0.5, -0.42, 0.0, 0.03)
+    assert right_lung < mediastinum - 30 and left_lung < mediastinum - 30
+    assert abdomen > right_lung + 40
+    assert above_shoulder < right_lung
+    # Heart shadow on the patient's left (image right): the lower left lung field is brighter than the right.
+    assert _box(img, 0.08, 0.16, 0.58, 0.66) > _box(img, -0.16, -0.08, 0.58, 0.66) + 20
+
+
+def test_written_films_vary_like_a_hospital_archive(phantom_set, tmp_path):
+    """Positioning, exposure and processing differ between films, follow-ups included; lungs stay darker than the
+    midline in every one of them."""
     out, records = phantom_set
-    imgs = [np.asarray(Image.open(out / "images" / r.name)) for r in records]
-    Image.fromarray(image_grid(imgs, 6, pad=0)).save(tmp_path / "grid.png")
+    imgs = np.stack([np.asarray(Image.open(out / "images" / r.name)) for r in records]).astype(float)
+    Image.fromarray(image_grid(list(imgs.astype(np.uint8)), 6, pad=0)).save(tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size == (6 * S, 4 * S)
-    for img in imgs:
-        right_lung = _box(img, -0.28, -0.14, 0.3, 0.5)   # patient's right = image left
-        left_lung = _box(img, 0.16, 0.28, 0.3, 0.45)
-        mediastinum = _box(img, -0.03, 0.03, 0.25, 0.5)
-        abdomen = _box(img, -0.3, 0.3, 0.9, 0.98)
-        outside = _box(img, -0.5, -0.4, 0.0, 0.04)
-        assert right_lung < mediastinum - 30 and left_lung < mediastinum - 30
-        assert abdomen > right_lung + 40
-        assert outside < right_lung
-        # Heart shadow on the patient's left (image right): the lower left lung field is brighter than the right.
-        assert _box(img, 0.08, 0.16, 0.58, 0.66) > _box(img, -0.16, -0.08, 0.58, 0.66) + 20
+    lungs = np.array([min(_box(i, -0.3, -0.12, 0.3, 0.5), _box(i, 0.14, 0.3, 0.3, 0.5)) for i in imgs])
+    midline = np.array([_box(i, -0.04, 0.04, 0.25, 0.55) for i in imgs])
+    assert (lungs < midline - 20).all(), (lungs, midline)
+    means = imgs.mean((1, 2))
+    assert means.std() > 10  # NIH films' mean brightness spreads by about 24 grey levels
+    first, follow = imgs[0::2], imgs[1::2]  # two films of each patient
+    assert np.abs(first - follow).mean() > 5
 
 
 def test_ribs_make_a_periodic_profile_across_the_lung():
     rng = np.random.default_rng(0)
     anatomy = sample_anatomy(rng, findings_rate={})
-    img = render(anatomy, sample_shot(rng, first=True), 256).astype(float)
+    img = render(anatomy, _neutral_shot(rng), 256).astype(float)
     column = img[int(0.2 * 256) : int(0.6 * 256), int((-0.2 + 0.5) * 256)]
     spectrum = np.abs(np.fft.rfft(column - column.mean()))
     period_px = anatomy.rib_gap * 256
@@ -60,7 +86,7 @@ def test_ribs_make_a_periodic_profile_across_the_lung():
 def test_findings_are_drawn_and_recorded():
     rng = np.random.default_rng(5)
     base = sample_anatomy(rng, findings_rate={})
-    shot = sample_shot(rng, first=True)
+    shot = _neutral_shot(rng)
     normal = render(base, shot, S).astype(float)
     big = Anatomy(**{**base.__dict__, "heart_a": base.heart_a * 1.35, "findings": ("Cardiomegaly",)})
     assert _box(render(big, shot, S).astype(float), 0.14, 0.22, 0.5, 0.7) > _box(normal, 0.14, 0.22, 0.5, 0.7) + 8
@@ -69,6 +95,34 @@ def test_findings_are_drawn_and_recorded():
     effusion = Anatomy(**{**base.__dict__, "effusion": (1, 0.14), "findings": ("Effusion",)})
     y = base.dia_y + base.dia_left_drop - 0.02
     assert _box(render(effusion, shot, S).astype(float), 0.22, 0.3, y - 0.03, y) > _box(normal, 0.22, 0.3, y - 0.03, y) + 15
+
+
+def test_film_settings_do_what_they_say():
+    rng = np.random.default_rng(8)
+    anatomy = sample_anatomy(rng, findings_rate={})
+    plain = _neutral_shot(rng)
+    base = render(anatomy, plain, S).astype(float)
+    # Collimation: the shuttered margin is nearly black.
+    shuttered = render(anatomy, replace(plain, shutters=(0.1, 0.0, 0.0, 0.0)), S).astype(float)
+    assert _box(shuttered, -0.5, -0.42, 0.3, 0.7) < 0.2 * _box(base, -0.5, -0.42, 0.3, 0.7) + 3
+    assert _box(shuttered, 0.1, 0.3, 0.3, 0.7) == pytest.approx(_box(base, 0.1, 0.3, 0.3, 0.7), abs=1)
+    # The burned-in marker is a bright letter where it is placed.
+    marked = render(anatomy, replace(plain, marker=(-0.4, 0.05, 0.04)), S).astype(float)
+    corner = (slice(int(0.05 * S), int(0.09 * S)), slice(int(0.1 * S), int(0.12 * S)))
+    assert marked[corner].max() > 240 > base[corner].max()
+    # A portable AP film magnifies the heart: its right border moves out.
+    ap = render(anatomy, replace(plain, ap=True), S).astype(float)
+    assert _box(ap, 0.16, 0.24, 0.55, 0.65) > _box(base, 0.16, 0.24, 0.55, 0.65) + 5
+    # Electrodes and a catheter are radio-opaque: bright where they lie.
+    leads = render(anatomy, replace(plain, leads=np.array([[-0.2, 0.4]], np.float32)), S).astype(float)
+    assert _box(leads, -0.205, -0.195, 0.395, 0.405) > _box(base, -0.205, -0.195, 0.395, 0.405) + 30
+    line = render(anatomy, replace(plain, line=(-0.15, 0.5, 0.0)), S).astype(float)
+    assert (line - base)[int(0.45 * S) : int(0.5 * S)].max() > 30
+    # Blur takes edge energy away; a brighter level and more contrast do what a display window does.
+    blurred = render(anatomy, replace(plain, blur=0.02), S).astype(float)
+    assert np.abs(np.diff(blurred, n=2, axis=1)).mean() < 0.5 * np.abs(np.diff(base, n=2, axis=1)).mean()
+    assert render(anatomy, replace(plain, level=0.1), S).mean() > base.mean() + 15
+    assert render(anatomy, replace(plain, contrast=1.3), S).astype(float).std() > base.std() * 1.15
 
 
 def test_nih_layout_is_read_by_the_nih_reader(phantom_set):

@@ -24,7 +24,7 @@ from PIL import Image
 
 from medsyngan.data.prepared import format_labels
 
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2
 NIH_CSV_NAME = "Data_Entry_2017_v2020.csv"
 NIH_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -39,6 +39,7 @@ class Anatomy:
 
     body_w: float          # half-width of the torso
     shoulder_y: float      # height of the shoulder line
+    neck_w: float          # half-width of the neck
     apex_y: float          # lung apices
     dia_y: float           # top of the right hemidiaphragm dome
     dia_left_drop: float   # how much lower the left hemidiaphragm sits
@@ -52,6 +53,11 @@ class Anatomy:
     rib_gap: float         # spacing between posterior ribs
     rib_w: float           # rib thickness
     vessels: np.ndarray    # (K, 5): side, angle, length, width, strength of the vascular branches
+    soft: float = 1.0      # soft-tissue density (habitus): a heavy patient's film is whiter everywhere
+    lung_air: float = 0.3  # how far aerated lung lowers attenuation (hyperinflated: darker lungs)
+    rib_density: float = 0.07
+    breast: float = 0.0    # strength of the breast shadows over the lower zones (0: none)
+    arms_down: bool = True  # arms along the sides, in the field; otherwise raised out of it
     nodule: tuple[float, float, float] | None = None  # x, y, radius
     effusion: tuple[int, float] | None = None         # side (+1 image right), fluid height
     findings: tuple[str, ...] = field(default_factory=tuple)
@@ -59,7 +65,7 @@ class Anatomy:
 
 @dataclass
 class Shot:
-    """What changes between images of one patient."""
+    """One exposure: positioning, technique, processing and what lies on the patient that day."""
 
     angle: float
     shift: tuple[float, float]
@@ -69,13 +75,22 @@ class Shot:
     gamma: float
     noise: float
     noise_seed: int
+    ap: bool = False       # portable antero-posterior film: magnified heart, blurrier, more leads and lines
+    contrast: float = 1.0  # display window: slope and offset applied to the film
+    level: float = 0.0
+    blur: float = 0.0      # Gaussian blur sigma as a fraction of the image side (focal spot, motion, scatter)
+    shutters: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # collimated (dark) margins: l, r, t, b
+    marker: tuple[float, float, float] | None = None  # burned-in side marker: x, y, letter height
+    leads: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))  # ECG electrodes x, y
+    line: tuple[float, float, float] | None = None    # a catheter from the neck: end x, end y, bow
 
 
-def sample_anatomy(rng: np.random.Generator, findings_rate: dict[str, float] | None = None) -> Anatomy:
+def sample_anatomy(rng: np.random.Generator, findings_rate: dict[str, float] | None = None,
+                   female: bool = False) -> Anatomy:
     rates = FINDING_RATES if findings_rate is None else findings_rate
     findings = tuple(sorted(name for name, p in rates.items() if rng.random() < p))
-    heart_a = rng.uniform(0.145, 0.165) * (1.35 if "Cardiomegaly" in findings else 1.0)
-    lung_w = rng.uniform(0.33, 0.37)
+    heart_a = rng.uniform(0.135, 0.175) * (1.35 if "Cardiomegaly" in findings else 1.0)
+    lung_w = rng.uniform(0.31, 0.39)
     k = 14
     vessels = np.stack(
         [
@@ -88,21 +103,27 @@ def sample_anatomy(rng: np.random.Generator, findings_rate: dict[str, float] | N
         axis=1,
     )
     anatomy = Anatomy(
-        body_w=rng.uniform(0.43, 0.49),
-        shoulder_y=rng.uniform(0.03, 0.06),
-        apex_y=rng.uniform(0.1, 0.14),
-        dia_y=rng.uniform(0.68, 0.74),
-        dia_left_drop=rng.uniform(0.015, 0.04),
+        body_w=rng.uniform(0.45, 0.56),
+        shoulder_y=rng.uniform(0.03, 0.1),
+        neck_w=rng.uniform(0.08, 0.12),
+        apex_y=rng.uniform(0.09, 0.16),
+        dia_y=rng.uniform(0.64, 0.78),
+        dia_left_drop=rng.uniform(0.01, 0.045),
         lung_w=lung_w,
-        med_w=rng.uniform(0.055, 0.07),
-        heart_cx=rng.uniform(0.03, 0.05),
+        med_w=rng.uniform(0.055, 0.075),
+        heart_cx=rng.uniform(0.02, 0.06),
         heart_cy=0.0,
         heart_a=heart_a,
-        heart_b=rng.uniform(0.095, 0.11),
+        heart_b=rng.uniform(0.09, 0.115),
         rib_y0=rng.uniform(0.1, 0.13),
-        rib_gap=rng.uniform(0.058, 0.066),
-        rib_w=rng.uniform(0.017, 0.022),
+        rib_gap=rng.uniform(0.056, 0.068),
+        rib_w=rng.uniform(0.018, 0.026),
         vessels=vessels,
+        soft=rng.uniform(0.8, 1.35),
+        lung_air=rng.uniform(0.25, 0.38),
+        rib_density=rng.uniform(0.045, 0.085),
+        breast=rng.uniform(0.03, 0.1) if female else 0.0,
+        arms_down=bool(rng.random() < 0.5),
         findings=findings,
     )
     # The heart rests on the diaphragm: its lower third always sinks below the dome.
@@ -115,18 +136,33 @@ def sample_anatomy(rng: np.random.Generator, findings_rate: dict[str, float] | N
     return anatomy
 
 
-def sample_shot(rng: np.random.Generator, first: bool) -> Shot:
-    """The first image of a patient is the reference pose; follow-ups move a little."""
-    jitter = 0.0 if first else 1.0
+def sample_shot(rng: np.random.Generator, ap: bool = False) -> Shot:
+    """Positioning, technique and processing differ from film to film, follow-ups included (NIH images come
+    from many rooms and years); portable AP films are blurrier and more often carry leads and lines."""
+    leads = rng.random() < (0.7 if ap else 0.15)
+    n_leads = int(rng.integers(2, 6)) if leads else 0
+    has_line = rng.random() < (0.4 if ap else 0.08)
+    shutter = rng.random() < 0.2
     return Shot(
-        angle=math.radians(rng.uniform(-2.0, 2.0)) * jitter,
-        shift=(rng.uniform(-0.02, 0.02) * jitter, rng.uniform(-0.02, 0.02) * jitter),
-        zoom=1.0 + rng.uniform(-0.03, 0.03) * jitter,
-        inspiration=rng.uniform(-0.02, 0.02),
-        mu=rng.uniform(1.6, 2.1),
-        gamma=rng.uniform(0.85, 1.2),
+        angle=math.radians(rng.uniform(-4.0, 4.0)),
+        shift=(rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.08)),
+        zoom=rng.uniform(0.9, 1.15),
+        inspiration=rng.uniform(-0.03, 0.03),
+        mu=rng.uniform(1.4, 2.3),
+        gamma=rng.uniform(0.8, 1.3),
         noise=rng.uniform(0.008, 0.03),
         noise_seed=int(rng.integers(2**31)),
+        ap=ap,
+        contrast=rng.uniform(0.75, 1.1),
+        level=rng.uniform(-0.16, 0.03),
+        blur=rng.uniform(0.001, 0.006) + (0.003 if ap else 0.0),
+        shutters=tuple(float(w) for w in rng.uniform(0.0, 0.05, 4) * (rng.random(4) < 0.5)) if shutter
+        else (0.0, 0.0, 0.0, 0.0),
+        marker=(float(rng.choice([-1, 1]) * rng.uniform(0.34, 0.44)), float(rng.uniform(0.03, 0.12)),
+                float(rng.uniform(0.025, 0.045))) if rng.random() < 0.7 else None,
+        leads=np.stack([rng.uniform(-0.33, 0.33, n_leads), rng.uniform(0.15, 0.75, n_leads)], 1).astype(np.float32),
+        line=(float(rng.uniform(-0.05, 0.08)), float(rng.uniform(0.35, 0.6)), float(rng.uniform(-0.1, 0.1)))
+        if has_line else None,
     )
 
 
@@ -151,10 +187,11 @@ class _Canvas:
         u0, v0 = (u - shot.shift[0]) / shot.zoom, (v - 0.5 - shot.shift[1]) / shot.zoom
         self.x = (cos * u0 + sin * v0).astype(np.float32)
         self.y = (-sin * u0 + cos * v0 + 0.5).astype(np.float32)
+        self.margin = 0.05 + 0.5 * abs(1.0 - 1.0 / shot.zoom) + max(map(abs, shot.shift))
 
     def window(self, x0: float, x1: float, y0: float, y1: float) -> tuple[slice, slice]:
-        """Pixels that can hold anatomy points in [x0,x1]×[y0,y1]; the margin covers the largest pose change."""
-        m = 0.05
+        """Pixels that can hold anatomy points in [x0,x1]×[y0,y1]; the margin covers this shot's pose."""
+        m = self.margin
         s = self.size
         cols = slice(max(0, int((x0 + 0.5 - m) * s)), min(s, int(math.ceil((x1 + 0.5 + m) * s))))
         rows = slice(max(0, int((y0 - m) * s)), min(s, int(math.ceil((y1 + m) * s))))
@@ -175,15 +212,48 @@ MAX_RENDER = 512
 
 def render(anatomy: Anatomy, shot: Shot, size: int) -> np.ndarray:
     """One image, uint8 [size, size]."""
+    from scipy.ndimage import gaussian_filter
+
     rng = np.random.default_rng(shot.noise_seed)
-    img = _film(anatomy, shot, min(size, MAX_RENDER), rng)
+    side = min(size, MAX_RENDER)
+    img = _film(anatomy, shot, side, rng)
+    img = np.clip((img - 0.5) * shot.contrast + 0.5 + shot.level, 0.0, 1.0)
+    img = _collimate(img, shot.shutters)
+    img = gaussian_filter(img, shot.blur * side, mode="nearest")
+    img = _burn_in_marker(img, shot.marker)
     if size > MAX_RENDER:
         img = np.asarray(Image.fromarray(img, mode="F").resize((size, size), Image.Resampling.BICUBIC))
-    # Quantum mottle: noise correlated over ~2 px at any size (filtered, then scaled back to unit variance).
+    # Quantum mottle: noise correlated over ~2 px (filtered, then scaled back to unit variance); a film
+    # downsampled below 512 px averages it away in proportion.
     noise = rng.standard_normal(img.shape, dtype=np.float32)
     noise = (noise + np.roll(noise, 1, 0) + np.roll(noise, 1, 1) + np.roll(noise, (1, 1), (0, 1))) / 2.0
-    img = img + shot.noise * noise * (0.4 + 0.6 * np.sqrt(np.clip(img, 0, 1)))
+    img = img + shot.noise * min(1.0, size / MAX_RENDER) * noise * (0.4 + 0.6 * np.sqrt(np.clip(img, 0, 1)))
     return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+
+
+def _collimate(img: np.ndarray, shutters: tuple[float, float, float, float]) -> np.ndarray:
+    """Margins outside the collimator get no exposure; processing shows them nearly black."""
+    size = img.shape[0]
+    left, right, top, bottom = (int(round(w * size)) for w in shutters)
+    out = img.copy()
+    for rows, cols in ((slice(None), slice(0, left)), (slice(None), slice(size - right, size)),
+                       (slice(0, top), slice(None)), (slice(size - bottom, size), slice(None))):
+        out[rows, cols] *= 0.08
+    return out
+
+
+def _burn_in_marker(img: np.ndarray, marker: tuple[float, float, float] | None) -> np.ndarray:
+    """A bright, sharp 'L'-shaped side marker near a top corner, as the radiographer's lead letter leaves it."""
+    if marker is None:
+        return img
+    size = img.shape[0]
+    mx, my, h = marker
+    x0, y0 = int((mx + 0.5) * size), int(my * size)
+    hp, wp = max(2, int(round(h * size))), max(1, int(round(0.25 * h * size)))
+    out = img.copy()
+    out[y0 : y0 + hp, x0 : x0 + wp] = 0.97
+    out[y0 + hp - wp : y0 + hp, x0 : x0 + max(2, int(0.6 * hp))] = 0.97
+    return out
 
 
 def _film(anatomy: Anatomy, shot: Shot, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -194,24 +264,28 @@ def _film(anatomy: Anatomy, shot: Shot, size: int, rng: np.random.Generator) -> 
     x, y = cv.x, cv.y
     ax = np.abs(x)
     side = np.sign(x)
+    # A portable AP film magnifies the heart (it lies far from the detector) and projects the clavicles higher.
+    heart_scale = 1.12 if shot.ap else 1.0
+    clavicle_lift = 0.03 if shot.ap else 0.0
 
     # Soft tissue: neck widening into the shoulders, elliptical thickness profile across the torso.
-    shoulder = a.shoulder_y + 0.25 * np.clip(ax - 0.07, 0, None) ** 1.5
+    shoulder = a.shoulder_y + 0.25 * np.clip(ax - a.neck_w, 0, None) ** 1.5
     torso = _step(y - shoulder, 2 * e) * _step(a.body_w - ax, 2 * e)
-    inside = np.maximum(torso, _step(0.085 - ax, 2 * e))
-    half_w = np.where(torso > 0.5, a.body_w, 0.085)
+    inside = np.maximum(torso, _step(a.neck_w - ax, 2 * e))
+    half_w = np.where(torso > 0.5, a.body_w, a.neck_w)
     thickness = np.sqrt(np.clip(1.0 - (x / (half_w + 0.04)) ** 2, 0.0, 1.0))
-    att = 0.5 * inside * (0.3 + 0.7 * thickness)
-    # Upper arms at the frame edges.
-    arm = _step(ax - (a.body_w + 0.012), 2 * e) * _step(y - shoulder - 0.04, 0.03)
-    att += 0.32 * arm * (0.7 + 0.3 * np.clip((ax - a.body_w) / 0.05, 0, 1))
+    att = 0.5 * a.soft * inside * (0.3 + 0.7 * thickness)
+    # Upper arms at the frame edges, when they hang down.
+    if a.arms_down:
+        arm = _step(ax - (a.body_w + 0.012), 2 * e) * _step(y - shoulder - 0.04, 0.03)
+        att += 0.32 * a.soft * arm * (0.7 + 0.3 * np.clip((ax - a.body_w) / 0.05, 0, 1))
 
     # Diaphragm: right dome (image left) higher than the left; deeper inspiration pushes both down.
     dia_top = np.float32(a.dia_y + shot.inspiration) + np.where(side > 0, np.float32(a.dia_left_drop), np.float32(0))
     t = (ax - 0.18) / 0.2
     dia = dia_top + 0.05 * t**2 + 0.1 * np.clip(t, 0, None) ** 2
     below = _step(y - dia, 1.5 * e)
-    att += 0.1 * below * inside
+    att += 0.16 * below * inside
 
     # Lungs: apex dome, lateral wall, medial border against the mediastinum, diaphragm below.
     tl = np.clip((y - a.apex_y) / 0.3, 0.0, 1.0)
@@ -226,18 +300,21 @@ def _film(anatomy: Anatomy, shot: Shot, size: int, rng: np.random.Generator) -> 
     # with the aortic knob on the left upper mediastinal border.
     hx, hy = x - a.heart_cx, y - a.heart_cy
     tilt = math.radians(38)
-    hr = ((hx * math.cos(tilt) + hy * math.sin(tilt)) / a.heart_a) ** 2 + (
-        (-hx * math.sin(tilt) + hy * math.cos(tilt)) / a.heart_b
-    ) ** 2
-    heart = _step(1.0 - hr, 5 * e / a.heart_a)
+    ha, hb = a.heart_a * heart_scale, a.heart_b * heart_scale
+    hr = ((hx * math.cos(tilt) + hy * math.sin(tilt)) / ha) ** 2 + ((-hx * math.sin(tilt) + hy * math.cos(tilt)) / hb) ** 2
+    heart = _step(1.0 - hr, 5 * e / ha)
     knob = _step(1.0 - ((x - a.med_w - 0.008) ** 2 + (y - 0.34) ** 2) / 0.03**2, 0.12)
     heart = np.maximum(heart, knob)
     # The middle of the lung is a thick slab of air; its edges and where the heart overlaps are thin.
     air = lung * (0.3 + 0.7 * depth) * (1.0 - 0.92 * heart)
     texture = 0.6 * _smooth_noise(rng, size, 40) + 0.4 * _smooth_noise(rng, size, 90)
-    att -= 0.45 * air * inside * (1.0 + 0.06 * texture)
+    att -= a.lung_air * air * inside * (1.0 + 0.06 * texture)
     # Lower zones look lighter: more soft tissue (and breast) overlaps them.
     att += 0.06 * lung * np.clip((y - 0.45) / 0.3, 0, 1)
+    if a.breast > 0:
+        for sx in (-1.0, 1.0):
+            mound = np.clip(1.0 - ((x - sx * 0.22) / 0.17) ** 2 - ((y - dia + 0.02) / 0.16) ** 2, 0.0, 1.0)
+            att += a.breast * np.sqrt(mound) * _step(y - (dia - 0.14), 0.03) * inside
 
     # Vessels branching from the hila, brightest and widest near the hilum, plus the hilar shadows.
     for sd, ang, length, width, strength in a.vessels:
@@ -266,16 +343,16 @@ def _film(anatomy: Anatomy, shot: Shot, size: int, rng: np.random.Generator) -> 
 
     # Heart and mediastinal soft tissue (great vessels, oesophagus) between the lungs.
     att += 0.03 * heart * inside
-    att += 0.07 * _step(a.med_w + 0.01 - ax, 0.01) * _step(y - a.apex_y, 0.03) * _step(dia - y, 0.02)
+    att += 0.0 * _step(a.med_w + 0.01 - ax, 0.01) * _step(y - a.apex_y, 0.03) * _step(dia - y, 0.02)
 
     # Spine: vertebral bodies separated by darker discs, pedicles as small ovals.
     period = a.rib_gap * 0.95
     phase = ((y - a.rib_y0) / period) % 1.0
     spine = _bump(x, 0.03, 2 * e)
     disc = _bump(phase - 0.9, 0.07, 0.012)
-    att += 0.05 * spine * (1.0 - 0.5 * disc)
+    att += 0.035 * spine * (1.0 - 0.5 * disc)
     ped = np.exp(-(((ax - 0.024) / 0.008) ** 2) - ((phase - 0.45) / 0.16) ** 2)
-    att += 0.05 * ped * spine
+    att += 0.03 * ped * spine
 
     # Ribs: posterior arcs rise slightly from the spine then bend down at the chest wall; anterior arcs run
     # back down towards the sternum and are fainter. Cortical edges are brighter than the marrow.
@@ -293,18 +370,19 @@ def _film(anatomy: Anatomy, shot: Shot, size: int, rng: np.random.Generator) -> 
         ribs = 0.6 * band + 0.4 * cortex
         ant = yi + 0.08 + 0.17 * np.clip(1.0 - d, 0.0, None) ** 1.3
         aband = _step(0.35 * w - np.abs(ys - ant), e) * _step(d - 0.4, 0.05) * _step(1.0 - d, 0.02)
-        att[r, cl] += (0.11 * ribs + 0.05 * aband) * cage[r, cl]
+        att[r, cl] += a.rib_density * (ribs + 0.45 * aband) * cage[r, cl]
 
     # Clavicles: S-curves from the sternal notch out to the shoulders.
     tc = np.clip((ax - 0.035) / 0.34, 0.0, 1.0)
-    clav_y = a.apex_y + 0.07 - 0.05 * tc + 0.014 * np.sin(2 * math.pi * tc)
+    clav_y = a.apex_y + 0.07 - clavicle_lift - 0.05 * tc + 0.014 * np.sin(2 * math.pi * tc)
     clav_half = 0.013 + 0.004 * np.sin(math.pi * tc)
     clav = _bump(y - clav_y, clav_half, e) * _step(ax - 0.03, e) * _step(0.39 - ax, 0.01)
     att += 0.12 * clav * (0.7 + 0.3 * (1 - _bump(y - clav_y, 0.6 * clav_half, e)))
     # Scapulae: faint medial borders overlapping the upper lateral lung; humeral heads at the shoulders.
     scap = _step(ax - (a.lung_w - 0.05 + 0.12 * (y - 0.2)), 2 * e) * _step(y - 0.13, 0.02) * _step(0.45 - y, 0.03)
     att += 0.04 * scap * inside
-    hum = np.sqrt(np.clip(1 - ((ax - a.body_w - 0.02) / 0.06) ** 2 - ((y - a.shoulder_y - 0.1) / 0.08) ** 2, 0, 1))
+    hum_y = a.shoulder_y + 0.25 * (a.body_w - a.neck_w) ** 1.5 + 0.06
+    hum = np.sqrt(np.clip(1 - ((ax - a.body_w - 0.02) / 0.06) ** 2 - ((y - hum_y) / 0.08) ** 2, 0, 1))
     att += 0.14 * hum
 
     # Gastric bubble under the left hemidiaphragm (image right).
@@ -323,9 +401,31 @@ def _film(anatomy: Anatomy, shot: Shot, size: int, rng: np.random.Generator) -> 
         fluid = _step(y - level, 0.012) * on_side * lung
         att += 0.35 * fluid * (0.3 + 0.7 * depth)
 
+    att += _devices(shot, cv, e)
     att = np.clip(att, 0.0, None)
     img = 1.0 - np.exp(-shot.mu * att)
     return (np.clip(img / (1.0 - math.exp(-shot.mu * 0.9)), 0.0, 1.0) ** shot.gamma).astype(np.float32)
+
+
+def _devices(shot: Shot, cv: _Canvas, e: float) -> np.ndarray:
+    """Radio-opaque things on or in the patient: ECG electrodes (a metal snap in a ring) and a catheter
+    entering at the neck and bowing down into the chest."""
+    x, y = cv.x, cv.y
+    att = np.zeros_like(x)
+    for lx, ly in shot.leads:
+        r, cl = cv.window(lx - 0.03, lx + 0.03, ly - 0.03, ly + 0.03)
+        dist = np.hypot(x[r, cl] - lx, y[r, cl] - ly)
+        att[r, cl] += 0.5 * _bump(dist - 0.014, 0.003, e) + 0.8 * _step(0.005 - dist, e)
+    if shot.line is not None:
+        end_x, end_y, bow = shot.line
+        t = np.linspace(0.0, 1.0, 40, dtype=np.float32)
+        px = (0.06 + (end_x - 0.06) * t + bow * 4 * t * (1 - t)).astype(np.float32)
+        py = (-0.02 + (end_y + 0.02) * t).astype(np.float32)
+        r, cl = cv.window(float(px.min()), float(px.max()), float(py.min()), float(py.max()))
+        xs, ys = x[r, cl][..., None], y[r, cl][..., None]
+        dist = np.sqrt(((xs - px) ** 2 + (ys - py) ** 2).min(-1))
+        att[r, cl] += 0.35 * _step(0.004 - dist, e)
+    return att
 
 
 @dataclass
@@ -344,12 +444,12 @@ def plan_phantoms(patients: int, images_per_patient: int, seed: int) -> list[tup
     rng = np.random.default_rng([seed, PHANTOM_VERSION])
     plan = []
     for p in range(1, patients + 1):
-        anatomy = sample_anatomy(rng)
         age, gender = int(rng.integers(18, 90)), str(rng.choice(["M", "F"]))
+        anatomy = sample_anatomy(rng, female=gender == "F")
         for k in range(images_per_patient):
-            shot = sample_shot(rng, first=k == 0)
-            view = "AP" if rng.random() < 0.15 else "PA"
-            rec = PhantomRecord(f"{p:08d}_{k:03d}.png", p, k, anatomy.findings, age + k // 4, gender, view)
+            shot = sample_shot(rng, ap=bool(rng.random() < 0.15))
+            rec = PhantomRecord(f"{p:08d}_{k:03d}.png", p, k, anatomy.findings, age + k // 4, gender,
+                                "AP" if shot.ap else "PA")
             plan.append((rec, anatomy, shot))
     return plan
 
