@@ -71,8 +71,8 @@ FULL = Budget(width=24, batch=16, rounds=8, local_steps=50, hospitals=3, samples
 QUICK = Budget(width=8, batch=8, rounds=2, local_steps=2, hospitals=3, samples=48, ema_kimg=0.05)
 # Each federated run starts Ray (about a minute on the loaded CPU), so --quick runs the reference and the product
 # default from the public warm start only — the two ends of the comparison, and every mechanism (public
-# pretraining, DP, 8-bit, AES-GCM, secure aggregation).
-QUICK_CONFIGS = ("centralized", "fed-dp1-secure-warm")
+# pretraining, DP, 8-bit, AES-GCM, secure aggregation) — and scores the public model that the warm start trains.
+QUICK_CONFIGS = ("public", "centralized", "fed-dp1-secure-warm")
 
 PLAIN_WIRE = ["privacy.update_clip=0", "privacy.quantize_bits=0", "privacy.encrypt=false", "privacy.secagg=false"]
 # Replaced by the path of this seed's "public" run: a generator and discriminator trained on the built-in phantoms
@@ -268,7 +268,6 @@ def train_one(cfg, run_root: Path) -> float:
 
 def score(cfg, run_root: Path, train, evaluation, grid_path: Path | None, metrics: str = METRICS) -> dict[str, Any]:
     from medsyngan.demo import hospital_table
-    from medsyngan.metrics import evaluate
     from medsyngan.metrics.evaluate import privacy_from_rows
     from medsyngan.rundir import RunDir
     from medsyngan.data.imageio import image_grid
@@ -279,12 +278,7 @@ def score(cfg, run_root: Path, train, evaluation, grid_path: Path | None, metric
     G, meta = load_generator(run_root)
     fake = generate_images(G, cfg.eval.num_samples, seed=cfg.run.seed + 1000)
     epsilon, delta = privacy_from_rows(rows)
-    ev = evaluate(
-        fake, np.asarray(evaluation.images), np.asarray(train.images), metrics=metrics, feature_extractor="random",
-        epsilon=epsilon, delta=delta, real_patients=evaluation.patients, train_patients=train.patients,
-        nn_threshold=cfg.eval.nn_threshold, kid_subset_size=min(len(evaluation), len(fake)), msssim_pairs=500,
-        seed=cfg.run.seed,
-    )
+    ev = score_images(fake, train, evaluation, metrics, cfg.run.seed, cfg.eval.nn_threshold, epsilon, delta)
     if grid_path is not None:
         from PIL import Image
 
@@ -296,6 +290,28 @@ def score(cfg, run_root: Path, train, evaluation, grid_path: Path | None, metric
         "bytes_sent": sum(h["bytes_sent"] for h in hospitals), "hospitals": hospitals,
         "kimg": max((r.get("kimg", 0.0) for r in rows), default=0.0), "generator": meta.get("generator_part"),
     }
+
+
+def score_images(images: np.ndarray, train, evaluation, metrics: str, seed: int, nn_threshold: float = 0.95,
+                 epsilon: float | None = None, delta: float | None = None):
+    """The study's scores of a set of images: against the evaluation patients, and against the training set."""
+    from medsyngan.metrics import evaluate
+
+    return evaluate(
+        images, np.asarray(evaluation.images), np.asarray(train.images), metrics=metrics, feature_extractor="random",
+        epsilon=epsilon, delta=delta, real_patients=evaluation.patients, train_patients=train.patients,
+        nn_threshold=nn_threshold, kid_subset_size=min(len(evaluation), len(images)), msssim_pairs=500, seed=seed,
+    )
+
+
+def score_phantoms(cfg, train, evaluation) -> dict[str, float]:
+    """FD and KID of the public model's own phantom images against the evaluation set: how close the
+    procedural generator alone comes to real X-rays, before any GAN."""
+    from medsyngan.data.api import load_training_data
+
+    phantoms = np.asarray(load_training_data(cfg).images)
+    chosen = np.random.default_rng(cfg.run.seed).permutation(len(phantoms))[: cfg.eval.num_samples]
+    return score_images(phantoms[np.sort(chosen)], train, evaluation, "fd,kid", cfg.run.seed).metrics
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -338,6 +354,9 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         row["ε"] = mean_std([r["epsilon"] for r in runs])
         row["MB sent"] = mean_std([r["bytes_sent"] / 1e6 if r["bytes_sent"] else None for r in runs])
         row["wall s"] = mean_std([r["wall_s"] for r in runs])
+        if key == "public":
+            row["phantoms"] = {name: mean_std([pick(r.get("phantom_metrics", {}), name) for r in runs])
+                               for name in ("fd", "kid")}
         out[key] = row
     return out
 
@@ -392,8 +411,12 @@ def markdown(summary: dict[str, dict[str, Any]], checks: list[dict[str, Any]]) -
     for row in summary.values():
         lines.append("| " + " | ".join([row["label"]] + [_cell(row[h]) for h in heads[1:]]) + " |")
     real = next((r["MS-SSIM real"] for r in summary.values() if r["MS-SSIM real"][0] is not None), (None, None))
-    lines += ["", f"MS-SSIM diversity of the real evaluation set itself: {_cell(real)} (lower = more diverse).", "",
-              "| target | measured | met |", "|---|---|---|"]
+    lines += ["", f"MS-SSIM diversity of the real evaluation set itself: {_cell(real)} (lower = more diverse)."]
+    phantoms = summary.get("public", {}).get("phantoms")
+    if phantoms and phantoms["fd"][0] is not None:
+        lines.append(f"The public model's phantom images themselves (no GAN) against the evaluation set: "
+                     f"FD {_cell(phantoms['fd'])}, KID {_cell(phantoms['kid'])}.")
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
     for c in checks:
         met = "measured" if c["met"] is None else ("yes" if c["met"] else "**no**")
         value = f"{c['value']}"
@@ -452,6 +475,8 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
             grid = (docs / "results" / f"study{tag}-{key}.png") if docs is not None and seed == seeds[0] else \
                 out / "grids" / f"{key}-s{seed}.png"
             scored = score(cfg, run_root, train, evaluation, grid)
+            if key == "public":
+                scored["phantom_metrics"] = score_phantoms(cfg, train, evaluation)
             results.append({"config": key, "label": label, "seed": seed, "wall_s": round(wall, 1),
                             "grid": str(grid), **scored})
             atomic_write_text(saved, json.dumps(results[-1] | {"recipe": plan}, default=str) + "\n")
@@ -572,6 +597,18 @@ TUNING: list[tuple[str, str, list[str]]] = [
      LR_3E4 + [HALF_ROUNDS]),
     ("fed-patient", "batch 16 × 10 local steps × 40 rounds, local learning rates 3e-4",
      LR_3E4 + ["federated.local_steps=10", "federated.rounds=40"]),
+    # Session 5, phantoms v2 (every entry from the public model changed meaning with them). Public data is
+    # unlimited: more phantom patients and more steps cost no privacy.
+    ("public", "2,000 phantom patients × 1 image", ["data.phantom_patients=2000", "data.phantom_images_per_patient=1"]),
+    ("public", "twice the budget (2,400 steps)", ["train.steps=2400"]),
+    ("public", "2,000 phantom patients × 1 image, twice the budget",
+     ["data.phantom_patients=2000", "data.phantom_images_per_patient=1", "train.steps=2400"]),
+    ("fed-dp10-warm", "(4w), 5 D steps per G step, D's last two layers",
+     ["federated.local_steps=5", "train.d_steps_per_g=5", "train.d_trainable_last=2"]),
+    ("fed-dp10-warm", "(4w), 5 D steps per G step, G learning rate 6e-5",
+     ["federated.local_steps=5", "train.d_steps_per_g=5", "train.lr_g=6e-5"]),
+    ("fed-dp10-warm", "(4w), 5 D steps per G step, all of D",
+     ["federated.local_steps=5", "train.d_steps_per_g=5", "train.d_trainable_last=0"]),
 ]
 TUNE_METRICS = "fd,kid,prdc"
 
@@ -595,7 +632,7 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
         if only and key not in only:
             continue
         wanted = overrides[key] + extra
-        if PUBLIC_INIT in wanted or key == "public":
+        if PUBLIC_INIT in wanted or (key == "public" and not extra):
             public_wall = ensure_public(out, budget, train_dir, seed)  # public data: the same model as the study's
         wanted = resolve(wanted, out, seed, budget)
         cfg = config_for(key, wanted, budget, tune_dir, seed)
@@ -605,9 +642,11 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
             row = json.loads(saved.read_text())
         else:
             print(f"[tune] {key}: {variant}", flush=True)
-            # The public model never sees a real image, so the study's own one is scored, not retrained.
-            trained = public_run(out, seed) if key == "public" else run_root
-            wall = public_wall if key == "public" else train_one(cfg, run_root)
+            # The public model never sees a real image, so the study's own one is scored, not retrained; a public
+            # variant (other phantoms, another budget) trains a model of its own.
+            study_public = key == "public" and not extra
+            trained = public_run(out, seed) if study_public else run_root
+            wall = public_wall if study_public else train_one(cfg, run_root)
             scored = score(cfg, trained, tune_train, val, run_root.with_suffix(".png"), TUNE_METRICS)
             row = {"config": key, "variant": variant, "overrides": extra, "wall_s": round(wall, 1),
                    "epsilon": scored["epsilon"], "metrics": scored["metrics"], "recipe": plan}

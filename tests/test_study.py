@@ -78,6 +78,9 @@ def test_quick_study_end_to_end(tmp_path):
     assert runs["centralized"]["epsilon"] is None and runs["centralized"]["bytes_sent"] == 0
     assert 0 < runs["fed-dp1-secure-warm"]["epsilon"] <= 1.0 + 1e-6
     assert runs["fed-dp1-secure-warm"]["bytes_sent"] > 0
+    # The phantoms themselves are scored beside the public model trained on them.
+    assert np.isfinite(runs["public"]["phantom_metrics"]["fd48_64_random"])
+    assert "phantom images themselves (no GAN)" in study.markdown(report["summary"], [])
     # The warm start is a model trained on phantoms only, and the private run began from its weights.
     from medsyngan.config import load_config
 
