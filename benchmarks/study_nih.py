@@ -609,6 +609,9 @@ TUNING: list[tuple[str, str, list[str]]] = [
      ["federated.local_steps=5", "train.d_steps_per_g=5", "train.lr_g=6e-5"]),
     ("fed-dp10-warm", "(4w), 5 D steps per G step, all of D",
      ["federated.local_steps=5", "train.d_steps_per_g=5", "train.d_trainable_last=0"]),
+    # A public model close to real films may also steady the non-private rows (their seed-to-seed spread).
+    ("centralized", "from the public model, learning rates 3e-4", [PUBLIC_INIT] + LR_3E4),
+    ("fed-patient", "from the public model, 16 × 25, local learning rates 3e-4", [PUBLIC_INIT] + LR_3E4 + [HALF_ROUNDS]),
 ]
 TUNE_METRICS = "fd,kid,prdc"
 
