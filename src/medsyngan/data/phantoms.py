@@ -3,9 +3,13 @@
 An image is rendered as an attenuation map (soft tissue, air in the lungs and trachea, bone, heart) turned into
 film brightness by ``1 - exp(-mu * A)``, the way a radiograph forms. Image right is the patient's left: the heart
 bulges to the image right, the aortic knob and the gastric bubble sit there, and the right hemidiaphragm (image
-left) is higher. A synthetic patient's anatomy is drawn once; each of their images changes pose, inspiration and
-exposure a little, like follow-up studies. Findings (nodule, effusion, cardiomegaly) are drawn into the anatomy
-and recorded as NIH labels.
+left) is higher. A synthetic patient's anatomy is drawn once; every film of them (follow-ups too) is positioned,
+exposed and processed anew, and may carry markers, electrodes or a catheter, as films in a hospital archive do.
+Findings (nodule, effusion, cardiomegaly) are drawn into the anatomy and recorded as NIH labels.
+
+Version 2 set its grey levels and ranges of variation by comparing raw phantoms with the training patients of the
+NIH study (random-feature FD with networks other than the evaluation's, never the evaluation patients); see
+docs/results.md.
 
 Coordinates: ``x`` horizontal, 0 at the image centre, ±0.5 at the edges; ``y`` vertical, 0 at the top, 1 at the
 bottom. Every edge is a smooth step a pixel wide, which antialiases the rendering at any size.
@@ -341,9 +345,9 @@ def _film(anatomy: Anatomy, shot: Shot, size: int, rng: np.random.Generator) -> 
     bronchi = _step(0.011 - bron_d, e) * _step(y - carina, e) * _step(carina + 0.08 - y, 2 * e)
     att -= 0.1 * (trachea + 0.7 * bronchi)
 
-    # Heart and mediastinal soft tissue (great vessels, oesophagus) between the lungs.
+    # The heart is denser than the soft tissue around it. (Extra mediastinal soft tissue made the midline brighter
+    # than NIH films': the spine and the missing lung air already make it the brightest band.)
     att += 0.03 * heart * inside
-    att += 0.0 * _step(a.med_w + 0.01 - ax, 0.01) * _step(y - a.apex_y, 0.03) * _step(dia - y, 0.02)
 
     # Spine: vertebral bodies separated by darker discs, pedicles as small ovals.
     period = a.rib_gap * 0.95
