@@ -427,6 +427,21 @@ def markdown(summary: dict[str, dict[str, Any]], checks: list[dict[str, Any]]) -
     return "\n".join(lines) + "\n"
 
 
+def fd_by_seed(results: list[dict[str, Any]]) -> str:
+    """Every run's FD, a row per seed and a column per configuration, with the median over seeds last: the
+    spread between seeds of one recipe is as large as most differences between recipes."""
+    keys = [k for k, _, _ in CONFIGS if any(r["config"] == k for r in results)]
+    seeds = sorted({r["seed"] for r in results})
+    fd = {(r["config"], r["seed"]): pick(r["metrics"], "fd") for r in results}
+    lines = ["| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for seed in seeds:
+        cells = [f"{fd[k, seed]:.2f}" if fd.get((k, seed)) is not None else "—" for k in keys]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    medians = [np.median([v for (k2, _), v in fd.items() if k2 == k and v is not None]) for k in keys]
+    lines.append("| median | " + " | ".join(f"{m:.2f}" for m in medians) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------- driver
 
 
@@ -492,7 +507,7 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
     }
     text = json.dumps(report, indent=2, default=str) + "\n"
     atomic_write_text(out / "study.json", text)
-    atomic_write_text(out / "study.md", markdown(summary, checks))
+    atomic_write_text(out / "study.md", markdown(summary, checks) + "\nFD by seed:\n\n" + fd_by_seed(results))
     if docs is not None:
         atomic_write_text(docs / "results" / f"study{tag}.json", text)
     return report

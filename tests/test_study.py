@@ -161,3 +161,13 @@ def test_fd_targets_carry_medians_and_per_seed_ratios():
     assert check["median_ratio"] == pytest.approx(3.0 / 3.0)
     assert check["per_seed"] == {0: 1.5, 1: 0.25, 2: 1.1}
     assert "per seed s0 1.5, s1 0.25, s2 1.1" in study.markdown(summary, [check])
+
+
+def test_fd_by_seed_lists_every_run_and_the_median():
+    study = _study()
+    runs = [{"config": key, "seed": seed, "metrics": {"fd500_64_random": value}}
+            for key, seed, value in (("centralized", 0, 2.0), ("centralized", 1, 4.0), ("centralized", 2, 9.0),
+                                     ("fed-patient", 0, 3.0))]
+    lines = study.fd_by_seed(runs).splitlines()
+    assert lines[0] == "| seed | centralized | fed-patient |"
+    assert lines[2:] == ["| 0 | 2.00 | 3.00 |", "| 1 | 4.00 | — |", "| 2 | 9.00 | — |", "| median | 4.00 | 3.00 |"]
