@@ -11,7 +11,8 @@ One command reruns the whole study::
    all with the same network (DCGAN-64, GroupNorm discriminator so that DP-SGD applies) and the same optimizer:
    centralized non-private; federated 3 hospitals by patient; federated label-skew (Dirichlet α = 0.5);
    federated + patient-level DP ε = 10; the product default (DP ε = 1, clipped 8-bit updates, AES-GCM, secure
-   aggregation).
+   aggregation). Each also from a public model (0) trained on the built-in phantoms only (rows 1w–5w): public
+   data costs no privacy, and the private rows cannot learn anatomy from scratch at this data size.
 3. Each run's generator (its EMA) is scored against the evaluation patients (random-feature FD/KID,
    precision/recall, density/coverage, MS-SSIM diversity beside the real set's own), against the training set
    (nearest-neighbour SSIM/PSNR/MSE, near-copies) and by a GAN-Leaks membership attack (training vs evaluation
@@ -100,6 +101,14 @@ CONFIGS: list[tuple[str, str, list[str]]] = [
     # The product default as configs/federated-dcgan64.toml ships it: DP ε = 1, 8-bit, AES-GCM, secure aggregation.
     ("fed-dp1-secure", "(5) federated + DP ε=1, 8-bit, AES-GCM, secure aggregation (product default)",
      ['federated.scheme="patient"']),
+    # Rows (1)-(3) from the public model as well (validation FD, mean of three seeds: centralized 3.42 → 2.52,
+    # federated 3.17 → 2.72, better at every seed): then every row from it starts from the same weights, and
+    # federation and privacy are the only differences between them.
+    ("centralized-warm", "(1w) = (1), from the public model (0)", [PUBLIC_INIT]),
+    ("fed-patient-warm", "(2w) = (2), from the public model (0)",
+     ['federated.scheme="patient"', "privacy.dp=false", *PLAIN_WIRE, PUBLIC_INIT]),
+    ("fed-labelskew-warm", "(3w) = (3), from the public model (0)",
+     ['federated.scheme="label-skew"', "federated.alpha=0.5", "privacy.dp=false", *PLAIN_WIRE, PUBLIC_INIT]),
     # Tuned on the validation split: from the public model, DP-SGD on D's last layer only, G at lr 2e-5
     # (validation FD 54 from scratch, 43 warm, 30 warm at learning rates 2e-5, 16 warm with only D's head trained,
     # 12.9 with that and G at 2e-5; the public model alone 14.0).
@@ -110,7 +119,7 @@ CONFIGS: list[tuple[str, str, list[str]]] = [
      "(5w) = (5), from the public model (0), DP fine-tuning of D's last layer, slow G, 5 D steps per G",
      ['federated.scheme="patient"', *WARM]),
 ]
-CENTRALIZED = ("public", "centralized")
+CENTRALIZED = ("public", "centralized", "centralized-warm")
 # What tuning chose (TUNING below, validation split only), added to the rows above in the study; tuning variants
 # start from the rows without it, so that each entry keeps meaning what it meant when it ran.
 LR_3E4 = ["train.lr_g=3e-4", "train.lr_d=3e-4"]
@@ -121,6 +130,7 @@ FEDPROX_01 = ['federated.strategy="fedprox"', "federated.proximal_mu=0.1"]
 TUNED: dict[str, list[str]] = {"centralized": LR_3E4, "fed-patient": LR_3E4 + [HALF_ROUNDS],
                                "fed-labelskew": FEDPROX_01 + LR_3E4,
                                "fed-dp10-warm": [FIVE_D_STEPS], "fed-dp1-secure-warm": [FIVE_D_STEPS]}
+TUNED |= {f"{key}-warm": TUNED[key] for key in ("centralized", "fed-patient", "fed-labelskew")}
 
 
 def public_run(out: Path, seed: int) -> Path:
@@ -361,6 +371,18 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+# (row, reference, largest FD ratio) — the issue's targets. A row from the public model is judged against
+# centralized from scratch, as the issue states them, and against centralized from the same public model, so that
+# the ratio shows what federation and privacy cost rather than what the start is worth.
+TARGETS: list[tuple[str, str, float | None]] = [
+    ("fed-patient", "centralized", 1.2), ("fed-labelskew", "centralized", 1.5),
+    ("fed-patient-warm", "centralized-warm", 1.2), ("fed-labelskew-warm", "centralized-warm", 1.5),
+    ("fed-dp10", "centralized", 2.0), ("fed-dp10-warm", "centralized", 2.0), ("fed-dp10-warm", "centralized-warm", 2.0),
+    ("fed-dp1-secure", "centralized", None), ("fed-dp1-secure-warm", "centralized", None),
+    ("fed-dp1-secure-warm", "centralized-warm", None),
+]
+
+
 def targets(summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured figure and whether it was met. An FD target is judged on the
     ratio of the mean FDs over seeds; with ``runs`` it also carries the ratio of the medians and the ratio within
@@ -372,16 +394,14 @@ def targets(summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]] | Non
         return {r["seed"]: v for r in runs or [] if r["config"] == key and (v := pick(r["metrics"], "fd")) is not None}
 
     checks: list[dict[str, Any]] = []
-    ref = fd("centralized")
-    for key, limit in (("fed-patient", 1.2), ("fed-labelskew", 1.5), ("fed-dp10", 2.0), ("fed-dp10-warm", 2.0),
-                       ("fed-dp1-secure", None), ("fed-dp1-secure-warm", None)):
-        value = fd(key)
+    for key, reference, limit in TARGETS:
+        value, ref = fd(key), fd(reference)
         if ref is None or value is None:
             continue
         ratio = value / ref
-        check = {"target": f"FD {key} / centralized" + (f" ≤ {limit}" if limit else " (measured only)"),
+        check = {"target": f"FD {key} / {reference}" + (f" ≤ {limit}" if limit else " (measured only)"),
                  "value": round(ratio, 3), "met": None if limit is None else ratio <= limit}
-        mine, theirs = fds(key), fds("centralized")
+        mine, theirs = fds(key), fds(reference)
         if mine and theirs:
             check["median_ratio"] = round(float(np.median(list(mine.values())) / np.median(list(theirs.values()))), 3)
             check["per_seed"] = {seed: round(v / theirs[seed], 3) for seed, v in sorted(mine.items()) if seed in theirs}

@@ -51,6 +51,18 @@ def test_targets_compare_against_centralized():
     assert checks["MIA AUC fed-dp10 ≤ 0.55"]["met"] is False
 
 
+def test_rows_from_the_public_model_are_judged_against_both_references():
+    study = _study()
+    cell = lambda v: (v, None)  # noqa: E731
+    summary = {key: {"FD (rand)": cell(fd), "near-copies": cell(0.0), "MIA AUC": cell(0.5)} for key, fd in
+               (("centralized", 4.0), ("centralized-warm", 2.0), ("fed-patient-warm", 2.6), ("fed-dp10-warm", 6.0))}
+    checks = {c["target"]: c for c in study.targets(summary)}
+    assert checks["FD fed-patient-warm / centralized-warm ≤ 1.2"]["met"] is False  # 1.3, not 0.65 against (1)
+    assert checks["FD fed-dp10-warm / centralized ≤ 2.0"]["met"] is True
+    assert checks["FD fed-dp10-warm / centralized-warm ≤ 2.0"]["value"] == pytest.approx(3.0)
+    assert not any("fed-patient /" in target for target in checks)  # no cold row, no cold ratio
+
+
 @needs_nih
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path):
