@@ -89,7 +89,7 @@ B32 = ["train.batch_size=32", "federated.local_steps=25"]  # the first study's s
 # As tuned (TUNING below): from the public model, DP-SGD on D's last layer only, G at a tenth of D's learning rate.
 WARM = [DOUBLE_BATCH, PUBLIC_INIT, "train.d_trainable_last=1", "train.lr_g=2e-5"]
 CONFIGS: list[tuple[str, str, list[str]]] = [
-    ("public", "(0) public phantoms only, no real image (the warm start of 4w, 5w)",
+    ("public", "(0) public phantoms only, no real image (the start of rows 1w–5w)",
      ['data.source="phantoms"', 'data.path=""']),
     ("centralized", "(1) centralized, non-private", []),
     ("fed-patient", "(2) federated, 3 hospitals, patient partition",
