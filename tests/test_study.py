@@ -183,3 +183,19 @@ def test_fd_by_seed_lists_every_run_and_the_median():
     lines = study.fd_by_seed(runs).splitlines()
     assert lines[0] == "| seed | centralized | fed-patient |"
     assert lines[2:] == ["| 0 | 2.00 | 3.00 |", "| 1 | 4.00 | — |", "| 2 | 9.00 | — |", "| median | 4.00 | 3.00 |"]
+
+
+def test_public_override_is_a_tuning_option(capsys):
+    assert _study().main(["--public-override", "train.beta1=0.1"]) == 2
+    assert "add --tune" in capsys.readouterr().err
+
+
+def test_a_public_variant_is_trained_and_named_with_the_rows_that_start_from_it():
+    study = _study()
+    recipe = study.public_overrides(["train.lr_d=1e-4"])
+    assert recipe[-1] == "train.lr_d=1e-4" and set(study.TUNED["public"]) <= set(recipe)
+    assert 'data.source="phantoms"' in recipe  # never a real image
+    row = {"config": "fed-dp10-warm", "variant": "(4w)", "public": ["train.lr_d=1e-4"], "wall_s": 1.0,
+           "epsilon": 10.0, "metrics": {"fd_rand500": 5.0}}
+    assert "| (4w) (public model: train.lr_d=1e-4) |" in study.tuning_markdown([row])
+    assert "| (4w) |" in study.tuning_markdown([row | {"public": []}])
