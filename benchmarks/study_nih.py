@@ -21,7 +21,8 @@ One command reruns the whole study::
 Outputs: ``OUT/study.json`` and ``OUT/study.md`` (with ``--docs DIR`` also ``DIR/results/study.json`` and one
 sample grid PNG per configuration in ``DIR/results/``). ``run(quick)`` returns the figures for ``make bench``.
 ``--tune [--only KEY…]`` trains the ``TUNING`` variants on a validation split of the training patients and
-writes ``OUT/tuning.json`` / ``OUT/tuning.md`` (validation scores only).
+writes ``OUT/tuning.json`` / ``OUT/tuning.md`` (validation scores only); ``--public-override KEY=VALUE…`` trains
+that folder's public model another way, and the variants from the public model start from it.
 """
 
 from __future__ import annotations
