@@ -704,7 +704,13 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
                public: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """``public``: extra overrides of this folder's public model, which the variants from it then start from."""
     from medsyngan.data.prepared import PreparedDataset
+    from medsyngan.errors import UserError
     from medsyngan.rundir import atomic_write_text
+
+    if public and any((out / "runs").glob(f"*/{RESULT_FILE}")):
+        # The study's rows from the public model would silently keep results made from the model replaced here.
+        raise UserError(f"{out} holds study runs that start from its public models; give --public-override a "
+                        "tuning folder of its own (--out)")
 
     train_dir, _, _ = prepare_split(out / "data")
     train = PreparedDataset.open(train_dir)

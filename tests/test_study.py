@@ -199,3 +199,14 @@ def test_a_public_variant_is_trained_and_named_with_the_rows_that_start_from_it(
            "epsilon": 10.0, "metrics": {"fd_rand500": 5.0}}
     assert "| (4w) (public model: train.lr_d=1e-4) |" in study.tuning_markdown([row])
     assert "| (4w) |" in study.tuning_markdown([row | {"public": []}])
+
+
+def test_a_public_variant_never_replaces_the_public_model_of_a_study_folder(tmp_path):
+    from medsyngan.errors import UserError
+
+    study = _study()
+    finished = tmp_path / "runs" / "centralized-warm-s0" / study.RESULT_FILE
+    finished.parent.mkdir(parents=True)
+    finished.write_text("{}")
+    with pytest.raises(UserError, match="tuning folder of its own"):
+        study.run_tuning(tmp_path, public=["train.beta1=0.5"])
