@@ -28,6 +28,7 @@ that folder's public model another way, and the variants from the public model s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -144,14 +145,19 @@ TUNED: dict[str, list[str]] = {"public": PUBLIC_ADAM, "centralized": LR_3E4, "fe
 TUNED |= {f"{key}-warm": TUNED[key] + PUBLIC_ADAM for key in ("centralized", "fed-patient", "fed-labelskew")}
 
 
-def public_run(out: Path, seed: int) -> Path:
-    return out / "runs" / f"public-s{seed}"
+def public_run(out: Path, seed: int, variant: list[str] | tuple[str, ...] = ()) -> Path:
+    """This seed's public model. A variant of it (``--public-override``) lives in a folder of its own, so that it
+    never replaces the model that the study's rows in the same work folder started from."""
+    if not variant:
+        return out / "runs" / f"public-s{seed}"
+    return out / "runs" / f"public-s{seed}-{hashlib.sha256(json.dumps(list(variant)).encode()).hexdigest()[:10]}"
 
 
-def resolve(overrides: list[str], out: Path, seed: int, budget: Budget) -> list[str]:
-    """The overrides with ``@public`` replaced by this seed's public run and ``@double-batch``,
-    ``@five-d-steps`` and ``@half-rounds`` expanded."""
-    path = json.dumps(str(public_run(out, seed)))
+def resolve(overrides: list[str], out: Path, seed: int, budget: Budget,
+            public: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The overrides with ``@public`` replaced by this seed's public run (the ``public`` variant of it, if any) and
+    ``@double-batch``, ``@five-d-steps`` and ``@half-rounds`` expanded."""
+    path = json.dumps(str(public_run(out, seed, public)))
     private_steps = max(1, budget.local_steps // 2)  # D steps of a round at the doubled batch
     d_steps = min(FIVE, private_steps)
     expand = {
@@ -174,7 +180,7 @@ def ensure_public(out: Path, budget: Budget, train_dir: Path, seed: int,
     from medsyngan.rundir import atomic_write_text
 
     overrides = public_overrides(extra)
-    run_root, plan = public_run(out, seed), recipe("public", overrides, budget, train_dir, seed)
+    run_root, plan = public_run(out, seed, extra), recipe("public", overrides, budget, train_dir, seed)
     marker = run_root / "public-trained.json"
     if marker.is_file() and json.loads(marker.read_text())["recipe"] == plan:
         return json.loads(marker.read_text())["wall_s"]
@@ -688,13 +694,11 @@ TUNING: list[tuple[str, str, list[str]]] = [
     ("fed-patient", "from the public model, 16 × 25, local learning rates 3e-4, Adam β1 0, β2 0.99",
      [PUBLIC_INIT] + LR_3E4 + [HALF_ROUNDS] + PUBLIC_ADAM),
     # The private fine-tuning without momentum as well: no change (5.38 / 6.59 against 5.36 / 6.54 at seeds 0 / 1).
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, Adam β1 0, β2 0.99",
-     ["federated.local_steps=5", "train.d_steps_per_g=5"] + PUBLIC_ADAM),
+    ("fed-dp10-warm", "(4w), 5 D steps per G step, Adam β1 0, β2 0.99", [FIVE_D_STEPS] + PUBLIC_ADAM),
     # Averaging the iterates of a noisy optimizer (De et al. 2022 for DP-SGD): the generator's EMA over several
     # rounds instead of about the last one (1 kimg is 0.4 of a round's 2,400 images). No change: 6.23 against
     # 6.25 over five seeds.
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, G EMA half-life 4 kimg",
-     ["federated.local_steps=5", "train.d_steps_per_g=5", "train.ema_kimg=4"]),
+    ("fed-dp10-warm", "(4w), 5 D steps per G step, G EMA half-life 4 kimg", [FIVE_D_STEPS, "train.ema_kimg=4"]),
 ]
 TUNE_METRICS = "fd,kid,prdc"
 
@@ -704,13 +708,7 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
                public: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """``public``: extra overrides of this folder's public model, which the variants from it then start from."""
     from medsyngan.data.prepared import PreparedDataset
-    from medsyngan.errors import UserError
     from medsyngan.rundir import atomic_write_text
-
-    if public and any((out / "runs").glob(f"*/{RESULT_FILE}")):
-        # The study's rows from the public model would silently keep results made from the model replaced here.
-        raise UserError(f"{out} holds study runs that start from its public models; give --public-override a "
-                        "tuning folder of its own (--out)")
 
     train_dir, _, _ = prepare_split(out / "data")
     train = PreparedDataset.open(train_dir)
@@ -729,12 +727,11 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
         starts_public = PUBLIC_INIT in wanted or (key == "public" and not extra)
         if starts_public:  # public data: the same model as the study's unless `public` asks for a variant
             public_wall = ensure_public(out, budget, train_dir, seed, public)
-        wanted = resolve(wanted, out, seed, budget)
+        wanted = resolve(wanted, out, seed, budget, public)
         cfg = config_for(key, wanted, budget, tune_dir, seed)
         run_root = out / "tuning" / f"{key}-{number}"
-        saved, plan = run_root / RESULT_FILE, recipe(key, wanted, budget, tune_dir, seed)
         start = list(public) if starts_public else []  # the public variant is part of what this row measured
-        plan |= {"public": public_overrides(start)} if starts_public else {}
+        saved, plan = run_root / RESULT_FILE, recipe(key, wanted, budget, tune_dir, seed) | {"public": start}
         if reuse and saved.is_file() and json.loads(saved.read_text()).get("recipe") == plan:
             row = json.loads(saved.read_text())
         else:
@@ -742,7 +739,7 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
             # The public model never sees a real image, so the study's own one is scored, not retrained; a public
             # variant (other phantoms, another budget) trains a model of its own.
             study_public = key == "public" and not extra
-            trained = public_run(out, seed) if study_public else run_root
+            trained = public_run(out, seed, public) if study_public else run_root
             wall = public_wall if study_public else train_one(cfg, run_root)
             scored = score(cfg, trained, tune_train, val, run_root.with_suffix(".png"), TUNE_METRICS)
             row = {"config": key, "variant": variant, "overrides": extra, "public": start, "wall_s": round(wall, 1),

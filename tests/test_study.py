@@ -201,12 +201,12 @@ def test_a_public_variant_is_trained_and_named_with_the_rows_that_start_from_it(
     assert "| (4w) |" in study.tuning_markdown([row | {"public": []}])
 
 
-def test_a_public_variant_never_replaces_the_public_model_of_a_study_folder(tmp_path):
-    from medsyngan.errors import UserError
-
+def test_a_public_variant_trains_beside_the_study_public_model_never_over_it(tmp_path):
     study = _study()
-    finished = tmp_path / "runs" / "centralized-warm-s0" / study.RESULT_FILE
-    finished.parent.mkdir(parents=True)
-    finished.write_text("{}")
-    with pytest.raises(UserError, match="tuning folder of its own"):
-        study.run_tuning(tmp_path, public=["train.beta1=0.5"])
+    assert study.public_run(tmp_path, 3) == tmp_path / "runs" / "public-s3"  # the study's, as before
+    variant = study.public_run(tmp_path, 3, ["train.beta1=0.5"])
+    assert variant.parent == tmp_path / "runs" and variant != study.public_run(tmp_path, 3)
+    assert variant == study.public_run(tmp_path, 3, ("train.beta1=0.5",))  # stable: a rerun finds it again
+    assert variant != study.public_run(tmp_path, 3, ["train.beta1=0.0"])
+    resolved = study.resolve([study.PUBLIC_INIT], tmp_path, 3, study.FULL, ["train.beta1=0.5"])
+    assert resolved == [f"train.init_from={json.dumps(str(variant))}"]
