@@ -14,26 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsyngan.config import load_config
 from medsyngan.errors import UserError
 from medsyngan.privacy.accounting import BudgetExceeded, PrivacyAccountant
 from medsyngan.privacy.dp import DPSession, enable_dp, make_engine, privacy_unit
 from medsyngan.privacy.sampling import PoissonUnitSampler
 from medsyngan.training.step import DiscriminatorUpdate, GANTrainer, unwrap
-
-SIZE = 32
-
-
-def _cfg(*overrides: str):
-    # float32, as enable_dp makes every private trainer; tests that build engines by hand need it explicitly.
-    return load_config(None, [
-        "model.arch=dcgan", f"model.resolution={SIZE}", f"data.size={SIZE}", "model.ngf=8", "model.ndf=8",
-        "model.dp_compatible=true", "train.batch_size=8", "model.z_dim=16", "train.amp=off", *overrides,
-    ])
-
-
-def _images(n: int = 60, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE), dtype=np.uint8)
+from tiny_dp import SIZE, random_images as _images, tiny_cfg as _cfg
 
 
 def _session(trainer: GANTrainer, sigma: float, clip: float, expected: int = 8, engine: str = "auto",

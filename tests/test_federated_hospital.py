@@ -104,3 +104,24 @@ def test_holdout_fraction_keeps_patients_out_and_zero_keeps_none(data):
     assert len(held) == 0 and len(train) == len(patients)
     with pytest.raises(UserError, match="holdout_fraction=0"):
         split_holdout(patients[:1], 4, 0, 0.1)
+
+
+def test_mean_image_is_released_once_against_the_global_model_it_trains_from(data, monkeypatch):
+    import medsyngan.privacy.moments as moments
+
+    seen = []
+    real_mean = moments.generator_mean
+    monkeypatch.setattr(moments, "generator_mean", lambda G, size, seed=0: seen.append(
+        {k: v.clone() for k, v in G.named_parameters()}) or real_mean(G, size, seed))
+    hospital, cfg = _hospital(data, "privacy.dp=true", "privacy.target_epsilon=10", "privacy.mean_image_size=4",
+                              "federated.rounds=2", "federated.local_steps=2")
+    hospital.check_ready()  # the DP session exists before any global model has arrived
+    other, _ = _hospital(data, "run.seed=9")
+    global_state = other.trainer.model_state(("G", "D"))
+    result = hospital.train_round(global_state, 2)
+    weights = {k[2:]: v for k, v in global_state.items() if k.startswith("G.") and k[2:] in seen[0]}  # not BN stats
+    assert len(seen) == 1 and len(weights) == len(seen[0])
+    assert all(torch.equal(seen[0][k], v) for k, v in weights.items())
+    assert result.metrics["dp_steps"] == 2 and result.metrics["epsilon"] <= 10
+    hospital.train_round(global_state, 2)
+    assert len(seen) == 1  # the second round reuses the target

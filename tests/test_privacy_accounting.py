@@ -13,6 +13,7 @@ from medsyngan.privacy.accounting import (
     client_level_accountant,
     default_delta,
     epsilon_of,
+    plan_dp,
 )
 
 
@@ -75,6 +76,21 @@ def test_calibration_meets_target_without_overshoot():
     assert epsilon_of([(sigma, 0.05, 500)], 1e-5, "prv") <= 1.0
     # The PRV-only calibration needs less noise, as PRV is the tighter analysis.
     assert calibrate_noise(1.0, 1e-5, 0.05, 500, accountant="prv") < sigma
+
+
+def test_calibration_pays_for_a_prior_release_from_the_same_budget():
+    release = [(2.0, 1.0, 1)]  # one Gaussian release at q = 1, e.g. the mean image
+    alone = calibrate_noise(10.0, 1e-5, 0.5, 200)
+    sigma = calibrate_noise(10.0, 1e-5, 0.5, 200, prior=release)
+    assert sigma > alone
+    worst = max(epsilon_of(release + [(sigma, 0.5, 200)], 1e-5, m) for m in ("rdp", "prv"))
+    assert 9.9 <= worst <= 10.0
+    assert max(epsilon_of(release + [(sigma / 1.01, 0.5, 200)], 1e-5, m) for m in ("rdp", "prv")) > 10.0
+    # The plan's accountant carries the release from the start.
+    plan = plan_dp(60, 30, 200, 10.0, release_noise=2.0)
+    assert plan.noise_multiplier == pytest.approx(sigma) and plan.accountant().history == release
+    with pytest.raises(UserError, match="release alone spends ε = .* raise privacy.mean_image_noise"):
+        calibrate_noise(1.0, 1e-5, 0.5, 200, prior=release)
 
 
 def test_unmeetable_target_is_a_user_error():

@@ -166,6 +166,17 @@ class PrivacySection(Section):
         "cost), so that the generated side cannot outweigh the clipped real side."
     )
     unit: Literal["auto", "patient", "image"] = Field("auto", description="Privacy unit; auto: patient when ids exist.")
+    mean_image_size: int = Field(
+        0, ge=0, description="With DP: each hospital releases once, under the Gaussian mechanism, the k×k mean "
+        "image of its films (k = this value; 0: off), and G's loss gains a term matching it (privacy.moments). "
+        "It is part of target_epsilon: DP-SGD's σ is calibrated for what the release leaves."
+    )
+    mean_image_noise: float = Field(2.0, gt=0, description="Noise multiplier σ of the mean-image release.")
+    mean_image_clip: float = Field(
+        0.4, gt=0, description="Clipping of a unit's deviation from G's own mean image, as an RMS per k×k pixel on "
+        "the [-1, 1] scale (the L2 bound is this × k)."
+    )
+    mean_image_weight: float = Field(1.0, ge=0, description="Weight of the mean-image term in G's loss.")
     client_dp: bool = Field(False, description="DP-FedAvg: clip each hospital's update, noise the aggregate.")
     client_clip: float = Field(1.0, gt=0, description="Client-level DP clipping norm.")
     client_noise: float = Field(1.0, ge=0, description="Client-level DP noise multiplier.")
@@ -206,6 +217,16 @@ class Config(Section):
             raise ValueError(
                 f"data.size ({self.data.size}) differs from model.resolution ({self.model.resolution}); "
                 "set both to the same value"
+            )
+        if self.privacy.mean_image_size and not self.privacy.dp:
+            raise ValueError(
+                f"privacy.mean_image_size = {self.privacy.mean_image_size} is a DP release; set privacy.dp=true "
+                "or privacy.mean_image_size=0"
+            )
+        if self.privacy.mean_image_size > self.model.resolution:
+            raise ValueError(
+                f"privacy.mean_image_size ({self.privacy.mean_image_size}) exceeds model.resolution "
+                f"({self.model.resolution}); use a side of at most the image's"
             )
         if self.federated.enabled and self.federated.quorum > self.federated.hospitals:
             raise ValueError(

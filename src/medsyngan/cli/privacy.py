@@ -95,7 +95,8 @@ def _from_config(config: str, overrides: list[str]) -> None:
     for name, patients, images in _hospital_units(cfg):
         unit = resolve_unit(p.unit, patients, images)
         units = patients if unit == "patient" else images
-        plan = plan_dp(units, cfg.train.batch_size, steps, p.target_epsilon, p.delta, unit, where=name)
+        plan = plan_dp(units, cfg.train.batch_size, steps, p.target_epsilon, p.delta, unit, where=name,
+                       release_noise=p.mean_image_noise if p.mean_image_size else 0.0)
         eps = plan.accountant()
         eps.step(plan.steps)
         e = eps.epsilon()
@@ -103,6 +104,9 @@ def _from_config(config: str, overrides: list[str]) -> None:
                      f"{plan.noise_multiplier:.4f}", _fmt(e["rdp"]), _fmt(e["prv"])])
     if not p.dp:
         typer.echo("note: privacy.dp is off in this configuration; the figures apply once it is switched on")
+    if p.mean_image_size:
+        typer.echo(f"ε includes each hospital's one-off {p.mean_image_size}×{p.mean_image_size} mean-image release "
+                   f"(Gaussian, σ = {p.mean_image_noise:g}); σ below is DP-SGD's")
     _print_table(f"DP-SGD plan: target ε = {p.target_epsilon:g} per hospital over the whole run",
                  ["training set", "unit", "units", "q", "steps", "δ", "σ", "ε RDP", "ε PRV"], rows)
     if cfg.federated.enabled and p.client_dp:

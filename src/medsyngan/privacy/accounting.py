@@ -114,6 +114,13 @@ class PrivacyAccountant:
         if sample_rate is not None:
             self.sample_rate = float(sample_rate)
 
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Account ``steps`` runs of another Gaussian mechanism (e.g. a one-off release at q = 1) without
+        changing the (σ, q) of later :meth:`step` calls."""
+        validate(sample_rate, noise_multiplier, None, None)
+        self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        self._cache = None
+
     def step(self, n: int = 1) -> None:
         if n < 0:
             raise ValueError("a negative number of steps cannot be accounted")
@@ -191,11 +198,13 @@ class BudgetExceeded(UserError):
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: Accountant = "max") -> float:
+                    accountant: Accountant = "max", prior: list[tuple[float, float, int]] | None = None) -> float:
     """The smallest noise multiplier (to Opacus' 0.01 ε tolerance) whose ε after ``steps`` is ≤ the target.
 
     ``accountant="max"`` calibrates against the reported figure, max(RDP, PRV): it starts from the RDP answer and
-    only searches again with PRV in the rare case where PRV's upper bound lies above RDP's.
+    only searches again with PRV in the rare case where PRV's upper bound lies above RDP's. ``prior``: mechanisms
+    the same budget also pays for (history entries, e.g. the mean-image release); σ is then the smallest that
+    keeps their composition with the steps within the target.
     """
     validate(sample_rate, None, delta)
     if target_epsilon <= 0:
@@ -210,7 +219,31 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         if sigma and epsilon_of([(sigma, sample_rate, steps)], delta, mechanism) <= target_epsilon:
             continue
         sigma = max(sigma, _search(target_epsilon, delta, sample_rate, steps, mechanism))
+    if prior:
+        sigma = _search_with_prior(target_epsilon, delta, sample_rate, steps, mechanisms, list(prior), sigma)
     return sigma
+
+
+def _search_with_prior(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                       mechanisms: tuple[str, ...], prior: list[tuple[float, float, int]], start: float) -> float:
+    """Bisection from ``start`` (σ without the prior, a lower bound) to within 0.5% of the smallest σ that fits."""
+    def fits(sigma: float) -> bool:
+        history = prior + [(sigma, sample_rate, steps)]
+        return all(epsilon_of(history, delta, m) <= target_epsilon for m in mechanisms)
+
+    alone = max(epsilon_of(prior, delta, m) for m in mechanisms)
+    if alone >= target_epsilon:
+        raise UserError(
+            f"the mean-image release alone spends ε = {alone:.3g} of the target {target_epsilon:g}; raise "
+            "privacy.mean_image_noise, raise the target ε or set privacy.mean_image_size=0"
+        )
+    low, high = start, start * 1.25
+    while not fits(high):
+        low, high = high, high * 1.5
+    while high / low > 1.005:
+        middle = (low * high) ** 0.5
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
 
 
 def _search(target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str) -> float:
@@ -277,14 +310,21 @@ class DPPlan:
     delta: float
     target_epsilon: float
     noise_multiplier: float
+    release_noise: float = 0.0  # σ of the one-off mean-image release (0: none), paid from the same budget
 
     def accountant(self) -> PrivacyAccountant:
-        return PrivacyAccountant(self.sample_rate, self.noise_multiplier, self.delta, unit=self.unit, units=self.units)
+        """A fresh accountant; the planned release is recorded up front, so that a crash can only over-count."""
+        acc = PrivacyAccountant(self.sample_rate, self.noise_multiplier, self.delta, unit=self.unit, units=self.units)
+        if self.release_noise:
+            acc.record(self.release_noise, 1.0, 1)
+        return acc
 
 
 def plan_dp(units: int, batch_size: int, steps: int, target_epsilon: float, delta: float = 0.0,
-            unit: str = "patient", accountant: Accountant = "max", where: str = "") -> DPPlan:
-    """Sampling rate = batch size / units, δ (0: :func:`default_delta`), σ calibrated to the target ε."""
+            unit: str = "patient", accountant: Accountant = "max", where: str = "",
+            release_noise: float = 0.0) -> DPPlan:
+    """Sampling rate = batch size / units, δ (0: :func:`default_delta`), σ calibrated to the target ε (with
+    ``release_noise`` > 0, to what a one-off Gaussian release of that noise multiplier leaves of it)."""
     prefix = f"{where}: " if where else ""
     if units < 1:
         raise UserError(f"{prefix}no {unit}s to train on; give the hospital data or fewer hospitals")
@@ -297,7 +337,8 @@ def plan_dp(units: int, batch_size: int, steps: int, target_epsilon: float, delt
     delta = delta or default_delta(units)
     try:
         validate(sample_rate, None, delta, units)
-        sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
+        prior = [(release_noise, 1.0, 1)] if release_noise else None
+        sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant, prior)
     except UserError as exc:
         raise UserError(f"{prefix}{exc}") from None
-    return DPPlan(unit, units, batch_size, sample_rate, steps, delta, target_epsilon, sigma)
+    return DPPlan(unit, units, batch_size, sample_rate, steps, delta, target_epsilon, sigma, release_noise)

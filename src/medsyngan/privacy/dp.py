@@ -86,12 +86,14 @@ from torch import Tensor, nn
 from medsyngan.config import Config
 from medsyngan.errors import UserError
 from medsyngan.privacy.accounting import PrivacyAccountant, plan_dp, planned_private_steps, resolve_unit
+from medsyngan.privacy.moments import MeanImageRelease
 from medsyngan.privacy.sampling import PoissonUnitSampler
 from medsyngan.training.step import DiscriminatorUpdate, GANTrainer
 
 ENGINES = ("auto", "ghost", "vmap", "loop")
 STATE_VERSION = 1
-_NOISE_STREAM = 2  # stream ids under the session seed: 0 sampling, 1 augmentation, 2 noise
+_NOISE_STREAM = 2  # stream ids under the session seed: 0 sampling, 1 augmentation, 2 noise, 3 mean-image release
+_RELEASE_STREAM = 3
 
 
 # ====================================================================== model checks
@@ -529,13 +531,18 @@ class PrivateDiscriminatorUpdate(DiscriminatorUpdate):
         raise UserError("lazy R1 touches real images outside DP-SGD; set train.r1_gamma=0 with privacy.dp")
 
 
+def _stream_seed(secret: int, *stream: int) -> int:
+    """A torch seed for one stream under the session's secret seed."""
+    return int(np.random.SeedSequence([secret, *stream]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
+
+
 # ====================================================================== the session
 class DPSession:
     """The DP state of one hospital (or of a centralized run): sampler, accountant, σ, and the private update."""
 
     def __init__(self, trainer: GANTrainer, sampler: PoissonUnitSampler, accountant: PrivacyAccountant,
                  target_epsilon: float, max_grad_norm: float, guaranteed_steps: int, planned_steps: int,
-                 engine: str = "auto", clip_fake: bool = False):
+                 engine: str = "auto", clip_fake: bool = False, release: MeanImageRelease | None = None):
         self.trainer = trainer
         self.clip_fake = bool(clip_fake)
         self.sampler = sampler
@@ -546,6 +553,11 @@ class DPSession:
         self.planned_steps = int(planned_steps)
         self.update = PrivateDiscriminatorUpdate(self, make_engine(trainer, engine))
         self.engine = self.update.engine.name
+        self.release = release
+        # The accountant entries paid up front for the release; private D steps are counted after them.
+        self.released = [(release.noise_multiplier, 1.0, 1)] if release is not None else []
+        if release is not None:
+            trainer.g_extra_loss = release
 
     # ------------------------------------------------------------------ what the trainer and the reports use
     @property
@@ -554,7 +566,8 @@ class DPSession:
 
     @property
     def steps(self) -> int:
-        return self.accountant.steps
+        """Private D steps accounted (the mean-image release is not one)."""
+        return self.accountant.steps - len(self.released)
 
     @property
     def noise_multiplier(self) -> float:
@@ -596,8 +609,11 @@ class DPSession:
                 **self.metrics()}
 
     def _single_mechanism(self) -> bool:
+        """The history is the planned release (if any), then D steps at the calibrated (σ, q) only."""
         h = self.accountant.history
-        return all((sigma, q) == (self.noise_multiplier, self.sample_rate) for sigma, q, _ in h)
+        head, tail = h[:len(self.released)], h[len(self.released):]
+        return head == self.released and all((sigma, q) == (self.noise_multiplier, self.sample_rate)
+                                             for sigma, q, _ in tail)
 
     def check_budget(self, n: int = 1) -> None:
         """Raise BudgetExceeded when n more private steps would take ε above the target.
@@ -614,9 +630,8 @@ class DPSession:
         return max(0, self.guaranteed_steps - self.steps) if self._single_mechanism() else 0
 
     def noise_generator(self, step: int) -> torch.Generator:
-        seq = np.random.SeedSequence([self.sampler.seed, _NOISE_STREAM, step])
         gen = torch.Generator(device=self.trainer.device)
-        gen.manual_seed(int(seq.generate_state(1, np.uint64)[0]) & (2**63 - 1))
+        gen.manual_seed(_stream_seed(self.sampler.seed, _NOISE_STREAM, step))
         return gen
 
     # ------------------------------------------------------------------ persistent state (plain JSON)
@@ -629,6 +644,7 @@ class DPSession:
             "max_grad_norm": self.max_grad_norm,
             "guaranteed_steps": self.guaranteed_steps,
             "planned_steps": self.planned_steps,
+            "mean_image": self.release.state_dict() if self.release is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -640,6 +656,8 @@ class DPSession:
         self.max_grad_norm = float(state["max_grad_norm"])
         self.guaranteed_steps = int(state["guaranteed_steps"])
         self.planned_steps = int(state["planned_steps"])
+        if self.release is not None and state.get("mean_image") is not None:
+            self.release.load_state_dict(state["mean_image"])
 
 
 def privacy_unit(requested: str, images: int, patients: Sequence[str] | np.ndarray | None) -> tuple[str, int]:
@@ -680,13 +698,19 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
         accountant = PrivacyAccountant.from_state_dict(state["accountant"])
         guaranteed = 0  # taken from the state
     else:
-        plan = plan_dp(units, cfg.train.batch_size, plan_steps, p.target_epsilon, p.delta, unit)
+        plan = plan_dp(units, cfg.train.batch_size, plan_steps, p.target_epsilon, p.delta, unit,
+                       release_noise=p.mean_image_noise if p.mean_image_size else 0.0)
         accountant = plan.accountant()
         guaranteed = plan_steps if accountant.epsilon_after(plan_steps)["reported"] <= p.target_epsilon else 0
     sampler = PoissonUnitSampler(images, patients if unit == "patient" else None, cfg.train.batch_size, unit,
                                  secret, trainer.device, cfg.data.augment)
+    release = None
+    if p.mean_image_size:
+        release = MeanImageRelease(images, patients if unit == "patient" else None, p.mean_image_size,
+                                   p.mean_image_clip, p.mean_image_noise, p.mean_image_weight, trainer.G,
+                                   lambda: _stream_seed(sampler.seed, _RELEASE_STREAM))
     session = DPSession(trainer, sampler, accountant, p.target_epsilon, p.max_grad_norm, guaranteed, plan_steps,
-                        engine, clip_fake=p.clip_fake)
+                        engine, clip_fake=p.clip_fake, release=release)
     if state is not None:
         session.load_state_dict(state)
     if isinstance(trainer.d_update, PrivateDiscriminatorUpdate):

@@ -174,6 +174,9 @@ class GANTrainer:
         self.rng = torch.Generator(device=self.device)
         self.rng.manual_seed(cfg.run.seed ^ _RNG_SALT)
         self.d_update = d_update or DiscriminatorUpdate()
+        # An extra generator-loss term, fake batch → (term, diagnostic): the private mean-image anchor
+        # (privacy.moments) installs one; None trains G on the adversarial loss alone.
+        self.g_extra_loss: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
 
         self.step = 0  # generator steps
         self.d_step = 0  # discriminator steps
@@ -305,7 +308,11 @@ class GANTrainer:
             with self._autocast():
                 logits = self.D(fake).float()
             g_loss = losses.g_terms(self.loss, logits).mean()
-            g_loss.backward()
+            total = g_loss
+            if self.g_extra_loss is not None:
+                term, out["g_extra"] = self.g_extra_loss(fake.float())
+                total = g_loss + term
+            total.backward()
             self.opt_g.step()
             out["g_loss"] = g_loss.detach()
             self.step += 1

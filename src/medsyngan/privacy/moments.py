@@ -1,0 +1,140 @@
+"""A private mean image: one Gaussian release per hospital, and the generator-loss term that matches it.
+
+Why
+---
+DP-SGD on a discriminator spends its budget over hundreds of noisy steps on a high-dimensional gradient. What a
+generator pretrained on public data gets most wrong about real films is low-order: where the film is bright or
+dark on average (lung fields, mediastinum, the borders). A k×k mean image is k² numbers: released ONCE with the
+Gaussian mechanism it costs a small, fixed part of the budget, and its noise is far below what the same ε buys a
+D step (after DP-MERF, Harder et al. 2021, and DP-MEPF, Harder et al. 2023: release low-order moments under DP,
+then fit the generator to them at no further privacy cost).
+
+The release (:func:`release_mean_image`)
+----------------------------------------
+- Each privacy unit (patient, or image) contributes the k×k average-pooled mean of its images on the [-1, 1]
+  scale, minus a public reference (the generator's own k×k mean before training: deviations from it are much
+  smaller than the images, so a small clipping norm loses little).
+- The deviation is clipped to L2 norm ``clip · k`` (``clip`` is an RMS per low-resolution pixel, so the setting
+  does not depend on k); the sum over units gets N(0, (σ · clip · k)²) per coordinate; dividing by the number of
+  units (public: it is the hospital's weight in FedAvg) and adding the reference back gives the target.
+- Adding or removing a unit moves the sum by at most ``clip · k``: one Gaussian mechanism with noise multiplier σ,
+  i.e. one accountant entry (σ, q = 1, 1 step) composed with the DP-SGD steps (``accounting.plan_dp``).
+- It happens once per hospital and run; the target is kept in the hospital's DP state, so later rounds and a
+  resumed run reuse it and spend nothing more.
+
+The anchor (:class:`MeanImageRelease` as a loss term)
+----------------------------------------------------
+A term of the generator loss, post-processing of the release: weight · 2 (m̄ − t) · m, where m is the k×k mean of
+the generated batch and m̄ a running average of it (detached). Its gradient is that of ‖E[m] − t‖², but unlike the
+squared batch mean it does not reward a generator that shrinks its own variety (a batch mean's expected squared
+error includes the batch variance), and a BatchNorm generator cannot lower it by correlating a batch's samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medsyngan.errors import UserError
+
+#: How many generated images the public reference mean is taken over.
+REFERENCE_SAMPLES = 256
+#: Running average of the generated batch's mean image: about the last ten generator steps.
+RUNNING_MOMENTUM = 0.9
+
+
+def lowres_mean(images: Tensor, size: int) -> Tensor:
+    """The k×k average-pooled mean of a batch (B, 1, S, S) → (k, k)."""
+    return F.adaptive_avg_pool2d(images.float(), size).mean(dim=(0, 1))
+
+
+def unit_means(images: np.ndarray, patients: Sequence[str] | np.ndarray | None, size: int) -> Tensor:
+    """One k×k mean image per privacy unit (patient when ids are given, else image), on the [-1, 1] scale."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0).unsqueeze(1)
+    pooled = F.adaptive_avg_pool2d(x, size)[:, 0]
+    if patients is None:
+        return pooled
+    _, inverse = np.unique(np.asarray(patients, dtype=str), return_inverse=True)
+    index = torch.from_numpy(inverse)
+    sums = torch.zeros(int(index.max()) + 1, size, size).index_add_(0, index, pooled)
+    counts = torch.bincount(index).float()
+    return sums / counts[:, None, None]
+
+
+def release_mean_image(images: np.ndarray, patients: Sequence[str] | np.ndarray | None, size: int, clip: float,
+                       noise_multiplier: float, reference: Tensor, generator: torch.Generator) -> Tensor:
+    """The hospital's private k×k mean image (see the module docstring); ``reference`` must be public."""
+    if size < 1 or size > images.shape[-1]:
+        raise UserError(f"privacy.mean_image_size = {size} must lie between 1 and the image side {images.shape[-1]}")
+    means = unit_means(images, patients, size)
+    deviation = (means - reference.cpu()).flatten(1)
+    bound = clip * size
+    norms = deviation.norm(dim=1, keepdim=True)
+    clipped = deviation * torch.clamp(bound / norms.clamp_min(1e-12), max=1.0)
+    noise = torch.randn(size * size, generator=generator) * (noise_multiplier * bound)
+    return (clipped.sum(0) + noise).div(len(means)).view(size, size) + reference.cpu()
+
+
+@torch.no_grad()
+def generator_mean(G: torch.nn.Module, size: int, seed: int = 0) -> Tensor:
+    """The k×k mean of ``REFERENCE_SAMPLES`` images of G (in eval mode, so BatchNorm statistics do not move)."""
+    device = next(G.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    z = torch.randn(REFERENCE_SAMPLES, G.z_dim, generator=gen, device=device)
+    was_training = G.training
+    G.eval()
+    try:
+        return lowres_mean(G(z), size).cpu()
+    finally:
+        G.train(was_training)
+
+
+class MeanImageRelease:
+    """The release and the generator-loss term that matches it (module docstring), as ``trainer.g_extra_loss``.
+
+    The release happens at the first generator step, not when the session is built: only then does G hold the
+    weights it trains from (a federated hospital receives the global model with its first round), and its mean
+    image is the reference. The noise seed comes from ``noise_seed()``, derived from the hospital's persisted
+    secret, so a release repeated after a crash repeats the same numbers instead of publishing a second draw.
+    The accountant is charged for it up front, in the plan (``accounting.DPPlan.accountant``).
+    """
+
+    def __init__(self, images: np.ndarray, patients: Sequence[str] | np.ndarray | None, size: int, clip: float,
+                 noise_multiplier: float, weight: float, generator: torch.nn.Module,
+                 noise_seed: Callable[[], int]):
+        self.images, self.patients = images, patients
+        self.size, self.clip, self.noise_multiplier, self.weight = int(size), float(clip), float(noise_multiplier), \
+            float(weight)
+        self.generator, self.noise_seed = generator, noise_seed
+        self.target: Tensor | None = None
+        self.running: Tensor | None = None
+
+    def release(self) -> Tensor:
+        if self.target is None:
+            noise = torch.Generator().manual_seed(self.noise_seed())
+            self.target = release_mean_image(self.images, self.patients, self.size, self.clip,
+                                             self.noise_multiplier, generator_mean(self.generator, self.size), noise)
+        return self.target
+
+    def __call__(self, fake: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss term, squared gap ‖m̄ − t‖²) for a generated batch (B, 1, S, S)."""
+        target = self.release().to(fake.device)
+        mean = lowres_mean(fake, self.size)
+        detached = mean.detach()
+        self.running = detached if self.running is None else torch.lerp(detached, self.running, RUNNING_MOMENTUM)
+        gap = self.running - target
+        return self.weight * 2.0 * (gap * mean).sum(), gap.square().sum()
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None if self.target is None else {"size": self.size, "target": self.target.flatten().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["size"]) != self.size:
+            raise UserError(f"the DP state holds a {state['size']}×{state['size']} mean image but "
+                            f"privacy.mean_image_size is {self.size}; resume with the run's own configuration")
+        self.target = torch.tensor(state["target"], dtype=torch.float32).view(self.size, self.size)
