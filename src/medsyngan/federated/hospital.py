@@ -97,7 +97,7 @@ class Hospital:
             self.dp = enable_dp(self.trainer, np.asarray(self.train_set.images), self.train_set.patients,
                                 self.local_cfg, state=self._dp_state)
             floor = self.privacy_floor
-            if floor is not None and sum(n for _, _, n in floor["history"]) > self.dp.steps:
+            if floor is not None and sum(n for _, _, n in floor["history"]) > self.dp.accountant.steps:
                 self.dp.accountant.load_state_dict(floor)
         return self.dp.next_real
 

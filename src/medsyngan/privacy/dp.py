@@ -606,6 +606,7 @@ class DPSession:
                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
                 "delta": self.delta, "target_epsilon": self.target_epsilon, "steps": self.steps,
                 "planned_steps": self.planned_steps, "engine": self.engine, "clip_fake": self.clip_fake,
+                "mean_image_noise": self.release.noise_multiplier if self.release is not None else None,
                 **self.metrics()}
 
     def _single_mechanism(self) -> bool:
