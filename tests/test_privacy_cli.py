@@ -85,3 +85,18 @@ def test_config_plan_per_hospital(monkeypatch, capsys, medsyngan_cache):
     sigma = f"{calibrate_noise(1.0, 1e-5, 3 / 9, 10):.4f}"
     assert all(" 9 " in row and "0.3333" in row and sigma in row for row in rows), out
     assert "client-level DP-FedAvg" in out
+
+
+def test_config_plan_pays_for_the_mean_image_release(monkeypatch, capsys, medsyngan_cache):
+    from medsyngan.privacy.accounting import calibrate_noise
+
+    overrides = ["data.phantom_patients=20", "data.phantom_images_per_patient=2", "train.batch_size=4",
+                 "train.steps=50", "privacy.dp=true", "privacy.target_epsilon=10", "privacy.mean_image_size=4",
+                 "privacy.mean_image_noise=3"]
+    args = ["--config", "dcgan64"] + [a for o in overrides for a in ("--set", o)]
+    code, out, err = _run(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "4×4 mean-image release (Gaussian, σ = 3)" in out
+    assert f"{calibrate_noise(10.0, 1e-5, 0.2, 50, prior=[(3.0, 1.0, 1)]):.4f}" in out
+    code, _, err = _run(monkeypatch, capsys, *args, "--set", "privacy.mean_image_noise=0.5")
+    assert code == 2 and "release alone spends ε" in err and "raise privacy.mean_image_noise" in err
