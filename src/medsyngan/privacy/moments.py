@@ -5,18 +5,19 @@ Why
 DP-SGD on a discriminator spends its budget over hundreds of noisy steps on a high-dimensional gradient. What a
 generator pretrained on public data gets most wrong about real films is low-order: where the film is bright or
 dark on average (lung fields, mediastinum, the borders). A k×k mean image is k² numbers: released ONCE with the
-Gaussian mechanism it costs a small, fixed part of the budget, and its noise is far below what the same ε buys a
-D step (after DP-MERF, Harder et al. 2021, and DP-MEPF, Harder et al. 2023: release low-order moments under DP,
+Gaussian mechanism it costs a small, fixed part of the budget, where a D head needs hundreds of noisy steps to
+learn the same (after DP-MERF, Harder et al. 2021, and DP-MEPF, Harder et al. 2023: release low-order moments under DP,
 then fit the generator to them at no further privacy cost).
 
 The release (:func:`release_mean_image`)
 ----------------------------------------
 - Each privacy unit (patient, or image) contributes the k×k average-pooled mean of its images on the [-1, 1]
-  scale, minus a public reference (the generator's own k×k mean before training: deviations from it are much
-  smaller than the images, so a small clipping norm loses little).
+  scale, minus a public reference (the generator's own k×k mean before training: deviations from it are smaller
+  than the images themselves, so the same clipping norm cuts less).
 - The deviation is clipped to L2 norm ``clip · k`` (``clip`` is an RMS per low-resolution pixel, so the setting
   does not depend on k); the sum over units gets N(0, (σ · clip · k)²) per coordinate; dividing by the number of
-  units (public: it is the hospital's weight in FedAvg) and adding the reference back gives the target.
+  units (treated as public, as DP-SGD's sampling rate q = batch / units already is) and adding the reference back
+  gives the target.
 - Adding or removing a unit moves the sum by at most ``clip · k``: one Gaussian mechanism with noise multiplier σ,
   i.e. one accountant entry (σ, q = 1, 1 step) composed with the DP-SGD steps (``accounting.plan_dp``).
 - It happens once per hospital and run; the target is kept in the hospital's DP state, so later rounds and a
