@@ -22,7 +22,8 @@ Outputs: ``OUT/study.json`` and ``OUT/study.md`` (with ``--docs DIR`` also ``DIR
 sample grid PNG per configuration in ``DIR/results/``). ``run(quick)`` returns the figures for ``make bench``.
 ``--tune [--only KEY…]`` trains the ``TUNING`` variants on a validation split of the training patients and
 writes ``OUT/tuning.json`` / ``OUT/tuning.md`` (validation scores only); ``--public-override KEY=VALUE…`` trains
-that folder's public model another way, and the variants from the public model start from it.
+that folder's public model another way, and the variants from the public model start from it; ``--tune
+--diagnose`` scores that public model with tuning-train's low-order statistics put in place of its own.
 """
 
 from __future__ import annotations
@@ -573,6 +574,15 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
 # seed) into tuning-train and validation; each variant trains on tuning-train at the study's budget and is
 # scored against validation only. (For the DP rows this is a choice made on private data outside the accounting,
 # as in most DP-GAN papers; the study rows use the settings chosen here, stated in docs/results.md.)
+def with_mean_image(key: str, size: int, noise: float, weight: float = 1.0, extra: tuple[str, ...] = (),
+                    note: str = "") -> tuple[str, str, list[str]]:
+    """A TUNING entry: private row ``key`` with its five D steps per G step and a private mean image."""
+    row = {"fed-dp10-warm": "(4w)", "fed-dp1-secure-warm": "(5w)"}[key]
+    label = f"{row}, 5 D steps per G step, private {size}×{size} mean image (σ {noise:g})"
+    label += f", weight {weight:g}" if weight != 1 else ""
+    return key, label + note, [FIVE_D_STEPS, *mean_image(size, noise, weight), *extra]
+
+
 TUNING: list[tuple[str, str, list[str]]] = [
     ("centralized", "batch 32 (600 steps)", ["train.batch_size=32"]),
     ("centralized", "batch 16 (1,200 steps)", []),
@@ -712,57 +722,51 @@ TUNING: list[tuple[str, str, list[str]]] = [
     # rounds instead of about the last one (1 kimg is 0.4 of a round's 2,400 images). No change: 6.23 against
     # 6.25 over five seeds.
     ("fed-dp10-warm", "(4w), 5 D steps per G step, G EMA half-life 4 kimg", [FIVE_D_STEPS, "train.ema_kimg=4"]),
-    # Session 8: what the public model gets wrong is low-order (its samples with the training set's mean image
-    # put in place of their own score 4.90 instead of 5.56 at seed 0). Each hospital releases its 8×8 mean image
+    # Session 8: what the public model gets wrong is low-order (its samples with tuning-train's mean image put in
+    # place of their own score 4.81 instead of 5.56 at seed 0; `--tune --diagnose`). Each hospital releases its 8×8 mean image
     # once (privacy.moments; σ 2 alone is ε 2.2, composed with DP-SGD it costs ε 0.4 of the 10) and G's loss
     # matches it.
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, private 8×8 mean image (σ 2)",
-     [FIVE_D_STEPS, *mean_image(8, 2)]),
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, private 8×8 mean image (σ 2), weight 10",
-     [FIVE_D_STEPS, *mean_image(8, 2, 10)]),
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, private 8×8 mean image (σ 2), G learning rate 6e-5",
-     [FIVE_D_STEPS, *mean_image(8, 2), "train.lr_g=6e-5"]),
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, private 8×8 mean image (σ 2), weight 30",
-     [FIVE_D_STEPS, *mean_image(8, 2, 30)]),
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, private 16×16 mean image (σ 2), weight 10",
-     [FIVE_D_STEPS, *mean_image(16, 2, 10)]),
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, private 8×8 mean image (σ 4), weight 10",
-     [FIVE_D_STEPS, *mean_image(8, 4, 10)]),
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, private 8×8 mean image (σ 1), weight 10",
-     [FIVE_D_STEPS, *mean_image(8, 1, 10)]),
+    with_mean_image("fed-dp10-warm", 8, 2),
+    with_mean_image("fed-dp10-warm", 8, 2, 10),
+    with_mean_image("fed-dp10-warm", 8, 2, extra=("train.lr_g=6e-5",), note=", G learning rate 6e-5"),
+    with_mean_image("fed-dp10-warm", 8, 2, 30),
+    with_mean_image("fed-dp10-warm", 16, 2, 10),
+    with_mean_image("fed-dp10-warm", 8, 4, 10),
+    with_mean_image("fed-dp10-warm", 8, 1, 10),
     # At ε = 1 DP-SGD's σ is already about 35 (a D head that learns almost nothing); a coarse mean image at σ 6
     # (ε 0.65 alone) costs it little more.
-    ("fed-dp1-secure-warm", "(5w), 5 D steps per G step, private 4×4 mean image (σ 6), weight 10",
-     [FIVE_D_STEPS, *mean_image(4, 6, 10)]),
-    ("fed-dp1-secure-warm", "(5w), 5 D steps per G step, private 2×2 mean image (σ 6), weight 10",
-     [FIVE_D_STEPS, *mean_image(2, 6, 10)]),
+    with_mean_image("fed-dp1-secure-warm", 4, 6, 10),
+    with_mean_image("fed-dp1-secure-warm", 2, 6, 10),
     ("fed-dp1-secure-warm", "(5w), 5 D steps per G step (the study's recipe)", [FIVE_D_STEPS]),
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, private 16×16 mean image (σ 2), weight 30",
-     [FIVE_D_STEPS, *mean_image(16, 2, 30)]),
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, private 32×32 mean image (σ 2), weight 10",
-     [FIVE_D_STEPS, *mean_image(32, 2, 10)]),
-    ("fed-dp10-warm", "(4w), 5 D steps per G step, private 16×16 mean image (σ 4), weight 10",
-     [FIVE_D_STEPS, *mean_image(16, 4, 10)]),
-    ("fed-dp1-secure-warm", "(5w), 5 D steps per G step, private 8×8 mean image (σ 6), weight 10",
-     [FIVE_D_STEPS, *mean_image(8, 6, 10)]),
+    with_mean_image("fed-dp10-warm", 16, 2, 30),
+    with_mean_image("fed-dp10-warm", 32, 2, 10),
+    with_mean_image("fed-dp10-warm", 16, 4, 10),
+    with_mean_image("fed-dp1-secure-warm", 8, 6, 10),
 ]
 TUNE_METRICS = "fd,kid,prdc"
+
+
+def tuning_split(out: Path):
+    """(training-set folder, tuning-train, validation): the study's training patients split again, fixed seed."""
+    from medsyngan.data.prepared import PreparedDataset
+
+    train_dir, _, _ = prepare_split(out / "data")
+    train = PreparedDataset.open(train_dir)
+    is_val = np.isin(train.patients.astype(str), sorted(holdout_patients(train.patients, HOLDOUT_FRACTION,
+                                                                         SPLIT_SEED + 1)))
+    tune_dir = write_subset(train, np.flatnonzero(~is_val), out / "data" / "tune-train", "tune-train")
+    val_dir = write_subset(train, np.flatnonzero(is_val), out / "data" / "val", "val")
+    return train_dir, PreparedDataset.open(tune_dir), PreparedDataset.open(val_dir)
 
 
 def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = FULL,
                only: list[str] | None = None, variants: list[int] | None = None,
                public: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """``public``: extra overrides of this folder's public model, which the variants from it then start from."""
-    from medsyngan.data.prepared import PreparedDataset
     from medsyngan.rundir import atomic_write_text
 
-    train_dir, _, _ = prepare_split(out / "data")
-    train = PreparedDataset.open(train_dir)
-    val_patients = holdout_patients(train.patients, HOLDOUT_FRACTION, SPLIT_SEED + 1)
-    is_val = np.isin(train.patients.astype(str), sorted(val_patients))
-    tune_dir = write_subset(train, np.flatnonzero(~is_val), out / "data" / "tune-train", "tune-train")
-    val_dir = write_subset(train, np.flatnonzero(is_val), out / "data" / "val", "val")
-    tune_train, val = PreparedDataset.open(tune_dir), PreparedDataset.open(val_dir)
+    train_dir, tune_train, val = tuning_split(out)
+    tune_dir = tune_train.root
     overrides = {key: o for key, _, o in CONFIGS}
     rows = []
     for number in variants or range(len(TUNING)):  # in the order asked for
@@ -794,11 +798,42 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, budget: Budget = F
         row.pop("recipe", None)
         rows.append(row)
         print(f"[tune] {key} / {variant}: validation FD {pick(row['metrics'], 'fd'):.4g}", flush=True)
-    report = {"seed": seed, "validation_patients": len(val_patients), "tune_train_images": len(tune_train),
+    report = {"seed": seed, "validation_patients": len(np.unique(val.patients)), "tune_train_images": len(tune_train),
               "validation_images": len(val), "rows": rows}
     atomic_write_text(out / "tuning.json", json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(out / "tuning.md", tuning_markdown(rows))
     return report
+
+
+def low_order_diagnosis(out: Path, seed: int = 0) -> dict[str, float]:
+    """Validation FD of the tuning folder's public model (scored as ``--tune`` scores it) with low-order statistics
+    of tuning-train put in place of its own: how much of its distance to real films is low-order (session 8).
+    Also the 90 % quantile of tuning-train patients' k×k deviations from the model's mean image, as an RMS per
+    pixel: where ``privacy.mean_image_clip`` would start to cut."""
+    from medsyngan.privacy.moments import generator_mean, unit_means
+    from medsyngan.training.generate import generate_images, load_generator
+
+    train_dir, tune_train, val = tuning_split(out)
+    ensure_public(out, FULL, train_dir, seed)
+    G = load_generator(public_run(out, seed))[0]
+    clip_quantiles = {
+        f"clip 90% quantile at {k}×{k}": float(np.quantile(
+            (unit_means(tune_train.images, tune_train.patients, k) - generator_mean(G, k)).flatten(1).norm(dim=1)
+            / k, 0.9)) for k in (8, 16)}
+    fake = generate_images(G, FULL.samples, seed=seed + 1000).astype(float)
+    real = np.asarray(tune_train.images, dtype=float)
+    centred = fake - fake.mean(axis=0)
+    ranks = np.argsort(np.argsort(fake, axis=None)) / (fake.size - 1)  # each pixel's quantile among all of them
+    variants = {
+        "as generated": fake,
+        "mean image replaced by tuning-train's": centred + real.mean(axis=0),
+        "grey-level histogram matched to tuning-train's":
+            np.interp(ranks, np.linspace(0, 1, real.size), np.sort(real, axis=None)).reshape(fake.shape),
+        "mean image and contrast matched": centred * (real.std() / fake.std()) + real.mean(axis=0),
+    }
+    return {f"validation FD, {name}": pick(score_images(np.clip(np.round(x), 0, 255).astype(np.uint8), tune_train,
+                                                        val, "fd", seed).metrics, "fd")
+            for name, x in variants.items()} | clip_quantiles
 
 
 def tuning_markdown(rows: list[dict[str, Any]]) -> str:
@@ -850,6 +885,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="print one tuning table from the finished tuning runs in these work folders")
     parser.add_argument("--variant", type=int, nargs="+", choices=range(len(TUNING)), metavar="N",
                         help="with --tune: only these TUNING entries (0-based), in this order")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="with --tune: validation FD of the public model with tuning-train's mean image, "
+                        "histogram or contrast put in place of its own, and where a mean-image clip would cut")
     parser.add_argument("--public-override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="with --tune: train this folder's public model (0) with these extra overrides; the "
                         "variants from the public model then start from it")
@@ -863,6 +901,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.public_override and not args.tune:
             raise UserError("--public-override changes the public model of a tuning folder; add --tune")
+        if args.diagnose and not args.tune:
+            raise UserError("--diagnose scores a tuning folder's public model; add --tune")
+        if args.diagnose:
+            for name, value in low_order_diagnosis(out, args.seeds[0]).items():
+                print(f"{name}: {value:.3f}")
+            return 0
         if args.tune:
             run_tuning(out, args.seeds[0], args.reuse, only=args.only, variants=args.variant,
                        public=args.public_override)

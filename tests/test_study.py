@@ -185,8 +185,9 @@ def test_fd_by_seed_lists_every_run_and_the_median():
     assert lines[2:] == ["| 0 | 2.00 | 3.00 |", "| 1 | 4.00 | — |", "| 2 | 9.00 | — |", "| median | 4.00 | 3.00 |"]
 
 
-def test_public_override_is_a_tuning_option(capsys):
-    assert _study().main(["--public-override", "train.beta1=0.1"]) == 2
+@pytest.mark.parametrize("args", [["--public-override", "train.beta1=0.1"], ["--diagnose"]])
+def test_tuning_folder_options_need_tune(capsys, args):
+    assert _study().main(args) == 2
     assert "add --tune" in capsys.readouterr().err
 
 

@@ -177,6 +177,11 @@ class PrivacySection(Section):
         "the [-1, 1] scale (the L2 bound is this × k)."
     )
     mean_image_weight: float = Field(1.0, ge=0, description="Weight of the mean-image term in G's loss.")
+
+    @property
+    def release_noise(self) -> float:
+        """σ of the one-off mean-image release that target_epsilon also pays for (0: none)."""
+        return self.mean_image_noise if self.mean_image_size else 0.0
     client_dp: bool = Field(False, description="DP-FedAvg: clip each hospital's update, noise the aggregate.")
     client_clip: float = Field(1.0, gt=0, description="Client-level DP clipping norm.")
     client_noise: float = Field(1.0, ge=0, description="Client-level DP noise multiplier.")

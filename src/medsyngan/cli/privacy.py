@@ -96,7 +96,7 @@ def _from_config(config: str, overrides: list[str]) -> None:
         unit = resolve_unit(p.unit, patients, images)
         units = patients if unit == "patient" else images
         plan = plan_dp(units, cfg.train.batch_size, steps, p.target_epsilon, p.delta, unit, where=name,
-                       release_noise=p.mean_image_noise if p.mean_image_size else 0.0)
+                       release_noise=p.release_noise)
         eps = plan.accountant()
         eps.step(plan.steps)
         e = eps.epsilon()

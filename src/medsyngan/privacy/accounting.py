@@ -42,6 +42,11 @@ def default_delta(units: int) -> float:
     return min(DELTA_CAP, 1.0 / (2 * units))
 
 
+def one_off_release(noise_multiplier: float) -> tuple[float, float, int]:
+    """The history entry of a Gaussian mechanism applied once to all of a hospital's units (q = 1, one step)."""
+    return (float(noise_multiplier), 1.0, 1)
+
+
 def validate(sample_rate: float, noise_multiplier: float | None = None, delta: float | None = None,
              units: int | None = None) -> None:
     """Reject parameters that would make a reported ε meaningless, with the fix in the message."""
@@ -316,7 +321,7 @@ class DPPlan:
         """A fresh accountant; the planned release is recorded up front, so that a crash can only over-count."""
         acc = PrivacyAccountant(self.sample_rate, self.noise_multiplier, self.delta, unit=self.unit, units=self.units)
         if self.release_noise:
-            acc.record(self.release_noise, 1.0, 1)
+            acc.record(*one_off_release(self.release_noise))
         return acc
 
 
@@ -337,7 +342,7 @@ def plan_dp(units: int, batch_size: int, steps: int, target_epsilon: float, delt
     delta = delta or default_delta(units)
     try:
         validate(sample_rate, None, delta, units)
-        prior = [(release_noise, 1.0, 1)] if release_noise else None
+        prior = [one_off_release(release_noise)] if release_noise else None
         sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant, prior)
     except UserError as exc:
         raise UserError(f"{prefix}{exc}") from None

@@ -85,7 +85,13 @@ from torch import Tensor, nn
 
 from medsyngan.config import Config
 from medsyngan.errors import UserError
-from medsyngan.privacy.accounting import PrivacyAccountant, plan_dp, planned_private_steps, resolve_unit
+from medsyngan.privacy.accounting import (
+    PrivacyAccountant,
+    one_off_release,
+    plan_dp,
+    planned_private_steps,
+    resolve_unit,
+)
 from medsyngan.privacy.moments import MeanImageRelease
 from medsyngan.privacy.sampling import PoissonUnitSampler
 from medsyngan.training.step import DiscriminatorUpdate, GANTrainer
@@ -554,8 +560,6 @@ class DPSession:
         self.update = PrivateDiscriminatorUpdate(self, make_engine(trainer, engine))
         self.engine = self.update.engine.name
         self.release = release
-        # The accountant entries paid up front for the release; private D steps are counted after them.
-        self.released = [(release.noise_multiplier, 1.0, 1)] if release is not None else []
         if release is not None:
             trainer.g_extra_loss = release
 
@@ -563,6 +567,11 @@ class DPSession:
     @property
     def next_real(self) -> Callable[[], Tensor]:
         return self.sampler
+
+    @property
+    def released(self) -> list[tuple[float, float, int]]:
+        """The accountant entries paid up front for the mean-image release; private D steps come after them."""
+        return [one_off_release(self.release.noise_multiplier)] if self.release is not None else []
 
     @property
     def steps(self) -> int:
@@ -700,7 +709,7 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
         guaranteed = 0  # taken from the state
     else:
         plan = plan_dp(units, cfg.train.batch_size, plan_steps, p.target_epsilon, p.delta, unit,
-                       release_noise=p.mean_image_noise if p.mean_image_size else 0.0)
+                       release_noise=p.release_noise)
         accountant = plan.accountant()
         guaranteed = plan_steps if accountant.epsilon_after(plan_steps)["reported"] <= p.target_epsilon else 0
     sampler = PoissonUnitSampler(images, patients if unit == "patient" else None, cfg.train.batch_size, unit,

@@ -26,9 +26,10 @@ The release (:func:`release_mean_image`)
 The anchor (:class:`MeanImageRelease` as a loss term)
 ----------------------------------------------------
 A term of the generator loss, post-processing of the release: weight · 2 (m̄ − t) · m, where m is the k×k mean of
-the generated batch and m̄ a running average of it (detached). Its gradient is that of ‖E[m] − t‖², but unlike the
-squared batch mean it does not reward a generator that shrinks its own variety (a batch mean's expected squared
-error includes the batch variance), and a BatchNorm generator cannot lower it by correlating a batch's samples.
+the generated batch and m̄ a running average of it (detached). Its gradient is that of ‖E[m] − t‖². The squared
+batch mean ‖m − t‖² would also reward a generator for shrinking its own variety (its expectation includes the
+batch variance); here the current batch enters m̄ with weight 1 − ``RUNNING_MOMENTUM``, so that reward is a tenth
+as large. The term is linear in m, so a BatchNorm generator cannot lower it by correlating a batch's samples.
 """
 
 from __future__ import annotations
@@ -108,10 +109,9 @@ class MeanImageRelease:
     def __init__(self, images: np.ndarray, patients: Sequence[str] | np.ndarray | None, size: int, clip: float,
                  noise_multiplier: float, weight: float, generator: torch.nn.Module,
                  noise_seed: Callable[[], int]):
-        self.images, self.patients = images, patients
-        self.size, self.clip, self.noise_multiplier, self.weight = int(size), float(clip), float(noise_multiplier), \
-            float(weight)
-        self.generator, self.noise_seed = generator, noise_seed
+        self.images, self.patients, self.generator, self.noise_seed = images, patients, generator, noise_seed
+        self.size, self.clip = int(size), float(clip)
+        self.noise_multiplier, self.weight = float(noise_multiplier), float(weight)
         self.target: Tensor | None = None
         self.running: Tensor | None = None
 
