@@ -301,7 +301,7 @@ def recipe(key: str, overrides: list[str], budget: Budget, train_dir: Path, seed
 def train_one(cfg, run_root: Path) -> float:
     from medsyngan.federated.run import run_federated
     from medsyngan.rundir import RunDir
-    from medsyngan.training.centralized import train_centralized
+    from medsyngan.workflows.centralized import train_centralized
 
     shutil.rmtree(run_root, ignore_errors=True)
     rd = RunDir(run_root).create(cfg)

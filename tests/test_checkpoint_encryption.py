@@ -132,7 +132,7 @@ def test_missing_wrong_key_and_altered_files_are_one_line_errors(tmp_path, cfg, 
 
 
 def test_missing_key_file_stops_training_before_it_starts(tmp_path, medsyngan_cache):
-    from medsyngan.training.centralized import train_centralized
+    from medsyngan.workflows.centralized import train_centralized
 
     cfg = load_config("dcgan64", RUN + [f"privacy.checkpoint_key={tmp_path / 'absent.key'}"])
     run = RunDir(tmp_path / "run").create(cfg)
@@ -142,7 +142,7 @@ def test_missing_key_file_stops_training_before_it_starts(tmp_path, medsyngan_ca
 
 
 def test_encrypted_resume_reproduces_the_uninterrupted_plaintext_run(tmp_path, cfg):
-    from medsyngan.training.centralized import train_centralized
+    from medsyngan.workflows.centralized import train_centralized
 
     plain_cfg = load_config("dcgan64", RUN)
     full = RunDir(tmp_path / "full").create(plain_cfg)

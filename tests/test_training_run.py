@@ -86,7 +86,7 @@ def test_corrupt_missing_and_mismatched_checkpoints_are_one_line_errors(tmp_path
 
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, cfg):
-    from medsyngan.training.centralized import train_centralized
+    from medsyngan.workflows.centralized import train_centralized
 
     full = RunDir(tmp_path / "full").create(cfg)
     train_centralized(cfg, full)
@@ -142,7 +142,7 @@ def _stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def test_short_run_moves_samples_towards_the_data(tmp_path, medsyngan_cache):
     """After a short run, the samples' mean image and intensity histogram are closer to the phantoms' than at init."""
     from medsyngan.data.api import load_training_data
-    from medsyngan.training.centralized import train_centralized
+    from medsyngan.workflows.centralized import train_centralized
 
     cfg = load_config("dcgan64", RUN + ["train.steps=100", "train.checkpoint_every=100", "train.sample_every=100",
                                         "train.log_every=100", "train.lr_g=1e-3", "train.lr_d=1e-3"])
@@ -241,7 +241,7 @@ def test_cli_train_then_generate_dicom(tmp_path, medsyngan_cache):
 
 def test_init_from_starts_centralized_and_federated_runs_from_the_checkpoint_weights(tmp_path, cfg):
     from medsyngan.federated.server import ServerState
-    from medsyngan.training.centralized import train_centralized
+    from medsyngan.workflows.centralized import train_centralized
 
     source = RunDir(tmp_path / "public").create(cfg)
     train_centralized(cfg, source)
@@ -261,7 +261,7 @@ def test_init_from_starts_centralized_and_federated_runs_from_the_checkpoint_wei
 
 
 def test_init_from_another_model_is_one_line(tmp_path, cfg):
-    from medsyngan.training.centralized import train_centralized
+    from medsyngan.workflows.centralized import train_centralized
     from medsyngan.training.pretrained import pretrained_state
 
     source = RunDir(tmp_path / "public").create(cfg)

@@ -216,7 +216,7 @@ def _fmt(value: float | None) -> str:
 def run_demo(out: Path, quick: bool = False, data: Path | None = None, overrides: list[str] | None = None) -> Path:
     """Run the whole demo into ``out``; returns the path of the report."""
     from medsyngan.federated.run import run_federated
-    from medsyngan.training.centralized import train_centralized
+    from medsyngan.workflows.centralized import train_centralized
 
     start = time.time()
     out = Path(out)

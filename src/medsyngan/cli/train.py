@@ -63,19 +63,12 @@ def register(app: typer.Typer) -> None:
         from medsyngan.rundir import RunDir, log
 
         cfg = _training_config(config, set_ or [], data, steps, rounds, out, resume)
+        from medsyngan.workflows import train as run_training
+
         run_dir = RunDir(out).create(cfg, resume=resume)
+        summary = run_training(cfg, run_dir, resume)
         if cfg.federated.enabled:
-            from medsyngan.federated.run import run_federated
-
-            run_federated(cfg, run_dir, resume)
             return
-        from medsyngan.privacy.dp import enable_dp
-        from medsyngan.training.centralized import train_centralized
-
-        def make_private(trainer, images, patients, cfg, state):
-            return enable_dp(trainer, images, patients, cfg, state=state)
-
-        summary = train_centralized(cfg, run_dir, resume, make_private=make_private)
         state = "stopped" if summary["interrupted"] else "finished"
         log.info("%s at step %d (%.1f kimg); run directory %s", state, summary["step"], summary["kimg"], out)
         if summary["interrupted"]:

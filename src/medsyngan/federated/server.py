@@ -30,8 +30,8 @@ from medsyngan.federated.plan import participants
 from medsyngan.privacy.crypto import IntegrityError
 from medsyngan.privacy.secagg import SecAggAbort, SecAggConfig, SecAggServer, threshold_for
 from medsyngan.rundir import RunDir
-from medsyngan.training.centralized import fixed_latents, save_sample_grid
 from medsyngan.training.checkpoint import checkpoint_key, load_checkpoint, save_checkpoint_files
+from medsyngan.training.generate import fixed_latents, save_sample_grid
 from medsyngan.training.pretrained import pretrained_state
 from medsyngan.training.step import GANTrainer
 

@@ -1,1 +1,1 @@
-"""Training: losses, the one GAN step (`step.GANTrainer`), checkpoints, centralized runs and generation."""
+"""Training: losses, the one GAN step (`step.GANTrainer`), checkpoints and generation."""

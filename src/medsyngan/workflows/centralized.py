@@ -7,29 +7,25 @@ the run ends (a second Ctrl-C aborts at once). Stopping between steps, never ins
 
 from __future__ import annotations
 
-import io
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from medsyngan.config import Config
 from medsyngan.errors import UserError
-from medsyngan.rundir import RunDir, atomic_write_bytes, log, progress
+from medsyngan.rundir import RunDir, log, progress
 from medsyngan.runtime import configure_threads, seed_everything
 from medsyngan.training.checkpoint import checkpoint_key, load_checkpoint, restore_trainer, save_trainer_checkpoint
-from medsyngan.training.generate import image_grid, sample_images
+from medsyngan.training.generate import fixed_latents, save_sample_grid
 from medsyngan.training.pretrained import pretrained_state
-from medsyngan.training.step import GANTrainer, unwrap
-
-SAMPLE_GRID = 64  # images in each snapshot grid (8 x 8)
-
+from medsyngan.training.step import GANTrainer
 
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between steps; a second SIGINT raises KeyboardInterrupt."""
@@ -56,22 +52,6 @@ class StopRequest:
                 signal.signal(sig, handler)
 
 
-def fixed_latents(z_dim: int, seed: int, count: int = SAMPLE_GRID) -> torch.Tensor:
-    """The snapshot latents: the same for every snapshot of a run, independent of the training RNG."""
-    return torch.randn(count, z_dim, generator=torch.Generator().manual_seed(seed + 1))
-
-
-def save_sample_grid(trainer: GANTrainer, latents: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    # The plain module: a compiled G would recompile for eval mode.
-    net = unwrap(trainer.G_ema if trainer.G_ema is not None else trainer.G)
-    images = sample_images(net, latents, device=trainer.device)
-    buf = io.BytesIO()
-    Image.fromarray(image_grid(images)).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _check_data(cfg: Config, images: np.ndarray, source: str) -> None:
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise UserError(f"{source}: expected square greyscale images [N, S, S], got shape {tuple(images.shape)}")
@@ -83,27 +63,8 @@ def _check_data(cfg: Config, images: np.ndarray, source: str) -> None:
         )
 
 
-class PrivateTraining(Protocol):
-    """What a DP session gives the loop (``medsyngan.privacy.dp.DPSession``): batches, ε, persistent state."""
-
-    next_real: Callable[[], Any]
-
-    def metrics(self) -> dict[str, float]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-
-# (trainer, images, patients, cfg, saved DP state or None) → a session that has replaced the D update.
-MakePrivate = Callable[[GANTrainer, np.ndarray, np.ndarray, Config, "dict[str, Any] | None"], PrivateTraining]
-
-
-def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False,
-                      make_private: MakePrivate | None = None) -> dict[str, Any]:
-    """Train on one machine until ``cfg.train.steps`` generator steps; returns a summary of the run.
-
-    With ``privacy.dp`` the caller passes ``make_private`` (the CLI passes DP-SGD's ``enable_dp``): training sits
-    below privacy in the layers, so it is handed the private update rather than importing it.
-    """
+def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
+    """Train on one machine until ``cfg.train.steps`` generator steps; returns a summary of the run."""
     from medsyngan.data.api import load_training_data
     from medsyngan.data.loader import BatchLoader
     from medsyngan.models.registry import check_model_section
@@ -135,9 +96,9 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False,
     # comes back from the checkpoint, never reset.
     dp = None
     if cfg.privacy.dp:
-        if make_private is None:
-            raise ValueError("privacy.dp is set but no make_private was given to train_centralized")
-        dp = make_private(trainer, data.images, data.patients, cfg, ckpt.meta.get("dp") if ckpt else None)
+        from medsyngan.privacy.dp import enable_dp
+
+        dp = enable_dp(trainer, data.images, data.patients, cfg, state=ckpt.meta.get("dp") if ckpt else None)
     next_real = dp.next_real if dp is not None else loader.__next__
     log.info(
         "training %s at %d px on %s: %d images, batch %d, %d steps",
