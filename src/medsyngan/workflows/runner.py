@@ -11,9 +11,9 @@ from medsyngan.rundir import RunDir
 def train(cfg: Config, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (created by the caller); returns a summary (step, kimg, interrupted)."""
     if cfg.federated.enabled:
-        from medsyngan.federated.run import run_federated
+        from medsyngan.workflows.federation import train_federated
 
-        run_federated(cfg, run_dir, resume)
+        train_federated(cfg, run_dir, resume)
         return {"interrupted": False}
     from medsyngan.workflows.centralized import train_centralized
 
