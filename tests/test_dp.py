@@ -16,10 +16,11 @@ from torch import nn
 
 from medsyngan.errors import UserError
 from medsyngan.privacy.accounting import BudgetExceeded, PrivacyAccountant
-from medsyngan.privacy.dp import DPSession, enable_dp, make_engine, privacy_unit
+from medsyngan.privacy.dp import DPSession, privacy_unit
+from medsyngan.privacy.engines import make_engine
 from medsyngan.privacy.sampling import PoissonUnitSampler
 from medsyngan.training.step import DiscriminatorUpdate, GANTrainer, unwrap
-from tiny_dp import SIZE, random_images as _images, tiny_cfg as _cfg
+from tiny_dp import SIZE, enable_dp_from, random_images as _images, tiny_cfg as _cfg
 
 
 def _session(trainer: GANTrainer, sigma: float, clip: float, expected: int = 8, engine: str = "auto",
@@ -173,7 +174,7 @@ def test_private_training_runs_in_float32_even_where_bf16_is_the_default():
     cfg = _cfg("train.amp=bf16", "privacy.dp=true", "privacy.target_epsilon=3")
     trainer = GANTrainer(cfg, device="cpu")
     assert trainer.autocast_dtype == torch.bfloat16
-    session = enable_dp(trainer, _images(), None, cfg, planned_steps=20, seed=5)
+    session = enable_dp_from(cfg, trainer, _images(), None, planned_steps=20, seed=5)
     assert trainer.autocast_dtype is None
     trainer.train_step(session.next_real)
     assert session.steps == 1
@@ -182,8 +183,8 @@ def test_private_training_runs_in_float32_even_where_bf16_is_the_default():
 def test_every_private_step_is_accounted_and_the_generator_step_is_not_private():
     cfg = _cfg("train.d_steps_per_g=2", "privacy.dp=true", "privacy.target_epsilon=3")
     trainer = GANTrainer(cfg, device="cpu")
-    session = enable_dp(trainer, _images(), np.array([f"p{i // 2}" for i in range(60)]), cfg,
-                        planned_steps=20, seed=5)
+    session = enable_dp_from(cfg, trainer, _images(), np.array([f"p{i // 2}" for i in range(60)]),
+                             planned_steps=20, seed=5)
     calls = []
     engine_gradients = session.update.engine.gradients
     session.update.engine.gradients = lambda *a, **k: calls.append(1) or engine_gradients(*a, **k)
@@ -204,7 +205,7 @@ def test_state_survives_a_json_round_trip_and_resumes_exactly():
     cfg = _cfg("privacy.dp=true", "privacy.target_epsilon=3")
     images, patients = _images(), np.array([f"p{i // 3}" for i in range(60)])
     trainer = GANTrainer(cfg, device="cpu")
-    session = enable_dp(trainer, images, patients, cfg, planned_steps=10, seed=11)
+    session = enable_dp_from(cfg, trainer, images, patients, planned_steps=10, seed=11)
     for _ in range(2):
         trainer.train_step(session.next_real)
     state = json.loads(json.dumps(session.state_dict()))
@@ -214,7 +215,7 @@ def test_state_survives_a_json_round_trip_and_resumes_exactly():
 
     again = GANTrainer(cfg, device="cpu")
     again.load_state_dict(saved)
-    resumed = enable_dp(again, images, patients, cfg, state=state)  # another secret seed would be drawn: ignored
+    resumed = enable_dp_from(cfg, again, images, patients, state=state)  # another secret seed: ignored
     assert resumed.steps == 2 and resumed.noise_multiplier == session.noise_multiplier
     assert resumed.epsilon() == PrivacyAccountant.from_state_dict(state["accountant"]).epsilon()
     again.train_step(resumed.next_real)
@@ -226,7 +227,7 @@ def test_state_survives_a_json_round_trip_and_resumes_exactly():
 def test_a_hospital_refuses_to_train_past_its_budget():
     cfg = _cfg("privacy.dp=true", "privacy.target_epsilon=1")
     trainer = GANTrainer(cfg, device="cpu")
-    session = enable_dp(trainer, _images(), None, cfg, planned_steps=3, seed=1)
+    session = enable_dp_from(cfg, trainer, _images(), None, planned_steps=3, seed=1)
     for _ in range(3):
         trainer.train_step(session.next_real)
     assert session.epsilon()["reported"] <= 1.0
@@ -271,7 +272,7 @@ def test_privacy_unit():
     assert privacy_unit("image", 6, np.array(["a"] * 6)) == ("image", 6)
     cfg = _cfg("privacy.dp=true", "privacy.unit=patient")
     with pytest.raises(UserError, match="no patient ids"):
-        enable_dp(GANTrainer(cfg, device="cpu"), _images(), None, cfg, planned_steps=5)
+        enable_dp_from(cfg, GANTrainer(cfg, device="cpu"), _images(), None, planned_steps=5)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -284,7 +285,7 @@ def test_privacy_unit():
 def test_bad_models_and_settings_are_one_line_errors(overrides, message):
     cfg = _cfg("privacy.dp=true", *overrides)
     with pytest.raises(UserError, match=message) as err:
-        enable_dp(GANTrainer(cfg, device="cpu"), _images(), None, cfg, planned_steps=5)
+        enable_dp_from(cfg, GANTrainer(cfg, device="cpu"), _images(), None, planned_steps=5)
     assert "\n" not in str(err.value)
 
 
@@ -320,8 +321,8 @@ def test_private_steps_train_only_the_unfrozen_head():
     cfg = _cfg("train.d_trainable_last=1", "privacy.dp=true", "privacy.target_epsilon=3")
     trainer = GANTrainer(cfg, device="cpu")
     before = {k: v.clone() for k, v in trainer.D.state_dict().items()}
-    session = enable_dp(trainer, _images(), np.array([f"p{i // 2}" for i in range(60)]), cfg, planned_steps=20,
-                        seed=5)
+    session = enable_dp_from(cfg, trainer, _images(), np.array([f"p{i // 2}" for i in range(60)]),
+                             planned_steps=20, seed=5)
     for _ in range(2):
         trainer.train_step(session.next_real)
     moved = [k for k, v in unwrap(trainer.D).state_dict().items() if not torch.equal(before[k], v)]

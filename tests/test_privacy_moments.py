@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from medsyngan.errors import UserError
-from medsyngan.privacy.dp import enable_dp
 from medsyngan.privacy.moments import MeanImageRelease, lowres_mean, release_mean_image, unit_means
 from medsyngan.training.step import GANTrainer
-from tiny_dp import SIZE, random_images as _images, tiny_cfg as _cfg
+from tiny_dp import SIZE, enable_dp_from, random_images as _images, tiny_cfg as _cfg
 
 
 def test_unit_means_average_each_patients_films_first():
@@ -49,7 +48,7 @@ def test_release_is_accounted_once_and_a_resume_reuses_it():
                "privacy.mean_image_noise=2")
     images, patients = _images(), np.array([f"p{i // 2}" for i in range(60)])
     trainer = GANTrainer(cfg, device="cpu")
-    session = enable_dp(trainer, images, patients, cfg, planned_steps=6, seed=5)
+    session = enable_dp_from(cfg, trainer, images, patients, planned_steps=6, seed=5)
     release = session.accountant.history[0]
     assert release == (2.0, 1.0, 1) and session.steps == 0
     stats = [trainer.train_step(session.next_real) for _ in range(3)]
@@ -61,7 +60,7 @@ def test_release_is_accounted_once_and_a_resume_reuses_it():
     target = session.release.target.clone()
 
     again = GANTrainer(cfg, device="cpu")
-    resumed = enable_dp(again, images, patients, cfg, state=state, seed=99)  # another secret: must not matter
+    resumed = enable_dp_from(cfg, again, images, patients, state=state, seed=99)  # another secret: must not matter
     again.train_step(resumed.next_real)
     torch.testing.assert_close(resumed.release.target, target, rtol=0, atol=0)
     assert resumed.accountant.history[0] == release and resumed.steps == 4

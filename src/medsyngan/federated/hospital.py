@@ -92,10 +92,14 @@ class Hospital:
         if not self.cfg.privacy.dp:
             return self.loader.__next__
         if self.dp is None:
+            from medsyngan.privacy.accounting import planned_private_steps
             from medsyngan.privacy.dp import enable_dp
 
+            local = self.local_cfg
             self.dp = enable_dp(self.trainer, np.asarray(self.train_set.images), self.train_set.patients,
-                                self.local_cfg, state=self._dp_state)
+                                local.privacy, batch_size=local.train.batch_size,
+                                planned_steps=planned_private_steps(local), augment=local.data.augment,
+                                state=self._dp_state)
             floor = self.privacy_floor
             if floor is not None and sum(n for _, _, n in floor["history"]) > self.dp.accountant.steps:
                 self.dp.accountant.load_state_dict(floor)

@@ -279,10 +279,6 @@ def ring_add(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     return (a + b) & a.dtype.type(ring_mask(k))
 
 
-def ring_sub(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
-    return (a - b) & a.dtype.type(ring_mask(k))
-
-
 def pack_ring(residues: np.ndarray, k: int) -> bytes:
     """k/8 little-endian bytes per value (24-bit values take 3 bytes, not 4)."""
     width = k // 8

@@ -9,7 +9,7 @@ Batches are variable in size, possibly empty; an empty batch is still a private 
 
 The random stream of batch t is derived from (seed, t) alone, so the sampler's whole state is (seed, draws) and a
 resumed run draws exactly the batches the uninterrupted one would have. The seed must stay secret to the hospital:
-amplification by subsampling assumes the adversary does not know who was sampled (see ``dp.py``).
+amplification by subsampling assumes the adversary does not know who was sampled (see ``session.py``).
 """
 
 from __future__ import annotations

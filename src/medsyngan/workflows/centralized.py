@@ -96,9 +96,12 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
     # comes back from the checkpoint, never reset.
     dp = None
     if cfg.privacy.dp:
+        from medsyngan.privacy.accounting import planned_private_steps
         from medsyngan.privacy.dp import enable_dp
 
-        dp = enable_dp(trainer, data.images, data.patients, cfg, state=ckpt.meta.get("dp") if ckpt else None)
+        dp = enable_dp(trainer, data.images, data.patients, cfg.privacy, batch_size=t.batch_size,
+                       planned_steps=planned_private_steps(cfg), augment=cfg.data.augment,
+                       state=ckpt.meta.get("dp") if ckpt else None)
     next_real = dp.next_real if dp is not None else loader.__next__
     log.info(
         "training %s at %d px on %s: %d images, batch %d, %d steps",
