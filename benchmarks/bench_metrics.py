@@ -23,9 +23,9 @@ def _images(n: int) -> tuple[np.ndarray, str]:
     """Real NIH 64-px images (tiled with flips to reach n) when present, else seeded noise."""
     folder = NIH_DIR / "images-64"
     if folder.is_dir():
-        from medsyngan.metrics.images import read_folder
+        from medsyngan.metrics.images import read_image_folder
 
-        base = read_folder(folder)
+        base = read_image_folder(folder)
         reps = [base, base[:, :, ::-1], base[:, ::-1, :], base[:, ::-1, ::-1]]
         return np.ascontiguousarray(np.concatenate(reps)[:n]), "NIH 64 px"
     return np.random.default_rng(0).integers(0, 256, (n, 64, 64), dtype=np.uint8), "noise 64 px (NIH sample missing)"

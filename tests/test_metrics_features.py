@@ -8,12 +8,12 @@ import torch
 
 from medsyngan.errors import UserError
 from medsyngan.metrics import features, fid
-from medsyngan.metrics.images import read_folder
+from medsyngan.metrics.images import read_image_folder
 
 
 @pytest.fixture(scope="module")
 def nih64(nih_dir):
-    return read_folder(nih_dir / "images-64")
+    return read_image_folder(nih_dir / "images-64")
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,14 @@ import torch
 
 from medsyngan.errors import UserError
 from medsyngan.metrics import pixel
-from medsyngan.metrics.images import read_folder
+from medsyngan.metrics.images import read_image_folder
 
 skmetrics = pytest.importorskip("skimage.metrics", reason="scikit-image is the test-only reference")
 
 
 @pytest.fixture(scope="module")
 def nih64(nih_dir):
-    return read_folder(nih_dir / "images-64")[:60]
+    return read_image_folder(nih_dir / "images-64")[:60]
 
 
 def _sk_ssim(a, b):

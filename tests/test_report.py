@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from medsyngan.metrics import evaluate, evaluate_images
-from medsyngan.metrics.images import read_folder
+from medsyngan.metrics.images import read_image_folder
 from medsyngan.report.html import write_report
 
 
@@ -29,7 +29,7 @@ def _write_pngs(folder: Path, images: np.ndarray) -> Path:
 
 @pytest.fixture(scope="module")
 def sets(nih_dir, tmp_path_factory):
-    images = read_folder(nih_dir / "images-64")
+    images = read_image_folder(nih_dir / "images-64")
     root = tmp_path_factory.mktemp("evalsets")
     return {
         "images": images,

@@ -60,12 +60,13 @@ def register(app: typer.Typer) -> None:
         import json
 
         from medsyngan.config import load_config
-        from medsyngan.metrics.evaluate import evaluate, evaluate_snapshots, privacy_from_rows, snapshot_dirs
+        from medsyngan.metrics.evaluate import evaluate, evaluate_snapshots, privacy_from_rows
         from medsyngan.metrics.features import make_extractor
         from medsyngan.metrics.images import load_image_set
         from medsyngan.report.html import write_report
         from medsyngan.rundir import RunDir, atomic_write_text, console, setup_logging
         from medsyngan.runtime import configure_threads, select_device
+        from medsyngan.training.checkpoint import snapshot_dirs
 
         sources = [s for s in (run, checkpoint, fake) if s is not None]
         if len(sources) != 1:
@@ -115,7 +116,7 @@ def register(app: typer.Typer) -> None:
         )
         snapshot_rows = []
         if run is not None and extractor is not None and snapshot_count > 0:
-            snaps = snapshot_dirs(run)
+            snaps = snapshot_dirs(RunDir(run).checkpoints)
             if len(snaps) > 1:
                 snapshot_rows = evaluate_snapshots(snaps, real_set.images, extractor, snapshot_count, seed, batch_size,
                                                    device, checkpoint_key)

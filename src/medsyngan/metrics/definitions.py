@@ -1,4 +1,8 @@
-"""One-line definitions of every metric key, shown beside the value in the report's table."""
+"""One-line definitions of every metric key, shown beside the value in the report's table.
+
+Every key a registered metric returns (:mod:`medsyngan.metrics.registry`) must match a pattern here;
+tests/test_metrics_registry.py checks it for each metric.
+"""
 
 from __future__ import annotations
 

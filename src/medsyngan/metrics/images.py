@@ -27,7 +27,8 @@ class ImageSet:
         return int(self.images.shape[-1])
 
 
-def read_folder(folder: Path) -> np.ndarray:
+def read_image_folder(folder: Path) -> np.ndarray:
+    """The images of a folder as uint8 [N, S, S] greyscale, in file-name order; all must share one square size."""
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder; point to a folder of images")
@@ -66,7 +67,7 @@ def load_image_set(path: str | Path, role: str = "images") -> ImageSet:
         return ImageSet(ds.images, np.asarray(ds.patients), str(root))
     if not root.is_dir():
         raise UserError(f"{role} {root} is not a folder; give a prepared dataset or a folder of images")
-    return ImageSet(read_folder(root), None, str(root))
+    return ImageSet(read_image_folder(root), None, str(root))
 
 
 def check_same_resolution(**sets: np.ndarray | None) -> int:

@@ -100,6 +100,15 @@ class AttackResult:
         return tpr_at_fpr(self.fpr, self.tpr, target)
 
 
+@dataclass
+class PrivacyAudit:
+    """What the report draws: DCR distributions by space ('pixel' and the feature network's tag) and the ROC
+    curves of the membership-inference attacks."""
+
+    dcr: dict[str, DcrResult]
+    attacks: list[AttackResult]
+
+
 def _balanced(members: np.ndarray, nonmembers: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     n = min(len(members), len(nonmembers))
     if n < 2:
