@@ -338,7 +338,9 @@ def config_from_toml_text(text: str, origin: str) -> Config:
 
 def schema_markdown() -> str:
     """The configuration reference, generated from the schema so that documentation never drifts from code."""
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |",
+             f"| `version` | int | `{CONFIG_VERSION}` | Version of the file's format. An older file is migrated on "
+             "reading; a file without it is version 1, in which run.seed also seeds the data (data.seed). |"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
