@@ -195,8 +195,6 @@ def test_train_resume_generate_and_evaluate_read_a_version_1_run_folder(tmp_path
     assert (tmp_path / "eval" / "metrics.json").is_file()
 
     run.config_path.write_text(f"version = {CONFIG_VERSION + 1}\n" + run.config_path.read_text())
-    for args in (["train", "--out", str(run.root), "--resume", "--steps", "4"],
-                 ["evaluate", "--run", str(run.root), "--real", str(tmp_path / "gen"), "--out", str(tmp_path / "e2")]):
-        refused = _cli(*args)
-        assert refused.returncode == 2 and "Traceback" not in refused.stderr
-        assert f"configuration version {CONFIG_VERSION + 1} is newer" in refused.stderr
+    refused = _cli("train", "--out", str(run.root), "--resume", "--steps", "4")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"configuration version {CONFIG_VERSION + 1} is newer" in refused.stderr
