@@ -55,7 +55,7 @@ def measure(hospitals: int, round_seconds: float, rounds: int, private: bool, wo
     cores = os.cpu_count() or 1
     base = [f"federated.hospitals={hospitals}", f"federated.quorum={hospitals}", f"federated.rounds={rounds}",
             f"federated.client_cpus={cores}", "federated.eval_every=1000", "eval.num_samples=16",
-            f"data.phantom_patients={max(600, 200 * hospitals)}", "run.seed=1"]
+            f"data.phantom_patients={max(600, 200 * hospitals)}", "run.seed=1", "data.seed=1"]
     if not private:
         base += ["privacy.dp=false", "privacy.secagg=false", "privacy.encrypt=false", "privacy.quantize_bits=0"]
     cfg = load_config("federated-dcgan64", base)

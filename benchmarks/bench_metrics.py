@@ -7,16 +7,15 @@ scikit-image loop (measured on a subset of pairs in the same run, reported as pa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-NIH_DIR = Path(os.environ.get("MEDSYNGAN_NIH_DIR", REPO.parent / "shared" / "data" / "nih-chestxray14"))
+from medsyngan.data.shared import nih_sample_dir
+
+NIH_DIR = nih_sample_dir()
 
 
 def _images(n: int) -> tuple[np.ndarray, str]:

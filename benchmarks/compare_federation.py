@@ -43,7 +43,7 @@ def base(quick: bool) -> list[str]:
         f"data.size={size}", f"model.resolution={size}", "model.ngf=16", "model.ndf=16", "model.z_dim=64",
         "data.phantom_patients=150", "data.phantom_images_per_patient=2", "data.split=train_val",
         "train.batch_size=16", f"federated.rounds={4 if quick else 10}", f"federated.local_steps={5 if quick else 25}",
-        "federated.eval_every=1000", "eval.num_samples=64", "run.seed=11",
+        "federated.eval_every=1000", "eval.num_samples=64", "run.seed=11", "data.seed=11",
         # Privacy mechanisms are varied one at a time below; DP is left out so its noise does not mask them.
         "privacy.dp=false", "privacy.secagg=false", "privacy.encrypt=false", "privacy.quantize_bits=0",
         "privacy.update_clip=0",
@@ -93,7 +93,7 @@ def main() -> None:
     lines = [
         "# Federation choices compared (phantoms, equal budget)", "",
         f"Command: `python benchmarks/compare_federation.py{' --quick' if args.quick else ''}`; "
-        f"{os.cpu_count()} CPU cores; settings: `{' '.join(base(args.quick))}` on `configs/federated-dcgan64.toml`.",
+        f"{os.cpu_count()} CPU cores; settings: `{' '.join(base(args.quick))}` on the `federated-dcgan64` preset.",
         "One seed per variant, so differences of a few FD points are within run-to-run noise.", "",
         "| variant | FD (random features) ↓ | KID ↓ | bytes / hospital / round | wall s | kimg |",
         "| --- | --- | --- | --- | --- | --- |",

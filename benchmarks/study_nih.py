@@ -45,7 +45,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import run_all  # noqa: E402  (the one machine description of every benchmark)
 
-DEFAULT_NIH = REPO.parent / "shared" / "data" / "nih-chestxray14"
 HOLDOUT_FRACTION = 0.2
 SPLIT_SEED = 2024
 METRICS = "fd,kid,prdc,nn,msssim,privacy"  # PPL is not part of the study's questions and costs minutes
@@ -100,7 +99,7 @@ FROM_SCRATCH: list[tuple[str, str, list[str]]] = [
      ['federated.scheme="label-skew"', "federated.alpha=0.5", "privacy.dp=false", *PLAIN_WIRE]),
     ("fed-dp10", "(4) federated + patient-level DP ε=10",
      ['federated.scheme="patient"', "privacy.dp=true", "privacy.target_epsilon=10.0", *PLAIN_WIRE]),
-    # The product default as configs/federated-dcgan64.toml ships it: DP ε = 1, 8-bit, AES-GCM, secure aggregation.
+    # The product default as the federated-dcgan64 preset ships it: DP ε = 1, 8-bit, AES-GCM, secure aggregation.
     ("fed-dp1-secure", "(5) federated + DP ε=1, 8-bit, AES-GCM, secure aggregation (product default)",
      ['federated.scheme="patient"']),
 ]
@@ -205,7 +204,9 @@ def ensure_public(out: Path, budget: Budget, train_dir: Path, seed: int,
 
 
 def nih_dir() -> Path:
-    return Path(os.environ.get("MEDSYNGAN_NIH_DIR", DEFAULT_NIH))
+    from medsyngan.data.shared import nih_sample_dir
+
+    return nih_sample_dir()
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -274,7 +275,7 @@ def config_for(key: str, overrides: list[str], budget: Budget, train_dir: Path, 
         'data.source="prepared"', f"data.path={json.dumps(str(train_dir))}", 'data.split="all"',
         f"model.ngf={budget.width}", f"model.ndf={budget.width}", "model.dp_compatible=true",
         f"train.batch_size={budget.batch}", f"train.ema_kimg={budget.ema_kimg}", f"run.seed={seed}",
-        f'run.name="study-{key}-s{seed}"', f"eval.num_samples={budget.samples}", "run.threads=1",
+        f"data.seed={seed}", f'run.name="study-{key}-s{seed}"', f"eval.num_samples={budget.samples}", "run.threads=1",
     ]
     if key in CENTRALIZED:
         # The same images through D at whatever batch the overrides choose.

@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from medsyngan.data.nih import read_nih
 from medsyngan.data.partition import SCHEMES, partition
 
-NIH_DIR = Path(os.environ.get("MEDSYNGAN_NIH_DIR", Path(__file__).resolve().parents[1] / "../shared/data/nih-chestxray14"))
-needs_nih = pytest.mark.skipif(
-    not (NIH_DIR / "Data_Entry_2017_v2020.csv").is_file(),
-    reason=f"NIH ChestX-ray14 metadata not found at {NIH_DIR} (set MEDSYNGAN_NIH_DIR)",
-)
-
 
 @pytest.fixture(scope="module")
-def nih():
-    return read_nih(NIH_DIR, "images-64")
+def nih(nih_dir):
+    return read_nih(nih_dir, "images-64")
 
 
-def _raw_rows() -> list[list[str]]:
+def test_reader_keeps_every_row_with_patient_view_labels(nih, nih_dir):
     # Independent of the reader: plain string splitting of the file.
-    lines = (NIH_DIR / "Data_Entry_2017_v2020.csv").read_text().splitlines()[1:]
-    return [line.split(",") for line in lines if line]
-
-
-@needs_nih
-def test_reader_keeps_every_row_with_patient_view_labels(nih):
-    raw = _raw_rows()
+    lines = (nih_dir / "Data_Entry_2017_v2020.csv").read_text().splitlines()[1:]
+    raw = [line.split(",") for line in lines if line]
     assert len(nih) == len(raw) == 112_120
     assert len(set(nih.patients.tolist())) == 30_805
     for i in (0, 1, 5000, 112_119):
@@ -45,9 +31,8 @@ def test_reader_keeps_every_row_with_patient_view_labels(nih):
     assert set(nih.views.tolist()) == {"PA", "AP"}
 
 
-@needs_nih
-def test_official_split_is_patient_disjoint_and_complete(nih):
-    test_names = set((NIH_DIR / "test_list.txt").read_text().split())
+def test_official_split_is_patient_disjoint_and_complete(nih, nih_dir):
+    test_names = set((nih_dir / "test_list.txt").read_text().split())
     assert int((nih.splits == "test").sum()) == len(test_names) == 25_596
     assert int((nih.splits == "train_val").sum()) == 86_524
     test_patients = set(nih.patients[nih.splits == "test"].tolist())
@@ -55,14 +40,12 @@ def test_official_split_is_patient_disjoint_and_complete(nih):
     assert not test_patients & train_patients
 
 
-@needs_nih
 def test_sample_images_are_located_and_the_rest_reported_absent(nih):
     present = [p for p in nih.paths if p is not None]
     assert len(present) == 690
     assert all(p.parent.name == "images-64" for p in present)
 
 
-@needs_nih
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_every_scheme_is_patient_disjoint_and_covers_each_image_once(nih, scheme):
@@ -80,7 +63,6 @@ def test_every_scheme_is_patient_disjoint_and_covers_each_image_once(nih, scheme
         np.testing.assert_array_equal(hosp, again)
 
 
-@needs_nih
 @pytest.mark.slow
 def test_scheme_character_on_real_labels(nih):
     patients, labels = nih.patients, nih.labels

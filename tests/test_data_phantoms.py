@@ -156,7 +156,7 @@ def test_load_training_data_builds_once_and_checks_size(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MEDSYNGAN_CACHE", str(tmp_path))
     cfg = load_config(None, ["data.phantom_patients=4", "data.phantom_images_per_patient=2", "data.size=32",
-                             "model.resolution=32", "run.seed=9"])
+                             "model.resolution=32", "data.seed=9"])
     ds = load_training_data(cfg)
     assert ds.images.shape == (8, 32, 32) and len(set(ds.patients.tolist())) == 4
     stamp = (ds.root / "images.u8").stat().st_mtime_ns

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,12 +17,6 @@ from medsyngan.data.prepared import PreparedDataset
 from medsyngan.data.transforms import clahe, equalize_hist, process, square
 from medsyngan.errors import UserError
 
-NIH_DIR = Path(os.environ.get("MEDSYNGAN_NIH_DIR", Path(__file__).resolve().parents[1] / "../shared/data/nih-chestxray14"))
-needs_nih = pytest.mark.skipif(
-    not (NIH_DIR / "images-64").is_dir(), reason=f"NIH ChestX-ray14 sample not found at {NIH_DIR} (set MEDSYNGAN_NIH_DIR)"
-)
-
-
 def _write_folder(root: Path, n: int = 6, size: int = 40) -> list[np.ndarray]:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -35,20 +28,19 @@ def _write_folder(root: Path, n: int = 6, size: int = 40) -> list[np.ndarray]:
     return imgs
 
 
-@needs_nih
 @pytest.mark.slow
-def test_round_trip_on_the_real_64px_images(tmp_path):
+def test_round_trip_on_the_real_64px_images(tmp_path, nih_dir):
     out = tmp_path / "nih64"
-    result = prepare(NIH_DIR, out, PrepareSettings(size=64, skip_bad=True), images_dir="images-64", workers=2)
+    result = prepare(nih_dir, out, PrepareSettings(size=64, skip_bad=True), images_dir="images-64", workers=2)
     ds = result.dataset
     assert len(ds) == 690 and ds.size == 64 and ds.images.shape == (690, 64, 64)
     assert len(result.skipped) == 112_120 - 690 and {r for _, r in result.skipped} == {"file not found"}
     # Independent greyscale: ITU-R 601 luma of the stored RGB, which has grey content (R = G = B).
-    rows = {line.split(",")[0]: line.split(",") for line in (NIH_DIR / "Data_Entry_2017_v2020.csv").read_text().splitlines()[1:]}
-    test_names = set((NIH_DIR / "test_list.txt").read_text().split())
+    rows = {line.split(",")[0]: line.split(",") for line in (nih_dir / "Data_Entry_2017_v2020.csv").read_text().splitlines()[1:]}
+    test_names = set((nih_dir / "test_list.txt").read_text().split())
     for i in range(0, 690, 23):
         name = ds.image_names[i]
-        rgb = np.asarray(Image.open(NIH_DIR / "images-64" / name).convert("RGB"), dtype=np.float64)
+        rgb = np.asarray(Image.open(nih_dir / "images-64" / name).convert("RGB"), dtype=np.float64)
         luma = np.round(rgb @ [0.299, 0.587, 0.114])
         assert np.abs(ds.images[i].astype(np.float64) - luma).max() <= 1
         assert ds.patients[i] == rows[name][3] and ds.views[i] == rows[name][6]
@@ -56,10 +48,10 @@ def test_round_trip_on_the_real_64px_images(tmp_path):
         assert ds.splits[i] == ("test" if name in test_names else "train_val")
     # Same settings: nothing happens; the files are untouched.
     stamp = (out / "images.u8").stat().st_mtime_ns
-    again = prepare(NIH_DIR, out, PrepareSettings(size=64, skip_bad=True), images_dir="images-64")
+    again = prepare(nih_dir, out, PrepareSettings(size=64, skip_bad=True), images_dir="images-64")
     assert not again.rebuilt and (out / "images.u8").stat().st_mtime_ns == stamp
     # A changed setting rebuilds.
-    resized = prepare(NIH_DIR, out, PrepareSettings(size=32, skip_bad=True), images_dir="images-64", workers=1)
+    resized = prepare(nih_dir, out, PrepareSettings(size=32, skip_bad=True), images_dir="images-64", workers=1)
     assert resized.rebuilt and resized.dataset.images.shape == (690, 32, 32)
 
 

@@ -20,8 +20,6 @@ from medsyngan.privacy.crypto import (
     load_public_key,
     model_hash,
     parse_sealed,
-    read_encrypted,
-    write_encrypted,
     write_identity_key,
 )
 
@@ -188,11 +186,11 @@ def test_checkpoint_encryption_at_rest(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     key = load_key_file(path)
     assert len(key) == 32
-    write_encrypted(tmp_path / "ckpt.bin", PAYLOAD, key)
-    assert PAYLOAD not in (tmp_path / "ckpt.bin").read_bytes()
-    assert read_encrypted(tmp_path / "ckpt.bin", key) == PAYLOAD
+    sealed = encrypt_at_rest(PAYLOAD, key, "checkpoint")
+    assert PAYLOAD not in sealed
+    assert decrypt_at_rest(sealed, key, "checkpoint") == PAYLOAD
     with pytest.raises(IntegrityError) as info:
-        read_encrypted(tmp_path / "ckpt.bin", os.urandom(32))
+        decrypt_at_rest(sealed, os.urandom(32), "checkpoint")
     assert info.value.reason == "wrong-key"
     with pytest.raises(IntegrityError):
         decrypt_at_rest(_flip(encrypt_at_rest(PAYLOAD, key, "checkpoint"), 40), key, "checkpoint")

@@ -43,9 +43,11 @@ import numpy as np
 import pytest
 from dicom_files import write_xray_dicom
 
+from medsyngan.data.shared import nih_sample_dir
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-NIH_DIR = Path(os.environ.get("MEDSYNGAN_NIH_DIR", REPO.parent / "shared" / "data" / "nih-chestxray14"))
+NIH_DIR = nih_sample_dir()
 NIH_IN_README = "../shared/data/nih-chestxray14"
 CONFIG_START, CONFIG_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 BLOCK_TIMEOUT_S = 600
@@ -296,6 +298,7 @@ def _check_outputs(work: Path, expected: dict[str, int | None], block: Block, lo
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("nih_sample")
 def test_every_readme_command_runs(tmp_path):
     from medsyngan.federated import deploy
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-NIH = Path(os.environ.get("MEDSYNGAN_NIH_DIR", REPO.parent / "shared" / "data" / "nih-chestxray14"))
-needs_nih = pytest.mark.skipif(not (NIH / "images-64").is_dir(), reason=f"NIH sample not found at {NIH}")
+needs_nih = pytest.mark.usefixtures("nih_dir")
 
 
 def _study():

@@ -1,23 +1,30 @@
 """The one typed configuration shared by every entry point.
 
-A run is described by a TOML preset from ``configs/`` plus ``--set section.key=value`` overrides. The resolved
-configuration is written to the run directory as ``config.toml`` so that a later command (resume, generate,
-evaluate) reads back exactly what the run used. Every section forbids unknown keys, so a typo is an error that
-names the key rather than a silently ignored setting.
+A run is described by a TOML preset (a file path, or the name of one shipped in ``medsyngan/presets/``) plus
+``--set section.key=value`` overrides. The resolved configuration is written to the run directory as
+``config.toml`` so that a later command (resume, generate, evaluate) reads back exactly what the run used. Every
+section forbids unknown keys, so a typo is an error that names the key rather than a silently ignored setting.
+
+Every file read (preset, ``config.toml``, a checkpoint's embedded configuration) goes through
+:func:`medsyngan.config_versions.migrate` first, so files written by an older MedSynGAN keep working.
 """
 
 from __future__ import annotations
 
 import tomllib
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from medsyngan.config_versions import CONFIG_VERSION, migrate
 from medsyngan.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# Package data, so that an installed (not only an editable) MedSynGAN finds `--config dcgan64`.
+PRESETS: Traversable = files("medsyngan") / "presets"
 
 
 class Section(BaseModel):
@@ -26,7 +33,10 @@ class Section(BaseModel):
 
 class RunSection(Section):
     name: str = Field("run", description="Human-readable name of the run, shown in logs and the report.")
-    seed: int = Field(0, description="Seed for every random choice of the run (data order, latents, sampling).")
+    seed: int = Field(
+        0, description="Seed of the training's random choices (initial weights, batch order, latents, sampling); "
+        "the data itself is drawn from data.seed."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' takes CUDA when present.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
 
@@ -54,6 +64,10 @@ class DataSection(Section):
         "phantoms' own); the demo trains on train_val and evaluates on test."
     )
     size: int = Field(64, description="Image side in pixels; must equal model.resolution.")
+    seed: int = Field(
+        0, description="Seed of the data: the phantoms, the on-the-fly hospital partition and each hospital's "
+        "held-out patients. Fixed data with another run.seed measures run-to-run spread."
+    )
     phantom_patients: int = Field(200, ge=1, description="Synthetic patients when source = 'phantoms'.")
     phantom_images_per_patient: int = Field(3, ge=1, description="Images per synthetic patient.")
     augment: AugmentSection = Field(default_factory=AugmentSection)
@@ -177,11 +191,6 @@ class PrivacySection(Section):
         "the [-1, 1] scale (the L2 bound is this × k)."
     )
     mean_image_weight: float = Field(1.0, ge=0, description="Weight of the mean-image term in G's loss.")
-
-    @property
-    def release_noise(self) -> float:
-        """σ of the one-off mean-image release that target_epsilon also pays for (0: none)."""
-        return self.mean_image_noise if self.mean_image_size else 0.0
     client_dp: bool = Field(False, description="DP-FedAvg: clip each hospital's update, noise the aggregate.")
     client_clip: float = Field(1.0, gt=0, description="Client-level DP clipping norm.")
     client_noise: float = Field(1.0, ge=0, description="Client-level DP noise multiplier.")
@@ -198,6 +207,11 @@ class PrivacySection(Section):
         "", description="Key file (32 bytes, from `medsyngan privacy keygen`) that encrypts the run's checkpoints "
         "at rest (AES-256-GCM); `medsyngan train` stores it as an absolute path. Empty: checkpoints in plaintext."
     )
+
+    @property
+    def release_noise(self) -> float:
+        """σ of the one-off mean-image release that target_epsilon also pays for (0: none)."""
+        return self.mean_image_noise if self.mean_image_size else 0.0
 
 
 class EvalSection(Section):
@@ -241,7 +255,7 @@ class Config(Section):
         return self
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.model_dump(mode="json"))
+        return tomli_w.dumps({"version": CONFIG_VERSION, **self.model_dump(mode="json")})
 
 
 def _format_error(err: ValidationError, origin: str) -> str:
@@ -278,46 +292,55 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def resolve_preset(name_or_path: str | Path) -> Path:
-    """A preset is a file path, or a name of a file in configs/ (with or without '.toml')."""
+def preset_names() -> list[str]:
+    """The presets shipped with the package, by name."""
+    return sorted(p.name.removesuffix(".toml") for p in PRESETS.iterdir() if p.name.endswith(".toml"))
+
+
+def _read_preset(name_or_path: str | Path) -> tuple[str, str]:
+    """(TOML text, where it came from) of a file path, or of a shipped preset named with or without '.toml'."""
     path = Path(name_or_path)
     if path.is_file():
-        return path
-    for candidate in (CONFIG_DIR / f"{name_or_path}.toml", CONFIG_DIR / str(name_or_path)):
-        if candidate.is_file():
-            return candidate
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
-    raise UserError(f"config '{name_or_path}' not found; give a TOML path or one of: {known}")
+        return path.read_text(), str(path)
+    name = str(name_or_path).removesuffix(".toml")
+    preset = PRESETS / f"{name}.toml"
+    if preset.is_file():
+        return preset.read_text(), f"preset {name}"
+    raise UserError(f"config '{name_or_path}' not found; give a TOML path or one of: {', '.join(preset_names())}")
 
 
-def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    origin = "configuration"
-    tree: dict[str, Any] = {}
-    if preset is not None:
-        path = resolve_preset(preset)
-        origin = str(path)
-        try:
-            tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"{path}: not valid TOML ({exc}); fix the file's syntax") from None
-    tree = apply_overrides(tree, overrides or [])
+def _parse(text: str, origin: str) -> dict[str, Any]:
+    try:
+        return migrate(tomllib.loads(text), origin)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{origin}: not valid TOML ({exc}); fix the file's syntax") from None
+
+
+def _validate(tree: dict[str, Any], origin: str) -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
         raise UserError(_format_error(exc, origin)) from None
 
 
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A preset (path or shipped name; none: every default), upgraded to this version, then ``overrides``."""
+    origin, tree = "configuration", {}
+    if preset is not None:
+        text, origin = _read_preset(preset)
+        tree = _parse(text, origin)
+    return _validate(apply_overrides(tree, overrides or []), origin)
+
+
 def config_from_toml_text(text: str, origin: str) -> Config:
-    try:
-        return Config.model_validate(tomllib.loads(text))
-    except (tomllib.TOMLDecodeError, ValidationError) as exc:
-        detail = _format_error(exc, origin) if isinstance(exc, ValidationError) else f"{origin}: {exc}"
-        raise UserError(detail) from None
+    return _validate(_parse(text, origin), origin)
 
 
 def schema_markdown() -> str:
     """The configuration reference, generated from the schema so that documentation never drifts from code."""
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |",
+             f"| `version` | int | `{CONFIG_VERSION}` | Version of the file's format. An older file is migrated on "
+             "reading; a file without it is version 1, in which run.seed also seeds the data (data.seed). |"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():

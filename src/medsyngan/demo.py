@@ -88,6 +88,7 @@ def public_config(cfg: Config) -> Config:
     public = centralized_twin(cfg, f.rounds * f.local_steps * cfg.train.batch_size * f.hospitals)
     public.run.name = f"{cfg.run.name}-public"
     public.run.seed = cfg.run.seed + PUBLIC_SEED_OFFSET
+    public.data.seed = cfg.data.seed + PUBLIC_SEED_OFFSET
     public.data.source, public.data.path, public.data.split = "phantoms", "", "all"
     public.train.init_from = ""
     return public

@@ -3,11 +3,10 @@
 Layout::
 
     RUN_DIR/
-      config.toml     the resolved configuration
+      config.toml     the resolved configuration, with its format version (older versions are migrated on reading)
       checkpoints/    model + optimizer + RNG state, written atomically
       metrics.jsonl   one JSON object per logged step / round
       samples/        sample grids from fixed latents
-      report.html     the evaluation report
       run.log         everything the terminal showed
 """
 
@@ -118,10 +117,6 @@ class RunDir:
     @property
     def metrics_path(self) -> Path:
         return self.root / "metrics.jsonl"
-
-    @property
-    def report_path(self) -> Path:
-        return self.root / "report.html"
 
     @property
     def log_path(self) -> Path:

@@ -99,11 +99,3 @@ def decrypt_at_rest(blob: bytes, key: bytes, context: str) -> bytes:
         raise IntegrityError(
             "wrong-key", f"encrypted {context} does not open: wrong key file, or the file was altered"
         ) from None
-
-
-def write_encrypted(path: Path | str, data: bytes, key: bytes, context: str = "checkpoint") -> None:
-    atomic_write_bytes(Path(path), encrypt_at_rest(data, key, context))
-
-
-def read_encrypted(path: Path | str, key: bytes, context: str = "checkpoint") -> bytes:
-    return decrypt_at_rest(Path(path).read_bytes(), key, context)

@@ -9,7 +9,7 @@ import typer
 
 ConfigOption = Annotated[
     Optional[str],
-    typer.Option("--config", "-c", help="TOML preset: a path or a name from configs/ (e.g. dcgan64)."),
+    typer.Option("--config", "-c", help="TOML preset: a path, or the name of a shipped preset (e.g. dcgan64)."),
 ]
 SetOption = Annotated[
     Optional[list[str]],

@@ -73,12 +73,12 @@ def _hospital_units(cfg) -> list[tuple[str, int, int]]:
     if f.partition:
         assignment = read_partition_csv(f.partition, dataset)
     else:
-        assignment = partition(dataset.patients, dataset.labels, f.hospitals, f.scheme, f.alpha, cfg.run.seed)
+        assignment = partition(dataset.patients, dataset.labels, f.hospitals, f.scheme, f.alpha, cfg.data.seed)
     assignment = np.asarray([int(h) for h in assignment])
     out = []
     for hospital in sorted(set(assignment.tolist())):
         patients = dataset.patients[assignment == hospital]
-        train_rows, _ = split_holdout(patients, cfg.run.seed, hospital, cfg.federated.holdout_fraction)
+        train_rows, _ = split_holdout(patients, cfg.data.seed, hospital, cfg.federated.holdout_fraction)
         train_patients = patients[train_rows]
         out.append((f"hospital {hospital}", len(np.unique(train_patients)), len(train_patients)))
     return out

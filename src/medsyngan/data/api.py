@@ -62,7 +62,7 @@ def load_training_data(cfg: Config) -> PreparedDataset:
             f"data.size ({data.size}) differs from model.resolution ({cfg.model.resolution}); set both the same"
         )
     if data.source == "phantoms":
-        ds = phantom_dataset(data.phantom_patients, data.phantom_images_per_patient, data.size, cfg.run.seed)
+        ds = phantom_dataset(data.phantom_patients, data.phantom_images_per_patient, data.size, data.seed)
         return select_split(ds, data.split, "phantoms")
     if not data.path:
         raise UserError("data.source = 'prepared' but data.path is empty; set data.path to a `data prepare` output")

@@ -25,7 +25,7 @@ class BadImage(Exception):
     """A file that cannot become a greyscale chest X-ray; the message is 'what is wrong' (the caller adds the path)."""
 
 
-def to_uint8(values: np.ndarray) -> np.ndarray:
+def minmax_to_uint8(values: np.ndarray) -> np.ndarray:
     """Linear min–max rescale of a high-bit-depth array to 0..255 (a constant image becomes 0)."""
     values = values.astype(np.float64)
     lo, hi = float(values.min()), float(values.max())
@@ -42,7 +42,7 @@ def read_raster(path: Path) -> np.ndarray:
             if mode == "L":
                 arr = np.asarray(im)
             elif mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = to_uint8(np.asarray(im))
+                arr = minmax_to_uint8(np.asarray(im))
             elif mode in ("RGB", "RGBA", "LA", "P", "1"):
                 if mode == "P":
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -86,7 +86,7 @@ def read_dicom(path: Path) -> np.ndarray:
             values = apply_voi_lut(values, ds)
     except Exception as exc:
         raise BadImage(f"DICOM rescale/window could not be applied ({exc})") from None
-    out = to_uint8(np.asarray(values))
+    out = minmax_to_uint8(np.asarray(values))
     return 255 - out if photometric == "MONOCHROME1" else out
 
 

@@ -53,10 +53,6 @@ class BatchLoader:
         self.epoch, self.position = 0, 0
         self._perm = epoch_permutation(n, seed, 0)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
-
     def __iter__(self) -> "BatchLoader":
         return self
 

@@ -129,10 +129,6 @@ class PreparedDataset:
             splits=self.splits[idx], manifest=self.manifest, _base=self._base, _rows=base_rows, _images=None,
         )
 
-    def label_names(self) -> list[str]:
-        """Every finding present, sorted."""
-        return sorted({lab for labs in self.labels for lab in labs})
-
 
 def _read_index(path: Path) -> tuple[list[str], list[str], list[tuple[str, ...]], list[str], list[str]]:
     if not path.is_file():

@@ -74,7 +74,7 @@ def load_hospital_data(identity: NodeIdentity, job: Mapping[str, Any], cfg: Conf
         if not rows:
             raise UserError(f"partition {job['partition']} gives hospital {identity.hospital_id} no images")
         own = dataset.subset(rows)
-    train_rows, holdout_rows = split_holdout(own.patients, cfg.run.seed, identity.hospital_id,
+    train_rows, holdout_rows = split_holdout(own.patients, cfg.data.seed, identity.hospital_id,
                                              cfg.federated.holdout_fraction)
     return own.subset(train_rows), own.subset(holdout_rows)
 

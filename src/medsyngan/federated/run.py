@@ -51,7 +51,7 @@ def simulation_job(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         if Path(f.partition).resolve() != target.resolve():
             write_partition_csv(target, dataset.image_names, dataset.patients, assignment)
     elif not target.is_file():
-        assignment = partition(dataset.patients, dataset.labels, f.hospitals, f.scheme, f.alpha, cfg.run.seed)
+        assignment = partition(dataset.patients, dataset.labels, f.hospitals, f.scheme, f.alpha, cfg.data.seed)
         write_partition_csv(target, dataset.image_names, dataset.patients, assignment)
     # Virtual hospitals keep their round state in the run directory, sealed with the run's checkpoint key.
     return {"partition": str(target), "state_dir": str(run_dir.root / "hospitals"),

@@ -53,9 +53,7 @@ from medsyngan.sealed import (  # noqa: F401 - the at-rest names are re-exported
     generate_key_file,
     is_encrypted,
     load_key_file,
-    read_encrypted,
     read_key_bytes,
-    write_encrypted,
 )
 
 log = logging.getLogger("medsyngan.privacy.crypto")

@@ -39,7 +39,7 @@ def _eval_mode(net: nn.Module) -> Iterator[nn.Module]:
         net.train(was_training)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
+def generator_output_to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 1, S, S) floats in [-1, 1] → uint8 [B, S, S]."""
     scaled = (images.detach().float().clamp(-1, 1) + 1) * 127.5
     return scaled.round().to(torch.uint8).squeeze(1).cpu().numpy()
@@ -58,7 +58,7 @@ def sample_images(
         for chunk in latents.split(batch_size):
             z = chunk.to(device)
             images = net(z, truncation_psi=truncation_psi) if truncation_psi != 1.0 else net(z)
-            out.append(to_uint8(images))
+            out.append(generator_output_to_uint8(images))
     return np.concatenate(out) if out else np.zeros((0, net.resolution, net.resolution), np.uint8)
 
 
