@@ -180,6 +180,14 @@ def test_bfloat16_images_come_back_in_bfloat16():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
+def test_autocast_does_not_lower_the_resampling_precision():
+    pipe, x, draws = drawn("ada", seed=13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = pipe.apply(x, draws)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, pipe.apply(x, draws), rtol=0, atol=1e-6)
+
+
 def test_training_after_a_first_call_under_inference_mode():
     # The resampling matrices are cached per size; one built under inference mode must not poison autograd.
     with torch.inference_mode():

@@ -125,16 +125,22 @@ def resample(images: Tensor, inverse: Tensor) -> Tensor:
     _, _, h, w = images.shape
     up_h, down_h = _axis_operators(h, images.device, images.dtype)
     up_w, down_w = _axis_operators(w, images.device, images.dtype)
-    x = _both_axes(images, up_h, up_w)
-    grid = _sampling_grid(inverse[:, :2, :].to(images.dtype), h, w)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return _both_axes(x, down_h, down_w)
+    with _no_autocast(images):
+        x = _both_axes(images, up_h, up_w)
+        grid = _sampling_grid(inverse[:, :2, :].to(images.dtype), h, w)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return _both_axes(x, down_h, down_w)
 
 
 def _both_axes(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """rows @ x @ colsᵀ per image, as two products that each fold every image into one matrix multiply."""
     x = x @ cols.T
     return (x.transpose(-1, -2) @ rows.T).transpose(-1, -2)
+
+
+def _no_autocast(images: Tensor):
+    """A caller's autocast would run the matrix products in bf16: 8 mantissa bits blur the filters' stopband."""
+    return torch.autocast(images.device.type, enabled=False)
 
 
 def _working_precision(images: Tensor) -> Tensor:
@@ -201,6 +207,11 @@ class _PerSampleAugment(nn.Module):
         return (self._col(draws, name + "?") < threshold) & enabled
 
     def apply(self, images: Tensor, draws: Tensor) -> Tensor:
+        """Transform image i by ``draws[i]`` (see :meth:`draw`); returns images of the input's dtype."""
+        with _no_autocast(images):
+            return self._apply(_working_precision(images), draws.to(images.device)).to(images.dtype)
+
+    def _apply(self, x: Tensor, draws: Tensor) -> Tensor:
         raise NotImplementedError
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -239,9 +250,8 @@ class AugmentPipe(_PerSampleAugment):
         self.aniso, self.xfrac, self.brightness, self.contrast = aniso, xfrac, brightness, contrast
         ranges = dict(xint_max=xint_max, scale_std=scale_std, rotate_max=rotate_max, aniso_std=aniso_std,
                       xfrac_std=xfrac_std, brightness_std=brightness_std, contrast_std=contrast_std)
-        for name, value in ranges.items():
-            if value < 0:
-                raise ValueError(f"{name} must be ≥ 0, got {value}")
+        if min(ranges.values()) < 0:
+            raise ValueError(f"augmentation ranges must be ≥ 0, got {ranges}")
         self.xint_max, self.scale_std, self.rotate_max, self.aniso_std = xint_max, scale_std, rotate_max, aniso_std
         self.xfrac_std, self.brightness_std, self.contrast_std = xfrac_std, brightness_std, contrast_std
 
@@ -269,11 +279,9 @@ class AugmentPipe(_PerSampleAugment):
         fy = torch.where(frac, _normal(u("xfrac_y")) * self.xfrac_std * height, zero)
         return inv @ _translate(-fx, -fy)
 
-    def apply(self, images: Tensor, draws: Tensor) -> Tensor:
-        """Transform image i by ``draws[i]`` (see :meth:`draw`); returns float images of the input's dtype."""
-        n, _, h, w = images.shape
-        x = _working_precision(images)
-        draws = draws.to(x.device, x.dtype)
+    def _apply(self, x: Tensor, draws: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        draws = draws.to(x.dtype)
         inverse = self.inverse_matrices(draws, h, w)
         moved = (inverse != torch.eye(3, device=x.device, dtype=x.dtype)).flatten(1).any(1)
         if bool(moved.any()):
@@ -284,8 +292,7 @@ class AugmentPipe(_PerSampleAugment):
                         _normal(self._col(draws, "brightness")) * self.brightness_std, 0.0)
         c = torch.where(self._chosen(draws, "contrast", self.contrast),
                         torch.exp2(_normal(self._col(draws, "contrast")) * self.contrast_std), 1.0)
-        x = (x + b.view(n, 1, 1, 1)) * c.view(n, 1, 1, 1)
-        return x.to(images.dtype)
+        return (x + b.view(n, 1, 1, 1)) * c.view(n, 1, 1, 1)
 
 
 class DiffAugment(_PerSampleAugment):
@@ -307,11 +314,9 @@ class DiffAugment(_PerSampleAugment):
         self.color, self.translation, self.cutout = color, translation, cutout
         self.translation_ratio, self.cutout_ratio = translation_ratio, cutout_ratio
 
-    def apply(self, images: Tensor, draws: Tensor) -> Tensor:
-        """Transform image i by ``draws[i]`` (see :meth:`draw`); returns float images of the input's dtype."""
-        n, c, h, w = images.shape
-        x = _working_precision(images)
-        draws = draws.to(x.device, x.dtype)
+    def _apply(self, x: Tensor, draws: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        draws = draws.to(x.dtype)
         u = lambda name: self._col(draws, name)  # noqa: E731
         per_image = lambda t: t.view(n, 1, 1, 1)  # noqa: E731
 
@@ -337,7 +342,7 @@ class DiffAugment(_PerSampleAugment):
         in_rows = (rows >= top.unsqueeze(1)) & (rows < (top + side_h).unsqueeze(1))
         in_cols = (cols >= left.unsqueeze(1)) & (cols < (left + side_w).unsqueeze(1))
         hole = in_rows.view(n, 1, h, 1) & in_cols.view(n, 1, 1, w) & per_image(cut)
-        return x.masked_fill(hole, 0.0).to(images.dtype)
+        return x.masked_fill(hole, 0.0)
 
     def _shift(self, u: Tensor, side: int) -> Tensor:
         """Whole-pixel shift, uniform over [−m, m] with m = round(ratio · side)."""
