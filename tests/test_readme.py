@@ -1,16 +1,19 @@
-"""Every command in README.md is run here, so the README cannot rot.
+"""Every command in README.md and in the guides under docs/ is run here, so the documentation cannot rot.
 
-The ```bash blocks of the README are extracted in order and run with bash (`set -euo pipefail`) in a scratch
+The ```bash blocks of each document are extracted in order and run with bash (`set -euo pipefail`) in a scratch
 working directory laid out like the repository's root: `runs/` and `data/` are created there, and
 `../shared/data/nih-chestxray14` resolves (a symlink) to the real NIH sample when it exists. The venv's `bin/` is
 first on PATH, `MEDSYNGAN_CACHE` and `FLWR_HOME` point into the scratch folder and nothing is downloaded.
-Blocks tagged otherwise (```text, ```toml, ```csv, ```console) are not run; an untagged block is an error, so
-that no command can hide from this test.
+Blocks tagged ```text, ```toml or ```csv are not commands; ```console blocks hold commands that take hours (the
+NIH study, the benchmarks: tests/test_study.py runs the study's quick form) and are shown, not run. An untagged
+block is an error, so that no command can hide from this test.
 
-What a real user has and a test machine does not is staged before the first block (`stage_user_files`): the
-"downloaded" NIH release in `data/nih-download/` (archives `images_00N.tar.gz` of real 64-px NIH images with the
-metadata rows and split lists of exactly those images) and a folder of the user's own PNG and DICOM X-rays with its
-labels CSV (`data/my-xrays/`, `data/my-xrays.csv`).
+There is one test per document (DOCUMENTS, in reading order). All documents share one scratch folder, as one
+reader working through them would: a guide that builds on another's outputs names it in REQUIRES, and running
+that guide alone runs the guides it requires first.
+
+What a real user has and a test machine does not (the downloaded NIH release, a folder of their own X-rays) is
+staged once, before the first block, by `doc_user_files.stage_user_files`.
 
 The commands run as written except for the substitutions in SUBSTITUTIONS, each with its reason; they only make
 runs small (few patients, tiny networks, one or two steps or rounds), replace `make demo` by the `medsyngan demo`
@@ -18,39 +21,39 @@ it runs, and move fixed ports to free ones. Every substitution must apply somewh
 either.
 
 Blocks that start a long-running server (`flower-superlink`, `flower-supernode`: "in its own terminal" in the
-README) are started in the background in their own session, and the next block runs once the server says it is
-ready, as a reader would wait for it. Every process they started is stopped before a block that runs a federation
-of its own (STOP_SERVERS_BEFORE) and at the end, and the test fails if one survives. After each block,
-EXPECTED_OUTPUTS checks that it produced what the README says it produces (`flwr run` exits with 0 even when the run
-fails, so an exit status alone proves nothing).
+deployment guide) are started in the background in their own session, and the next block runs once the server
+says it is ready, as a reader would wait for it. Every process they started is stopped before a block that runs a
+federation of its own (STOP_SERVERS_BEFORE) and at the end of the document, and the test fails if one survives.
+After each block, EXPECTED_OUTPUTS checks that it produced what the document says it produces (`flwr run` exits
+with 0 even when the run fails, so an exit status alone proves nothing).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
-from dicom_files import write_xray_dicom
-
-from medsyngan.data.shared import nih_sample_dir
+from doc_user_files import NIH_DIR, stage_user_files
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
-NIH_DIR = nih_sample_dir()
-NIH_IN_README = "../shared/data/nih-chestxray14"
+NIH_IN_DOCS = "../shared/data/nih-chestxray14"
+CONFIG_REFERENCE = REPO / "docs" / "configuration.md"
 CONFIG_START, CONFIG_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 BLOCK_TIMEOUT_S = 600
+
+# The documents whose bash blocks run, in reading order; REQUIRES names the documents whose outputs a guide uses.
+DOCUMENTS = ("README.md", "docs/data.md", "docs/training.md", "docs/metrics.md", "docs/privacy.md",
+             "docs/configuration.md", "docs/deployment.md")
+REQUIRES = {"docs/training.md": ("docs/data.md",), "docs/metrics.md": ("docs/training.md",)}
+LANGUAGES = {"bash", "console", "text", "toml", "csv"}
 
 # The fixed ports of the deployment guide; each gets a free port so that concurrent runs cannot collide.
 PORTS = ("9093", "9094", "9095", "9096")
@@ -64,6 +67,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
      "`make demo` is `medsyngan demo` in the venv; --quick and one round keep it to about a minute"),
     (r"^make test\b.*$", "true",
      "`make test` runs this very test suite: not re-entered"),
+    (r"--patients 200\b", "--patients 40", "fewer phantom patients; 40 leave about 8 test patients to evaluate on"),
     (r"--patients 100\b", "--patients 12", "fewer phantom patients"),
     (r"--patients 60\b", "--patients 20", "fewer phantom patients per hospital"),
     (r"--size 256\b", "--size 64", "the staged NIH images and the phantoms are small; 256 px only costs time"),
@@ -73,7 +77,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
     (r"--count 100\b", "--count 8", "fewer synthetic DICOM files"),
     (r"^(medsyngan evaluate --run .*)$", r"\1 --count 64 --snapshot-count 32 --ppl-samples 100",
      "evaluate fewer generated images"),
-    (r"^(medsyngan privacy --config demo .*?)(\s+#.*)?$",
+    (r"^(medsyngan privacy --config demo\b.*?)(\s+#.*)?$",
      r"\1 --set data.phantom_patients=90 --set data.phantom_images_per_patient=2 --set train.batch_size=8\2",
      "the quick demo's phantom set instead of the full demo's"),
     (r"federated\.rounds=2\b", "federated.rounds=1", "one federated round"),
@@ -97,48 +101,62 @@ SERVERS = {
 # who has finished those steps would stop them (Ctrl-C in their terminals).
 STOP_SERVERS_BEFORE = re.compile(r"federation\.py rehearse")
 
-# What the commands must have produced, checked right after the first block that matches the regex (paths relative
-# to the scratch folder, globs allowed; a number is the exact count of matching files, None means at least one).
+# What the commands must have produced, checked right after the first block, in DOCUMENTS order, that matches the
+# regex (paths relative to the scratch folder, globs allowed; a number is the exact count of matching files, None
+# means at least one).
 EXPECTED_OUTPUTS: dict[str, dict[str, int | None]] = {
     r"medsyngan demo": {"runs/demo-*/report.html": None, "runs/demo-*/summary.json": None,
                         "runs/demo-*/federated/checkpoints/latest": None},
+    r"--out data/tour-test-64": {"data/tour-train-64/index.csv": None, "data/tour-test-64/index.csv": None},
+    r"--out runs/tour": {"runs/tour/checkpoints/latest": None},
+    r"medsyngan evaluate --run runs/tour": {"runs/tour/synthetic/*.png": 64, "runs/tour/eval/metrics.json": None,
+                                            "runs/tour/eval/report.html": None},
     r"tar -xzf": {"data/nih/images/*.png": None},
-    r"--split test": {"data/nih-train-64/index.csv": None, "data/nih-test-64/index.csv": None,
-                      "data/nih-train-256/index.csv": None},
+    r"--split test --views": {"data/nih-train-64/index.csv": None, "data/nih-test-64/index.csv": None,
+                              "data/nih-train-256/index.csv": None},
     r"data partition": {"data/nih-hospitals.csv": None, "data/nih-hospitals.png": None},
-    r"--resume": {"runs/nih-dcgan64/checkpoints/step-000004": None},
-    r"federated\.partition=": {"runs/nih-federated/checkpoints/round-00001": None},
-    r"medsyngan generate": {"runs/nih-dcgan64/synthetic/*.png": 64, "runs/nih-federated/synthetic-dicom/*.dcm": 8},
-    r"medsyngan evaluate --run": {"runs/nih-federated/eval/metrics.json": None,
-                                  "runs/nih-federated/eval/report.html": None},
     r"--labels data/my-xrays\.csv": {"data/my-xrays-128/index.csv": None},
     r"data/phantoms-64": {"data/phantoms-64/index.csv": None},
+    r"--resume": {"runs/nih-dcgan64/checkpoints/step-000004": None},
+    r"federated\.partition=": {"runs/nih-federated/checkpoints/round-00001": None},
+    r"medsyngan generate --run runs/nih-dcgan64": {"runs/nih-dcgan64/synthetic/*.png": 64,
+                                                   "runs/nih-federated/synthetic-dicom/*.dcm": 8},
+    r"medsyngan evaluate --fake": {"runs/nih-dcgan64/eval-folder/metrics.json": None},
+    r"privacy keygen": {"runs/checkpoint.key": None, "runs/sealed/synthetic/*.png": 16},
     r"pki init": {"runs/deploy/pki/manifest.json": None},
     r"flwr run": {"runs/deployed/checkpoints/round-00001": None},
     r"federation\.py rehearse": {"runs/deploy/rehearsal/run/checkpoints/round-00001": None},
-    r"privacy keygen": {"runs/checkpoint.key": None},
-    r"medsyngan evaluate --fake": {"runs/nih-dcgan64/eval-folder/metrics.json": None},
 }
 
 
 @dataclass
 class Block:
+    doc: str
     index: int
     line: int
     lang: str
     text: str
 
 
-def readme_blocks(text: str) -> list[Block]:
+def markdown_files() -> list[Path]:
+    return [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def document_blocks(doc: str) -> list[Block]:
+    text = (REPO / doc).read_text()
     blocks = []
     for match in re.finditer(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", text, flags=re.M | re.S):
         line = text.count("\n", 0, match.start()) + 1
-        blocks.append(Block(len(blocks), line, match.group(1).strip(), match.group(2)))
+        blocks.append(Block(doc, len(blocks), line, match.group(1).strip(), match.group(2)))
     return blocks
 
 
-def substitute(blocks: list[Block], values: dict[str, str]) -> list[str]:
-    """The bash blocks with SUBSTITUTIONS applied; fails on a substitution that no longer applies anywhere."""
+def bash_blocks(doc: str) -> list[Block]:
+    return [b for b in document_blocks(doc) if b.lang == "bash"]
+
+
+def substitute(blocks: list[Block], values: dict[str, str]) -> tuple[list[str], dict[str, int]]:
+    """The bash blocks with SUBSTITUTIONS applied, and how often each pattern applied."""
     used = {pattern: 0 for pattern, _, _ in SUBSTITUTIONS}
     scripts = []
     for block in blocks:
@@ -148,108 +166,95 @@ def substitute(blocks: list[Block], values: dict[str, str]) -> list[str]:
             script, n = re.subn(pattern, replacement.format(**values), script, flags=re.M)
             used[pattern] += n
         scripts.append(script)
+    return scripts, used
+
+
+def _placeholder_values() -> dict[str, str]:
+    return {"repo": str(REPO), **{f"port{p}": p for p in PORTS}}
+
+
+def _all_bash_scripts() -> list[tuple[Block, str]]:
+    blocks = [b for doc in DOCUMENTS for b in bash_blocks(doc)]
+    scripts, _ = substitute(blocks, _placeholder_values())
+    return list(zip(blocks, scripts))
+
+
+def _first_blocks() -> dict[str, tuple[str, int]]:
+    """For each EXPECTED_OUTPUTS trigger, the (document, block index) of the first bash block that matches it."""
+    pairs = _all_bash_scripts()
+    first = {}
+    for trigger in EXPECTED_OUTPUTS:
+        hit = next((b for b, s in pairs if re.search(trigger, s)), None)
+        if hit is not None:
+            first[trigger] = (hit.doc, hit.index)
+    return first
+
+
+# --- fast checks of the documents -----------------------------------------------------------------------------
+
+
+def test_every_block_declares_a_known_language():
+    bad = [f"{b.doc}:{b.line} ({b.lang or 'untagged'})" for path in markdown_files()
+           for b in document_blocks(str(path.relative_to(REPO))) if b.lang not in LANGUAGES]
+    assert not bad, (f"code blocks without a known language: {bad}; tag them bash (run by this test), console "
+                     f"(hours-long commands, shown only) or text/toml/csv")
+
+
+def test_every_document_with_commands_is_run():
+    listed = set(DOCUMENTS)
+    unlisted = [str(p.relative_to(REPO)) for p in markdown_files()
+                if str(p.relative_to(REPO)) not in listed and bash_blocks(str(p.relative_to(REPO)))]
+    assert not unlisted, f"documents with bash blocks that no test runs (add them to DOCUMENTS): {unlisted}"
+
+
+def test_every_substitution_and_expected_output_applies():
+    blocks = [b for doc in DOCUMENTS for b in bash_blocks(doc)]
+    _, used = substitute(blocks, _placeholder_values())
     unused = [p for p, n in used.items() if n == 0]
-    assert not unused, f"substitutions that no longer match anything in README.md (update the table): {unused}"
-    return scripts
+    assert not unused, f"substitutions that no longer match any document (update the table): {unused}"
+    unmatched = sorted(set(EXPECTED_OUTPUTS) - set(_first_blocks()))
+    assert not unmatched, f"EXPECTED_OUTPUTS triggers that match no block (update the table): {unmatched}"
 
 
-def test_every_block_declares_its_language():
-    untagged = [b.line for b in readme_blocks(README.read_text()) if not b.lang]
-    assert not untagged, (f"README.md blocks without a language at lines {untagged}: "
-                          "tag them bash (run by this test) or text/toml/csv/console")
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_and_anchors_resolve(path):
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+            broken.append(target)
+    assert not broken, f"{path.relative_to(REPO)}: links to files or headings that do not exist: {broken}"
 
 
 def test_configuration_reference_is_generated_from_the_schema():
     from medsyngan.config import schema_markdown
 
-    text = README.read_text()
-    assert text.count(CONFIG_START) == 1 and text.count(CONFIG_END) == 1, "README.md lost its config-reference markers"
+    text = CONFIG_REFERENCE.read_text()
+    assert text.count(CONFIG_START) == 1 and text.count(CONFIG_END) == 1, \
+        "docs/configuration.md lost its config-reference markers"
     block = text.split(CONFIG_START, 1)[1].split(CONFIG_END, 1)[0].strip("\n")
     assert block == schema_markdown(), (
-        "README.md's configuration reference differs from the schema: regenerate it with "
-        "`python scripts/update-readme-config.py` (it writes `python -m medsyngan.cli config reference` into README.md)"
+        "docs/configuration.md's reference differs from the schema: regenerate it with "
+        "`python scripts/update-readme-config.py` (it writes `python -m medsyngan.cli config reference` there)"
     )
-
-
-# --- staging what a real user has --------------------------------------------------------------------------
-
-
-def _nih_sample_release(download: Path) -> int:
-    """A miniature NIH release from the real 64-px sample: two archives of `images/…` PNGs, and the metadata
-    rows and split lists of exactly those images. The sample holds only official train_val images, so the
-    patients whose id is a multiple of 5 are listed as test here (still patient-disjoint), so that the README's
-    test split has images."""
-    names = sorted(p.name for p in (NIH_DIR / "images-64").glob("*.png"))
-    wanted = set(names)
-    with open(NIH_DIR / "Data_Entry_2017_v2020.csv", newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader)
-        rows = [row for row in reader if row[0] in wanted]
-    with open(download / "Data_Entry_2017_v2020.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([header] + rows)
-    test = [n for n in names if int(n.split("_")[0]) % 5 == 0]
-    (download / "train_val_list.txt").write_text("".join(n + "\n" for n in names if n not in set(test)))
-    (download / "test_list.txt").write_text("".join(n + "\n" for n in test))
-    half = len(names) // 2
-    for k, chunk in enumerate((names[:half], names[half:]), start=1):
-        with tarfile.open(download / f"images_{k:03d}.tar.gz", "w:gz") as tar:
-            for name in chunk:
-                tar.add(NIH_DIR / "images-64" / name, arcname=f"images/{name}")
-    return len(names)
-
-
-def _phantom_release(download: Path, scratch: Path) -> int:
-    """Without the NIH sample: phantoms, which are written in the NIH layout, packed the same way. 120 patients:
-    with 60, the README's label-skew partition (α = 0.5, seed 0) left a hospital 2 patients, too few for its batch."""
-    source = scratch / "phantom-release"
-    subprocess.run([sys.executable, "-m", "medsyngan.cli", "data", "phantoms", "--out", str(source), "--patients",
-                    "120", "--images-per-patient", "3", "--size", "64"], check=True, capture_output=True)
-    for name in ("Data_Entry_2017_v2020.csv", "train_val_list.txt", "test_list.txt"):
-        (download / name).write_bytes((source / name).read_bytes())
-    with tarfile.open(download / "images_001.tar.gz", "w:gz") as tar:
-        tar.add(source / "images", arcname="images")
-    return len(list((source / "images").glob("*.png")))
-
-
-def _my_xrays(data: Path, nih_images: Path) -> None:
-    """A user's own folder: PNGs and DICOMs (one in a subfolder, as in the README's CSV example) with labels."""
-    from PIL import Image
-
-    folder = data / "my-xrays"
-    (folder / "sub").mkdir(parents=True)
-    sources = sorted(nih_images.rglob("*.png"))[:8]
-    rows = [("image", "patient", "labels", "view", "split")]
-    for k, src in enumerate(sources):
-        grey = np.asarray(Image.open(src).convert("L"))
-        patient, split = f"p{k // 2:03d}", "test" if k >= 6 else "train_val"
-        name = "sub/a.dcm" if k == 0 else (f"x{k}.dcm" if k % 3 == 0 else f"x{k}.png")
-        if name.endswith(".dcm"):
-            write_xray_dicom(folder / name, grey.astype(np.uint16) * 16, patient)
-        else:
-            Image.fromarray(grey).save(folder / name)
-        rows.append((name, patient, "Effusion|Nodule" if k == 0 else "No Finding", "PA", split))
-    with open(data / "my-xrays.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows(rows)
-
-
-def stage_user_files(scratch: Path, work: Path) -> bool:
-    """Returns whether the real NIH sample is available (else the release is staged from phantoms)."""
-    shared = scratch / "shared" / "data"
-    shared.mkdir(parents=True)
-    download = work / "data" / "nih-download"
-    download.mkdir(parents=True)
-    have_nih = (NIH_DIR / "Data_Entry_2017_v2020.csv").is_file() and (NIH_DIR / "images-64").is_dir()
-    if have_nih:
-        (shared / "nih-chestxray14").symlink_to(NIH_DIR, target_is_directory=True)
-        _nih_sample_release(download)
-    else:
-        _phantom_release(download, scratch)
-    unpacked = scratch / "unpacked"
-    for archive in sorted(download.glob("images_*.tar.gz")):
-        with tarfile.open(archive) as tar:
-            tar.extractall(unpacked, filter="data")
-    _my_xrays(work / "data", unpacked)
-    return have_nih
 
 
 # --- running the blocks ------------------------------------------------------------------------------------
@@ -293,34 +298,58 @@ def _check_outputs(work: Path, expected: dict[str, int | None], block: Block, lo
         latest = sorted(logs.glob("*.log"), key=lambda p: p.stat().st_mtime)[-3:]
         tails = "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-25:])
                           for p in latest)
-        raise AssertionError(f"README.md block at line {block.line} exited 0 but produced {found} of {pattern} "
+        raise AssertionError(f"{block.doc} block at line {block.line} exited 0 but produced {found} of {pattern} "
                              f"(expected {count or 'some'}):\n{tails}")
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("nih_sample")
-def test_every_readme_command_runs(tmp_path):
+@dataclass
+class Workspace:
+    """The scratch folder that every document's commands run in, and which documents have run there."""
+
+    root: Path
+    have_nih: bool
+    env: dict[str, str]
+    values: dict[str, str]
+    first: dict[str, tuple[str, int]]
+    outcome: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, nih_sample) -> Workspace:
+    """``nih_sample`` fails the documents' tests under CI when the NIH sample is missing."""
     from medsyngan.federated import deploy
 
-    blocks = readme_blocks(README.read_text())
-    bash = [b for b in blocks if b.lang == "bash"]
-    assert bash, "README.md has no ```bash blocks"
+    root = tmp_path_factory.mktemp("docs")
+    (root / "work").mkdir()
+    have_nih = stage_user_files(root, root / "work")
     values = {"repo": str(REPO), **{f"port{p}": str(deploy.free_port()) for p in PORTS}}
-    scripts = substitute(bash, values)
-    checks = {t: next((b for b, s in zip(bash, scripts) if re.search(t, s)), None) for t in EXPECTED_OUTPUTS}
-    unmatched = [t for t, b in checks.items() if b is None]
-    assert not unmatched, f"EXPECTED_OUTPUTS triggers that match no README block (update the table): {unmatched}"
+    return Workspace(root, have_nih, _environment(root), values, _first_blocks())
 
-    work = tmp_path / "work"
-    work.mkdir()
-    have_nih = stage_user_files(tmp_path, work)
-    env = _environment(tmp_path)
+
+def run_document(ws: Workspace, doc: str) -> None:
+    """Run the guides `doc` requires (once), then every bash block of `doc` in order."""
+    from medsyngan.federated import deploy
+
+    for required in REQUIRES.get(doc, ()):
+        if required not in ws.outcome:
+            run_document(ws, required)
+        assert ws.outcome[required], f"{doc} needs the outputs of {required}, whose commands failed"
+    ws.outcome[doc] = False
+    blocks = bash_blocks(doc)
+    assert blocks, f"{doc} has no bash blocks"
+    scripts, _ = substitute(blocks, ws.values)
+    logs = ws.root / "logs"
+    logs.mkdir(exist_ok=True)
     servers: list[deploy.ManagedProcess] = []
     timings: list[str] = []
     try:
-        for block, script in zip(bash, scripts):
-            if NIH_IN_README in script and not have_nih:
-                warnings.warn(f"README.md line {block.line}: skipped, the NIH sample is missing at {NIH_DIR} "
+        for block, script in zip(blocks, scripts):
+            if NIH_IN_DOCS in script and not ws.have_nih:
+                warnings.warn(f"{doc} line {block.line}: skipped, the NIH sample is missing at {NIH_DIR} "
                               "(set MEDSYNGAN_NIH_DIR)")
                 continue
             if STOP_SERVERS_BEFORE.search(script) and servers:
@@ -328,25 +357,33 @@ def test_every_readme_command_runs(tmp_path):
                 assert left == [], f"processes left running after stopping the servers: {left}"
                 servers.clear()
             started = time.monotonic()
+            log = logs / f"{Path(doc).stem}-line-{block.line}.log"
             server = next((name for name in SERVERS if re.search(rf"(^|\s){name}\s", script)), None)
             if server:
-                proc = deploy.start_process(f"readme-line-{block.line}", ["bash", "-c", "set -euo pipefail\n" + script],
-                                            tmp_path / "logs" / f"line-{block.line}.log", env, cwd=work)
+                proc = deploy.start_process(f"{Path(doc).stem}-line-{block.line}",
+                                            ["bash", "-c", "set -euo pipefail\n" + script], log, ws.env, cwd=ws.work)
                 proc.last = server == "flower-superlink"  # stopped after the SuperNodes, as Flower expects
                 servers.append(proc)
                 ready = proc.wait_for(SERVERS[server], timeout=180)
-                assert ready, f"README.md line {block.line} ({server}) exited before it was ready:\n{proc.log_tail(30)}"
+                assert ready, f"{doc} line {block.line} ({server}) exited before it was ready:\n{proc.log_tail(30)}"
             else:
-                log = tmp_path / "logs" / f"line-{block.line}.log"
-                log.parent.mkdir(exist_ok=True)
-                rc, output = _run_foreground(script, work, env, log)
-                assert rc == 0, (f"README.md block at line {block.line} failed (exit {rc}):\n{script}\n"
+                rc, output = _run_foreground(script, ws.work, ws.env, log)
+                assert rc == 0, (f"{doc} block at line {block.line} failed (exit {rc}):\n{script}\n"
                                  f"--- output ---\n{output[-6000:]}")
-            timings.append(f"line {block.line}: {time.monotonic() - started:.1f} s")
-            for trigger, first in checks.items():
-                if first is block:
-                    _check_outputs(work, EXPECTED_OUTPUTS[trigger], block, tmp_path / "logs")
+            timings.append(f"{doc} line {block.line}: {time.monotonic() - started:.1f} s")
+            for trigger, where in ws.first.items():
+                if where == (doc, block.index):
+                    _check_outputs(ws.work, EXPECTED_OUTPUTS[trigger], block, logs)
     finally:
         leftovers = deploy.stop_all(servers)
         print("\n".join(timings))
     assert leftovers == [], f"processes left running: {leftovers}"
+    ws.outcome[doc] = True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc", DOCUMENTS)
+def test_every_command_of_the_document_runs(doc, workspace):
+    if doc not in workspace.outcome:
+        run_document(workspace, doc)
+    assert workspace.outcome[doc], f"{doc}'s commands failed earlier in this session"
