@@ -69,6 +69,12 @@ def test_rows_start_from_the_public_run_of_their_seed(exp, tmp_path):
     warm = ws.plan("fed-dp10-warm", 3)
     assert warm.cfg.train.init_from == str(tmp_path / "runs" / "public-s3")
     assert ws.plan("public", 3).public_data and not warm.public_data
+    # The public model never reads the work folder's data: the tuning split's runs start from the same one.
+    from medsyngan.workflows.experiment import Workspace
+
+    tuning = Workspace(exp, tmp_path, tmp_path / "data" / "tune-train", exp.study.budget, runs="tuning")
+    assert tuning.plan("public", 3).plan == ws.plan("public", 3).plan
+    assert tuning.plan("fed-dp10-warm", 3).cfg.train.init_from == warm.cfg.train.init_from
     assert warm.cfg.train.d_steps_per_g == 5 and warm.cfg.privacy.mean_image_size == 16  # the tuned recipe
     assert ws.plan("centralized", 3).cfg.train.init_from == ""
 

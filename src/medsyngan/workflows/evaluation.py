@@ -11,13 +11,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from medsyngan.errors import UserError
 from medsyngan.rundir import RunDir, atomic_write_text
+
+if TYPE_CHECKING:
+    from medsyngan.metrics import Evaluation
 
 log = logging.getLogger("medsyngan")
 
@@ -38,7 +41,7 @@ def latent_seed(seed: int) -> int:
 
 @dataclass
 class RunEvaluation:
-    evaluation: Any  # medsyngan.metrics.Evaluation
+    evaluation: Evaluation
     images: np.ndarray  # the synthetic images scored
     seed: int  # the evaluation seed (latents drawn with latent_seed(seed))
     epsilon: float | None
@@ -108,7 +111,7 @@ def evaluate_run(
     return RunEvaluation(ev, fake, seed, epsilon, delta, meta, [note])
 
 
-def require_some_metric(ev: Any) -> None:
+def require_some_metric(ev: Evaluation) -> None:
     """An evaluation that computed nothing is an error, never an empty metrics.json."""
     if not ev.metrics:
         reasons = "; ".join(f"{group} ({reason})" for group, reason in ev.skipped.items()) or "no metric requested"

@@ -159,9 +159,12 @@ class Workspace:
         if planned_images(cfg) != images:
             raise UserError(f"recipe '{name}': its batch, local steps and D steps do not divide the budget of "
                             f"{images} images through D ({planned_images(cfg)} planned); change them or the budget")
+        public = cfg.data.source == "phantoms"
+        if public:  # the recipe replaced the work folder's data: its run serves the study and the tuning alike
+            before = [item for item in before if not item.startswith("data.path=")]
         plan = {"preset": book.preset(name), "settings": recipe_settings(book, name, before, after, start),
                 "images_through_d": images, "schedule": self.exp.study.schedule}
-        runs = "runs" if cfg.data.source == "phantoms" else self.runs
+        runs = "runs" if public else self.runs
         return PlannedRun(name, seed, cfg, self.out / runs / f"{name}-s{seed}", plan)
 
     def trained(self, run: PlannedRun) -> float | None:
