@@ -37,8 +37,9 @@ def test_the_run_seed_varies_on_fixed_data_and_the_data_seed_changes_it(tmp_path
 
 
 def test_the_demo_public_model_draws_other_phantoms_than_the_hospitals():
-    from medsyngan.demo import public_config
+    from medsyngan.workflows.demo import demo_config, demo_recipes, run_config
 
-    cfg = load_config("demo")
-    public = public_config(cfg)
+    recipes = demo_recipes()
+    cfg = demo_config(recipes, [])
+    public = run_config(recipes, "public", [], cfg, {})
     assert cfg.data.seed == 7 and public.data.seed != cfg.data.seed and public.run.seed != cfg.run.seed

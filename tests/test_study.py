@@ -1,4 +1,5 @@
-"""The NIH study script: patient-disjoint split, target checks and a --quick end-to-end run."""
+"""The NIH study: its recipes as data (every row at the budget's images through D), patient-disjoint splits,
+target checks, tuning tables and a --quick end-to-end run."""
 
 from __future__ import annotations
 
@@ -11,29 +12,149 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-needs_nih = pytest.mark.usefixtures("nih_dir")
+sys.path.insert(0, str(REPO / "benchmarks"))  # study_tables, as the study script imports it
+needs_nih = pytest.mark.usefixtures("nih_dir")  # skips where the sample is missing, fails under CI
 
 
 def _study():
     spec = importlib.util.spec_from_file_location("study_nih", REPO / "benchmarks" / "study_nih.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
+@pytest.fixture(scope="module")
+def exp():
+    from medsyngan.workflows.experiment import load_experiment
+
+    return load_experiment(REPO / "experiments" / "nih-64")
+
+
+def _workspace(exp, tmp_path, budget, runs="runs"):
+    from medsyngan.workflows.experiment import Workspace
+
+    return Workspace(exp, tmp_path, tmp_path / "data" / "train", budget, runs)
+
+
+@pytest.mark.parametrize("budget_name", ["budget", "quick", "budget x4"])
+def test_every_row_gets_the_budget_of_images_through_d(exp, tmp_path, budget_name):
+    from medsyngan.workflows.recipes import planned_images
+
+    name, _, factor = budget_name.partition(" x")
+    budget = getattr(exp.study, name).scaled(int(factor or 1))
+    ws = _workspace(exp, tmp_path, budget)
+    for row in exp.study.rows:
+        cfg = ws.plan(row, 3).cfg
+        assert planned_images(cfg) == budget.images_through_d, row
+        assert (cfg.model.ngf, cfg.eval.num_samples) == (budget.width, budget.samples)
+    # A longer budget trains longer, in rounds for a federated row and in steps for a centralized one.
+    if factor:
+        base = _workspace(exp, tmp_path, exp.study.budget)
+        assert ws.plan("fed-patient", 3).cfg.federated.rounds == 4 * base.plan("fed-patient", 3).cfg.federated.rounds
+        assert ws.plan("centralized", 3).cfg.train.steps == 4 * base.plan("centralized", 3).cfg.train.steps
+
+
+def test_a_study_seed_sets_the_training_and_the_data_seed(exp, tmp_path):
+    ws = _workspace(exp, tmp_path, exp.study.budget)
+    cfg = ws.plan("fed-labelskew", 5).cfg
+    assert (cfg.run.seed, cfg.data.seed) == (5, 5)  # another seed: other weights and another hospital partition
+    assert cfg.data.path == str(tmp_path / "data" / "train") and cfg.data.source == "prepared"
+
+
+def test_rows_start_from_the_public_run_of_their_seed(exp, tmp_path):
+    ws = _workspace(exp, tmp_path, exp.study.budget)
+    warm = ws.plan("fed-dp10-warm", 3)
+    assert warm.cfg.train.init_from == str(tmp_path / "runs" / "public-s3")
+    assert ws.plan("public", 3).public_data and not warm.public_data
+    # The public model never reads the work folder's data: the tuning split's runs start from the same one.
+    from medsyngan.workflows.experiment import Workspace
+
+    tuning = Workspace(exp, tmp_path, tmp_path / "data" / "tune-train", exp.study.budget, runs="tuning")
+    assert tuning.plan("public", 3).plan == ws.plan("public", 3).plan
+    assert tuning.plan("fed-dp10-warm", 3).cfg.train.init_from == warm.cfg.train.init_from
+    assert warm.cfg.train.d_steps_per_g == 5 and warm.cfg.privacy.mean_image_size == 16  # the tuned recipe
+    assert ws.plan("centralized", 3).cfg.train.init_from == ""
+
+
+def test_tuning_variants_resolve_on_the_tuning_split(exp, tmp_path):
+    from medsyngan.workflows.recipes import planned_images
+
+    ws = _workspace(exp, tmp_path, exp.study.budget, runs="tuning")
+    assert len(exp.variants) > 50 and all(v.question for v in exp.variants)
+    for variant in exp.variants:
+        run = ws.plan(variant.name, 0)
+        wanted = exp.book.images_through_d(variant.name) or exp.study.budget.images_through_d
+        assert planned_images(run.cfg) == wanted, variant.name
+        assert run.folder.parent.name == ("runs" if run.public_data else "tuning")
+    # A variant of the public model lives beside the study's, and the variants from it start from it.
+    assert ws.plan("public-adam-0.5", 2).folder == tmp_path / "runs" / "public-adam-0.5-s2"
+    from_it = ws.plan("fed-dp10-warm-no-mean-image-from-public-adam-0.5", 2).cfg
+    assert from_it.train.init_from == str(tmp_path / "runs" / "public-adam-0.5-s2")
+    assert from_it.privacy.mean_image_size == 0 and from_it.train.beta1 == 0.5  # β of fed-dp10 (the preset's)
+    half = ws.plan("public-adam-0.5-half-budget", 0).cfg
+    assert half.train.steps == ws.plan("public", 0).cfg.train.steps // 2
+
+
+def test_a_resolved_recipe_is_kept_and_a_changed_one_retrained(exp, tmp_path, monkeypatch):
+    from medsyngan.workflows import runner
+
+    trained = []
+    monkeypatch.setattr(runner, "train", lambda cfg, run_dir, resume=False: trained.append(cfg.run.name))
+    ws = _workspace(exp, tmp_path, exp.study.quick)
+    warm = ws.plan("centralized-warm", 1)
+    ws.ensure(warm)
+    assert trained == ["study-public-s1", "study-centralized-warm-s1"]  # the start first
+    ws.ensure(warm)
+    assert len(trained) == 2  # nothing changed: kept
+    ws.ensure(warm, retrain=True)
+    assert trained[-1] == "study-centralized-warm-s1" and len(trained) == 3  # retrained; the public run kept
+    longer = _workspace(exp, tmp_path, exp.study.quick.scaled(2))
+    longer.ensure(longer.plan("centralized-warm", 1))
+    assert trained[3:] == ["study-public-s1", "study-centralized-warm-s1"]  # another plan: both retrained
+
+
+def test_a_recipe_that_misses_the_budget_is_refused(exp, tmp_path):
+    from medsyngan.errors import UserError
+
+    odd = exp.study.budget.model_copy(update={"images_through_d": 19201})
+    with pytest.raises(UserError, match="do not divide the budget of 19201"):
+        _workspace(exp, tmp_path, odd).plan("centralized", 0)
+
+
 def test_holdout_is_a_fixed_fraction_of_patients():
-    study = _study()
+    from medsyngan.workflows.split import holdout_patients
+
     patients = np.repeat(np.array([f"p{i}" for i in range(50)]), 3)
-    held = study.holdout_patients(patients, 0.2, seed=5)
+    held = holdout_patients(patients, 0.2, seed=5)
     assert len(held) == 10 and held <= set(patients.tolist())
-    assert held == study.holdout_patients(patients, 0.2, seed=5)
-    assert held != study.holdout_patients(patients, 0.2, seed=6)
-    assert len(study.holdout_patients(np.array(["a", "b"]), 0.9)) == 1  # never every patient
+    assert held == holdout_patients(patients, 0.2, seed=5)
+    assert held != holdout_patients(patients, 0.2, seed=6)
+    assert len(holdout_patients(np.array(["a", "b"]), 0.9, seed=0)) == 1  # never every patient
 
 
-def test_targets_compare_against_centralized():
-    study = _study()
+def test_an_identical_subset_is_left_in_place_and_a_changed_one_replaced(tmp_path, medsyngan_cache):
+    from medsyngan.data.api import phantom_dataset
+    from medsyngan.data.prepared import PreparedDataset
+    from medsyngan.workflows.split import split_patients, write_subset
+
+    ds = phantom_dataset(6, 2, 32, seed=1)
+    out = write_subset(ds, np.arange(4), tmp_path / "train", "train", {"seed": 1})
+    marker = out / "kept"
+    marker.write_text("")
+    write_subset(ds, np.arange(4), tmp_path / "train", "train", {"seed": 1})
+    assert marker.exists()  # not rebuilt
+    write_subset(ds, np.arange(6), tmp_path / "train", "train", {"seed": 1})
+    assert not marker.exists() and len(PreparedDataset.open(out)) == 6
+    counts = split_patients(ds, 0.5, 3, tmp_path / "a", tmp_path / "b", ("a", "b"))
+    a, b = PreparedDataset.open(tmp_path / "a"), PreparedDataset.open(tmp_path / "b")
+    assert counts == {"a_images": 6, "b_images": 6, "a_patients": 3, "b_patients": 3}
+    assert not set(a.patients.tolist()) & set(b.patients.tolist())
+
+
+def test_targets_compare_against_centralized(exp):
+    from study_tables import targets
+
     cell = lambda v: (v, None)  # noqa: E731
     summary = {
         "centralized": {"FD (rand)": cell(10.0), "near-copies": cell(0.0), "MIA AUC": cell(0.6)},
@@ -41,7 +162,7 @@ def test_targets_compare_against_centralized():
         "fed-labelskew": {"FD (rand)": cell(16.0), "near-copies": cell(1.0), "MIA AUC": cell(0.5)},
         "fed-dp10": {"FD (rand)": cell(19.0), "near-copies": cell(0.0), "MIA AUC": cell(0.56)},
     }
-    checks = {c["target"]: c for c in study.targets(summary)}
+    checks = {c["target"]: c for c in targets(summary, exp.study)}
     assert checks["FD fed-patient / centralized ≤ 1.2"]["met"] is True
     assert checks["FD fed-labelskew / centralized ≤ 1.5"]["met"] is False
     assert checks["FD fed-dp10 / centralized ≤ 2.0"]["value"] == pytest.approx(1.9)
@@ -49,21 +170,82 @@ def test_targets_compare_against_centralized():
     assert checks["MIA AUC fed-dp10 ≤ 0.55"]["met"] is False
 
 
-def test_rows_from_the_public_model_are_judged_against_both_references():
-    study = _study()
+def test_rows_from_the_public_model_are_judged_against_both_references(exp):
+    from study_tables import targets
+
     cell = lambda v: (v, None)  # noqa: E731
     summary = {key: {"FD (rand)": cell(fd), "near-copies": cell(0.0), "MIA AUC": cell(0.5)} for key, fd in
                (("centralized", 4.0), ("centralized-warm", 2.0), ("fed-patient-warm", 2.6), ("fed-dp10-warm", 6.0))}
-    checks = {c["target"]: c for c in study.targets(summary)}
+    checks = {c["target"]: c for c in targets(summary, exp.study)}
     assert checks["FD fed-patient-warm / centralized-warm ≤ 1.2"]["met"] is False  # 1.3, not 0.65 against (1)
     assert checks["FD fed-dp10-warm / centralized ≤ 2.0"]["met"] is True
     assert checks["FD fed-dp10-warm / centralized-warm ≤ 2.0"]["value"] == pytest.approx(3.0)
     assert not any("fed-patient /" in target for target in checks)  # no cold row, no cold ratio
 
 
+def test_fd_targets_carry_medians_and_per_seed_ratios(exp):
+    from study_tables import markdown, summarize, targets
+
+    fds = {"centralized": [2.0, 8.0, 3.0], "fed-patient": [3.0, 2.0, 3.3]}
+    runs = [{"config": k, "seed": s, "metrics": {"fd_rand500": v}, "epsilon": None, "bytes_sent": 0, "wall_s": 1.0}
+            for k, vs in fds.items() for s, v in enumerate(vs)]
+    summary = summarize(runs, {"centralized": "(1)", "fed-patient": "(2)"})
+    check = next(c for c in targets(summary, exp.study, runs) if c["target"].startswith("FD fed-patient"))
+    assert check["value"] == pytest.approx((8.3 / 3) / (13 / 3), abs=1e-3) and check["met"] is True
+    assert check["median_ratio"] == pytest.approx(3.0 / 3.0)
+    assert check["per_seed"] == {0: 1.5, 1: 0.25, 2: 1.1}
+    assert "per seed s0 1.5, s1 0.25, s2 1.1" in markdown(summary, [check])
+
+
+def test_fd_by_seed_lists_every_run_and_the_median():
+    from study_tables import fd_by_seed
+
+    runs = [{"config": key, "seed": seed, "metrics": {"fd500_64_random": value}}
+            for key, seed, value in (("centralized", 0, 2.0), ("centralized", 1, 4.0), ("centralized", 2, 9.0),
+                                     ("fed-patient", 0, 3.0))]
+    lines = fd_by_seed(runs, ["public", "centralized", "fed-patient"]).splitlines()
+    assert lines[0] == "| seed | centralized | fed-patient |"
+    assert lines[2:] == ["| 0 | 2.00 | 3.00 |", "| 1 | 4.00 | — |", "| 2 | 9.00 | — |", "| median | 4.00 | 3.00 |"]
+
+
+def test_collect_merges_tuning_folders_in_tuning_order(exp, tmp_path):
+    study = _study()
+    late, early = exp.variants[5].name, exp.variants[1].name
+    for folder, name, fd in (("a", late, 7.5), ("b", early, 2.25)):
+        result = tmp_path / folder / "tuning" / f"{name}-s0" / study.TUNING_RESULT_FILE
+        result.parent.mkdir(parents=True)
+        result.write_text(json.dumps({"config": "public", "variant": name, "seed": 0, "wall_s": 10.0,
+                                      "epsilon": None, "metrics": {"fd_rand500": fd, "kid_rand500": 0.01}}))
+    table = study.collect_tuning([tmp_path / "a", tmp_path / "b"]).splitlines()
+    assert len(table) == 4
+    assert early in table[2] and "2.25" in table[2]
+    assert late in table[3] and "7.5" in table[3]
+    from medsyngan.errors import UserError
+
+    with pytest.raises(UserError, match="no finished tuning runs"):
+        study.collect_tuning([tmp_path / "missing"])
+
+
+def test_scale_must_be_a_positive_whole_number(capsys):
+    assert _study().main(["--scale", "0"]) == 2
+    assert "--scale 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--variant", "public-hinge"], ["--diagnose"]])
+def test_tuning_folder_options_need_tune(capsys, args):
+    assert _study().main(args) == 2
+    assert "add --tune" in capsys.readouterr().err
+
+
+def test_an_unknown_row_or_variant_is_one_line(capsys):
+    assert _study().main(["--tune", "--variant", "public-hinj"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no recipe 'public-hinj'" in err and "public-hinge" in err and len(err.splitlines()) == 1
+
+
 @needs_nih
 @pytest.mark.slow
-def test_quick_study_end_to_end(tmp_path):
+def test_quick_study_end_to_end(exp, tmp_path):
     study = _study()
     report = study.run_study(quick=True, seeds=[0], out=tmp_path / "study", docs=tmp_path / "docs")
 
@@ -76,9 +258,9 @@ def test_quick_study_end_to_end(tmp_path):
     assert not set(train.patients.tolist()) & set(evaluation.patients.tolist())
     assert len(train) == split["train_images"] and len(evaluation) == split["eval_images"]
 
-    assert set(report["summary"]) == set(study.QUICK_CONFIGS)
+    assert list(report["summary"]) == exp.study.quick_rows
     runs = {r["config"]: r for r in report["runs"]}
-    budget = study.QUICK.images_through_d
+    budget = exp.study.quick.images_through_d
     assert runs["centralized"]["kimg"] * 1000 == budget
     # Poisson patient sampling under DP: the images through D vary around the plan.
     assert runs["fed-dp1-secure-warm"]["kimg"] * 1000 == pytest.approx(budget, rel=0.5)
@@ -98,114 +280,12 @@ def test_quick_study_end_to_end(tmp_path):
     assert public.data.source == "phantoms"
     warm = load_config(tmp_path / "study" / "runs" / "fed-dp1-secure-warm-s0" / "config.toml")
     assert Path(warm.train.init_from) == tmp_path / "study" / "runs" / "public-s0"
+    # Each run was scored by evaluate_run: its metrics.json is the study's figures.
+    scored = json.loads((tmp_path / "study" / "runs" / "centralized-s0" / "metrics.json").read_text())
+    assert scored == runs["centralized"]["metrics"]
     saved = json.loads((tmp_path / "docs" / "results" / "study.json").read_text())
     assert saved["summary"].keys() == report["summary"].keys()
     assert "| (1) centralized, non-private |" in (tmp_path / "study" / "study.md").read_text()
 
-
-def test_expanded_rows_keep_the_budget_of_images_through_d(tmp_path):
-    from dataclasses import replace
-
-    study = _study()
-    for budget in (study.FULL, study.QUICK, replace(study.FULL, rounds=4 * study.FULL.rounds)):
-        for tokens in (study.WARM, study.WARM + [study.FIVE_D_STEPS], [study.HALF_ROUNDS]):
-            values = dict(o.split("=", 1) for o in study.resolve(tokens, tmp_path, 3, budget))  # last one wins
-            rounds = int(values.get("federated.rounds", budget.rounds))
-            per_round = (int(values["federated.local_steps"]) * int(values.get("train.batch_size", budget.batch))
-                         * int(values.get("train.d_steps_per_g", 1)))
-            assert budget.hospitals * rounds * per_round == budget.images_through_d, (budget, tokens)
-            assert not any(o.startswith("@") for o in values)
-        half = dict(o.split("=", 1) for o in study.resolve([study.HALF_ROUNDS], tmp_path, 3, budget))
-        assert half["federated.rounds"] == str(2 * budget.rounds)  # scales with the budget, not a fixed 16
-    warm = dict(o.split("=", 1) for o in study.resolve(study.WARM, tmp_path, 3, study.FULL))
-    assert warm["train.init_from"] == json.dumps(str(tmp_path / "runs" / "public-s3"))
-
-
-def test_scale_must_be_a_positive_whole_number(capsys):
-    assert _study().main(["--scale", "0"]) == 2
-    assert "--scale 0" in capsys.readouterr().err
-
-
-def test_an_identical_subset_is_left_in_place_and_a_changed_one_replaced(tmp_path, medsyngan_cache):
-    from medsyngan.data.api import phantom_dataset
-    from medsyngan.data.prepared import PreparedDataset
-
-    study = _study()
-    ds = phantom_dataset(6, 2, 32, seed=1)
-    out = study.write_subset(ds, np.arange(4), tmp_path / "train", "train")
-    marker = out / "kept"
-    marker.write_text("")
-    study.write_subset(ds, np.arange(4), tmp_path / "train", "train")
-    assert marker.exists()  # not rebuilt
-    study.write_subset(ds, np.arange(6), tmp_path / "train", "train")
-    assert not marker.exists() and len(PreparedDataset.open(out)) == 6
-
-
-def test_collect_merges_tuning_folders_in_tuning_order(tmp_path):
-    study = _study()
-    late, early = study.TUNING[3], study.TUNING[1]
-    for folder, (key, variant, extra), fd in (("a", late, 7.5), ("b", early, 2.25)):
-        run = tmp_path / folder / "tuning" / f"{key}-x"
-        run.mkdir(parents=True)
-        (run / study.RESULT_FILE).write_text(json.dumps(
-            {"config": key, "variant": variant, "overrides": extra, "wall_s": 10.0, "epsilon": None,
-             "metrics": {"fd_rand500": fd, "kid_rand500": 0.01}}))
-    table = study.collect_tuning([tmp_path / "a", tmp_path / "b"]).splitlines()
-    assert len(table) == 4
-    assert early[1] in table[2] and "2.25" in table[2]
-    assert late[1] in table[3] and "7.5" in table[3]
-    from medsyngan.errors import UserError
-
-    with pytest.raises(UserError, match="no finished tuning runs"):
-        study.collect_tuning([tmp_path / "missing"])
-
-
-def test_fd_targets_carry_medians_and_per_seed_ratios():
-    study = _study()
-    fds = {"centralized": [2.0, 8.0, 3.0], "fed-patient": [3.0, 2.0, 3.3]}
-    runs = [{"config": k, "seed": s, "metrics": {"fd_rand500": v}, "epsilon": None, "bytes_sent": 0, "wall_s": 1.0}
-            for k, vs in fds.items() for s, v in enumerate(vs)]
-    summary = study.summarize(runs)
-    check = next(c for c in study.targets(summary, runs) if c["target"].startswith("FD fed-patient"))
-    assert check["value"] == pytest.approx((8.3 / 3) / (13 / 3), abs=1e-3) and check["met"] is True
-    assert check["median_ratio"] == pytest.approx(3.0 / 3.0)
-    assert check["per_seed"] == {0: 1.5, 1: 0.25, 2: 1.1}
-    assert "per seed s0 1.5, s1 0.25, s2 1.1" in study.markdown(summary, [check])
-
-
-def test_fd_by_seed_lists_every_run_and_the_median():
-    study = _study()
-    runs = [{"config": key, "seed": seed, "metrics": {"fd500_64_random": value}}
-            for key, seed, value in (("centralized", 0, 2.0), ("centralized", 1, 4.0), ("centralized", 2, 9.0),
-                                     ("fed-patient", 0, 3.0))]
-    lines = study.fd_by_seed(runs).splitlines()
-    assert lines[0] == "| seed | centralized | fed-patient |"
-    assert lines[2:] == ["| 0 | 2.00 | 3.00 |", "| 1 | 4.00 | — |", "| 2 | 9.00 | — |", "| median | 4.00 | 3.00 |"]
-
-
-@pytest.mark.parametrize("args", [["--public-override", "train.beta1=0.1"], ["--diagnose"]])
-def test_tuning_folder_options_need_tune(capsys, args):
-    assert _study().main(args) == 2
-    assert "add --tune" in capsys.readouterr().err
-
-
-def test_a_public_variant_is_trained_and_named_with_the_rows_that_start_from_it():
-    study = _study()
-    recipe = study.public_overrides(["train.lr_d=1e-4"])
-    assert recipe[-1] == "train.lr_d=1e-4" and set(study.TUNED["public"]) <= set(recipe)
-    assert 'data.source="phantoms"' in recipe  # never a real image
-    row = {"config": "fed-dp10-warm", "variant": "(4w)", "public": ["train.lr_d=1e-4"], "wall_s": 1.0,
-           "epsilon": 10.0, "metrics": {"fd_rand500": 5.0}}
-    assert "| (4w) (public model: train.lr_d=1e-4) |" in study.tuning_markdown([row])
-    assert "| (4w) |" in study.tuning_markdown([row | {"public": []}])
-
-
-def test_a_public_variant_trains_beside_the_study_public_model_never_over_it(tmp_path):
-    study = _study()
-    assert study.public_run(tmp_path, 3) == tmp_path / "runs" / "public-s3"  # the study's, as before
-    variant = study.public_run(tmp_path, 3, ["train.beta1=0.5"])
-    assert variant.parent == tmp_path / "runs" and variant != study.public_run(tmp_path, 3)
-    assert variant == study.public_run(tmp_path, 3, ("train.beta1=0.5",))  # stable: a rerun finds it again
-    assert variant != study.public_run(tmp_path, 3, ["train.beta1=0.0"])
-    resolved = study.resolve([study.PUBLIC_INIT], tmp_path, 3, study.FULL, ["train.beta1=0.5"])
-    assert resolved == [f"train.init_from={json.dumps(str(variant))}"]
+    again = study.run_study(quick=True, seeds=[0], out=tmp_path / "study", reuse=True)  # nothing retrained
+    assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in report["runs"]]

@@ -1,4 +1,4 @@
-"""`medsyngan demo`: the end-to-end federated, private demo (see :mod:`medsyngan.demo`)."""
+"""`medsyngan demo`: the end-to-end federated, private demo (see :mod:`medsyngan.workflows.demo`)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
         import time
 
-        from medsyngan.demo import run_demo
+        from medsyngan.workflows.demo import run_demo
 
         # A fresh folder per demo, so that running it again never touches an earlier demo's files.
         out = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")

@@ -1,4 +1,8 @@
-"""`medsyngan evaluate`: metrics.json and report.html for a run, a checkpoint or a folder of synthetic images."""
+"""`medsyngan evaluate`: metrics.json and report.html for a run, a checkpoint or a folder of synthetic images.
+
+A run is scored by :func:`medsyngan.workflows.evaluation.evaluate_run`, the same function the demo and the study
+use; a checkpoint or a folder of images by the same metrics and seed rule.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,6 @@ import typer
 
 from medsyngan.cli.options import ConfigOption, KeyOption, SetOption, read_key
 from medsyngan.errors import UserError
-
-
-def _load_discriminator(checkpoint: Path, device, key: bytes | None):
-    """The run's discriminator for the LOGAN attack, or None (with the reason logged) when it cannot be built."""
-    import logging
-
-    from medsyngan.models.registry import build_discriminator
-    from medsyngan.training.checkpoint import load_checkpoint
-
-    try:
-        ckpt = load_checkpoint(checkpoint, key)
-        D = build_discriminator(ckpt.config().model)
-        state = {k.removeprefix("_module."): v for k, v in ckpt.part("D").items()}
-        if not state:
-            raise UserError("the checkpoint holds no discriminator")
-        D.load_state_dict(state)
-        return D.to(device).eval().requires_grad_(False)
-    except (UserError, RuntimeError) as exc:
-        logging.getLogger("medsyngan").warning("LOGAN attack skipped: %s", str(exc).splitlines()[0])
-        return None
 
 
 def register(app: typer.Typer) -> None:
@@ -49,7 +33,7 @@ def register(app: typer.Typer) -> None:
         epsilon: Annotated[Optional[float], typer.Option("--epsilon", help="ε of the run, for the membership-inference bound (default: from the run's log).")] = None,
         delta: Annotated[Optional[float], typer.Option("--delta", help="δ of the run (default: from the run's log, else 0).")] = None,
         ppl_samples: Annotated[int, typer.Option("--ppl-samples", help="Latent pairs for PPL (at least 100).")] = 2000,
-        seed: Annotated[int, typer.Option("--seed", help="Seed of the generated latents and of every random subset.")] = 0,
+        seed: Annotated[Optional[int], typer.Option("--seed", help="Evaluation seed (default: the run's run.seed): random subsets use it, generated latents it + 1000.")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
         config: ConfigOption = None,
         overrides: SetOption = None,
@@ -59,14 +43,16 @@ def register(app: typer.Typer) -> None:
         MS-SSIM diversity, PPL and a privacy audit; writes metrics.json and a self-contained report.html."""
         import json
 
-        from medsyngan.config import load_config
-        from medsyngan.metrics.evaluate import evaluate, evaluate_snapshots, privacy_from_rows
+        from medsyngan.config import config_from_toml_text, load_config
+        from medsyngan.metrics.evaluate import evaluate, evaluate_snapshots
         from medsyngan.metrics.features import make_extractor
         from medsyngan.metrics.images import load_image_set
         from medsyngan.report.html import write_report
         from medsyngan.rundir import RunDir, atomic_write_text, console, setup_logging
         from medsyngan.runtime import configure_threads, select_device
         from medsyngan.training.checkpoint import snapshot_dirs
+        from medsyngan.workflows.evaluation import (evaluate_run, latent_seed, load_attack_discriminator,
+                                                    require_some_metric)
 
         sources = [s for s in (run, checkpoint, fake) if s is not None]
         if len(sources) != 1:
@@ -79,50 +65,57 @@ def register(app: typer.Typer) -> None:
         configure_threads(cfg.run.threads)
         device = select_device(cfg.run.device)
         metrics = metrics or cfg.eval.metrics
-        feature_extractor = feature_extractor or cfg.eval.feature_extractor
         nn_threshold = cfg.eval.nn_threshold if nn_threshold is None else nn_threshold
         count = count or cfg.eval.num_samples
         checkpoint_key = read_key(key)
 
         real_set = load_image_set(real, "--real")
         train_set = load_image_set(train, "--train") if train is not None else None
-        generator, discriminator, run_rows, notes = None, None, [], []
-        if fake is not None:
-            fake_images = load_image_set(fake, "--fake").images
-        else:
-            from medsyngan.training.generate import generate_images, load_generator
-
-            source = run if run is not None else checkpoint
-            generator, meta = load_generator(source, device, checkpoint_key)
-            fake_images = generate_images(generator, count, seed, batch_size=batch_size, device=device)
-            discriminator = _load_discriminator(Path(meta.get("checkpoint", source)), device, checkpoint_key)
-            notes.append(f"synthetic images: {count} generated from {meta.get('checkpoint', source)} with seed {seed}")
-        if run is not None:
-            run_rows = RunDir(run).read_metrics()
-            logged_eps, logged_delta = privacy_from_rows(run_rows)
-            epsilon = logged_eps if epsilon is None else epsilon
-            delta = logged_delta if delta is None else delta
-
         try:
-            extractor = make_extractor(feature_extractor, device)
+            extractor = make_extractor(feature_extractor or cfg.eval.feature_extractor, device)
         except UserError:
             extractor = None  # evaluate() meets the same error and records the feature metrics as not computed
-        ev = evaluate(
-            fake_images, real_set.images, None if train_set is None else train_set.images,
-            metrics=metrics, feature_extractor=extractor if extractor is not None else feature_extractor,
-            generator=generator, discriminator=discriminator, epsilon=epsilon, delta=delta,
-            real_patients=real_set.patients, train_patients=None if train_set is None else train_set.patients,
-            nn_threshold=nn_threshold, ppl_samples=ppl_samples, batch_size=batch_size, seed=seed, device=device,
-        )
-        snapshot_rows = []
-        if run is not None and extractor is not None and snapshot_count > 0:
-            snaps = snapshot_dirs(RunDir(run).checkpoints)
-            if len(snaps) > 1:
-                snapshot_rows = evaluate_snapshots(snaps, real_set.images, extractor, snapshot_count, seed, batch_size,
-                                                   device, checkpoint_key)
+        features = extractor if extractor is not None else feature_extractor or cfg.eval.feature_extractor
+        run_rows, snapshot_rows = [], []
+        if run is not None:
+            scored = evaluate_run(
+                run, real_set, train_set, metrics=metrics, feature_extractor=features, num_samples=count, seed=seed,
+                epsilon=epsilon, delta=delta, nn_threshold=nn_threshold, attack_discriminator=True, msssim_pairs=1000, ppl_samples=ppl_samples,
+                out=out, key=checkpoint_key, device=device, batch_size=batch_size,
+            )
+            ev, fake_images, notes = scored.evaluation, scored.images, scored.notes
+            epsilon, delta, seed = scored.epsilon, scored.delta, scored.seed
+            run_rows = RunDir(run).read_metrics()
+            snaps = snapshot_dirs(Path(run) / "checkpoints")
+            if extractor is not None and snapshot_count > 0 and len(snaps) > 1:
+                snapshot_rows = evaluate_snapshots(snaps, real_set.images, extractor, snapshot_count, seed,
+                                                   batch_size, device, checkpoint_key)
+        else:
+            generator, discriminator, notes = None, None, []
+            if fake is not None:
+                seed = cfg.run.seed if seed is None else seed
+                fake_images = load_image_set(fake, "--fake").images
+            else:
+                from medsyngan.training.generate import generate_images, load_generator
 
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "metrics.json", json.dumps(ev.metrics, indent=2) + "\n")
+                generator, meta = load_generator(checkpoint, device, checkpoint_key)
+                if seed is None:  # the checkpoint's own run.seed, as for a run
+                    seed = config_from_toml_text(meta["config_toml"], str(checkpoint)).run.seed
+                fake_images = generate_images(generator, count, latent_seed(seed), batch_size=batch_size,
+                                              device=device)
+                discriminator = load_attack_discriminator(Path(meta["checkpoint"]), device, checkpoint_key)
+                notes.append(f"synthetic images: {count} from {meta['checkpoint']}, latent seed {latent_seed(seed)}")
+            ev = evaluate(
+                fake_images, real_set.images, None if train_set is None else train_set.images,
+                metrics=metrics, feature_extractor=features, generator=generator, discriminator=discriminator,
+                epsilon=epsilon, delta=delta, real_patients=real_set.patients,
+                train_patients=None if train_set is None else train_set.patients, nn_threshold=nn_threshold,
+                ppl_samples=ppl_samples, batch_size=batch_size, seed=seed, device=device,
+            )
+            require_some_metric(ev)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "metrics.json", json.dumps(ev.metrics, indent=2) + "\n")
+
         details = {
             "protocol": ev.protocol, "skipped": ev.skipped, "snapshots": snapshot_rows,
             "sources": {"real": str(real), "train": str(train) if train else None,
@@ -132,7 +125,7 @@ def register(app: typer.Typer) -> None:
             order = [int(i) for i in (-ev.nn.ssim).argsort()[:100]]
             details["closest_synthetic"] = [
                 {"synthetic": i, "train": int(ev.nn.ssim_index[i]), "ssim": float(ev.nn.ssim[i]),
-                 "near_copy": bool(ev.nn.ssim[i] > nn_threshold)} for i in order
+                 "near_copy": bool(ev.nn.ssim[i] > ev.nn_threshold)} for i in order
             ]
         atomic_write_text(out / "evaluation.json", json.dumps(details, indent=2, default=str) + "\n")
         report = write_report(
@@ -144,10 +137,10 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         table = Table(title="evaluation")
-        table.add_column("metric")
+        table.add_column("metric", no_wrap=True)
         table.add_column("value", justify="right")
-        for key, value in ev.metrics.items():
-            table.add_row(key, f"{value:.5g}")
+        for name, value in ev.metrics.items():
+            table.add_row(name, f"{value:.5g}")
         console.print(table)
         console.print(f"wrote {out / 'metrics.json'} and {report}")
         if ev.failed:
