@@ -299,7 +299,7 @@ def recipe(key: str, overrides: list[str], budget: Budget, train_dir: Path, seed
 
 
 def train_one(cfg, run_root: Path) -> float:
-    from medsyngan.federated.run import run_federated
+    from medsyngan.workflows.federation import train_federated
     from medsyngan.rundir import RunDir
     from medsyngan.workflows.centralized import train_centralized
 
@@ -307,7 +307,7 @@ def train_one(cfg, run_root: Path) -> float:
     rd = RunDir(run_root).create(cfg)
     t0 = time.time()
     if cfg.federated.enabled:
-        run_federated(cfg, rd, resume=False)
+        train_federated(cfg, rd, resume=False)
     else:
         train_centralized(cfg, rd)
     return time.time() - t0

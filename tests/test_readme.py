@@ -297,12 +297,12 @@ def _check_outputs(work: Path, expected: dict[str, int | None], block: Block, lo
 
 @pytest.mark.slow
 def test_every_readme_command_runs(tmp_path):
-    from medsyngan.federated import deploy
+    from medsyngan.federated import processes
 
     blocks = readme_blocks(README.read_text())
     bash = [b for b in blocks if b.lang == "bash"]
     assert bash, "README.md has no ```bash blocks"
-    values = {"repo": str(REPO), **{f"port{p}": str(deploy.free_port()) for p in PORTS}}
+    values = {"repo": str(REPO), **{f"port{p}": str(processes.free_port()) for p in PORTS}}
     scripts = substitute(bash, values)
     checks = {t: next((b for b, s in zip(bash, scripts) if re.search(t, s)), None) for t in EXPECTED_OUTPUTS}
     unmatched = [t for t, b in checks.items() if b is None]
@@ -312,7 +312,7 @@ def test_every_readme_command_runs(tmp_path):
     work.mkdir()
     have_nih = stage_user_files(tmp_path, work)
     env = _environment(tmp_path)
-    servers: list[deploy.ManagedProcess] = []
+    servers: list[processes.ManagedProcess] = []
     timings: list[str] = []
     try:
         for block, script in zip(bash, scripts):
@@ -321,13 +321,13 @@ def test_every_readme_command_runs(tmp_path):
                               "(set MEDSYNGAN_NIH_DIR)")
                 continue
             if STOP_SERVERS_BEFORE.search(script) and servers:
-                left = deploy.stop_all(servers)
+                left = processes.stop_all(servers)
                 assert left == [], f"processes left running after stopping the servers: {left}"
                 servers.clear()
             started = time.monotonic()
             server = next((name for name in SERVERS if re.search(rf"(^|\s){name}\s", script)), None)
             if server:
-                proc = deploy.start_process(f"readme-line-{block.line}", ["bash", "-c", "set -euo pipefail\n" + script],
+                proc = processes.start_process(f"readme-line-{block.line}", ["bash", "-c", "set -euo pipefail\n" + script],
                                             tmp_path / "logs" / f"line-{block.line}.log", env, cwd=work)
                 proc.last = server == "flower-superlink"  # stopped after the SuperNodes, as Flower expects
                 servers.append(proc)
@@ -344,6 +344,6 @@ def test_every_readme_command_runs(tmp_path):
                 if first is block:
                     _check_outputs(work, EXPECTED_OUTPUTS[trigger], block, tmp_path / "logs")
     finally:
-        leftovers = deploy.stop_all(servers)
+        leftovers = processes.stop_all(servers)
         print("\n".join(timings))
     assert leftovers == [], f"processes left running: {leftovers}"

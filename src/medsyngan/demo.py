@@ -215,7 +215,7 @@ def _fmt(value: float | None) -> str:
 
 def run_demo(out: Path, quick: bool = False, data: Path | None = None, overrides: list[str] | None = None) -> Path:
     """Run the whole demo into ``out``; returns the path of the report."""
-    from medsyngan.federated.run import run_federated
+    from medsyngan.workflows.federation import train_federated
     from medsyngan.workflows.centralized import train_centralized
 
     start = time.time()
@@ -239,7 +239,7 @@ def run_demo(out: Path, quick: bool = False, data: Path | None = None, overrides
     fed = RunOutcome(f"federated + DP ε={cfg.privacy.target_epsilon:g}" if cfg.privacy.dp else "federated",
                      RunDir(out / "federated").create(cfg), 0.0)
     t0 = time.time()
-    run_federated(cfg, fed.run_dir, resume=False)
+    train_federated(cfg, fed.run_dir, resume=False)
     fed.wall_s = time.time() - t0
     images = int(round(max(r.get("kimg", 0.0) for r in fed.run_dir.read_metrics()) * 1000))
 
