@@ -83,7 +83,7 @@ def _blobs(record: Mapping[str, Any], key: str) -> list[bytes]:
 
 def _check(value: Any, kind: type, key: str) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise TypeError(f"{key} holds a {type(value).__name__}")
+        raise TypeError(f"{key} holds {type(value).__name__} values")
     return value
 
 
