@@ -111,6 +111,7 @@ class ManagedProcess:
     last: bool = False  # stopped after all others (the SuperLink)
     seen: set[Proc] = field(default_factory=set)
     own_session: bool = True
+    log_start: int = 0  # where this process's output begins in a log file that earlier runs appended to
 
     @property
     def pid(self) -> int:
@@ -120,8 +121,11 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def log_text(self) -> str:
+        """What this process wrote to its log."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self.log_start)
+                return fh.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -197,18 +201,20 @@ def start_process(name: str, cmd: list[str], log_path: Path, env: dict[str, str]
                   own_session: bool = True) -> ManagedProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
+        start = log.tell()
         popen = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
             start_new_session=own_session,
         )
-    proc = ManagedProcess(name, popen, log_path, own_session=own_session)
+    proc = ManagedProcess(name, popen, log_path, own_session=own_session, log_start=start)
     proc.track()
     return proc
 
 
-def stop_all(processes: Iterable[ManagedProcess], grace: float = 10.0) -> list[int]:
+def stop_all(processes: Iterable[ManagedProcess], grace: float = 10.0, reap: float = 10.0) -> list[int]:
     """SIGTERM everything, SIGKILL what is still running after `grace` seconds; returns the pids still running
-    afterwards (should be none). SuperLinks go last, so that SuperNodes can still end their sessions there."""
+    `reap` seconds after that (should be none: a large process takes a moment to die even of SIGKILL). SuperLinks
+    go last, so that SuperNodes can still end their sessions there."""
     procs = list(processes)
     for wave in ([p for p in procs if not p.last], [p for p in procs if p.last]):
         for proc in wave:
@@ -218,6 +224,9 @@ def stop_all(processes: Iterable[ManagedProcess], grace: float = 10.0) -> list[i
             time.sleep(0.2)
         for proc in wave:
             proc.kill_leftovers()
-    return sorted({pid for proc in procs for pid in proc.leftovers()})
+    deadline = time.monotonic() + reap
+    while (left := sorted({pid for proc in procs for pid in proc.leftovers()})) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
 
 

@@ -167,4 +167,8 @@ def train_federated(cfg: Config, run_dir: RunDir, resume: bool = False) -> None:
              f.rounds, f.local_steps, f.strategy, home)
     follower = LogFollower(run_dir.log_path,
                            lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
-    run_local_simulation(home, app, run_config, federation, follower, env={"RAY_DEDUP_LOGS": "0"})
+    try:
+        run_local_simulation(home, app, run_config, federation, follower, env={"RAY_DEDUP_LOGS": "0"})
+    except KeyboardInterrupt:
+        log.warning("federation stopped; continue it from its last completed round with --resume")
+        raise
