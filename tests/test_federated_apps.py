@@ -99,7 +99,7 @@ def main(grid: Grid, context: Context) -> None:
 '''
 
 
-def _flower_processes(home: Path) -> list[int]:
+def flower_processes(home: Path) -> list[int]:
     """Processes that run with this Flower home (the environment every started process inherits)."""
     marker = f"FLWR_HOME={home}".encode()
     found = []
@@ -129,4 +129,4 @@ def test_local_simulation_reports_its_outcome_and_leaves_no_process(tmp_path, fa
     else:
         run_local_simulation(*launch)
     assert lines == ["the server app saw 2 nodes"]
-    assert _flower_processes(home) == []
+    assert flower_processes(home) == []

@@ -94,7 +94,7 @@ def test_a_malformed_reply_is_one_line(read, content, message):
 
 
 def test_a_stage_without_its_terms_is_refused():
-    with pytest.raises(p.MalformedMessage, match="round 4: the instruction carries no secure-aggregation terms"):
-        p.RoundInstruction(4, 0).require_secagg()
+    with pytest.raises(p.MalformedMessage, match="^round 4: the instruction carries no inbox$"):
+        p.RoundInstruction(4, 0, secagg=TERMS).require("inbox")
     with pytest.raises(p.MalformedMessage, match="the instruction carries no weights"):
         p.Instruction(JOB).require_weights()

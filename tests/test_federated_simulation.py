@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from test_federated_apps import flower_processes
+
 pytestmark = pytest.mark.slow
 
 TINY = [
@@ -46,22 +48,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-def _flower_processes(run: Path) -> list[int]:
-    """Processes started for this run's simulation: they all run with the run's Flower home."""
-    marker = f"FLWR_HOME={(run / 'flower').resolve()}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:
-            pass
-    return found
-
-
 def _until_none_left(run: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while (left := _flower_processes(run)) and time.monotonic() < deadline:
+    while (left := flower_processes((run / "flower").resolve())) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left == [], f"processes of the simulation still running: {left}"
 

@@ -97,7 +97,7 @@ class HospitalRuntime:
     def __init__(self) -> None:
         self._data: dict[tuple[str, str, int], tuple[PreparedDataset, PreparedDataset]] = {}
 
-    def hospital(self, identity: NodeIdentity, job: Job) -> tuple[Hospital, Config]:
+    def hospital(self, identity: NodeIdentity, job: Job) -> Hospital:
         config_text = job.config
         cfg = config_from_toml_text(config_text, "federation config")
         key = (hashlib.sha256(config_text.encode()).hexdigest(), str(identity.data_path), identity.hospital_id)
@@ -106,7 +106,7 @@ class HospitalRuntime:
         train, holdout = self._data[key]
         # Fixed per configuration (not whatever the worker process inherited), so reruns compute identically.
         torch.set_num_threads(cfg.run.threads or cfg.federated.client_cpus)
-        return Hospital(cfg, identity.hospital_id, train, holdout), cfg
+        return Hospital(cfg, identity.hospital_id, train, holdout)
 
 
 def state_file(identity: NodeIdentity, round_: int) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message
@@ -19,7 +20,7 @@ from medsyngan.federated import protocol as p
 from medsyngan.federated import update_codec
 from medsyngan.federated.client import HospitalRuntime, NodeIdentity, node_identity, persist, restore
 from medsyngan.federated.hospital import EvaluateFn, Hospital
-from medsyngan.federated.records import join_state, split_state, state_to_record, record_to_state
+from medsyngan.federated.records import join_state, record_to_state, split_state, state_to_record
 from medsyngan.federated.transport import seal_update, tensors_hash
 from medsyngan.privacy.secagg import SecAggAbort, SecAggClient
 
@@ -61,15 +62,26 @@ def _keep_in_memory(context: Context, round_: int, state: dict) -> None:
     context.state[STATE_META] = ConfigRecord({"round": round_, "skeleton": skeleton})
 
 
+T = TypeVar("T")
+
+
 def _secagg_client(context: Context, round_: p.RoundInstruction) -> SecAggClient:
     record = context.state.get(SECAGG_STATE)
     if record is None or int(record["round"]) != round_.round:
         raise SecAggAbort(f"no secure-aggregation keys for round {round_.round} at this hospital")
-    return SecAggClient.from_bytes(bytes(record["client"]), round_.require_secagg().secagg_config())
+    return SecAggClient.from_bytes(bytes(record["client"]), round_.require("secagg").secagg_config())
 
 
 def _keep_secagg_client(context: Context, round_: p.RoundInstruction, client: SecAggClient) -> None:
     context.state[SECAGG_STATE] = ConfigRecord({"round": round_.round, "client": client.to_bytes()})
+
+
+def _secagg_step(context: Context, round_: p.RoundInstruction, step: Callable[[SecAggClient], T]) -> T:
+    """One stage of the hospital's secure-aggregation client, its secrets kept in its own state in between."""
+    client = _secagg_client(context, round_)
+    result = step(client)
+    _keep_secagg_client(context, round_, client)
+    return result
 
 
 def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
@@ -79,8 +91,7 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
 
     def hospital_for(instruction: p.Instruction, context: Context) -> tuple[NodeIdentity, Hospital]:
         identity = node_identity(context.node_config, instruction.job)
-        hospital, _ = runtime.hospital(identity, instruction.job)
-        return identity, hospital
+        return identity, runtime.hospital(identity, instruction.job)
 
     @app.query("hello")
     @_answer_user_errors
@@ -96,7 +107,7 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
         instruction = p.Instruction.from_record(message.content)
         round_ = instruction.require_round()
         identity = node_identity(context.node_config, instruction.job)
-        client = SecAggClient(identity.hospital_id + 1, round_.require_secagg().secagg_config())
+        client = SecAggClient(identity.hospital_id + 1, round_.require("secagg").secagg_config())
         _keep_secagg_client(context, round_, client)
         return p.reply(message, p.KeyAdvertReply(client.advertise()))
 
@@ -104,22 +115,14 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
     @_answer_user_errors
     def secagg_share(message: Message, context: Context) -> Message:
         round_ = p.Instruction.from_record(message.content).require_round()
-        if round_.adverts is None:
-            raise p.MalformedMessage(f"round {round_.round}: the share-keys instruction lists no key adverts")
-        client = _secagg_client(context, round_)
-        shares = client.share_keys(round_.adverts)
-        _keep_secagg_client(context, round_, client)
+        shares = _secagg_step(context, round_, lambda client: client.share_keys(round_.require("adverts")))
         return p.reply(message, p.SharesReply(shares))
 
     @app.query("secagg_unmask")
     @_answer_user_errors
     def secagg_unmask(message: Message, context: Context) -> Message:
         round_ = p.Instruction.from_record(message.content).require_round()
-        if round_.survivors is None:
-            raise p.MalformedMessage(f"round {round_.round}: the unmask instruction lists no survivors")
-        client = _secagg_client(context, round_)
-        reveals = client.unmask(round_.survivors)
-        _keep_secagg_client(context, round_, client)
+        reveals = _secagg_step(context, round_, lambda client: client.unmask(round_.require("survivors")))
         return p.reply(message, p.RevealsReply(reveals))
 
     @app.train()
@@ -134,9 +137,7 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
         result = hospital.train_round(global_state, cfg.federated.local_steps)
         masking = {}
         if client is not None:
-            if round_.inbox is None:
-                raise p.MalformedMessage(f"round {round_.round}: the training instruction carries no share inbox")
-            inbox, terms = round_.inbox, round_.require_secagg()
+            inbox, terms = round_.require("inbox"), round_.require("secagg")
             masking = {"scales": terms.scale_array, "ring_bits": terms.ring_bits,
                        "masker": lambda ring_vector: client.masked_input(ring_vector, inbox)}
         encoded = update_codec.encode_update(result.update, result.num_examples, cfg.privacy, seed=cfg.run.seed,

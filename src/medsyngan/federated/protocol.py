@@ -157,10 +157,10 @@ class SecAggTerms:
     def scale_array(self) -> np.ndarray:
         return np.asarray(self.scales, np.float64)
 
-    def to_record(self) -> dict[str, Any]:
-        return {"ids": list(self.ids), "threshold": self.threshold, "ring_bits": self.ring_bits,
-                "length": self.length, "neighbours": self.neighbours, "context": self.context,
-                "scales": list(self.scales)}
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({"ids": list(self.ids), "threshold": self.threshold, "ring_bits": self.ring_bits,
+                             "length": self.length, "neighbours": self.neighbours, "context": self.context,
+                             "scales": list(self.scales)})
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "SecAggTerms":
@@ -206,8 +206,8 @@ class RoundInstruction:
             terms = {k.removeprefix("secagg."): v for k, v in record.items() if k.startswith("secagg.")}
             adverts = None
             if "adverts.ids" in record:
-                ciphers, masks = _pairs(record, "adverts.ids", "adverts.cipher", _blobs), _pairs(
-                    record, "adverts.ids", "adverts.mask", _blobs)
+                ciphers = _pairs(record, "adverts.ids", "adverts.cipher", _blobs)
+                masks = _pairs(record, "adverts.ids", "adverts.mask", _blobs)
                 adverts = {i: KeyAdvert(ciphers[i], masks[i]) for i in ciphers}
             inbox = _pairs(record, "inbox.from", "inbox.ciphertext", _blobs) if "inbox.from" in record else None
             survivors = tuple(_ints(record, "survivors")) if "survivors" in record else None
@@ -215,10 +215,12 @@ class RoundInstruction:
                        _optional(record, "round_public", bytes), SecAggTerms.from_record(terms) if terms else None,
                        adverts, inbox, survivors)
 
-    def require_secagg(self) -> SecAggTerms:
-        if self.secagg is None:
-            raise MalformedMessage(f"round {self.round}: the instruction carries no secure-aggregation terms")
-        return self.secagg
+    def require(self, field_name: str) -> Any:
+        """A field the stage at hand needs (secagg, adverts, inbox, survivors); MalformedMessage without it."""
+        value = getattr(self, field_name)
+        if value is None:
+            raise MalformedMessage(f"round {self.round}: the instruction carries no {field_name}")
+        return value
 
 
 @dataclass(frozen=True)

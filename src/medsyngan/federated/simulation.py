@@ -50,7 +50,6 @@ def write_app(folder: Path, name: str, version: str, components: Mapping[str, st
     import tomli_w
 
     doc = {
-        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
         "project": {"name": name, "version": version, "description": f"{name} on Flower's local simulation",
                     "license": "Apache-2.0", "dependencies": []},
         "tool": {"flwr": {"app": {"publisher": name, "components": dict(components), "config": dict(config)}}},

@@ -1,6 +1,6 @@
 """What a hospital's update becomes before it is sealed, and how the aggregator turns opened updates back into sums.
 
-Hospital, in order (DESIGN.md "What a hospital sends"):
+Hospital, in order (README.md, "Updates on the wire"):
     Δ = local − global → clip (update_clip, or client_clip under client-level DP) → quantize (stochastic rounding,
     8/16 bit) → [secure aggregation: × integer weight n_k, into Z_2^k, + pairwise and self masks] → AES-256-GCM
     (associated data: version, run, round, hospital, SHA-256 of the global model it was computed from; the last
