@@ -130,3 +130,15 @@ def test_local_simulation_reports_its_outcome_and_leaves_no_process(tmp_path, fa
         run_local_simulation(*launch)
     assert lines == ["the server app saw 2 nodes"]
     assert flower_processes(home) == []
+
+
+@pytest.mark.slow
+def test_a_run_flower_refuses_is_one_user_error(tmp_path):
+    app = write_app(tmp_path / "app", "probe", "1.0.0", {"serverapp": "probe_app:server_app",
+                                                         "clientapp": "probe_app:client_app"}, {"log": ""})
+    (app / "probe_app.py").write_text(PROBE_APP)
+    home = tmp_path / "home"
+    with pytest.raises(UserError, match=r"^`flwr run` submitted no run \(.*Invalid run configuration\.\); see "):
+        run_local_simulation(home, app, {"undeclared": 1}, {"num-supernodes": 1},
+                             LogFollower(tmp_path / "run.log", print))
+    assert flower_processes(home) == []

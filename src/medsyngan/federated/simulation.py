@@ -130,14 +130,20 @@ def run_local_simulation(home: Path, app_dir: Path, run_config: Mapping[str, Any
                     raise UserError(f"Flower's local SuperLink stopped during the run; see {superlink.log_path}")
                 time.sleep(POLL_S)
             follow.poll()
-            _check_outcome(home, environment, run)
+            _check_outcome(environment, run)
         finally:
             left = stop_all(processes)
             if left:
                 log.error("processes of the local simulation still running after SIGKILL: %s", left)
 
 
-def _check_outcome(home: Path, env: Mapping[str, str], run: ManagedProcess) -> None:
+def _last_message(text: str) -> str:
+    """The last line of a CLI's output that says something (not the frame of its error box)."""
+    lines = (line.strip(" │╭╮╰╯─") for line in reversed(text.splitlines()))
+    return next((line for line in lines if any(c.isalnum() for c in line)), "no output")
+
+
+def _check_outcome(env: Mapping[str, str], run: ManagedProcess) -> None:
     """The status Flower recorded for the one run on this SuperLink: nothing when it completed, else UserError."""
     listed = subprocess.run([executable("flwr"), "ls", CONNECTION, "--format", "json"], env=dict(env), text=True,
                             capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
@@ -146,10 +152,9 @@ def _check_outcome(home: Path, env: Mapping[str, str], run: ManagedProcess) -> N
     except (ValueError, KeyError):
         runs = []
     if not runs:
-        raise UserError(f"`flwr run` submitted no run ({run.log_tail(1).strip() or 'no output'}); "
-                        f"see {run.log_path}")
+        raise UserError(f"`flwr run` submitted no run ({_last_message(run.log_text())}); see {run.log_path}")
     status, details = str(runs[-1].get("status", "")), str(runs[-1].get("status-details", ""))
     if status == "finished:completed":
         return
-    reason = details.split("exception: ", 1)[-1] if details else f"the run ended as {status or 'unknown'}"
+    reason = details.split("exception: ", 1)[-1] if details else f"Flower reports the run as {status or 'unknown'}"
     raise UserError(f"{reason} (Flower's log of the run: {run.log_path})")
