@@ -122,3 +122,19 @@ def test_a_hospital_answers_a_malformed_instruction_with_an_error_reply(tmp_path
     message.metadata.__dict__["_message_id"] = uuid4().hex
     reply = app(message, context)
     assert reply.has_error() and reply.error.reason == "malformed instruction: no 'job'"
+
+
+def test_client_level_dp_noises_secure_sums_and_its_accountant_survives_a_resume(tmp_path, medsyngan_cache):
+    overrides = TINY + ["privacy.secagg=true", "privacy.client_dp=true", "privacy.client_clip=0.5"]
+    driver, run_dir = _federation(tmp_path, overrides)
+    driver.run(LoopbackGrid(make_client_app(_no_metrics), 3))
+    first = load_checkpoint(run_dir.root).meta["client_dp_accountant"]
+    cfg = load_config("federated-dcgan64", overrides + ["federated.rounds=2"])
+    resumed = RoundDriver(cfg, run_dir, prepare_job(cfg, run_dir, resume=True, simulation=True), True,
+                          simulation_identity_key(cfg, run_dir))
+    resumed.run(LoopbackGrid(make_client_app(_no_metrics), 3))
+    rows = [r for r in run_dir.read_metrics() if "hospital" in r]
+    assert [r["round"] for r in rows] == [1, 2] and 0 < rows[0]["client_epsilon"] < rows[1]["client_epsilon"]
+    # Equal weights under client-level DP: each hospital's influence is bounded by the clip alone.
+    assert all(h["weight"] == 1.0 for r in rows for h in r["hospital"].values())
+    assert load_checkpoint(run_dir.root).meta["client_dp_accountant"] != first

@@ -24,6 +24,7 @@ from medsyngan.errors import UserError
 from medsyngan.federated import protocol as p
 from medsyngan.federated import round_log, update_codec
 from medsyngan.federated.aggregation import ServerOptimizer, mean_of
+from medsyngan.federated.client_dp import ClientLevelDP
 from medsyngan.federated.hospital import shared_parts
 from medsyngan.federated.plan import participants
 from medsyngan.federated.records import record_bytes
@@ -71,11 +72,7 @@ class RoundDriver:
         self.job = dataclasses.replace(job, aggregator_public=self.transport.identity_public)
         round_log.log_privacy_choices(cfg)
         self.state = load_server_state(run_dir, self.checkpoint_key) if resume else ServerState.initial(cfg)
-        self.client_dp = None
-        if cfg.privacy.client_dp:
-            from medsyngan.federated.client_dp import ClientLevelDP
-
-            self.client_dp = ClientLevelDP(cfg, self.state)
+        self.client_dp = ClientLevelDP(cfg, self.state) if cfg.privacy.client_dp else None
         f = cfg.federated
         self.optimizer = ServerOptimizer(f.strategy, GANTrainer(cfg, device="cpu").parameter_names(("G", "D")),
                                          f.server_lr, f.server_momentum)
