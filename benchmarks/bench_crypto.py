@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
 
-from medsyngan.privacy.crypto import Aggregator, HospitalSession, decrypt_at_rest, encrypt_at_rest  # noqa: E402
+from medsyngan.privacy.crypto import HospitalSession, UpdateReceiver, decrypt_at_rest, encrypt_at_rest  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "crypto.json"
 
@@ -42,7 +42,7 @@ def bench_payload(payload: bytes, repeats: int) -> dict:
     model_hash = hashlib.sha256(b"global model").digest()
     seal_s = open_s = float("inf")
     for round_ in range(1, repeats + 1):
-        agg = Aggregator(identity, "bench")
+        agg = UpdateReceiver(identity, "bench")
         round_public = agg.round_public(round_)
         start = time.perf_counter()
         sealed = HospitalSession(identity.public_key(), "bench", "h1", round_, round_public).seal(payload, model_hash)

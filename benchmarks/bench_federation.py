@@ -50,7 +50,7 @@ def _step_seconds(cfg, steps: int = 4) -> float:
 
 
 def measure(hospitals: int, round_seconds: float, rounds: int, private: bool, work: Path) -> dict:
-    from medsyngan.federated.run import run_federated
+    from medsyngan.workflows.federation import train_federated
 
     cores = os.cpu_count() or 1
     base = [f"federated.hospitals={hospitals}", f"federated.quorum={hospitals}", f"federated.rounds={rounds}",
@@ -65,7 +65,7 @@ def measure(hospitals: int, round_seconds: float, rounds: int, private: bool, wo
                                                   "federated.round_timeout_s=3600"])
     run_dir = RunDir(work / f"h{hospitals}-{'private' if private else 'plain'}").create(cfg)
     start = time.perf_counter()
-    run_federated(cfg, run_dir, resume=False)
+    train_federated(cfg, run_dir, resume=False)
     wall = time.perf_counter() - start
     rows = [r for r in run_dir.read_metrics() if "hospital" in r]
     local = sum(h["train_seconds"] for r in rows for h in r["hospital"].values())

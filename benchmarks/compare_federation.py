@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="variant numbers to run (0-based), default all")
     args = parser.parse_args()
     from medsyngan.data.api import load_training_data, select_split
-    from medsyngan.federated.run import run_federated
+    from medsyngan.workflows.federation import train_federated
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +79,7 @@ def main() -> None:
             cfg = load_config("federated-dcgan64", base(args.quick) + extra)
             run_dir = RunDir(Path(tmp) / f"v{index}").create(cfg)
             start = time.perf_counter()
-            run_federated(cfg, run_dir, resume=False)
+            train_federated(cfg, run_dir, resume=False)
             wall = time.perf_counter() - start
             rounds = [r for r in run_dir.read_metrics() if "hospital" in r]
             sent = [h["bytes_received_from"] for r in rounds for h in r["hospital"].values()]

@@ -191,7 +191,7 @@ def test_cli_trains_encrypted_and_generates_from_the_run(tmp_path, medsyngan_cac
 
 
 def test_federated_server_checkpoints_are_sealed_and_resume(tmp_path, cfg, key_file):
-    from medsyngan.federated.server import ServerState, load_server_state, save_server_state
+    from medsyngan.federated.server_state import ServerState, load_server_state, save_server_state
 
     key = load_key_file(key_file)
     run = RunDir(tmp_path / "fed").create(cfg)

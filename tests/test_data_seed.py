@@ -7,8 +7,8 @@ import numpy as np
 from medsyngan.config import load_config
 from medsyngan.data.api import load_training_data
 from medsyngan.federated.client import NodeIdentity, load_hospital_data
-from medsyngan.federated.run import PARTITION_FILE, simulation_job
 from medsyngan.rundir import RunDir
+from medsyngan.workflows.federation import PARTITION_FILE, prepare_job
 
 SMALL = ["data.phantom_patients=24", "data.phantom_images_per_patient=2", "data.size=32", "model.resolution=32",
          "federated.enabled=true", "federated.hospitals=3", 'federated.scheme="label-skew"',
@@ -18,7 +18,7 @@ SMALL = ["data.phantom_patients=24", "data.phantom_images_per_patient=2", "data.
 def _data(tmp_path, name: str, *seeds: str):
     """(images, partition CSV, each hospital's held-out patients) of a configuration."""
     cfg = load_config(None, SMALL + list(seeds))
-    job = simulation_job(cfg, RunDir(tmp_path / name))
+    job = prepare_job(cfg, RunDir(tmp_path / name).create(cfg), resume=False, simulation=True)
     held = []
     for hospital in range(3):
         identity = NodeIdentity(hospital, None, tmp_path / name / "state")

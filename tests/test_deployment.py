@@ -14,6 +14,7 @@ import pytest
 
 from medsyngan.errors import UserError
 from medsyngan.federated import deploy
+from medsyngan.federated.processes import ManagedProcess, descendants, free_port, stop_all
 from medsyngan.federated.pki import init_pki
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +32,9 @@ TINY = [
 @pytest.fixture
 def processes():
     """Every ManagedProcess the test starts; teardown stops them all and fails on any survivor."""
-    started: list[deploy.ManagedProcess] = []
+    started: list[ManagedProcess] = []
     yield started
-    leftovers = deploy.stop_all(started)
+    leftovers = stop_all(started)
     assert leftovers == [], f"processes left running: {leftovers}"
 
 
@@ -46,10 +47,10 @@ def test_missing_certificate_is_one_line_error_before_start(tmp_path):
 
 def test_unreachable_superlink_is_a_clear_message(tmp_path):
     pki = init_pki(tmp_path / "pki", "127.0.0.1", 1)
-    port = deploy.free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(UserError, match=rf"SuperLink 127.0.0.1:{port} cannot be reached"):
         deploy.start_supernode(
-            tmp_path, f"127.0.0.1:{port}", pki.ca_cert, pki.hospital_key(0), 0, tmp_path, runtime_port=deploy.free_port(),
+            tmp_path, f"127.0.0.1:{port}", pki.ca_cert, pki.hospital_key(0), 0, tmp_path, runtime_port=free_port(),
             probe_timeout=1.0,
         )
     assert not (tmp_path / "hospital-0").exists()
@@ -87,7 +88,7 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def _wait_rows(run_dir: Path, run: deploy.ManagedProcess, done, timeout: float) -> list[dict]:
+def _wait_rows(run_dir: Path, run: ManagedProcess, done, timeout: float) -> list[dict]:
     deadline = time.monotonic() + timeout
     while not done(rows := _rows(run_dir)):
         assert run.alive(), f"flwr run ended early:\n{run.log_tail()}"
@@ -96,11 +97,11 @@ def _wait_rows(run_dir: Path, run: deploy.ManagedProcess, done, timeout: float) 
     return rows
 
 
-def _wait_clientapp(node: deploy.ManagedProcess, timeout: float) -> None:
+def _wait_clientapp(node: ManagedProcess, timeout: float) -> None:
     """Until this SuperNode is computing: Flower starts a `flwr-clientapp` process per message."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for pid in deploy.descendants(node.pid):
+        for pid in descendants(node.pid):
             try:
                 if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     return
@@ -116,7 +117,7 @@ def test_loopback_federation_tls_auth_quorum(tmp_path, processes):
 
     data = [phantom_dataset(12, 2, 32, seed=10 + k, root=tmp_path / f"data {k}").root for k in range(3)]
     pki = init_pki(tmp_path / "pki", "127.0.0.1", hospitals=4)  # hospital 3 is never registered
-    port = deploy.free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     superlink = deploy.start_superlink(tmp_path, pki.ca_cert, pki.server_cert, pki.server_key, port=port)
     processes.append(superlink)
@@ -130,7 +131,7 @@ def test_loopback_federation_tls_auth_quorum(tmp_path, processes):
     for k in range(4):
         proc = deploy.start_supernode(
             tmp_path, address, pki.ca_cert, pki.hospital_key(k), k, data[min(k, 2)],
-            runtime_port=deploy.free_port(), state_dir=tmp_path / "hospital-state",
+            runtime_port=free_port(), state_dir=tmp_path / "hospital-state",
         )
         processes.append(proc)
         nodes[k] = proc

@@ -65,13 +65,15 @@ def test_restored_state_continues_exactly(data):
 def test_round_state_on_disk_is_sealed_with_the_hospital_key(data, tmp_path):
     from medsyngan.errors import UserError
     from medsyngan.federated.client import node_identity, persist, restore, state_file
-    from medsyngan.federated.messages import pack_blob
+    from medsyngan.federated.protocol import Job
+    from medsyngan.federated.records import pack_blob
     from medsyngan.sealed import generate_key_file
 
     generate_key_file(tmp_path / "state.key")
     node = {"hospital-id": 0, "data-path": "unused", "state-dir": str(tmp_path / "state"),
             "state-key": str(tmp_path / "state.key")}
-    identity = node_identity(node, {"run_id": "r"})
+    job = Job(config="", run_id="r")
+    identity = node_identity(node, job)
     first, _ = _hospital(data)
     start = first.trainer.model_state(("G", "D"))
     first.train_round(start, 2)
@@ -86,7 +88,7 @@ def test_round_state_on_disk_is_sealed_with_the_hospital_key(data, tmp_path):
     restore(second, identity, 1, None)
     again = second.train_round(start, 2).update
     assert all(torch.equal(expected[k], again[k]) for k in expected)
-    without_key = node_identity({k: v for k, v in node.items() if k != "state-key"}, {"run_id": "r"})
+    without_key = node_identity({k: v for k, v in node.items() if k != "state-key"}, job)
     with pytest.raises(UserError, match="is encrypted; give hospital 0 its key file"):
         restore(_hospital(data)[0], without_key, 1, None)
 

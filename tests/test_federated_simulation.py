@@ -1,4 +1,5 @@
-"""Federated training on Flower's Simulation Engine, end to end on tiny phantoms."""
+"""Federated training on Flower's local simulation (a private SuperLink, `flwr run`, Ray), end to end on tiny
+phantoms, through the real command line."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from test_federated_apps import flower_processes
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +48,13 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+def _until_none_left(run: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := flower_processes((run / "flower").resolve())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], f"processes of the simulation still running: {left}"
+
+
 def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -52,8 +62,11 @@ def _rows(run: Path) -> list[dict]:
 def test_label_skew_federation_with_the_default_privacy_completes(tmp_path, medsyngan_cache):
     """The product default: patient-level DP at ε = 1, 8-bit clipped updates, encryption, secure aggregation."""
     run = tmp_path / "skew"
-    _finish(_train(run, "federated.scheme=label-skew", "federated.alpha=0.5", "federated.rounds=2",
-                   "train.batch_size=4"))
+    out = _finish(_train(run, "federated.scheme=label-skew", "federated.alpha=0.5", "federated.rounds=2",
+                         "train.batch_size=4"))
+    assert "deprecated" not in out.lower() and "Traceback" not in out
+    assert "round 2/2" in out  # the aggregator's log reaches the terminal
+    _until_none_left(run, 0)
     rows = [r for r in _rows(run) if "hospital" in r]
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
@@ -91,6 +104,8 @@ def test_killed_federation_resumes_to_the_same_weights(tmp_path, medsyngan_cache
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "checkpoints" / "round-00003").exists()
+    # What Flower started in sessions of its own follows its killed parents (Flower's exit timeout is 5 s).
+    _until_none_left(killed, 30)
 
     _finish(_train(killed, resume=True))
     a = load_file(str(reference / "checkpoints" / "round-00003" / "model.safetensors"))
@@ -98,3 +113,17 @@ def test_killed_federation_resumes_to_the_same_weights(tmp_path, medsyngan_cache
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] == b[key]).all(), key
+
+
+def test_sigterm_stops_the_federation_and_every_process_it_started(tmp_path, medsyngan_cache):
+    run = tmp_path / "terminated"
+    proc = _train(run, "federated.rounds=50", "privacy.dp=false")
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").is_file():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher alone, as a scheduler or `kill` would
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in out, out[-3000:]
+    _until_none_left(run, 0)

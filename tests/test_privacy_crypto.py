@@ -9,29 +9,29 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from medsyngan.errors import UserError
 from medsyngan.privacy.crypto import (
-    Aggregator,
     HospitalSession,
     IntegrityError,
+    UpdateReceiver,
     decrypt_at_rest,
     encrypt_at_rest,
     generate_key_file,
     load_identity_key,
     load_key_file,
     load_public_key,
-    model_hash,
     parse_sealed,
+    serialized_model_hash,
     write_identity_key,
 )
 
 RUN = "run-42"
-MODEL = model_hash(b"global weights of round 3")
+MODEL = serialized_model_hash(b"global weights of round 3")
 PAYLOAD = os.urandom(4096)
 
 
 @pytest.fixture()
 def pair():
     identity = X25519PrivateKey.generate()
-    agg = Aggregator(identity, RUN)
+    agg = UpdateReceiver(identity, RUN)
     session = HospitalSession(identity.public_key(), RUN, "h1", 3, agg.round_public(3))
     return agg, session
 
@@ -78,7 +78,7 @@ def test_associated_data_is_authenticated_even_if_the_header_matches(pair):
     # expectation) still fails: the sealed AD held the true hash.
     agg, session = pair
     sealed = bytearray(session.seal(PAYLOAD, MODEL))
-    other = model_hash(b"another model")
+    other = serialized_model_hash(b"another model")
     sealed[MODEL_HASH] = other
     with pytest.raises(IntegrityError) as info:
         agg.open(bytes(sealed), hospital_id="h1", round_=3, global_model_hash=other)
@@ -132,7 +132,7 @@ def test_wrong_model_hash_is_rejected(pair):
     agg, session = pair
     sealed = session.seal(PAYLOAD, MODEL)
     with pytest.raises(IntegrityError) as info:
-        agg.open(sealed, hospital_id="h1", round_=3, global_model_hash=model_hash(b"round 2 weights"))
+        agg.open(sealed, hospital_id="h1", round_=3, global_model_hash=serialized_model_hash(b"round 2 weights"))
     assert info.value.reason == "wrong-model"
 
 
@@ -145,7 +145,7 @@ def test_closed_round_and_other_run_are_rejected(pair):
     assert info.value.reason == "unknown-round-key"
 
     identity = X25519PrivateKey.generate()
-    other_run = Aggregator(identity, "run-43")
+    other_run = UpdateReceiver(identity, "run-43")
     sealed = HospitalSession(identity.public_key(), RUN, "h1", 1, other_run.round_public(1)).seal(b"x", MODEL)
     with pytest.raises(IntegrityError) as info:
         other_run.open(sealed, hospital_id="h1", round_=1, global_model_hash=MODEL)
@@ -156,12 +156,12 @@ def test_a_relay_substituting_the_round_key_cannot_read_or_forge():
     # The relay swaps the aggregator's round key for its own: the hospital's key then still depends on the
     # pinned identity key, which the relay lacks, so the relay cannot decrypt and the aggregator refuses.
     identity = X25519PrivateKey.generate()
-    agg = Aggregator(identity, RUN)
+    agg = UpdateReceiver(identity, RUN)
     agg.round_public(1)
     relay_key = X25519PrivateKey.generate()
     relay_public = relay_key.public_key().public_bytes_raw()
     sealed = HospitalSession(identity.public_key(), RUN, "h1", 1, relay_public).seal(PAYLOAD, MODEL)
-    relay_view = Aggregator(relay_key, RUN)
+    relay_view = UpdateReceiver(relay_key, RUN)
     relay_view._round_keys[1] = relay_key  # the relay holds the round key it injected, not the identity key
     with pytest.raises(IntegrityError):
         relay_view.open(sealed, hospital_id="h1", round_=1, global_model_hash=MODEL)

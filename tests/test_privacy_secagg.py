@@ -167,7 +167,7 @@ def test_wire_pipeline_composes_clip_quantize_secagg_encrypt():
 
     from medsyngan.privacy.codec import (Layout, clip_update, dequantize_values, quantize, scales_from_bound,
                                          unpack_ring)
-    from medsyngan.privacy.crypto import Aggregator, HospitalSession, model_hash
+    from medsyngan.privacy.crypto import HospitalSession, UpdateReceiver, serialized_model_hash
 
     rng = np.random.default_rng(0)
     updates = {u: {"G.w": rng.normal(0, 0.1, (30, 20)), "D.b": rng.normal(0, 0.5, (50,))} for u in (1, 2, 3, 4)}
@@ -184,8 +184,8 @@ def test_wire_pipeline_composes_clip_quantize_secagg_encrypt():
 
     # A packed masked vector travels encrypted and comes back bit-identical.
     identity = X25519PrivateKey.generate()
-    agg = Aggregator(identity, "run")
-    digest = model_hash(b"global")
+    agg = UpdateReceiver(identity, "run")
+    digest = serialized_model_hash(b"global")
     y = to_ring(quantized[1].values, config.ring_bits)
     sealed = HospitalSession(identity.public_key(), "run", "1", 1, agg.round_public(1)).seal(
         pack_ring(y, config.ring_bits), digest)

@@ -321,18 +321,18 @@ class Workspace:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, nih_sample) -> Workspace:
     """``nih_sample`` fails the documents' tests under CI when the NIH sample is missing."""
-    from medsyngan.federated import deploy
+    from medsyngan.federated import processes
 
     root = tmp_path_factory.mktemp("docs")
     (root / "work").mkdir()
     have_nih = stage_user_files(root, root / "work")
-    values = {"repo": str(REPO), **{f"port{p}": str(deploy.free_port()) for p in PORTS}}
+    values = {"repo": str(REPO), **{f"port{p}": str(processes.free_port()) for p in PORTS}}
     return Workspace(root, have_nih, _environment(root), values, _first_blocks())
 
 
 def run_document(ws: Workspace, doc: str) -> None:
     """Run the guides `doc` requires (once), then every bash block of `doc` in order."""
-    from medsyngan.federated import deploy
+    from medsyngan.federated import processes
 
     for required in REQUIRES.get(doc, ()):
         if required not in ws.outcome:
@@ -344,7 +344,7 @@ def run_document(ws: Workspace, doc: str) -> None:
     scripts, _ = substitute(blocks, ws.values)
     logs = ws.root / "logs"
     logs.mkdir(exist_ok=True)
-    servers: list[deploy.ManagedProcess] = []
+    servers: list[processes.ManagedProcess] = []
     timings: list[str] = []
     try:
         for block, script in zip(blocks, scripts):
@@ -353,14 +353,14 @@ def run_document(ws: Workspace, doc: str) -> None:
                               "(set MEDSYNGAN_NIH_DIR)")
                 continue
             if STOP_SERVERS_BEFORE.search(script) and servers:
-                left = deploy.stop_all(servers)
+                left = processes.stop_all(servers)
                 assert left == [], f"processes left running after stopping the servers: {left}"
                 servers.clear()
             started = time.monotonic()
             log = logs / f"{Path(doc).stem}-line-{block.line}.log"
             server = next((name for name in SERVERS if re.search(rf"(^|\s){name}\s", script)), None)
             if server:
-                proc = deploy.start_process(f"{Path(doc).stem}-line-{block.line}",
+                proc = processes.start_process(f"{Path(doc).stem}-line-{block.line}",
                                             ["bash", "-c", "set -euo pipefail\n" + script], log, ws.env, cwd=ws.work)
                 proc.last = server == "flower-superlink"  # stopped after the SuperNodes, as Flower expects
                 servers.append(proc)
@@ -375,7 +375,7 @@ def run_document(ws: Workspace, doc: str) -> None:
                 if where == (doc, block.index):
                     _check_outputs(ws.work, EXPECTED_OUTPUTS[trigger], block, logs)
     finally:
-        leftovers = deploy.stop_all(servers)
+        leftovers = processes.stop_all(servers)
         print("\n".join(timings))
     assert leftovers == [], f"processes left running: {leftovers}"
     ws.outcome[doc] = True

@@ -240,7 +240,7 @@ def test_cli_train_then_generate_dicom(tmp_path, medsyngan_cache):
 
 
 def test_init_from_starts_centralized_and_federated_runs_from_the_checkpoint_weights(tmp_path, cfg):
-    from medsyngan.federated.server import ServerState
+    from medsyngan.federated.server_state import ServerState
     from medsyngan.workflows.centralized import train_centralized
 
     source = RunDir(tmp_path / "public").create(cfg)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from medsyngan.errors import UserError
-from medsyngan.federated import deploy
+from medsyngan.federated import deploy, processes
 from medsyngan.federated.pki import Pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _exec(cmd: list[str], flwr_home: Path) -> None:
     print("+ " + shlex.join(cmd), flush=True)
-    os.execve(cmd[0], cmd, deploy.flower_env(flwr_home))
+    os.execve(cmd[0], cmd, processes.flower_env(flwr_home))
 
 
 def cmd_superlink(args: argparse.Namespace) -> None:
@@ -73,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     deploy.probe_superlink(args.superlink, args.ca)
     deploy.write_connection(args.flwr_home, args.superlink, args.ca)
     config = deploy.medsyngan_run_config(args.preset, args.set or [], args.run_dir, args.resume, args.aggregator_key)
-    cmd = [deploy.executable("flwr"), "run", str(args.app.resolve()), deploy.CONNECTION, "--stream",
+    cmd = [processes.executable("flwr"), "run", str(args.app.resolve()), deploy.CONNECTION, "--stream",
            "--run-config", deploy.run_config_arg(config)]
     _exec(cmd, args.flwr_home)
 
@@ -82,9 +82,9 @@ def cmd_rehearse(args: argparse.Namespace) -> None:
     """The whole federation on this machine, each piece a separate process, as the test runs it."""
     pki = Pki(args.pki)
     work = args.work.resolve()
-    procs: list[deploy.ManagedProcess] = []
+    procs: list[processes.ManagedProcess] = []
     try:
-        port = deploy.free_port()
+        port = processes.free_port()
         address = f"127.0.0.1:{port}"
         procs.append(deploy.start_superlink(work, pki.ca_cert, pki.server_cert, pki.server_key, port=port))
         print(f"SuperLink on {address} (log {procs[0].log_path})", flush=True)
@@ -94,7 +94,7 @@ def cmd_rehearse(args: argparse.Namespace) -> None:
         print("registered: " + ", ".join(f"{n} = {i}" for n, i in ids.items()), flush=True)
         nodes = [
             deploy.start_supernode(work, address, pki.ca_cert, pki.hospital_key(k), k, Path(d).resolve(),
-                                   runtime_port=deploy.free_port(), state_dir=work / "hospital-state",
+                                   runtime_port=processes.free_port(), state_dir=work / "hospital-state",
                                    aggregator_public=pki.hospital_dir(k) / "aggregator_x25519.pub")
             for k, d in enumerate(args.data)
         ]
@@ -115,7 +115,7 @@ def cmd_rehearse(args: argparse.Namespace) -> None:
         sys.stdout.write(run.log_text()[shown:])
         print(f"flwr run exited with {run.popen.returncode}; outputs in {work / 'run'}")
     finally:
-        left = deploy.stop_all(procs)
+        left = processes.stop_all(procs)
         if left:
             print(f"warning: processes still running: {left}", file=sys.stderr)
 

@@ -31,7 +31,8 @@ _register_all()
 def main() -> None:
     """Entry point: a UserError becomes one red line and exit status 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        if app(standalone_mode=False) == 130:  # how typer reports Ctrl-C (or SIGTERM in a federation) here
+            raise KeyboardInterrupt
     except UserError as exc:
         from medsyngan.rundir import console
 

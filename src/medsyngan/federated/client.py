@@ -2,7 +2,8 @@
 
 A hospital learns who it is from its node configuration: in the Simulation Engine ``partition-id`` (its rows of the
 partition file the server names), in the Deployment Engine ``hospital-id`` and ``data-path`` (its own prepared
-dataset; nothing about it is known to the server). ``state-dir`` (optional) is where it keeps its own state on disk.
+dataset; nothing about it is known to the server). ``state-dir`` (optional) is where it keeps its own state on disk,
+``state-key`` (optional) the key file that seals it, ``aggregator-public`` (optional) the aggregator's key it pins.
 
 State across rounds: Flower's ``context.state`` holds the latest state (optimizer moments, loader position, RNG,
 local D); a copy per completed round is written atomically to the hospital's disk so that a federation killed and
@@ -26,7 +27,8 @@ from medsyngan.data.partition import read_partition_csv
 from medsyngan.data.prepared import PreparedDataset
 from medsyngan.errors import UserError
 from medsyngan.federated.hospital import Hospital
-from medsyngan.federated.messages import pack_blob, unpack_blob
+from medsyngan.federated.protocol import Job
+from medsyngan.federated.records import pack_blob, unpack_blob
 from medsyngan.federated.plan import split_holdout
 from medsyngan.rundir import atomic_write_bytes, atomic_write_text
 from medsyngan.sealed import IntegrityError, decrypt_at_rest, encrypt_at_rest, is_encrypted, load_key_file
@@ -41,9 +43,10 @@ class NodeIdentity:
     data_path: str | None
     state_dir: Path
     state_key: bytes | None = None  # seals the round state on disk (AES-256-GCM); None: plaintext
+    aggregator_public: Path | None = None  # the aggregator's key pinned by `pki init`; None: trust the job's
 
 
-def node_identity(node_config: Mapping[str, Any], job: Mapping[str, Any]) -> NodeIdentity:
+def node_identity(node_config: Mapping[str, Any], job: Job) -> NodeIdentity:
     if "hospital-id" in node_config:
         if "data-path" not in node_config:
             raise UserError("node config has hospital-id but no data-path; start flower-supernode with "
@@ -54,25 +57,30 @@ def node_identity(node_config: Mapping[str, Any], job: Mapping[str, Any]) -> Nod
     else:
         raise UserError("node config names no hospital: set hospital-id and data-path in --node-config")
     # Simulation: the server names a folder in its run directory; deployment: the hospital's own setting.
-    default_dir = job.get("state_dir") or Path(cache_dir()) / "hospital-state" / str(job["run_id"])
+    default_dir = job.state_dir or Path(cache_dir()) / "hospital-state" / job.run_id
     state_dir = Path(str(node_config.get("state-dir", default_dir))) / f"hospital-{hospital}"
     # A deployed hospital seals its state with its own key file (node config state-key); a virtual hospital, which
     # lives in the server's run directory, with the run's checkpoint key (job state_key, simulation only).
-    key_path = node_config.get("state-key") or job.get("state_key")
-    return NodeIdentity(hospital, data_path, state_dir, load_key_file(str(key_path)) if key_path else None)
+    key_path = node_config.get("state-key") or job.state_key
+    pinned = node_config.get("aggregator-public")
+    return NodeIdentity(hospital, data_path, state_dir, load_key_file(str(key_path)) if key_path else None,
+                        Path(str(pinned)) if pinned else None)
 
 
-def load_hospital_data(identity: NodeIdentity, job: Mapping[str, Any], cfg: Config) -> tuple[PreparedDataset, PreparedDataset]:
+def load_hospital_data(identity: NodeIdentity, job: Job, cfg: Config) -> tuple[PreparedDataset, PreparedDataset]:
     """(train, held-out) images of this hospital, patient-disjoint."""
     if identity.data_path is not None:
         own = select_split(PreparedDataset.open(identity.data_path), cfg.data.split, identity.data_path)
     else:
         # Virtual hospitals share the server's disk: the same configuration gives the same dataset.
+        if job.partition is None:
+            raise UserError(f"node config names virtual hospital {identity.hospital_id} but the job names no "
+                            "partition file; start a simulation with `medsyngan train` or mode = 'simulation'")
         dataset = load_training_data(cfg)
-        assignment = read_partition_csv(str(job["partition"]), dataset)
+        assignment = read_partition_csv(job.partition, dataset)
         rows = [i for i, h in enumerate(assignment) if h == identity.hospital_id]
         if not rows:
-            raise UserError(f"partition {job['partition']} gives hospital {identity.hospital_id} no images")
+            raise UserError(f"partition {job.partition} gives hospital {identity.hospital_id} no images")
         own = dataset.subset(rows)
     train_rows, holdout_rows = split_holdout(own.patients, cfg.data.seed, identity.hospital_id,
                                              cfg.federated.holdout_fraction)
@@ -89,8 +97,8 @@ class HospitalRuntime:
     def __init__(self) -> None:
         self._data: dict[tuple[str, str, int], tuple[PreparedDataset, PreparedDataset]] = {}
 
-    def hospital(self, identity: NodeIdentity, job: Mapping[str, Any]) -> tuple[Hospital, Config]:
-        config_text = str(job["config"])
+    def hospital(self, identity: NodeIdentity, job: Job) -> Hospital:
+        config_text = job.config
         cfg = config_from_toml_text(config_text, "federation config")
         key = (hashlib.sha256(config_text.encode()).hexdigest(), str(identity.data_path), identity.hospital_id)
         if key not in self._data:
@@ -98,7 +106,7 @@ class HospitalRuntime:
         train, holdout = self._data[key]
         # Fixed per configuration (not whatever the worker process inherited), so reruns compute identically.
         torch.set_num_threads(cfg.run.threads or cfg.federated.client_cpus)
-        return Hospital(cfg, identity.hospital_id, train, holdout), cfg
+        return Hospital(cfg, identity.hospital_id, train, holdout)
 
 
 def state_file(identity: NodeIdentity, round_: int) -> Path:

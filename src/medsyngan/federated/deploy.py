@@ -7,52 +7,30 @@ hospital's public key over the Control API; the `flwr` CLI finds the SuperLink t
 `$FLWR_HOME/config.toml` (never through `[tool.flwr.federations]`, which `flwr run` would migrate by rewriting
 the app's pyproject.toml).
 
-Every process is started in its own session and stopped with everything it spawned: the SuperLink starts a
-SuperExec in a *separate* session (which then starts `flwr-serverapp`), and each SuperNode starts a SuperExec
-that starts `flwr-clientapp`, so killing one process group is not enough.
+Every process is started in its own session and stopped with everything it spawned
+(:mod:`~medsyngan.federated.processes`): the SuperLink starts a SuperExec in a *separate* session (which then
+starts `flwr-serverapp`), and each SuperNode starts a SuperExec that starts `flwr-clientapp`, so killing one
+process group is not enough.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from medsyngan.errors import UserError
+from medsyngan.federated.processes import ManagedProcess, executable, flower_env, start_process, stop_all
 
 CONNECTION = "medsyngan"
 
-_READY_SUPERLINK = re.compile(r"Uvicorn running on https?://")
+SUPERLINK_READY = re.compile(r"Uvicorn running on https?://")
 _READY_SUPERNODE = re.compile(r"SuperNode ID: (\d+)")
 _SUPERNODE_REFUSED = re.compile(r"Failed to activate SuperNode|Exit Code: 305")
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """The environment for every Flower process: its own FLWR_HOME (apps, config.toml), never a runtime
-    `uv sync` of app dependencies (it would install a CUDA torch), and this interpreter's scripts first on
-    PATH because SuperLink and SuperNode start `flower-superexec` by name."""
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def executable(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    if not path.exists():
-        raise UserError(f"{name} not found next to {sys.executable}; install flwr[simulation]==1.42.0 in this environment")
-    return str(path)
 
 
 def require_files(**paths: Path) -> None:
@@ -60,176 +38,6 @@ def require_files(**paths: Path) -> None:
     for what, path in paths.items():
         if not Path(path).is_file():
             raise UserError(f"{what.replace('_', ' ')} {path} not found; create it with `medsyngan pki init` or fix the path")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-# --- processes -----------------------------------------------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state, ppid, …, starttime at index 19)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def descendants(pid: int) -> set[int]:
-    """All processes below `pid` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
-# A process is (pid, start time): a pid recorded earlier may since belong to someone else's process.
-Proc = tuple[int, str]
-
-
-def _identity(pid: int) -> Proc | None:
-    fields = _stat(pid)
-    return (pid, fields[19]) if fields is not None else None
-
-
-def is_running(proc: Proc) -> bool:
-    """True while this very process is alive; a zombie (exited, not yet reaped) counts as gone."""
-    fields = _stat(proc[0])
-    return fields is not None and fields[19] == proc[1] and fields[0] != "Z"
-
-
-def _kill(proc: Proc, sig: int) -> None:
-    if is_running(proc):
-        try:
-            os.kill(proc[0], sig)
-        except ProcessLookupError:
-            pass
-
-
-@dataclass
-class ManagedProcess:
-    """A Flower process started in its own session (Linux), its output in `log_path`."""
-
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-    last: bool = False  # stopped after all others (the SuperLink)
-    seen: set[Proc] = field(default_factory=set)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 15) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def track(self) -> set[Proc]:
-        """Remember this process and every process below it (they may be orphaned by the time we stop)."""
-        for pid in {self.pid} | (descendants(self.pid) if self.alive() else set()):
-            if (ident := _identity(pid)) is not None:
-                self.seen.add(ident)
-        return self.seen
-
-    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float) -> re.Match[str] | None:
-        """Poll the log until `pattern` appears; None when the process exits without it."""
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        while True:
-            self.track()
-            exited = not self.alive()
-            if match := regex.search(self.log_text()):
-                return match
-            if exited:
-                return None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: no {regex.pattern!r} in {self.log_path} after {timeout:.0f} s")
-            time.sleep(0.2)
-
-    def wait(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            self.track()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} still running after {timeout:.0f} s; see {self.log_path}")
-            time.sleep(0.2)
-        return int(self.popen.returncode)
-
-    def kill(self) -> None:
-        """SIGKILL the process and everything below it at once, as a crash or power loss would."""
-        for proc in sorted(self.track()):
-            _kill(proc, signal.SIGKILL)
-        self.popen.wait()
-
-    def terminate(self) -> None:
-        """SIGTERM the process group: Flower shuts down cleanly (a SuperNode ends its session at the SuperLink,
-        the SuperLink stops its SuperExec and ServerApp)."""
-        self.track()
-        if self.alive():
-            try:
-                os.killpg(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    def running(self) -> bool:
-        return any(is_running(proc) for proc in self.track())
-
-    def kill_leftovers(self) -> None:
-        for proc in sorted(self.seen):
-            _kill(proc, signal.SIGKILL)
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def leftovers(self) -> list[int]:
-        return sorted(pid for pid, start in self.seen if is_running((pid, start)))
-
-
-def start_process(name: str, cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None) -> ManagedProcess:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        popen = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
-        )
-    proc = ManagedProcess(name, popen, log_path)
-    proc.track()
-    return proc
-
-
-def stop_all(processes: Iterable[ManagedProcess], grace: float = 10.0) -> list[int]:
-    """SIGTERM everything, SIGKILL what is still running after `grace` seconds; returns the pids still running
-    afterwards (should be none). SuperLinks go last, so that SuperNodes can still end their sessions there."""
-    procs = list(processes)
-    for wave in ([p for p in procs if not p.last], [p for p in procs if p.last]):
-        for proc in wave:
-            proc.terminate()
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(proc.running() for proc in wave):
-            time.sleep(0.2)
-        for proc in wave:
-            proc.kill_leftovers()
-    return sorted({pid for proc in procs for pid in proc.leftovers()})
 
 
 # --- SuperLink -----------------------------------------------------------------------------------------------
@@ -262,7 +70,7 @@ def start_superlink(
     proc = start_process("superlink", cmd, home / "superlink.log", flower_env(home), cwd=home)
     proc.last = True
     try:
-        if proc.wait_for(_READY_SUPERLINK, timeout) is None:
+        if proc.wait_for(SUPERLINK_READY, timeout) is None:
             raise UserError(f"flower-superlink exited during start-up; see {proc.log_path}: {proc.log_tail(1)}")
     except BaseException:
         stop_all([proc])
@@ -296,15 +104,17 @@ def probe_superlink(address: str, ca_cert: Path, timeout: float = 10.0) -> None:
 # --- the flwr CLI: connection and registration -----------------------------------------------------------------
 
 
-def write_connection(flwr_home: Path, address: str, ca_cert: Path, name: str = CONNECTION) -> Path:
-    """A Flower config file with one default SuperLink connection (TLS verified against the federation CA)."""
+def write_connection(flwr_home: Path, address: str, ca_cert: Path | None, name: str = CONNECTION) -> Path:
+    """A Flower config file with one default SuperLink connection: TLS verified against the federation CA, or
+    plain HTTP for a SuperLink that only listens on loopback (``ca_cert`` None)."""
     import tomli_w
 
     from medsyngan.rundir import atomic_write_text
 
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
-    doc = {"superlink": {"default": name, name: {"address": address, "root-certificates": str(Path(ca_cert).resolve())}}}
+    security = {"root-certificates": str(Path(ca_cert).resolve())} if ca_cert is not None else {"insecure": True}
+    doc = {"superlink": {"default": name, name: {"address": address, **security}}}
     atomic_write_text(path, tomli_w.dumps(doc))
     return path
 

@@ -1,17 +1,15 @@
-"""Flower ServerApp: the aggregator. Thin: it resolves the run and hands the grid to :class:`Aggregator`.
+"""The Flower ServerApp of the aggregator, built by :func:`make_server_app`. Thin: it resolves the run from
+Flower's run config and hands the grid to :class:`~medsyngan.federated.server.RoundDriver`.
 
-``medsyngan train`` builds the app in-process with :func:`make_server_app`. ``flwr run .`` (Simulation or
-Deployment Engine) uses the module-level ``app``, configured by the run config of ``pyproject.toml``
-(``[tool.flwr.app.config]``): ``config`` (preset), ``overrides`` (space-separated ``section.key=value``),
-``run-dir``, ``resume``, ``aggregator-key`` (the X25519 identity key from ``medsyngan pki init``, needed when
-updates are encrypted) and ``mode`` (``simulation``: the server prepares the data and partition for the virtual
-hospitals; ``deployment``: each hospital brings its own ``data-path``).
+How a run config becomes a run (a preset to resolve, or a job prepared beforehand) is the caller's: the
+composition above this layer passes it in as ``setup``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import Context
@@ -19,42 +17,37 @@ from flwr.serverapp import Grid, ServerApp
 
 from medsyngan.config import Config
 from medsyngan.errors import UserError
-from medsyngan.federated.server import Aggregator
+from medsyngan.federated.protocol import Job
 from medsyngan.rundir import RunDir
 
-
-def make_server_app(cfg: Config, run_dir: RunDir, job: Mapping[str, Any], resume: bool,
-                    identity_key: str | None) -> ServerApp:
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        Aggregator(cfg, run_dir, job, resume, identity_key).run(grid)
-
-    return server
-
-
 log = logging.getLogger("medsyngan.federated")
-app = ServerApp()
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    from medsyngan.federated.run import prepare_federation
+@dataclass(frozen=True)
+class ServerSetup:
+    """What the aggregator needs to run one federation."""
 
-    run_config = context.run_config
-    overrides = str(run_config.get("overrides", "")).split()
-    cfg, run_dir, job = prepare_federation(
-        preset=str(run_config["config"]),
-        overrides=overrides,
-        run_dir=str(run_config["run-dir"]),
-        resume=bool(run_config.get("resume", False)),
-        simulation=str(run_config.get("mode", "simulation")) == "simulation",
-    )
-    key = str(run_config.get("aggregator-key", "")) or None
-    try:
-        Aggregator(cfg, run_dir, job, bool(run_config.get("resume", False)), key).run(grid)
-    except UserError as exc:
-        # `flwr run` shows the ServerApp's log; one clear line reads better there than a traceback.
-        log.error("federation stopped: %s", exc)
-        raise SystemExit(2) from None
+    cfg: Config
+    run_dir: RunDir
+    job: Job
+    resume: bool
+    identity_key: str | None  # the aggregator's X25519 identity key file, when updates are encrypted
+
+
+def make_server_app(setup: Callable[[Mapping[str, Any]], ServerSetup]) -> ServerApp:
+    """A ServerApp that runs the federation ``setup`` makes of the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from medsyngan.federated.server import RoundDriver
+
+        try:
+            run = setup(context.run_config)
+            RoundDriver(run.cfg, run.run_dir, run.job, run.resume, run.identity_key).run(grid)
+        except UserError as exc:
+            # One line in run.log and the run's log; Flower then records the run as failed, with this reason.
+            log.error("federation stopped: %s", exc)
+            raise
+
+    return app

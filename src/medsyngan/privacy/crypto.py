@@ -10,7 +10,7 @@ Key agreement (one fresh key per hospital, round and session)::
 
 X25519(E, S) authenticates the aggregator: a relay (the SuperLink) that swaps R_r for its own key still lacks
 S and cannot derive the key. X25519(E, R_r) gives forward secrecy: once the aggregator deletes R_r at the end of
-the round (:meth:`Aggregator.close_round`), a later theft of S does not decrypt stored traffic.
+the round (:meth:`UpdateReceiver.close_round`), a later theft of S does not decrypt stored traffic.
 
 Nonces: the key is unique to one hospital session (fresh E), and within it a counter numbers the messages
 (nonce = 4 zero bytes | 64-bit counter). A (key, nonce) pair therefore never repeats — a counter rather than a
@@ -68,7 +68,7 @@ def _reject(reason: str, message: str) -> IntegrityError:
     return IntegrityError(reason, message)
 
 
-def model_hash(data: bytes) -> bytes:
+def serialized_model_hash(data: bytes) -> bytes:
     """SHA-256 of the serialized global model an update was computed from (bound into the ciphertext)."""
     return hashlib.sha256(data).digest()
 
@@ -147,7 +147,7 @@ class HospitalSession:
         return header + self._aead.encrypt(nonce, plaintext, ad)
 
 
-class Aggregator:
+class UpdateReceiver:
     """The receiving end: round keys, expected-context checks, replay refusal, decryption."""
 
     def __init__(self, identity: X25519PrivateKey, run_id: str):

@@ -1,13 +1,4 @@
-"""What travels between the aggregator and a hospital, in Flower records.
-
-Every instruction carries the resolved configuration (a few KB of TOML), so a hospital whose process restarted
-can rebuild its trainer from the message alone; its persistent state comes from ``context.state`` or its disk.
-
-Message types:
-  ``query.hello``  → hospital id, training images and patients (the server builds its roster from these)
-  ``train``        global shared networks → Δ of the shared networks, weight (images), round metrics
-  ``evaluate``     global generator → scalar metrics on the hospital's held-out patients
-"""
+"""Tensors and nested state as Flower records and bytes: the building blocks of messages and hospital state."""
 
 from __future__ import annotations
 
@@ -17,21 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
-HELLO = "query.hello"
-SECAGG_ADVERTISE = "query.secagg_advertise"
-SECAGG_SHARE = "query.secagg_share"
-SECAGG_UNMASK = "query.secagg_unmask"
-TRAIN = "train"
-EVALUATE = "evaluate"
-
-KEY_CONFIG = "config"
-KEY_WEIGHTS = "weights"
-KEY_UPDATE = "update"
-KEY_METRICS = "metrics"
-KEY_STATE = "hospital_state"
-KEY_STATE_META = "hospital_state_meta"
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -40,17 +17,6 @@ def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return record.to_torch_state_dict()
-
-
-def instruction(config: Mapping[str, Any], weights: Mapping[str, torch.Tensor] | None = None) -> RecordDict:
-    content = RecordDict({KEY_CONFIG: ConfigRecord(dict(config))})
-    if weights is not None:
-        content[KEY_WEIGHTS] = state_to_record(weights)
-    return content
-
-
-def metrics_record(metrics: Mapping[str, float | int]) -> MetricRecord:
-    return MetricRecord({k: float(v) for k, v in metrics.items()})
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -101,7 +67,7 @@ def join_state(tensors: Mapping[str, torch.Tensor], skeleton: str) -> Any:
 
 
 def pack_blob(obj: Any) -> bytes:
-    """torch.save into bytes: the hospital's full state (optimizer moments, RNG) as one ConfigRecord value."""
+    """torch.save into bytes: a hospital's full state (optimizer moments, RNG) as one file on its disk."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
@@ -109,20 +75,3 @@ def pack_blob(obj: Any) -> bytes:
 
 def unpack_blob(blob: bytes) -> Any:
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-
-
-def update_record(payload: bytes | Mapping[str, torch.Tensor]) -> ArrayRecord | ConfigRecord:
-    """An update as a record: opaque bytes (quantized, masked or sealed) or plain float tensors."""
-    if isinstance(payload, bytes):
-        return ConfigRecord({"payload": payload})
-    return state_to_record(payload)
-
-
-def record_update(record: ArrayRecord | ConfigRecord) -> bytes | dict[str, torch.Tensor]:
-    if isinstance(record, ConfigRecord):
-        return bytes(record["payload"])
-    return record_to_state(record)
-
-
-def reply(to: Message, content: RecordDict) -> Message:
-    return Message(content, reply_to=to)

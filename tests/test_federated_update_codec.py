@@ -1,4 +1,4 @@
-"""The update wire path without Flower: quantized, masked and sealed updates decode to the right aggregate."""
+"""The update path without Flower: quantized, masked and sealed updates decode to the right aggregate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from medsyngan.config import PrivacySection
-from medsyngan.federated import wire
+from medsyngan.federated import update_codec
+from medsyngan.federated.protocol import Job, RoundInstruction
+from medsyngan.federated.transport import AggregatorTransport, seal_update, tensors_hash
 from medsyngan.federated.plan import derive_seed
 from medsyngan.federated.aggregation import accumulate, mean_of
 from medsyngan.privacy import codec
@@ -24,9 +26,9 @@ def _updates(n: int = 3) -> list[dict[str, torch.Tensor]]:
 def test_quantized_update_round_trip_is_close_and_smaller():
     privacy = PrivacySection(quantize_bits=8)
     update = _updates(1)[0]
-    encoded = wire.encode_update(update, 10, privacy, seed=1, hospital=0, round_=1)
+    encoded = update_codec.encode_update(update, 10, privacy, seed=1, hospital=0, round_=1)
     assert isinstance(encoded.payload, bytes) and len(encoded.payload) < 4 * 289
-    decoded = wire.decode_update(encoded.payload, privacy)
+    decoded = update_codec.decode_update(encoded.payload, privacy)
     for key, value in update.items():
         step = float(value.abs().max()) / codec.qmax(8)
         assert np.abs(decoded[key] - value.numpy()).max() <= step + 1e-9
@@ -36,8 +38,8 @@ def test_secure_aggregation_sum_equals_the_plain_quantized_sum():
     privacy = PrivacySection(quantize_bits=8, secagg=True)
     updates, counts = _updates(3), [5, 7, 11]
     arrays = {k: v.numpy() for k, v in updates[0].items()}
-    scales = wire.shared_scales(privacy, arrays, {k: v.numpy() for k, v in updates[1].items()}, adam_bound=0.05)
-    ring_bits = wire.secagg_ring_bits(8, sum(counts))
+    scales = update_codec.shared_scales(privacy, arrays, {k: v.numpy() for k, v in updates[1].items()}, adam_bound=0.05)
+    ring_bits = update_codec.secagg_ring_bits(8, sum(counts))
     config = SecAggConfig(ids=(1, 2, 3), threshold=2, ring_bits=ring_bits, length=289, context=b"run/1")
     clients = {u: SecAggClient(u, config) for u in config.ids}
     server = SecAggServer(config)
@@ -45,17 +47,17 @@ def test_secure_aggregation_sum_equals_the_plain_quantized_sum():
     inbox = server.route_shares({u: c.share_keys(adverts) for u, c in clients.items()})
     masked, plain = {}, {}
     for u, client in clients.items():
-        enc = wire.encode_update(updates[u - 1], counts[u - 1], privacy, seed=1, hospital=u - 1, round_=1,
+        enc = update_codec.encode_update(updates[u - 1], counts[u - 1], privacy, seed=1, hospital=u - 1, round_=1,
                                  scales=scales, ring_bits=ring_bits,
                                  masker=lambda x, c=client, u=u: c.masked_input(x, inbox[u]))
-        masked[u] = wire.read_masked(enc.payload, ring_bits)
+        masked[u] = update_codec.read_masked(enc.payload, ring_bits, 289)
         # The same quantization without masks: what the secure sum must reproduce exactly.
         rng = np.random.default_rng(derive_seed(1, "quantize", u - 1, 1))
         q = codec.quantize({k: v.numpy() for k, v in updates[u - 1].items()}, 8, rng, scales=scales)
         accumulate(plain, {k: torch.as_tensor(v) for k, v in codec.dequantize(q).items()}, counts[u - 1])
     survivors = server.collect_masked(masked)
     total = server.unmask({u: clients[u].unmask(survivors) for u in survivors})
-    summed = wire.dequantize_sum(total, ring_bits, arrays, scales)
+    summed = update_codec.dequantize_sum(total, ring_bits, arrays, scales)
     for key in arrays:
         assert np.allclose(summed[key], plain[key].numpy(), rtol=0, atol=1e-5)
     mean = mean_of({k: torch.as_tensor(v, dtype=torch.float64) for k, v in summed.items()}, sum(counts))
@@ -68,31 +70,32 @@ def test_sealed_update_opens_only_for_its_hospital_round_and_model(tmp_path):
     privacy = PrivacySection(quantize_bits=8, encrypt=True)
     key_path = tmp_path / "aggregator.key"
     public = write_identity_key(key_path)
-    transport = wire.Transport(privacy, "run-1", str(key_path))
+    transport = AggregatorTransport(privacy, "run-1", str(key_path))
     assert transport.identity_public == public
-    job = {"run_id": "run-1", "aggregator_public": public, **transport.round_terms(4)}
+    job = Job(config="", run_id="run-1", aggregator_public=public)
+    round_ = RoundInstruction(4, 0, transport.round_public(4))
     update = _updates(1)[0]
-    global_hash = wire.model_hash(update)
-    payload = wire.encode_update(update, 3, privacy, seed=0, hospital=2, round_=4).payload
-    sealed = wire.seal_update(payload, job, 2, 4, global_hash)
+    global_hash = tensors_hash(update)
+    payload = update_codec.encode_update(update, 3, privacy, seed=0, hospital=2, round_=4).payload
+    sealed = seal_update(payload, job, round_, 2, global_hash)
     assert transport.open(sealed, 2, 4, global_hash) == payload
     with pytest.raises(IntegrityError):
         transport.open(sealed, 2, 4, global_hash)  # replay
-    other = wire.seal_update(payload, job, 2, 4, global_hash)
+    other = seal_update(payload, job, round_, 2, global_hash)
     with pytest.raises(IntegrityError):
         transport.open(other, 1, 4, global_hash)  # misrouted
-    tampered = bytearray(wire.seal_update(payload, job, 2, 4, global_hash))
+    tampered = bytearray(seal_update(payload, job, round_, 2, global_hash))
     tampered[-5] ^= 1
     with pytest.raises(IntegrityError):
         transport.open(bytes(tampered), 2, 4, global_hash)
     with pytest.raises(IntegrityError):
-        transport.open(wire.seal_update(payload, job, 2, 4, global_hash), 2, 4, b"\0" * 32)  # other model
+        transport.open(seal_update(payload, job, round_, 2, global_hash), 2, 4, b"\0" * 32)  # other model
 
 
 def test_first_round_scales_come_from_the_clip_or_the_adam_step_bound():
     arrays = {"w": np.zeros((3, 3), np.float32), "b": np.zeros(2, np.float32)}
-    clipped = wire.shared_scales(PrivacySection(quantize_bits=8, secagg=True, update_clip=2.0), arrays, None, 0.05)
-    unclipped = wire.shared_scales(PrivacySection(quantize_bits=8, secagg=True), arrays, None, 0.05)
+    clipped = update_codec.shared_scales(PrivacySection(quantize_bits=8, secagg=True, update_clip=2.0), arrays, None, 0.05)
+    unclipped = update_codec.shared_scales(PrivacySection(quantize_bits=8, secagg=True), arrays, None, 0.05)
     assert np.allclose(clipped, 2.0 / codec.qmax(8)) and np.allclose(unclipped, 0.05 / codec.qmax(8))
 
 
@@ -100,4 +103,4 @@ def test_secure_aggregation_without_quantization_is_refused():
     from medsyngan.errors import UserError
 
     with pytest.raises(UserError, match="quantize_bits"):
-        wire.check_settings(PrivacySection(secagg=True))
+        update_codec.check_settings(PrivacySection(secagg=True))
