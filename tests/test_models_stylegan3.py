@@ -68,7 +68,7 @@ def test_unsupported_resolution_names_the_supported_ones():
 
 # Measured: sum of parameter sizes of NVlabs' networks_stylegan3.Generator(z_dim, 0, w_dim, resolution, 1,
 # channel_base, channel_max [, conv_kernel=1, use_radial_filters=True for R, with base and max doubled as in their
-# train.py]), commit of github.com/NVlabs/stylegan3 HEAD; the command is in the stylegan3 module docstring.
+# train.py]), github.com/NVlabs/stylegan3 at c233a91; the command is in the stylegan3 module docstring.
 NVLABS_PARAMS = [
     ("t", 64, 2048, 128, 512, 2_615_799),
     ("r", 64, 2048, 128, 512, 2_652_732),
@@ -146,8 +146,8 @@ def test_fir_interpolate_and_decimate_equal_their_definition(up, padding, two_pa
     expected = _upfirdn_direct(x, torch.outer(f, f), up, 1, padding, 1.5)
     torch.testing.assert_close(fir_interpolate(x, f, up, padding, gain=1.5, two_pass=two_pass), expected)
     y = torch.randn(2, 3, 29, 30, dtype=torch.float64)
-    torch.testing.assert_close(fir_decimate(y, f[:12], 2, two_pass), _upfirdn_direct(y, torch.outer(f, f)[:12, :12],
-                                                                                     1, 2, (0, 0, 0, 0)))
+    d = f[:12] + f[:12].flip(0)
+    torch.testing.assert_close(fir_decimate(y, d, 2, two_pass), _upfirdn_direct(y, torch.outer(d, d), 1, 2, (0,) * 4))
     g = torch.rand(12, 12, dtype=torch.float64)
     g = g + g.flip(0) + g.flip(1) + g.flip(0).flip(1)  # a 2-D filter ignores two_pass
     torch.testing.assert_close(fir_decimate(y, g, 2, two_pass), _upfirdn_direct(y, g, 1, 2, (0, 0, 0, 0)))
@@ -181,7 +181,19 @@ def test_truncation_to_the_mean_gives_one_image():
         g.mapping.w_avg.normal_()
         images = g(torch.randn(3, 8), truncation_psi=0.0)
         torch.testing.assert_close(images, images[:1].expand(3, -1, -1, -1))
-        assert not torch.allclose(g(torch.randn(2, 8))[0], g(torch.randn(2, 8))[1])
+        free = g(torch.randn(2, 8))
+        assert not torch.allclose(free[0], free[1])
+
+
+def test_fused_and_unfused_modulated_convolutions_agree():
+    z = torch.randn(3, 8)
+    outs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        g = StyleGAN3Generator(64, 8, 8, fmap_base=64, fmap_max=8, config="t", fused_modconv=fused).eval()
+        with torch.no_grad():
+            outs.append(g(z))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-6)
 
 
 # --- alias-free: equivariance to sub-pixel translation -----------------------------------------------------------
