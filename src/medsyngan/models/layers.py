@@ -187,9 +187,6 @@ def modulated_conv2d(
     return y
 
 
-
-
-
 def _two_pass(f: torch.Tensor, x: torch.Tensor, two_pass: bool | None) -> bool:
     # cuDNN's depthwise kernels run two 1-D passes of a separable filter faster than its 2-D outer product, and
     # in NCHW (1.6-2x on an H200); oneDNN on CPU is the other way round (2x on the project's 2-core CPU).
