@@ -386,4 +386,4 @@ def run_document(ws: Workspace, doc: str) -> None:
 def test_every_command_of_the_document_runs(doc, workspace):
     if doc not in workspace.outcome:
         run_document(workspace, doc)
-    assert workspace.outcome[doc], f"{doc}'s commands failed earlier in this session"
+    assert workspace.outcome[doc], f"{doc}'s commands failed earlier in this test run"

@@ -1,7 +1,8 @@
 """Build a generator or discriminator from the ``[model]`` configuration section.
 
 Every generator has attributes ``z_dim`` and ``resolution`` and maps z (B, z_dim) to images (B, 1, R, R); every
-discriminator maps images (B, 1, R, R) to logits (B,). ProGAN networks also have ``set_stage(res, alpha)``.
+discriminator maps images (B, 1, R, R) to logits (B,). ProGAN networks also have ``set_stage(res, alpha)``;
+StyleGAN2 and StyleGAN3 generators have ``mapping``, ``synthesis`` and ``num_ws``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from torch import nn
 
 from medsyngan.config import ModelSection
 from medsyngan.errors import UserError
-from medsyngan.models import dcgan, progan, stylegan2
+from medsyngan.models import dcgan, progan, stylegan2, stylegan3
 
 SUPPORTED_RESOLUTIONS: dict[str, tuple[int, ...]] = {
     "dcgan": dcgan.SUPPORTED_RESOLUTIONS,
     "progan": progan.SUPPORTED_RESOLUTIONS,
     "stylegan2": stylegan2.SUPPORTED_RESOLUTIONS,
+    "stylegan3": stylegan3.SUPPORTED_RESOLUTIONS,
 }
 
 _GENERATORS: dict[str, Callable[[ModelSection], nn.Module]] = {
@@ -28,6 +30,11 @@ _GENERATORS: dict[str, Callable[[ModelSection], nn.Module]] = {
     "stylegan2": lambda cfg: stylegan2.StyleGAN2Generator(
         cfg.resolution, z_dim=cfg.z_dim, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers,
         fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max,
+    ),
+    "stylegan3": lambda cfg: stylegan3.StyleGAN3Generator(
+        cfg.resolution, z_dim=cfg.z_dim, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers,
+        fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max, config=cfg.sg3_config, num_layers=cfg.sg3_layers,
+        magnitude_ema_beta=cfg.sg3_magnitude_ema_beta,
     ),
 }
 
@@ -40,6 +47,8 @@ _DISCRIMINATORS: dict[str, Callable[[ModelSection], nn.Module]] = {
         cfg.resolution, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max, dp_compatible=cfg.dp_compatible
     ),
 }
+# StyleGAN3 trains against StyleGAN2's residual discriminator, as NVlabs does.
+_DISCRIMINATORS["stylegan3"] = _DISCRIMINATORS["stylegan2"]
 
 
 def check_model_section(cfg: ModelSection) -> None:

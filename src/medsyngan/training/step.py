@@ -160,7 +160,7 @@ class GANTrainer:
             t.amp == "bf16" or (t.amp == "auto" and _fast_bf16(self.device))
         ) else None
 
-        style = self.arch == "stylegan2"
+        self.style_based = style = self.arch in ("stylegan2", "stylegan3")
         self.use_gp = t.loss == "wgan-gp" and t.gp_weight > 0
         self.use_r1 = style and t.r1_gamma > 0
         self.use_pl = style and t.pl_weight > 0
@@ -216,10 +216,10 @@ class GANTrainer:
         return torch.rand(*shape, device=self.device, generator=self.rng)
 
     def generate(self, n: int) -> tuple[Tensor, Tensor | None]:
-        """n generated images for training (with style mixing for StyleGAN2) and their ws (None if not style-based)."""
+        """n generated images for training (style mixing for StyleGAN2/3) and their ws (None if not style-based)."""
         z = self.latents(n)
         with self._autocast():
-            if self.arch != "stylegan2":
+            if not self.style_based:
                 return self.G(z), None
             ws = self.G.mapping(z)
             if self.mixing_p > 0:
