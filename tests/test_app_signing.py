@@ -153,7 +153,8 @@ def _hospital(tmp_path: Path, pki, hospital_id: int = 0, trust: tuple[str, ...] 
 
 
 def test_a_hospital_without_the_aggregator_pin_refuses_to_start(tmp_path):
-    """Attack: a hospital without `aggregator-public` accepted whatever aggregator key the relay announced."""
+    """Attack: the relay announces an aggregator key of its own to a hospital that pins none, and reads its
+    updates. A deployed hospital without the pin refuses to start, in one line."""
     pki = init_pki(tmp_path / "pki", "127.0.0.1")
     hospital = _hospital(tmp_path, pki, trust=("ca.crt", "federation_app.pub"))
     (tmp_path / "data").mkdir()
@@ -173,6 +174,7 @@ def test_a_hospital_without_the_aggregator_pin_refuses_to_start(tmp_path):
 
 
 def test_a_hospital_without_the_federation_key_refuses_to_start(tmp_path):
+    """Attack: a node with no federation key to check signatures against, which could only run bundles unchecked."""
     from medsyngan.federated.hospital_node import HospitalNode
 
     pki = init_pki(tmp_path / "pki", "127.0.0.1")

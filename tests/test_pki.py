@@ -109,8 +109,8 @@ def test_hospital_keys_are_what_flower_loads(tmp_path):
 
 
 def test_pki_init_makes_no_hospital_private_key(pki):
-    """Attack: `pki init` made every hospital's private key on the aggregator's machine, so whoever held that
-    machine could impersonate any hospital. Now the operator's folder holds only its own private keys."""
+    """Attack: whoever holds the aggregator's machine impersonates a hospital with a hospital private key found
+    there. The operator's PKI holds only the operator's own private keys; hospitals make theirs at home."""
     manifest = json.loads((pki.root / "manifest.json").read_text())
     assert manifest["hospitals"] == []
     assert sorted(manifest["private_files"]) == sorted(["ca.key", "superlink.key", "aggregator_x25519.key",

@@ -100,17 +100,13 @@ def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
 
 
 def load_federation_public(path: Path) -> ed25519.Ed25519PublicKey:
-    """The federation's app-signing key as a hospital pins it (OpenSSH ``ssh-ed25519`` line)."""
-    try:
-        key = serialization.load_ssh_public_key(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise UserError(f"federation key {path} not found; copy federation_app.pub from the operator's trust/ "
-                        "folder (`medsyngan pki init`)") from None
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise UserError(f"{path} is not an OpenSSH public key ({exc}); copy federation_app.pub from the "
-                        "operator's trust/ folder") from None
+    """The federation's app-signing key as a hospital pins it (an OpenSSH ``ssh-ed25519`` line)."""
+    from medsyngan.federated.pki import load_openssh_public_key
+
+    hint = "copy federation_app.pub from the operator's trust/ folder (`medsyngan pki init`)"
+    key = load_openssh_public_key(path, "federation key", hint)
     if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise UserError(f"{path} is not an Ed25519 key; copy federation_app.pub from the operator's trust/ folder")
+        raise UserError(f"{path} is not an Ed25519 key; {hint}")
     return key
 
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from medsyngan.errors import UserError
 from medsyngan.federated.pki import (AGGREGATOR_PUB, CA_CERT, FEDERATION_PUB, Pki, build_atomically, fingerprint,
-                                     read_manifest, write_private, write_public)
+                                     load_openssh_public_key, read_manifest, write_private, write_public)
 
 HOSPITAL_KEY = "auth.key"
 HOSPITAL_PUB = "auth.pub"
@@ -89,16 +89,10 @@ def key_fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
 def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
     """A SuperNode public key in OpenSSH form, as `flwr supernode register` accepts it (an EC key on a NIST
     curve); a one-line error otherwise."""
-    try:
-        key = serialization.load_ssh_public_key(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise UserError(f"public key {path} not found; ask the hospital for the auth.pub that "
-                        "`medsyngan pki hospital-init` made") from None
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise UserError(f"{path} is not an OpenSSH public key ({exc}); use the hospital's auth.pub") from None
+    hint = "use the auth.pub that the hospital made with `medsyngan pki hospital-init`"
+    key = load_openssh_public_key(path, "public key", hint)
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, _NIST_CURVES):
-        raise UserError(f"{path} is not an ECDSA key on a NIST curve, which Flower requires; use the hospital's "
-                        "auth.pub from `medsyngan pki hospital-init`")
+        raise UserError(f"{path} is not an ECDSA key on a NIST curve, which Flower requires; {hint}")
     return key
 
 

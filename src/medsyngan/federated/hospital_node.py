@@ -101,7 +101,7 @@ def run_verified_clientapp(runtime_api_address: str, token: str, insecure: bool,
                            parent_pid: int | None, trust: AppTrust) -> None:
     """Flower's `run_clientapp`, refusing a task whose bundle and run config the federation did not sign. The
     check wraps `pull_task_input`, which Flower calls before `install_from_fab` and the ClientApp's import
-    (tests/test_deployment.py pins that order in the installed Flower)."""
+    (tests/test_app_signing.py pins that order in the installed Flower)."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
     from flwr.supercore.exit import ExitCode, flwr_exit

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -287,6 +288,17 @@ def _populate(root: Path, host: str) -> None:
         "private_files": [CA_KEY, SERVER_KEY, AGGREGATOR_KEY, FEDERATION_KEY],
     }
     write_public(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def load_openssh_public_key(path: Path, what: str, hint: str):
+    """The public key in an OpenSSH-format file; a one-line error naming ``what`` and ``hint`` (where the right
+    file comes from) for a missing or unreadable one."""
+    try:
+        return serialization.load_ssh_public_key(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found; {hint}") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise UserError(f"{path} is not an OpenSSH public key ({exc}); {hint}") from None
 
 
 def read_manifest(path: Path) -> dict:
