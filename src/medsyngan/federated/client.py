@@ -43,7 +43,7 @@ class NodeIdentity:
     data_path: str | None
     state_dir: Path
     state_key: bytes | None = None  # seals the round state on disk (AES-256-GCM); None: plaintext
-    aggregator_public: Path | None = None  # the aggregator's key pinned by `pki init`; None: trust the job's
+    aggregator_public: Path | None = None  # the aggregator's key a deployed hospital pins; None (simulation): the job's
 
 
 def node_identity(node_config: Mapping[str, Any], job: Job) -> NodeIdentity:
@@ -51,6 +51,9 @@ def node_identity(node_config: Mapping[str, Any], job: Job) -> NodeIdentity:
         if "data-path" not in node_config:
             raise UserError("node config has hospital-id but no data-path; start flower-supernode with "
                             "--node-config \"hospital-id=K data-path='DIR'\"")
+        if "aggregator-public" not in node_config:
+            raise UserError("node config has hospital-id but no aggregator-public: a deployed hospital sends updates "
+                            "only to the aggregator whose key it pins; start it with `medsyngan hospital start`")
         hospital, data_path = int(node_config["hospital-id"]), str(node_config["data-path"])
     elif "partition-id" in node_config:
         hospital, data_path = int(node_config["partition-id"]), None

@@ -37,6 +37,8 @@ APP_CONFIG: dict[str, Any] = {
     "resume": False,
     "mode": "simulation",  # simulation: the server prepares data and partition; deployment: hospitals bring theirs
     "aggregator-key": "",  # the aggregator's X25519 identity key file (needed when updates are encrypted)
+    "manifest": "",  # deployment: the PKI manifest, which SuperNode key is which hospital
+    "app-signature": "",  # deployment: the federation's signature of the app and this run config (pki sign-app)
     "job": "",  # a job file prepared by `medsyngan train`; when set, config, overrides and mode are not read
 }
 PARTITION_FILE = "partition.csv"
@@ -123,13 +125,21 @@ def server_setup(run_config: Mapping[str, Any]) -> ServerSetup:
             raise UserError(f"cannot read the job file {path} ({exc}); start the run with `medsyngan train`") from None
         setup_logging(run_dir.log_path)
         return ServerSetup(config_from_toml_text(job.config, str(path)), run_dir, job, resume, identity_key)
+    simulation = str(settings["mode"]) == "simulation"
+    hospital_keys = None
+    if not simulation:
+        from medsyngan.federated.hospital_keys import HospitalKeys
+
+        if not settings["manifest"]:
+            raise UserError("a deployment needs manifest='PKI/manifest.json' in the run config: it says which "
+                            "SuperNode key is which hospital")
+        hospital_keys = HospitalKeys.from_manifest(str(settings["manifest"]))
     cfg = run_dir.load_config() if resume else load_config(str(settings["config"]), str(settings["overrides"]).split())
     run_dir.create(cfg, resume=resume)
-    simulation = str(settings["mode"]) == "simulation"
     job = prepare_job(cfg, run_dir, resume, simulation)
     if simulation and identity_key is None:
         identity_key = simulation_identity_key(cfg, run_dir)
-    return ServerSetup(cfg, run_dir, job, resume, identity_key)
+    return ServerSetup(cfg, run_dir, job, resume, identity_key, hospital_keys)
 
 
 def _check_before_start(cfg: Config) -> None:
