@@ -23,7 +23,6 @@ importing the privacy layer; ``medsyngan.privacy.crypto`` builds the encryption 
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from medsyngan.errors import UserError
-from medsyngan.rundir import atomic_write_bytes
+from medsyngan.rundir import atomic_write_bytes, log
 
 KEY_BYTES = 32
 FORMAT_VERSION = 2
@@ -42,8 +41,6 @@ _HEAD = MAGIC + bytes([FORMAT_VERSION])
 _NONCE_BYTES = 12
 _LEN = struct.Struct("<H")
 _STEP = struct.Struct("<Q")
-
-log = logging.getLogger("medsyngan")
 
 
 class IntegrityError(Exception):
@@ -112,8 +109,9 @@ def load_key_file(path: Path | str) -> bytes:
 
 
 def ensure_key_file(path: Path | str, purpose: str) -> bytes:
-    """The key in ``path``, made first (0600, its folder 0700) when there is none yet; the making is logged
-    with ``purpose`` so that whoever runs the job learns that a key now guards something and where it is."""
+    """The key in ``path``, made first when there is none yet (0600, and its folder 0700 when made here); the
+    making is logged with ``purpose`` so that whoever runs the job learns that a key now guards something and
+    where it is."""
     path = Path(path)
     if not path.exists():
         if not path.parent.is_dir():

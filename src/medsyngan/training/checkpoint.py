@@ -44,15 +44,8 @@ from torch import Tensor
 from medsyngan.config import Config, config_from_toml_text
 from medsyngan.errors import UserError
 from medsyngan.rundir import RunDir, atomic_write_text, sha256_file
-from medsyngan.sealed import (
-    Binding,
-    IntegrityError,
-    decrypt_at_rest,
-    encrypt_at_rest,
-    ensure_key_file,
-    is_encrypted,
-    load_key_file,
-)
+from medsyngan.sealed import Binding, encrypt_at_rest, ensure_key_file, load_key_file
+from medsyngan.training.checkpoint_keys import RUN_KEY, KeyRing, role
 from medsyngan.training.state_json import capture_rng, decode_json, encode_json, restore_rng
 
 FORMAT_VERSION = 1
@@ -62,7 +55,6 @@ SECRET_FILE = "secret.bin"
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
 MODEL_CARD_JSON = "model-card.json"  # beside model.safetensors: a model folder written by `medsyngan export`
-RUN_KEY = Path("keys") / "checkpoint.key"  # in the run directory, never inside checkpoints/
 _META_KEY = "medsyngan"
 # Centralized runs save step-NNNNNN folders, federated runs round-NNNNN folders; both are snapshots of a run.
 _SNAPSHOT_DIR = re.compile(r"^(?:step|round)-(\d+)$")
@@ -105,6 +97,15 @@ def _snapshot_step(name: str) -> int:
     return int(match.group(1))
 
 
+def _keyring(target: Path, key: bytes | None) -> KeyRing:
+    """The keys of the checkpoint at ``target`` (a folder, or a file in one), held to the run whose
+    ``checkpoints/`` holds its folder and to the step its folder's name says; a lone file to its role only."""
+    folder = target if target.is_dir() else target.parent
+    if _SNAPSHOT_DIR.match(folder.name) is None:
+        return KeyRing(key, None, None)
+    return KeyRing(key, RunDir(folder.resolve().parent.parent), _snapshot_step(folder.name))
+
+
 # ---------------------------------------------------------------------- writing
 
 
@@ -119,15 +120,9 @@ def weights_bytes(tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
     return st_save(weights, metadata={_META_KEY: json.dumps(header)})
 
 
-def _role(name: str) -> str:
-    """A sealed checkpoint file's role: what it is, not its path, so a checkpoint folder can be copied or a lone
-    model.safetensors renamed, but weights cannot be passed off as training state."""
-    return f"checkpoint/{name}"
-
-
 def _write_synced(path: Path, data: bytes, key: bytes | None, run_id: str, step: int) -> None:
     if key is not None:
-        data = encrypt_at_rest(data, key, Binding(run_id, step, _role(path.name)))
+        data = encrypt_at_rest(data, key, Binding(run_id, step, role(path.name)))
     with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -244,68 +239,6 @@ def save_trainer_checkpoint(
 
 
 # ---------------------------------------------------------------------- reading
-class _KeyRing:
-    """Opens the files of one checkpoint: plain ones as they are, sealed ones with the caller's key, else the key
-    file named by the ``config.toml`` of the run the checkpoint lies in, else that run's own key file (looked up at
-    the first sealed file). A sealed file must be bound to that run's id, the step in its folder's name and its
-    role; a lone file outside a checkpoint folder is held to its role only."""
-
-    def __init__(self, target: Path, key: bytes | None):
-        self.target = target
-        folder = target if target.is_dir() else target.parent
-        match = _SNAPSHOT_DIR.match(folder.name)
-        self.step = int(match.group(1)) if match else None
-        self.run = RunDir(folder.resolve().parent.parent) if match else None
-        self._given = [(key, "the key given")] if key is not None else []
-        self._from_run: list[tuple[bytes, str]] | None = None
-        self._run_problem = ""
-
-    def _run_keys(self) -> list[tuple[bytes, str]]:
-        if self.run is None:
-            return []
-        keys = []
-        key_file = self.run.load_config().privacy.checkpoint_key if self.run.config_path.is_file() else ""
-        if key_file:
-            where = f"key file {key_file} (privacy.checkpoint_key of {self.run.config_path})"
-            if Path(key_file).is_file():
-                keys.append((load_key_file(key_file), where))
-            else:
-                self._run_problem = f"; its run names {where}, which is not found here"
-        own = self.run.root / RUN_KEY
-        if own.is_file():
-            keys.append((load_key_file(own), f"the run's own key file {own}"))
-        return keys
-
-    def _binding(self, role: str) -> Binding:
-        run_id = None
-        if self.run is not None and self.run.run_id_path.is_file():
-            run_id = self.run.run_id()
-        return Binding(run_id, self.step, _role(role))
-
-    def open(self, file: Path, role: str) -> bytes:
-        blob = file.read_bytes()
-        if not is_encrypted(blob):
-            return blob
-        if self._from_run is None:
-            self._from_run = self._run_keys()
-        keys = self._given + self._from_run
-        if not keys:
-            raise UserError(f"checkpoint {file} is encrypted; pass --key FILE, the key file it was written with "
-                            f"(privacy.checkpoint_key of its run, or its run's {RUN_KEY}){self._run_problem}")
-        for key, _ in keys:
-            try:
-                return decrypt_at_rest(blob, key, self._binding(role))
-            except IntegrityError as exc:
-                if exc.reason == "malformed":
-                    raise _corrupt(file, exc) from None
-                if exc.reason != "wrong-key":
-                    raise UserError(f"checkpoint {file} is refused: {exc}; a file was moved in from another run, "
-                                    "step or role, so restore the run's own file or delete this checkpoint") from None
-        tried = " or ".join(name for _, name in keys)
-        raise UserError(f"checkpoint {file} does not decrypt with {tried}: wrong key file, or the file was altered; "
-                        f"pass the key file it was written with (--key FILE){self._run_problem}")
-
-
 @dataclass
 class Checkpoint:
     """A checkpoint found on disk; ``tensors`` and ``meta`` are read eagerly, the training state and the secret
@@ -314,7 +247,7 @@ class Checkpoint:
     path: Path  # the folder, or the lone safetensors file
     meta: dict[str, Any]
     tensors: dict[str, Tensor]
-    keys: _KeyRing | None = field(default=None, repr=False)
+    keys: KeyRing | None = field(default=None, repr=False)
 
     def config(self) -> Config:
         return config_from_toml_text(self.meta["config_toml"], f"{self.path} (embedded configuration)")
@@ -323,7 +256,7 @@ class Checkpoint:
         file = self.path / name if self.path.is_dir() else None
         if file is None or not file.is_file():
             raise UserError(f"{self.path}: no {name} ({what}); resume needs a full checkpoint folder")
-        return (self.keys or _KeyRing(self.path, None)).open(file, name)
+        return (self.keys or _keyring(self.path, None)).open(file, name)
 
     def training_state(self) -> dict[str, Any]:
         try:
@@ -402,7 +335,7 @@ def load_checkpoint(path: Path | str, key: bytes | None = None) -> Checkpoint:
     the checkpoint's run names; a missing or wrong key is a UserError naming the file.
     """
     target = resolve_checkpoint(path)
-    keys = _KeyRing(target, key)
+    keys = _keyring(target, key)
     try:
         if target.is_file():
             meta, tensors = _read_weights(keys.open(target, WEIGHTS_FILE))

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from medsyngan.config import Config
 from medsyngan.errors import UserError
