@@ -221,7 +221,8 @@ class PrivacySection(Section):
     )
     checkpoint_key: str = Field(
         "", description="Key file (32 bytes, from `medsyngan privacy keygen`) that encrypts the run's checkpoints "
-        "at rest (AES-256-GCM); `medsyngan train` stores it as an absolute path. Empty: checkpoints in plaintext."
+        "at rest (AES-256-GCM); `medsyngan train` stores it as an absolute path. Empty: checkpoints in plaintext, "
+        "except a DP run's secret seed, sealed under the run's own key file RUN/keys/checkpoint.key."
     )
 
     @property

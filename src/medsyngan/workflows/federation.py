@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,16 +52,6 @@ def hospital_metrics(fake_u8: np.ndarray, holdout_u8: np.ndarray) -> Mapping[str
     return evaluate_images(fake_u8, holdout_u8, metrics=["fd", "kid"], kid_subset_size=min(100, len(holdout_u8)))
 
 
-def _run_id(run_dir: RunDir, resume: bool) -> str:
-    """A stable id per run directory: HKDF salts and hospital state folders key on it across resumes."""
-    path = run_dir.root / "run_id"
-    if resume and path.is_file():
-        return path.read_text().strip()
-    run_id = uuid.uuid4().hex
-    atomic_write_text(path, run_id + "\n")
-    return run_id
-
-
 def _partition(cfg: Config, run_dir: RunDir) -> Path:
     """The partition of the training data among virtual hospitals, in the run directory, validated."""
     from medsyngan.data.api import load_training_data
@@ -90,12 +79,16 @@ def _partition(cfg: Config, run_dir: RunDir) -> Path:
 def prepare_job(cfg: Config, run_dir: RunDir, resume: bool, simulation: bool) -> Job:
     """The static part of every instruction. In simulation the virtual hospitals share this machine: the server
     names their partition, and they keep their round state in the run directory, sealed with the run's
-    checkpoint key."""
-    run_id = _run_id(run_dir, resume)
+    checkpoint key, or in a DP run without one with the run's own key file (their state holds the DP seed)."""
+    from medsyngan.training.checkpoint import run_key_file
+
+    # Stable across resumes: HKDF salts, hospital state folders and sealed files key on it.
+    run_id = run_dir.run_id() if resume else run_dir.new_run_id()
     if not simulation:
         return Job(config=cfg.to_toml(), run_id=run_id)
+    state_key = cfg.privacy.checkpoint_key or (str(run_key_file(run_dir.root).resolve()) if cfg.privacy.dp else None)
     return Job(config=cfg.to_toml(), run_id=run_id, partition=str(_partition(cfg, run_dir)),
-               state_dir=str(run_dir.root / "hospitals"), state_key=cfg.privacy.checkpoint_key)
+               state_dir=str(run_dir.root / "hospitals"), state_key=state_key)
 
 
 def simulation_identity_key(cfg: Config, run_dir: RunDir) -> str | None:
