@@ -127,11 +127,14 @@ def test_loopback_federation_tls_auth_quorum(tmp_path, processes):
     node_ids = deploy.register_hospitals(cli_home, {f"hospital-{k}": pki.hospital_pub(k) for k in range(3)})
     assert len(set(node_ids.values())) == 3
 
+    # Each hospital's own policy must allow what TINY asks for; without one it would hold the product defaults.
+    policy = tmp_path / "policy.toml"
+    policy.write_text("dp_required = false\nencrypt_required = false\nsecagg_required = false\n")
     nodes = {}
     for k in range(4):
         proc = deploy.start_supernode(
             tmp_path, address, pki.ca_cert, pki.hospital_key(k), k, data[min(k, 2)],
-            runtime_port=free_port(), state_dir=tmp_path / "hospital-state",
+            runtime_port=free_port(), state_dir=tmp_path / "hospital-state", policy=policy,
         )
         processes.append(proc)
         nodes[k] = proc

@@ -165,14 +165,16 @@ def register_hospitals(
 
 def node_config(
     hospital_id: int, data_path: Path | str, state_dir: Path | str | None = None,
-    aggregator_public: Path | str | None = None,
+    aggregator_public: Path | str | None = None, policy: Path | str | None = None,
 ) -> str:
-    """The `--node-config` string the ClientApp reads: `hospital-id`, `data-path`, and optionally `state-dir` and
-    `aggregator-public` (the aggregator's X25519 key pinned by `pki init`, for end-to-end update encryption).
+    """The `--node-config` string the ClientApp reads: `hospital-id`, `data-path`, and optionally `state-dir`,
+    `aggregator-public` (the aggregator's X25519 key pinned by `pki init`, for end-to-end update encryption) and
+    `policy` (the hospital's privacy policy file; without one it holds the product defaults).
     Paths are made absolute (the ClientApp runs in the SuperNode's home folder). Flower splits the string on
     spaces and reads each value as TOML, so paths go in TOML literal strings (single quotes, no escapes)."""
     text = f"hospital-id={int(hospital_id)}"
-    for key, path in (("data-path", data_path), ("state-dir", state_dir), ("aggregator-public", aggregator_public)):
+    for key, path in (("data-path", data_path), ("state-dir", state_dir), ("aggregator-public", aggregator_public),
+                      ("policy", policy)):
         if path is None:
             continue
         if "'" in str(path):
@@ -184,13 +186,14 @@ def node_config(
 def supernode_command(
     superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str, runtime_port: int,
     state_dir: Path | str | None = None, aggregator_public: Path | str | None = None,
+    policy: Path | str | None = None,
 ) -> list[str]:
     return [
         executable("flower-supernode"),
         "--superlink", superlink,
         "--root-certificates", str(Path(ca_cert).resolve()),
         "--auth-supernode-private-key", str(Path(auth_key).resolve()),
-        "--node-config", node_config(hospital_id, data_path, state_dir, aggregator_public),
+        "--node-config", node_config(hospital_id, data_path, state_dir, aggregator_public, policy),
         "--port", str(runtime_port),
     ]
 
@@ -198,7 +201,7 @@ def supernode_command(
 def start_supernode(
     run_dir: Path, superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str,
     *, runtime_port: int = 9094, state_dir: Path | str | None = None, aggregator_public: Path | str | None = None,
-    probe_timeout: float = 10.0,
+    policy: Path | str | None = None, probe_timeout: float = 10.0,
 ) -> ManagedProcess:
     """Start one hospital's SuperNode once its SuperLink answers (does not wait for activation: see
     `wait_supernode`)."""
@@ -206,7 +209,8 @@ def start_supernode(
     probe_superlink(superlink, ca_cert, probe_timeout)
     home = run_dir / f"hospital-{hospital_id}"
     home.mkdir(parents=True, exist_ok=True)
-    cmd = supernode_command(superlink, ca_cert, auth_key, hospital_id, data_path, runtime_port, state_dir, aggregator_public)
+    cmd = supernode_command(superlink, ca_cert, auth_key, hospital_id, data_path, runtime_port, state_dir,
+                            aggregator_public, policy)
     return start_process(f"supernode-{hospital_id}", cmd, home / "supernode.log", flower_env(home), cwd=home)
 
 

@@ -89,6 +89,10 @@ def prepare_job(cfg: Config, run_dir: RunDir, resume: bool, simulation: bool) ->
     """The static part of every instruction. In simulation the virtual hospitals share this machine: the server
     names their partition, and they keep their round state in the run directory, sealed with the run's
     checkpoint key."""
+    if simulation:
+        from medsyngan.federated.policy import check_simulation
+
+        check_simulation(cfg)  # the virtual hospitals' policy is cfg.hospital: refuse a disagreement up front
     run_id = _run_id(run_dir, resume)
     if not simulation:
         return Job(config=cfg.to_toml(), run_id=run_id)
