@@ -84,16 +84,18 @@ def test_loading_an_older_state_is_refused():
         acc.load_state_dict(old)
 
 
-def test_history_equals_a_single_run_of_steps_and_a_refund_takes_back_only_the_last_charge():
+def test_history_equals_a_single_run_of_steps_and_a_refund_takes_back_only_steps():
     a = PrivacyAccountant(0.02, 1.0, 1e-5)
     for _ in range(30):
         a.step()
     assert a.history == [(1.0, 0.02, 30)]
     a.refund(4)
     assert a.history == [(1.0, 0.02, 26)]
-    a.record(2.0, 1.0)
+    a.record(2.0, 1.0)  # a release made while the steps were reserved stays charged
+    a.refund(6)
+    assert a.history == [(1.0, 0.02, 20), (2.0, 1.0, 1)]
     with pytest.raises(ValueError, match="cannot refund"):
-        a.refund(1)  # the last charge is a release, not steps
+        a.refund(21)
 
 
 def test_zero_steps_and_zero_noise():

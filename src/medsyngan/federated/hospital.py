@@ -137,10 +137,10 @@ class Hospital:
     def train_round(self, global_state: Mapping[str, Tensor], steps: int) -> RoundResult:
         """K local generator steps from the global networks; returns Δ of the shared networks and round metrics."""
         next_real = self._batches()
-        if self.dp is not None:
-            self.dp.reserve(steps * self.cfg.train.d_steps_per_g)
         self.trainer.load_model_state(global_state)
         reference = {k: v.detach().clone() for k, v in global_state.items()}
+        if self.dp is not None:  # charged and written to the ledger before any private step runs
+            self.dp.reserve(steps * self.cfg.train.d_steps_per_g)
         hooks = self._proximal_hooks(reference) if self.cfg.federated.strategy == "fedprox" else []
         start = time.perf_counter()
         sums: dict[str, float] = {}

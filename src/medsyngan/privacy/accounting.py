@@ -196,16 +196,17 @@ class PrivacyAccountant:
             self.history.append((sigma, q, n))
 
     def refund(self, n: int) -> None:
-        """Take back n of the steps just charged at the current (σ, q), which did not run (a round charged up
-        front that stopped early in this process)."""
+        """Take back n of the steps last charged at the current (σ, q), which did not run (a round charged up
+        front that stopped early in this process; a release recorded since then stays)."""
         if n <= 0:
             return
-        sigma, q, last = self.history[-1] if self.history else (None, None, 0)
-        if (sigma, q) != (self.noise_multiplier, self.sample_rate) or last < n:
-            raise ValueError(f"cannot refund {n} steps: the last charge is not {n} steps at the current (σ, q)")
-        self.history[-1] = (sigma, q, last - n)
-        if not self.history[-1][2]:
-            self.history.pop()
+        mechanism = (self.noise_multiplier, self.sample_rate)
+        i = next((i for i in reversed(range(len(self.history))) if self.history[i][:2] == mechanism), None)
+        if i is None or self.history[i][2] < n:
+            raise ValueError(f"cannot refund {n} steps: fewer were charged at the current (σ, q)")
+        self.history[i] = (*mechanism, self.history[i][2] - n)
+        if not self.history[i][2]:
+            del self.history[i]
 
     def epsilon(self) -> dict[str, float]:
         """:func:`epsilons` of the history: 'reported' (replace-one), 'add_remove', 'replace_one', 'rdp', 'prv'."""
