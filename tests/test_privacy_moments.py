@@ -58,8 +58,7 @@ def test_release_is_charged_when_made_and_a_resume_reuses_it():
     assert at_release["mean_image"] is None and [2.0, 1.0, 1] in at_release["accountant"]["history"]
     assert written[-1]["mean_image"] is not None
     assert session.releases == 1 and session.steps == 3
-    assert sorted(session.accountant.history) == sorted([(2.0, 1.0, 1),
-                                                         (session.noise_multiplier, session.sample_rate, 3)])
+    assert session.accountant.history.count((2.0, 1.0, 1)) == 1 and session.accountant.steps == 4
     assert session.steps_left() == 3  # the release does not eat into the calibrated plan
     assert all(np.isfinite(s["g_extra"]) for s in stats)
     assert session.epsilon()["reported"] <= 10.0

@@ -88,6 +88,7 @@ def _hospital_units(cfg) -> list[tuple[str, int, int]]:
 
 
 def _from_config(config: str, overrides: list[str]) -> None:
+    from medsyngan.config import load_config
     from medsyngan.federated.policy import effective_privacy
     from medsyngan.privacy.accounting import (ADD_REMOVE, RELATION, client_level_accountant, describe, plan_dp,
                                               planned_private_steps, resolve_unit)
