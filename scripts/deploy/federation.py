@@ -65,7 +65,8 @@ def cmd_supernode(args: argparse.Namespace) -> None:
     pinned = args.hospital_dir / "aggregator_x25519.pub"
     cmd = deploy.supernode_command(args.superlink, ca, key, args.hospital_id, args.data_path.resolve(), args.port,
                                    args.state_dir.resolve() if args.state_dir else None,
-                                   pinned.resolve() if pinned.is_file() else None)
+                                   pinned.resolve() if pinned.is_file() else None,
+                                   args.policy.resolve() if args.policy else None)
     _exec(cmd, args.flwr_home)
 
 
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-path", type=Path, required=True, help="the hospital's prepared dataset")
     p.add_argument("--state-dir", type=Path, help="where the hospital keeps its training state across rounds")
     p.add_argument("--port", type=int, default=9094, help="local Runtime API port of this SuperNode")
+    p.add_argument("--policy", type=Path, help="the hospital's privacy policy file (default: the product defaults)")
     p.add_argument("--flwr-home", type=Path, default=home)
     p.set_defaults(fn=cmd_supernode)
 
