@@ -225,3 +225,17 @@ def test_a_hospital_killed_by_sigkill_mid_round_keeps_what_it_spent(tmp_path, me
     assert after >= ran_before_kill + witness.steps
     killed_indices = {int(i) for i in counter.read_text().split()}
     assert killed_indices.isdisjoint(witness.noise)  # the retry's noise is fresh
+
+
+def test_a_hospital_whose_ledger_would_pass_its_epsilon_refuses_naming_the_ledger(tmp_path, medsyngan_cache,
+                                                                                 monkeypatch):
+    """The ledger, not the aggregator, decides when a hospital stops: a round past its ε is refused as such."""
+    node = HospitalNode(tmp_path)
+    ledger = FileLedger(node_identity(node.node_config, node.job))
+    node.send(node.instruction(1, 0, b"first"))
+    spent = ledger.read()
+    spent["accountant"]["history"].append([0.5, 1.0, 50])  # as if much more had been spent before
+    ledger.write(spent)
+    reply = node.send(node.instruction(2, 1, b"second"))
+    assert reply.has_error() and reply.error.code == p.REFUSAL_CODE
+    assert "training stops here" in reply.error.reason and str(ledger.path) in reply.error.reason

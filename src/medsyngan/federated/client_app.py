@@ -21,6 +21,7 @@ from medsyngan.federated import update_codec
 from medsyngan.federated.client import (HospitalRuntime, NodeIdentity, cached_reply, instruction_digest, keep_reply,
                                         node_identity, persist, restore)
 from medsyngan.federated.policy import PolicyRefusal
+from medsyngan.privacy.accounting import BudgetExceeded
 from medsyngan.federated.hospital import EvaluateFn, Hospital
 from medsyngan.federated.records import join_state, record_to_state, split_state, state_to_record
 from medsyngan.federated.transport import seal_update, tensors_hash
@@ -39,7 +40,8 @@ SECAGG_STATE = "secagg"
 def _answer_user_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
     """A problem the hospital can name (bad data path, missing state, a malformed instruction) goes back as a
     one-line error reply, which the server logs and counts as a missing hospital, instead of a remote traceback;
-    a refusal by the hospital's policy carries its own code, so that the server counts it as a refusal."""
+    a refusal by the hospital's policy or its ledger (its ε spent) carries its own code, so that the server
+    counts it as a refusal."""
 
     @functools.wraps(handler)
     def wrapped(message: Message, context: Context) -> Message:
@@ -47,7 +49,7 @@ def _answer_user_errors(handler: Callable[[Message, Context], Message]) -> Calla
             return handler(message, context)
         except (UserError, SecAggAbort, p.MalformedMessage) as exc:
             log.error("%s", exc)
-            code = p.REFUSAL_CODE if isinstance(exc, PolicyRefusal) else USER_ERROR_CODE
+            code = p.REFUSAL_CODE if isinstance(exc, (PolicyRefusal, BudgetExceeded)) else USER_ERROR_CODE
             return Message(Error(code=code, reason=str(exc)), reply_to=message)
 
     return wrapped
