@@ -8,7 +8,7 @@
     for _ in range(n):
         stats = trainer.train_step(session.next_real)        # Poisson batch of patients → one private D step each
         row = {**stats, **session.metrics()}                 # epsilon (replace-one), epsilon_add_remove
-    persistent["dp"] = session.state_dict()                  # JSON; keep with the trainer state and in checkpoints
+    persistent["dp"] = session.state_dict()                  # JSON; a checkpoint's, or a hospital's ledger
     # next round / resume: no recalibration, no reset
     session = enable_dp(trainer, images, patients, cfg.privacy, batch_size=cfg.train.batch_size,
                         planned_steps=steps, augment=cfg.data.augment, state=persistent["dp"])

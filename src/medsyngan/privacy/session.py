@@ -31,7 +31,7 @@ What is private and why
   a statistic of the private batch that the accountant does not cover, so it is not reported.
 - **Secret randomness.** Amplification by subsampling assumes nobody knows who was sampled, and the noise is only
   noise if it cannot be predicted: the sampling and noise streams come from a seed drawn from the OS (not the run's
-  public seed) and kept in the hospital's state, so a resumed run is exact and the seed never leaves the hospital.
+  public seed) and kept in the hospital's ledger, so a resumed run is exact and the seed never leaves the hospital.
   Each stream's seed is :func:`stream_seed` of that secret and the stream's id. (Floating-point attacks on the
   Gaussian sampler, Mironov 2012, are out of scope, as in Opacus without ``secure_mode``.)
 - **Never rolled back.** Every private step has an index t: batch t of the sampler and noise stream t, both
