@@ -172,7 +172,10 @@ class FederatedSection(Section):
 
 class PrivacySection(Section):
     dp: bool = Field(False, description="Patient-level DP-SGD on each hospital's discriminator (Opacus).")
-    target_epsilon: float = Field(1.0, gt=0, description="ε over the whole run, per hospital.")
+    target_epsilon: float = Field(
+        1.0, gt=0, description="ε over the whole run, per hospital, replace-one (a hospital's hospital.max_epsilon "
+        "caps it)."
+    )
     delta: float = Field(0.0, ge=0, lt=1, description="δ; 0 means min(1e-5, 1 / (2 · privacy units)).")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
     clip_fake: bool = Field(
