@@ -44,7 +44,8 @@ def privacy_unit(requested: str, images: int, patients: Sequence[str] | np.ndarr
     if not has_ids:
         if requested == "patient":
             raise UserError(
-                "privacy.unit = 'patient' but the dataset has no patient ids; set privacy.unit=image or auto"
+                "patient-level DP but the dataset has no patient ids; set privacy.unit=image or auto (in a "
+                "federation also the hospitals' policy: hospital.unit=image)"
             )
         return "image", images
     n_patients = len(np.unique(np.asarray(patients, dtype=str)))
