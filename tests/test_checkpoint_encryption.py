@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -249,10 +250,12 @@ def test_a_checkpoint_folder_of_another_step_is_refused(tmp_path, cfg):
 
 
 class _State:
-    """What persist/restore need of a hospital: its state as a dict."""
+    """What persist/restore need of a hospital: its state as a dict, and a configuration without DP (so that
+    restore asks for no privacy ledger)."""
 
     def __init__(self, value: int):
         self.state, self.privacy_floor = {"value": torch.full((64,), float(value))}, None
+        self.cfg = SimpleNamespace(privacy=SimpleNamespace(dp=False))
 
     def state_dict(self):
         return self.state

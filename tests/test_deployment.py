@@ -208,10 +208,13 @@ def test_loopback_federation_tls_auth_identity_quorum(tmp_path, processes):
                                              {f"hospital-{k}": hospitals[k].auth_pub for k in range(4)})
     assert len(set(node_ids.values())) == 4
 
+    # Each hospital's own policy must allow what TINY asks for; without one it would hold the product defaults.
+    policy = tmp_path / "policy.toml"
+    policy.write_text("dp_required = false\nencrypt_required = false\nsecagg_required = false\n")
     nodes = {}
     for k, hospital in hospitals.items():
         nodes[k] = deploy.start_hospital(tmp_path, f"hospital-{k}", hospital.root, address, data[min(k, 2)],
-                                         runtime_port=free_port(), state_dir=tmp_path / "hospital-state")
+                                         runtime_port=free_port(), state_dir=tmp_path / "hospital-state", policy=policy)
         processes.append(nodes[k])
     # The ServerApp itself waits for the hospitals, so the run is submitted while the SuperNodes still start.
     run_dir = tmp_path / "run"

@@ -179,7 +179,7 @@ def test_a_federation_s_card_takes_each_hospital_s_reported_epsilon_and_the_serv
         run.append_metrics({"round": round_, "hospital": {
             "0": {"epsilon": eps[0], "delta": 1e-5, "patient_level": 1.0},
             "1": {"epsilon": eps[1], "delta": 1e-5, "patient_level": 1.0}}})
-    server = client_level_accountant(1.0, 1.0, 2)
+    server = client_level_accountant(1.0, 2)
     server.step(2)
     record = privacy_record(run, {"client_dp_accountant": server.state_dict()})
     hospitals, clients = record["guarantees"]

@@ -28,6 +28,7 @@ from medsyngan.errors import UserError
 from medsyngan.federated import deploy, processes
 from medsyngan.federated.pki import Pki, read_manifest
 from medsyngan.federated.superlink_routes import nginx_config
+from medsyngan.sealed import ensure_key_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,8 +97,12 @@ def cmd_rehearse(args: argparse.Namespace) -> None:
         deploy.write_connection(cli_home, address, pki.ca_cert)
         ids = deploy.register_hospitals(cli_home, {f"hospital-{k}": pki.hospital_pub(k) for k in pki.hospitals()})
         print("registered: " + ", ".join(f"{n} = {i}" for n, i in ids.items()), flush=True)
+        # Each rehearsed hospital seals its state (and its DP seeds) with a key of its own.
+        keys = [work / "keys" / f"hospital-{k}-state.key" for k in range(len(args.hospitals))]
+        for key in keys:
+            ensure_key_file(key, "a rehearsed hospital's state")
         nodes = [deploy.start_hospital(work, f"hospital-{k}", folder, address, data, runtime_port=processes.free_port(),
-                                       state_dir=work / "hospital-state")
+                                       state_dir=work / "hospital-state", state_key=keys[k])
                  for k, (folder, data) in enumerate(zip(args.hospitals, args.data))]
         procs += nodes
         run = deploy.start_run(cli_home, args.app, work / "flwr-run.log", _signed_config(args, pki, work / "run"))

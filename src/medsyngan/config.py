@@ -188,7 +188,10 @@ class FederatedSection(Section):
 
 class PrivacySection(Section):
     dp: bool = Field(False, description="Patient-level DP-SGD on each hospital's discriminator (Opacus).")
-    target_epsilon: float = Field(1.0, gt=0, description="ε over the whole run, per hospital.")
+    target_epsilon: float = Field(
+        1.0, gt=0, description="ε over the whole run, per hospital, replace-one (a hospital's hospital.max_epsilon "
+        "caps it)."
+    )
     delta: float = Field(0.0, ge=0, lt=1, description="δ; 0 means min(1e-5, 1 / (2 · privacy units)).")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
     clip_fake: bool = Field(
@@ -231,6 +234,29 @@ class PrivacySection(Section):
         return self.mean_image_noise if self.mean_image_size else 0.0
 
 
+class HospitalSection(Section):
+    """A hospital's own privacy policy (``medsyngan.federated.policy``). A deployed hospital reads it from the TOML
+    file named in its ``--node-config policy=PATH``, never from the aggregator; in a simulation this section is the
+    policy of every virtual hospital."""
+
+    dp_required: bool = Field(True, description="Refuse to train without patient-level DP-SGD (privacy.dp).")
+    max_epsilon: float = Field(
+        1.0, gt=0, description="Largest ε this hospital spends over the run (replace-one). It calibrates for the "
+        "smaller of this and privacy.target_epsilon, and stops training when its ledger would pass it."
+    )
+    max_delta: float = Field(1e-5, gt=0, lt=1, description="Largest δ this hospital accepts.")
+    min_noise_multiplier: float = Field(
+        0.0, ge=0, description="Smallest DP-SGD noise multiplier σ it trains with, whatever the calibration gives."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Refuse a per-sample clipping norm above this.")
+    encrypt_required: bool = Field(True, description="Refuse to send updates that are not encrypted end to end.")
+    secagg_required: bool = Field(True, description="Refuse to send updates outside secure aggregation.")
+    unit: Literal["patient", "image"] = Field(
+        "patient", description="The privacy unit it protects at least: 'patient' refuses image-level DP."
+    )
+    max_rounds: int = Field(0, ge=0, description="Refuse rounds past this number (0: no limit).")
+
+
 class EvalSection(Section):
     metrics: str = Field("default", description="Comma-separated metric names, or 'default'.")
     feature_extractor: str = Field("random", description="'inception', 'random' or a TorchScript file.")
@@ -245,6 +271,7 @@ class Config(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     federated: FederatedSection = Field(default_factory=FederatedSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    hospital: HospitalSection = Field(default_factory=HospitalSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")

@@ -26,7 +26,10 @@ def register(app: typer.Typer) -> None:
         state_dir: Annotated[Optional[Path], typer.Option(
             "--state-dir", help="Where the hospital keeps its training state across rounds.")] = None,
         state_key: Annotated[Optional[Path], typer.Option(
-            "--state-key", help="Key file that seals that state (`medsyngan privacy keygen`).")] = None,
+            "--state-key", help="Key file that seals that state (`medsyngan privacy keygen`); needed for DP.")] = None,
+        policy: Annotated[Optional[Path], typer.Option(
+            "--policy", help="The hospital's privacy policy (TOML, the [hospital] keys of docs/configuration.md); "
+                             "default: the product defaults.")] = None,
     ) -> None:
         """Start the hospital's SuperNode and serve it as its SuperExec: every task's app bundle and run config
         must carry a valid signature by the federation's key, or the task is refused before anything of the
@@ -34,5 +37,5 @@ def register(app: typer.Typer) -> None:
         from medsyngan.federated.hospital_keys import HospitalDir
         from medsyngan.federated.hospital_node import HospitalNode
 
-        node = HospitalNode(HospitalDir(hospital_dir), superlink, data_path, home, port, state_dir, state_key)
+        node = HospitalNode(HospitalDir(hospital_dir), superlink, data_path, home, port, state_dir, state_key, policy)
         raise typer.Exit(node.run())

@@ -170,7 +170,7 @@ def register_hospitals(
 def node_config(hospital_id: int, data_path: Path | str, **paths: Path | str | None) -> str:
     """The `--node-config` string the ClientApp reads: `hospital-id`, `data-path`, and the optional files and
     folders in ``paths`` (``state_dir`` → `state-dir`, ``state_key``, ``aggregator_public``: the aggregator's
-    X25519 key the hospital pins). Paths are made absolute (the ClientApp runs in another folder). Flower splits
+    X25519 key the hospital pins, ``policy``: its privacy policy file). Paths are made absolute (the ClientApp runs in another folder). Flower splits
     the string on spaces and reads each value as TOML, so paths go in TOML literal strings (single quotes)."""
     text = f"hospital-id={int(hospital_id)}"
     for key, path in (("data_path", data_path), *paths.items()):
@@ -184,17 +184,22 @@ def node_config(hospital_id: int, data_path: Path | str, **paths: Path | str | N
 
 
 def hospital_command(hospital_dir: Path, superlink: str, data_path: Path | str, home: Path, runtime_port: int,
-                     state_dir: Path | str | None = None) -> list[str]:
+                     state_dir: Path | str | None = None, state_key: Path | str | None = None,
+                     policy: Path | str | None = None) -> list[str]:
     """`medsyngan hospital start …`: the hospital's SuperNode with its verifying SuperExec."""
     cmd = [sys.executable, "-m", "medsyngan.cli", "hospital", "start", "--hospital-dir", str(Path(hospital_dir).resolve()),
            "--superlink", superlink, "--data-path", str(Path(data_path).resolve()), "--home", str(Path(home).resolve()),
            "--port", str(runtime_port)]
-    return cmd + (["--state-dir", str(Path(state_dir).resolve())] if state_dir is not None else [])
+    for option, path in (("--state-dir", state_dir), ("--state-key", state_key), ("--policy", policy)):
+        if path is not None:
+            cmd += [option, str(Path(path).resolve())]
+    return cmd
 
 
 def start_hospital(
     run_dir: Path, name: str, hospital_dir: Path, superlink: str, data_path: Path | str, *,
-    runtime_port: int = 9094, state_dir: Path | str | None = None, probe_timeout: float = 10.0,
+    runtime_port: int = 9094, state_dir: Path | str | None = None, state_key: Path | str | None = None,
+    policy: Path | str | None = None, probe_timeout: float = 10.0,
 ) -> ManagedProcess:
     """Start one hospital's node (`medsyngan hospital start`) in ``run_dir/name`` once its SuperLink answers;
     does not wait for activation (see `wait_supernode`)."""
@@ -203,7 +208,8 @@ def start_hospital(
     probe_superlink(superlink, HospitalDir(Path(hospital_dir)).ca_cert, probe_timeout)
     home = run_dir / name
     home.mkdir(parents=True, exist_ok=True)
-    cmd = hospital_command(hospital_dir, superlink, data_path, home / "flwr", runtime_port, state_dir)
+    cmd = hospital_command(hospital_dir, superlink, data_path, home / "flwr", runtime_port, state_dir, state_key,
+                           policy)
     return start_process(name, cmd, home / "supernode.log", flower_env(home / "flwr"), cwd=home)
 
 

@@ -5,6 +5,10 @@ K generator steps with the same :class:`~medsyngan.training.step.GANTrainer` ste
 Δ = local − global for the shared networks. Its optimizer moments, data-loader position, RNG and (when D is kept
 local) its discriminator persist across rounds through :meth:`Hospital.state_dict`, which the Flower client keeps
 in ``context.state`` and on the hospital's own disk.
+
+Its DP session is not part of that state: it lives in the hospital's ledger (:class:`Ledger`), which only grows. A
+round charges its planned private steps to the ledger before the first of them runs and settles after the last,
+so a hospital brought back to an older round's state keeps every step and release it ever paid for.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from medsyngan.config import Config
+from medsyngan.config import Config, HospitalSection
 from medsyngan.data.loader import BatchLoader
 from medsyngan.data.prepared import PreparedDataset
 from medsyngan.federated.aggregation import delta
@@ -35,12 +40,27 @@ def shared_parts(cfg: Config) -> tuple[str, ...]:
     return ("G", "D") if cfg.federated.share_discriminator else ("G",)
 
 
-def hospital_config(cfg: Config, hospital: int) -> Config:
-    """The configuration a hospital trains with: its own seed stream, and no local EMA (the server keeps one)."""
+def hospital_config(cfg: Config, hospital: int, policy: HospitalSection | None = None) -> Config:
+    """The configuration a hospital trains with: its own seed stream, no local EMA (the server keeps one), and the
+    privacy its policy allows (:func:`~medsyngan.federated.policy.effective_privacy`)."""
+    from medsyngan.federated.policy import effective_privacy
+
     local = cfg.model_copy(deep=True)
     local.run.seed = derive_seed(cfg.run.seed, "hospital", hospital) % 2**31
     local.train.ema_kimg = 0.0
+    if policy is not None:
+        local.privacy = effective_privacy(policy, cfg.privacy)
     return local
+
+
+class Ledger(Protocol):
+    """Where a hospital's DP session is kept: read once when the session is built, written at every charge."""
+
+    name: str
+
+    def read(self) -> dict | None: ...
+
+    def write(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -60,12 +80,14 @@ class Hospital:
         train: PreparedDataset,
         holdout: PreparedDataset | None = None,
         device: torch.device | str | None = None,
+        policy: HospitalSection | None = None,
     ):
         self.cfg = cfg
         self.hospital_id = hospital_id
         self.train_set = train
         self.holdout = holdout
-        local = hospital_config(cfg, hospital_id)
+        self.policy = policy
+        local = hospital_config(cfg, hospital_id, policy)
         self.trainer = GANTrainer(local, device=device)
         self.loader = BatchLoader(
             train.images, cfg.train.batch_size, seed=local.run.seed, device=self.trainer.device,
@@ -74,8 +96,8 @@ class Hospital:
         self.rounds_done = 0
         self.local_cfg = local
         self.dp = None
-        self._dp_state: dict | None = None
-        self.privacy_floor: dict | None = None  # accountant state the DP session must never fall below
+        self._dp_state: dict | None = None  # a DP session carried in state_dict(), when there is no ledger
+        self.ledger: Ledger | None = None
 
     @property
     def num_examples(self) -> int:
@@ -87,8 +109,9 @@ class Hospital:
 
     def _batches(self):
         """Where real batches come from: the shuffled loader, or under DP the Poisson patient sampler (which also
-        replaces the discriminator update). The DP session is built once, from persisted state when there is
-        one, so σ is calibrated only at the hospital's very first round and the accountant is never reset."""
+        replaces the discriminator update). The DP session is built once, from the ledger (or the state) when
+        there is one, so σ is calibrated only at the hospital's very first round and the accountant is never
+        reset."""
         if not self.cfg.privacy.dp:
             return self.loader.__next__
         if self.dp is None:
@@ -96,13 +119,14 @@ class Hospital:
             from medsyngan.privacy.dp import enable_dp
 
             local = self.local_cfg
+            state = self.ledger.read() if self.ledger is not None else self._dp_state
+            min_noise = self.policy.min_noise_multiplier if self.policy is not None else 0.0
             self.dp = enable_dp(self.trainer, np.asarray(self.train_set.images), self.train_set.patients,
                                 local.privacy, batch_size=local.train.batch_size,
                                 planned_steps=planned_private_steps(local), augment=local.data.augment,
-                                state=self._dp_state)
-            floor = self.privacy_floor
-            if floor is not None and sum(n for _, _, n in floor["history"]) > self.dp.accountant.steps:
-                self.dp.accountant.load_state_dict(floor)
+                                state=state, min_noise=min_noise)
+            if self.ledger is not None:
+                self.dp.attach_ledger(self.ledger.write, self.ledger.name)
         return self.dp.next_real
 
     def check_ready(self) -> None:
@@ -113,10 +137,10 @@ class Hospital:
     def train_round(self, global_state: Mapping[str, Tensor], steps: int) -> RoundResult:
         """K local generator steps from the global networks; returns Δ of the shared networks and round metrics."""
         next_real = self._batches()
-        if self.dp is not None:
-            self.dp.check_budget(steps * self.cfg.train.d_steps_per_g)
         self.trainer.load_model_state(global_state)
         reference = {k: v.detach().clone() for k, v in global_state.items()}
+        if self.dp is not None:  # charged and written to the ledger before any private step runs
+            self.dp.reserve(steps * self.cfg.train.d_steps_per_g)
         hooks = self._proximal_hooks(reference) if self.cfg.federated.strategy == "fedprox" else []
         start = time.perf_counter()
         sums: dict[str, float] = {}
@@ -128,6 +152,8 @@ class Hospital:
         finally:
             for hook in hooks:
                 hook.remove()
+            if self.dp is not None:
+                self.dp.settle()
         seconds = time.perf_counter() - start
         local = {k: v for k, v in self.trainer.model_state(shared_parts(self.cfg)).items() if k in global_state}
         self.rounds_done += 1
@@ -135,7 +161,8 @@ class Hospital:
         metrics = {f"{k}": v / steps for k, v in sums.items()}
         metrics.update(train_seconds=seconds, img_per_s=images / max(seconds, 1e-9), images=float(images))
         if self.dp is not None:
-            metrics.update(self.dp.metrics(), dp_steps=float(self.dp.steps), noise_multiplier=self.dp.noise_multiplier,
+            metrics.update(self.dp.metrics(), dp_steps=float(self.dp.steps), dp_releases=float(self.dp.releases),
+                           noise_multiplier=self.dp.noise_multiplier,
                            sample_rate=self.dp.sample_rate, delta=self.dp.delta,
                            patient_level=float(self.dp.unit == "patient"))
         return RoundResult(update=delta(local, reference), num_examples=self.num_examples, metrics=metrics)
@@ -173,7 +200,10 @@ class Hospital:
         return result
 
     def state_dict(self) -> dict:
-        dp = self.dp.state_dict() if self.dp is not None else self._dp_state
+        """Trainer, loader and round counter; the DP session too when it has no ledger to live in."""
+        dp = None
+        if self.ledger is None:
+            dp = self.dp.state_dict() if self.dp is not None else self._dp_state
         return {"trainer": self.trainer.state_dict(), "loader": self.loader.state_dict(), "rounds": self.rounds_done,
                 "dp": dp}
 

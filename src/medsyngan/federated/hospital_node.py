@@ -157,6 +157,7 @@ class HospitalNode:
     runtime_port: int = 9094
     state_dir: Path | None = None
     state_key: Path | None = None
+    policy: Path | None = None  # the hospital's privacy policy file; None: the product defaults
 
     def check(self) -> None:
         """Refuse, in one line, a node that would run without what it must pin, before anything starts."""
@@ -179,6 +180,10 @@ class HospitalNode:
                             "(medsyngan data prepare)")
         if self.state_key is not None:
             require_files("create it with `medsyngan privacy keygen` or fix --state-key", state_key=self.state_key)
+        if self.policy is not None:
+            from medsyngan.federated.policy import load_policy
+
+            load_policy(str(self.policy))  # a bad policy file is refused here, not at the first round
 
     @property
     def trust(self) -> AppTrust:
@@ -190,7 +195,7 @@ class HospitalNode:
 
         h = self.hospital
         config = node_config(h.hospital_id(), self.data_path, state_dir=self.state_dir, state_key=self.state_key,
-                             aggregator_public=h.aggregator_pub)
+                             aggregator_public=h.aggregator_pub, policy=self.policy)
         return [
             executable("flower-supernode"),
             "--superlink", self.superlink,

@@ -84,6 +84,7 @@ class RoundDriver:
         self.optimizer.load_state_dict(self.state.optimizer_state)
         self.roster: dict[int, int] = {}  # hospital → node id
         self.weights: dict[int, int] = {}  # hospital → training images
+        self.refusals: dict[int, str] = {}  # hospital → why its policy refused the latest instruction it refused
         self.start = time.time()
 
     # ------------------------------------------------------------------ set-up
@@ -134,7 +135,8 @@ class RoundDriver:
             self.roster[hello.hospital] = node
             self.weights[hello.hospital] = hello.train_images
         if len(self.roster) < f.quorum:
-            reason = errors[0].split(": ", 1)[-1] if errors else "no replies within federated.round_timeout_s"
+            reason = ("; ".join(e.split(": ", 1)[-1] for e in errors) if errors
+                      else "no replies within federated.round_timeout_s")
             raise UserError(f"only {len(self.roster)} of {f.hospitals} hospitals ready (quorum {f.quorum}): {reason}")
         log.info("hospitals ready: %s", ", ".join(f"{h} ({self.weights[h]} images)" for h in sorted(self.roster)))
 
@@ -152,8 +154,9 @@ class RoundDriver:
             else:
                 saved = (f"the run stopped after round {self.state.round} with a saved checkpoint — fix the hospitals "
                          "and resume with --resume") if self.state.round else "no round completed"
+                refused = "".join(f"; {reason}" for reason in sorted(set(self.refusals.values())))
                 raise UserError(f"round {round_} missed its quorum of {f.quorum} hospitals "
-                                f"{f.round_retries + 1} time(s); {saved}")
+                                f"{f.round_retries + 1} time(s){refused}; {saved}")
             self.finish_round(round_, outcome)
             if round_ % f.eval_every == 0 or round_ == f.rounds:
                 self.evaluate(grid, round_)
@@ -186,7 +189,11 @@ class RoundDriver:
             if hospital is None:
                 continue
             if reply.has_error():
-                log.warning("round %d (%s): hospital %d: %s", round_, stage, hospital, reply.error.reason)
+                if reply.error.code == p.REFUSAL_CODE:
+                    log.error("round %d (%s): %s", round_, stage, reply.error.reason)
+                    self.refusals[hospital] = reply.error.reason
+                else:
+                    log.warning("round %d (%s): hospital %d: %s", round_, stage, hospital, reply.error.reason)
                 continue
             traffic.count(traffic.received, hospital, record_bytes(reply.content))
             try:

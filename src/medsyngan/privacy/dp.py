@@ -7,8 +7,8 @@
                         planned_steps=steps, augment=cfg.data.augment)   # validates D, calibrates σ, installs
     for _ in range(n):
         stats = trainer.train_step(session.next_real)        # Poisson batch of patients → one private D step each
-        row = {**stats, **session.metrics()}                 # epsilon, epsilon_rdp, epsilon_prv
-    persistent["dp"] = session.state_dict()                  # JSON; keep with the trainer state and in checkpoints
+        row = {**stats, **session.metrics()}                 # epsilon (replace-one), epsilon_add_remove
+    persistent["dp"] = session.state_dict()                  # JSON; a checkpoint's, or a hospital's ledger
     # next round / resume: no recalibration, no reset
     session = enable_dp(trainer, images, patients, cfg.privacy, batch_size=cfg.train.batch_size,
                         planned_steps=steps, augment=cfg.data.augment, state=persistent["dp"])
@@ -28,11 +28,11 @@ import torch
 
 from medsyngan.config import AugmentSection, PrivacySection
 from medsyngan.errors import UserError
-from medsyngan.privacy.accounting import PrivacyAccountant, plan_dp, resolve_unit
+from medsyngan.privacy.accounting import PrivacyAccountant, epsilon_of, plan_dp, resolve_unit
 from medsyngan.privacy.engines import validate_discriminator
 from medsyngan.privacy.moments import MeanImageRelease
 from medsyngan.privacy.sampling import PoissonUnitSampler
-from medsyngan.privacy.session import RELEASE_STREAM, DPSession, PrivateDiscriminatorUpdate, stream_seed
+from medsyngan.privacy.session import DPSession, PrivateDiscriminatorUpdate
 from medsyngan.training.step import GANTrainer
 
 __all__ = ["DPSession", "enable_dp", "privacy_unit"]
@@ -44,7 +44,8 @@ def privacy_unit(requested: str, images: int, patients: Sequence[str] | np.ndarr
     if not has_ids:
         if requested == "patient":
             raise UserError(
-                "privacy.unit = 'patient' but the dataset has no patient ids; set privacy.unit=image or auto"
+                "patient-level DP but the dataset has no patient ids; set privacy.unit=image or auto (in a "
+                "federation also the hospitals' policy: hospital.unit=image)"
             )
         return "image", images
     n_patients = len(np.unique(np.asarray(patients, dtype=str)))
@@ -54,7 +55,8 @@ def privacy_unit(requested: str, images: int, patients: Sequence[str] | np.ndarr
 
 def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] | np.ndarray | None,
               privacy: PrivacySection, *, batch_size: int, planned_steps: int, augment: AugmentSection | None = None,
-              state: dict[str, Any] | None = None, seed: int | None = None, engine: str = "auto") -> DPSession:
+              state: dict[str, Any] | None = None, seed: int | None = None, engine: str = "auto",
+              min_noise: float = 0.0) -> DPSession:
     """Make ``trainer``'s discriminator update DP-SGD and return the session.
 
     ``images``: (N, S, S) uint8 of this hospital; ``patients``: patient id per image or None. ``batch_size`` is the
@@ -66,7 +68,8 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
 
     With ``state`` (a previous ``DPSession.state_dict()``) σ, the plan, the seed and the accountant history come
     from it and nothing is recalibrated. ``seed`` fixes the secret sampling/noise seed (tests); default: drawn from
-    the OS. ``engine``: 'auto', 'ghost', 'vmap' or 'loop' (:mod:`medsyngan.privacy.engines`).
+    the OS. ``engine``: 'auto', 'ghost', 'vmap' or 'loop' (:mod:`medsyngan.privacy.engines`). ``min_noise``: the
+    smallest σ the caller accepts (a hospital policy's ``min_noise_multiplier``).
 
     Raises :class:`~medsyngan.errors.UserError` for a model Opacus cannot make private (naming the layer), lazy R1,
     a sampling rate above 1, a δ not below 1/units, or a target ε that the planned steps cannot meet.
@@ -86,9 +89,9 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
         guaranteed = 0  # taken from the state
     else:
         plan = plan_dp(units, batch_size, planned_steps, privacy.target_epsilon, privacy.delta, unit,
-                       release_noise=privacy.release_noise)
+                       release_noise=privacy.release_noise, min_noise=min_noise)
         accountant = plan.accountant()
-        within = accountant.epsilon_after(planned_steps)["reported"] <= privacy.target_epsilon
+        within = epsilon_of(plan.history(), plan.delta) <= privacy.target_epsilon
         guaranteed = planned_steps if within else 0
     sampler = PoissonUnitSampler(images, patients if unit == "patient" else None, batch_size, unit,
                                  secret, trainer.device, augment)
@@ -96,7 +99,7 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
     if privacy.mean_image_size:
         release = MeanImageRelease(images, patients if unit == "patient" else None, privacy.mean_image_size,
                                    privacy.mean_image_clip, privacy.mean_image_noise, privacy.mean_image_weight,
-                                   trainer.G, lambda: stream_seed(sampler.seed, RELEASE_STREAM))
+                                   trainer.G)
     session = DPSession(trainer, sampler, accountant, privacy.target_epsilon, privacy.max_grad_norm, guaranteed,
                         planned_steps, engine, clip_fake=privacy.clip_fake, release=release)
     if state is not None:

@@ -159,7 +159,7 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
                 if trainer.stage is not None:
                     row["stage_resolution"], row["alpha"] = trainer.stage
                 if dp is not None:
-                    row.update(dp.metrics())  # epsilon (the larger), epsilon_rdp, epsilon_prv
+                    row.update(dp.metrics())  # epsilon (replace-one), epsilon_add_remove
                 run_dir.append_metrics(row)
             if step % t.sample_every == 0 or step == t.steps:
                 save_sample_grid(trainer, latents, run_dir.samples / f"step-{step:06d}.png")

@@ -82,6 +82,10 @@ def prepare_job(cfg: Config, run_dir: RunDir, resume: bool, simulation: bool) ->
     checkpoint key, or in a DP run without one with the run's own key file (their state holds the DP seed)."""
     from medsyngan.training.checkpoint import run_key_file
 
+    if simulation:
+        from medsyngan.federated.policy import check_simulation
+
+        check_simulation(cfg)  # the virtual hospitals' policy is cfg.hospital: refuse a disagreement up front
     # Stable across resumes: HKDF salts, hospital state folders and sealed files key on it.
     run_id = run_dir.run_id() if resume else run_dir.new_run_id()
     if not simulation:
