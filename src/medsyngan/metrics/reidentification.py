@@ -1,0 +1,222 @@
+"""Re-identification audit: does a synthetic film verify as one of the training patients?
+
+Packhäuser et al. (2022, Sci. Rep.) showed that a siamese network recognises a patient across chest films taken
+years apart, so a synthetic film can leak who was in the training set even when no pixel is copied. The audit
+(after Packhäuser et al. and CheXGenBench):
+
+1. **A verifier that never saw a training patient.** A siamese :class:`Verifier` (the
+   :class:`~medsyngan.metrics.classifier.SmallCNN` trunk, an L2-normalised embedding, score = cosine similarity)
+   is trained on pairs of films of the same and of different patients from public films (``verifier_images``,
+   e.g. the COVID-19 CXR set) plus one half of the held-out real patients, drawn by ``seed``. It is cached by a
+   hash of those films, their patient ids, its settings and the seed, and trained once per such set.
+2. **Calibration.** The other half of the held-out patients (the audit half) gives every pair of films of
+   different patients; the threshold is the (1 − FMR) quantile of their scores, so that a film of one real patient
+   verifies as another real patient with the false-match rate FMR (default 1e-3). The same half gives the
+   verifier's AUC on same- against different-patient pairs: a verifier near 0.5 makes the audit uninformative.
+3. **Audit.** Each synthetic film is scored against every training patient (the best score over that patient's
+   films); it *verifies as a training patient* when the best score exceeds the threshold. The reference is the
+   same rate for the audit half's real films, which belong to no training patient: synthetic films should not
+   verify more often than real strangers do. An exact copy of a training film scores 1, the highest possible.
+
+The worst cases (synthetic film, training film, patient, score) are the report's panels beside the
+nearest-neighbour ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medsyngan.errors import UserError
+from medsyngan.metrics.auroc import auroc
+from medsyngan.metrics.classifier import SmallCNN, cache_key, cached_network, random_shift, seeded, to_input
+
+FALSE_MATCH_RATE = 1e-3
+WORST = 8
+
+
+@dataclass(frozen=True)
+class VerifierSettings:
+    width: int = 16
+    embedding: int = 64
+    steps: int = 600
+    pairs: int = 32  # same-patient pairs per step, and as many different-patient pairs
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    shift: float = 3.0  # pixels; follow-up films are never positioned alike
+    zoom: float = 0.05
+
+
+class Verifier(nn.Module):
+    """Siamese verifier: one embedding network for both films; logit = scale · cos + bias while training."""
+
+    def __init__(self, settings: VerifierSettings):
+        super().__init__()
+        self.net = SmallCNN(settings.embedding, settings.width)
+        self.scale = nn.Parameter(torch.tensor(10.0))
+        self.bias = nn.Parameter(torch.tensor(-5.0))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ea, eb = self.embed(torch.cat([a, b])).chunk(2)
+        return self.scale * (ea * eb).sum(1) + self.bias
+
+
+def _pairs(codes: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` pairs of distinct films of one patient, then ``count`` pairs of films of different patients."""
+    by_patient = [np.flatnonzero(codes == p) for p in range(codes.max() + 1)]
+    multi = [films for films in by_patient if len(films) > 1]
+    a, b = [], []
+    for films in (multi[i] for i in rng.integers(len(multi), size=count)):
+        i, j = rng.choice(len(films), 2, replace=False)
+        a.append(films[i])
+        b.append(films[j])
+    x, y = rng.integers(len(codes), size=count), rng.integers(len(codes), size=count)
+    while (same := codes[x] == codes[y]).any():
+        y[same] = rng.integers(len(codes), size=int(same.sum()))
+    return np.r_[a, x], np.r_[b, y]
+
+
+def train_verifier(images_u8: np.ndarray, patients: np.ndarray, settings: VerifierSettings, seed: int) -> Verifier:
+    """A :class:`Verifier` trained on same-/different-patient pairs of ``images_u8``."""
+    _, codes = np.unique(np.asarray(patients, dtype=str), return_inverse=True)
+    if codes.max(initial=-1) < 1 or np.bincount(codes).max() < 2:
+        raise UserError("the re-identification verifier needs films of at least 2 patients, one of them with 2 or "
+                        "more films; give public films with patient ids (e.g. the COVID-19 CXR set)")
+    x = to_input(images_u8)
+    net = seeded(seed, lambda: Verifier(settings))
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    target = torch.cat([torch.ones(settings.pairs), torch.zeros(settings.pairs)])
+    net.train()
+    for _ in range(settings.steps):
+        a, b = (torch.from_numpy(i) for i in _pairs(codes, settings.pairs, rng))
+        xa = random_shift(x[a], settings.shift, gen, settings.zoom)
+        xb = random_shift(x[b], settings.shift, gen, settings.zoom)
+        loss = F.binary_cross_entropy_with_logits(net(xa, xb), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def embed(verifier: Verifier, images_u8: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Unit embeddings [N, D] (cosine similarity = dot product)."""
+    verifier.eval()
+    chunks = [verifier.embed(to_input(images_u8[s : s + batch])) for s in range(0, len(images_u8), batch)]
+    return torch.cat(chunks).double().numpy() if chunks else np.zeros((0, 0))
+
+
+def cached_verifier(images_u8: np.ndarray, patients: np.ndarray, settings: VerifierSettings, seed: int) -> Verifier:
+    """:func:`train_verifier`, trained once per (films, patient ids, settings, seed)."""
+    key = cache_key("verifier", settings, seed, images_u8, np.asarray(patients, dtype=str))
+    net, _ = cached_network(key, lambda: seeded(seed, lambda: Verifier(settings)),
+                            lambda: (train_verifier(images_u8, patients, settings, seed), {}))
+    return net  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Match:
+    """A synthetic film and the training film it resembles most (indices into the sets as given)."""
+
+    synthetic: int
+    train: int
+    patient: str
+    score: float
+
+
+@dataclass
+class ReidentificationResult:
+    threshold: float
+    false_match_rate: float  # the target FMR the threshold was set for
+    calibration_pairs: int
+    calibration_rate: float  # FMR reached on the calibration pairs
+    verifier_auc: float  # same- vs different-patient pairs of the audit half (NaN without same-patient pairs)
+    synthetic_scores: np.ndarray  # best score of each synthetic film over all training patients
+    synthetic_match: np.ndarray  # the training film giving it
+    holdout_scores: np.ndarray  # the same for the audit half's real films
+    worst: list[Match]
+    verifier_films: int
+    verifier_patients: int
+    audit_patients: int
+
+    @property
+    def synthetic_rate(self) -> float:
+        return float(np.mean(self.synthetic_scores > self.threshold))
+
+    @property
+    def holdout_rate(self) -> float:
+        return float(np.mean(self.holdout_scores > self.threshold))
+
+    def values(self, fmr_tag: str) -> dict[str, float]:
+        out = {f"reid_synth_rate_fmr{fmr_tag}": self.synthetic_rate, f"reid_holdout_rate_fmr{fmr_tag}": self.holdout_rate,
+               "reid_synth_max_score": float(self.synthetic_scores.max())}
+        if np.isfinite(self.verifier_auc):
+            out["reid_verifier_auc"] = self.verifier_auc
+        return out
+
+    def protocol(self) -> dict[str, float | int]:
+        return {"reid_threshold": self.threshold, "reid_calibration_pairs": self.calibration_pairs,
+                "reid_calibration_false_match_rate": self.calibration_rate, "reid_verifier_films": self.verifier_films,
+                "reid_verifier_patients": self.verifier_patients, "reid_audit_patients": self.audit_patients}
+
+
+def _split_patients(patients: np.ndarray, seed: int) -> np.ndarray:
+    """True for the films of the half of the patients that joins the verifier's training set."""
+    ids = np.unique(patients)
+    joins = np.random.default_rng(seed).permutation(len(ids))[: len(ids) // 2]
+    return np.isin(patients, ids[joins])
+
+
+def reidentification_audit(fake: np.ndarray, train: np.ndarray, train_patients: np.ndarray, real: np.ndarray,
+                           real_patients: np.ndarray, verifier_images: np.ndarray | None = None,
+                           verifier_patients: np.ndarray | None = None, settings: VerifierSettings = VerifierSettings(),
+                           false_match_rate: float = FALSE_MATCH_RATE, worst: int = WORST, seed: int = 0
+                           ) -> ReidentificationResult:
+    """The audit of the module docstring. Patient ids of the three real sets must not overlap."""
+    train_ids, real_ids = np.asarray(train_patients, dtype=str), np.asarray(real_patients, dtype=str)
+    public_ids = np.zeros(0, str) if verifier_patients is None else np.asarray(verifier_patients, dtype=str)
+    for name, ids in (("held-out real", real_ids), ("verifier", public_ids)):
+        shared = np.intersect1d(ids, train_ids)
+        if len(shared):
+            raise UserError(f"{len(shared)} {name} patients (e.g. {shared[0]}) are training patients; the "
+                            "re-identification audit needs films of other patients there")
+    if not 0 < false_match_rate < 1:
+        raise UserError(f"false-match rate {false_match_rate:g} must lie in (0, 1); 1e-3 is the usual choice")
+    joins = _split_patients(real_ids, seed)
+    audit, audit_ids = real[~joins], real_ids[~joins]
+    upper = np.triu_indices(len(audit), k=1)
+    same = audit_ids[upper[0]] == audit_ids[upper[1]]
+    needed = int(np.ceil(1 / false_match_rate))
+    if (~same).sum() < needed:
+        raise UserError(f"calibrating a false-match rate of {false_match_rate:g} needs {needed} pairs of films of "
+                        f"different held-out patients; the audit half has {(~same).sum()} — give more held-out "
+                        "real films or raise the false-match rate")
+    films = real[joins] if verifier_images is None else np.concatenate([verifier_images, real[joins]])
+    ids = np.r_[[f"public:{p}" for p in public_ids], [f"holdout:{p}" for p in real_ids[joins]]]
+    verifier = cached_verifier(films, ids, settings, seed)
+
+    e_audit, e_train, e_fake = embed(verifier, audit), embed(verifier, train), embed(verifier, fake)
+    pair_scores = (e_audit @ e_audit.T)[upper]
+    different = pair_scores[~same]
+    threshold = float(np.quantile(different, 1 - false_match_rate, method="higher"))
+
+    def best(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = e @ e_train.T
+        return scores.max(axis=1), scores.argmax(axis=1)
+
+    fake_best, fake_match = best(e_fake)
+    holdout_best, _ = best(e_audit)
+    order = np.argsort(-fake_best, kind="stable")[:worst]
+    matches = [Match(int(i), int(fake_match[i]), str(train_ids[fake_match[i]]), float(fake_best[i])) for i in order]
+    verifier_auc = auroc(pair_scores, same.astype(float)) if same.any() else float("nan")
+    return ReidentificationResult(
+        threshold, false_match_rate, len(different), float(np.mean(different > threshold)), verifier_auc,
+        fake_best, fake_match, holdout_best, matches, len(films), len(np.unique(ids)), len(np.unique(audit_ids)))

@@ -1,0 +1,43 @@
+"""Detectability (classifier two-sample test): chance for one distribution, certain for obviously different ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medsyngan.errors import UserError
+from medsyngan.metrics.detectability import two_sample_test
+
+
+def films(count: int, seed: int, square: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(110, 30, (count, 32, 32))
+    if square:
+        x[:, 10:22, 10:22] += 80
+    return x.clip(0, 255).astype(np.uint8)
+
+
+def test_two_samples_of_one_distribution_are_indistinguishable():
+    patients = np.repeat(np.arange(60), 2)
+    result = two_sample_test(films(120, 0), films(150, 1), patients, seed=0)
+    assert result.films == 120 and set(result.values()) == {"c2st_auroc120_32", "c2st_auroc120_32_lo",
+                                                            "c2st_auroc120_32_hi"}
+    assert 0.35 < result.auroc.value < 0.65 and result.auroc.lo < 0.5 < result.auroc.hi
+    # all 120 real films are used (the smaller set); the held-out ones share no patient with the trained-on ones
+    trained_on = np.setdiff1d(np.arange(120), result.real_index)
+    assert 0 < len(trained_on) < 120
+    assert not set(patients[trained_on]) & set(patients[result.real_index])
+
+
+def test_obviously_different_samples_are_told_apart():
+    result = two_sample_test(films(100, 0), films(100, 1, square=True), seed=0)
+    assert result.auroc.value > 0.95 and result.auroc.lo > 0.9
+    assert result.fake_scores.mean() > result.real_scores.mean()
+
+
+def test_the_test_is_deterministic_and_needs_a_few_films():
+    a = two_sample_test(films(40, 0), films(40, 2), seed=3)
+    b = two_sample_test(films(40, 0), films(40, 2), seed=3)
+    assert a.values() == b.values()
+    with pytest.raises(UserError, match="at least 8 real and 8 synthetic films; got 5 and 40"):
+        two_sample_test(films(5, 0), films(40, 1))
