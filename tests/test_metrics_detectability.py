@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medsyngan.errors import UserError
-from medsyngan.metrics.detectability import two_sample_test
+from medsyngan.metrics.detectability import _halves, two_sample_test
 
 
 def films(count: int, seed: int, square: bool = False) -> np.ndarray:
@@ -23,10 +23,14 @@ def test_two_samples_of_one_distribution_are_indistinguishable():
     assert result.films == 120 and set(result.values()) == {"c2st_auroc120_32", "c2st_auroc120_32_lo",
                                                             "c2st_auroc120_32_hi"}
     assert 0.35 < result.auroc.value < 0.65 and result.auroc.lo < 0.5 < result.auroc.hi
-    # all 120 real films are used (the smaller set); the held-out ones share no patient with the trained-on ones
-    trained_on = np.setdiff1d(np.arange(120), result.real_index)
-    assert 0 < len(trained_on) < 120
-    assert not set(patients[trained_on]) & set(patients[result.real_index])
+    assert len(result.real_index) == len(result.fake_index) == 120
+
+
+def test_the_real_halves_keep_each_patient_on_one_side():
+    patients = np.repeat(np.arange(30), np.arange(30) % 4 + 1)
+    fold = _halves(patients, np.random.default_rng(0))
+    assert all(len(set(fold[patients == p])) == 1 for p in range(30))
+    assert abs(fold.sum() - len(patients) / 2) <= 4  # whole patients: within one patient's films of half
 
 
 def test_obviously_different_samples_are_told_apart():

@@ -83,7 +83,8 @@ def _labelled_context(images, name: str) -> MetricContext:
     train_labels = np.stack([np.arange(N) % 2, np.arange(N) == 0], axis=1).astype(float)
     options = MetricOptions(ppl_samples=100, bootstrap=50, utility_min_patients=2, reid_false_match_rate=0.05,
                             classifier=ClassifierSettings(width=4, epochs=1, batch_size=4, min_steps=5),
-                            verifier=VerifierSettings(width=4, embedding=8, steps=5, pairs=4))
+                            dp_classifier=ClassifierSettings(width=4, epochs=1, batch_size=4, min_steps=5),
+                            verifier=VerifierSettings(width=4, embedding=8, steps=5, patients=4))
     extra = dict(fake_labels=real_labels, real_labels=real_labels, train_labels=train_labels,
                  label_names=("view_pa", "nodule"), verifier_images=images[3 * N : 4 * N],
                  verifier_patients=np.repeat(np.arange(N // 2), 2), reference_fake=images[4 * N : 5 * N],
@@ -161,7 +162,8 @@ def test_a_metric_declares_the_labels_it_needs(images):
     metric = Metric("label_share", positive_share, needs=("real_labels",))
     ev = Evaluation()
     ev.run(metric, _context(images))
-    assert ev.skipped == {"label_share": "needs the labels of the real evaluation films"} and ev.not_applicable == {"label_share"}
+    assert ev.skipped == {"label_share": "needs the labels of the real evaluation films"}
+    assert ev.not_applicable == {"label_share"}
     labels = np.zeros((N, 3))
     labels[:4, 0] = 1
     ev.run(metric, _context(images, real_labels=labels))

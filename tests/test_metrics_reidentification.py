@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from medsyngan.errors import UserError
 from medsyngan.metrics import reidentification as R
 
-TOY = R.VerifierSettings(width=8, embedding=32, steps=200, pairs=16, shift=1.0)
+TOY = R.VerifierSettings(width=8, embedding=32, steps=200, patients=16, shift=1.0)
 
 
 def patient_films(patients: int, films: int, seed: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """Each patient an anatomy (a smooth random field), each film it with fresh noise and a small shift."""
     gen = torch.Generator().manual_seed(seed)
     anatomy = F.interpolate(torch.randn(patients, 1, 4, 4, generator=gen), size=(32, 32), mode="bicubic")
-    return film(anatomy.repeat_interleave(films, 0), gen), np.repeat([f"s{seed}-{i}" for i in range(patients)], films), anatomy
+    ids = np.repeat([f"s{seed}-{i}" for i in range(patients)], films)
+    return film(anatomy.repeat_interleave(films, 0), gen), ids, anatomy
 
 
 def film(anatomy: torch.Tensor, gen: torch.Generator) -> np.ndarray:
@@ -67,8 +68,8 @@ def test_training_patients_among_the_verifiers_or_held_out_ones_are_refused(sets
     with pytest.raises(UserError, match="1 verifier patients .* are training patients"):
         R.reidentification_audit(**{**sets, "verifier_patients": leaked}, settings=TOY)
     with pytest.raises(UserError, match="held-out real patients"):
-        R.reidentification_audit(**{**sets, "real_patients": np.r_[sets["train_patients"][:2], sets["real_patients"][2:]]},
-                                 settings=TOY)
+        shared = np.r_[sets["train_patients"][:2], sets["real_patients"][2:]]
+        R.reidentification_audit(**{**sets, "real_patients": shared}, settings=TOY)
 
 
 def test_calibration_needs_enough_pairs(sets, medsyngan_cache):

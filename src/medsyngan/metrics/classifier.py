@@ -4,7 +4,6 @@ One network for every question so that a figure compares training data, never ar
 
     net = train_classifier(images_u8, targets, ClassifierSettings(), seed=0)   # targets [N, C], NaN = unknown
     p = predict(net, eval_u8)                                                  # [N, C] probabilities
-    net, info = train_private_classifier(images_u8, targets, patients, ClassifierSettings(), epsilon=1.0, seed=0)
 
 :class:`SmallCNN`: four stride-2 3×3 convolutions (w, 2w, 4w, 4w channels), each followed by GroupNorm and a ReLU
 that is not in place, then a 2×2 average pool (chest films are read by layout: the heart's side, the diaphragm's
@@ -17,7 +16,9 @@ Training is a fixed number of epochs of Adam on the masked binary cross-entropy 
 recorded — contributes nothing), with a random translation of a few pixels as the only augmentation (a mirror
 would move the heart). Everything random (initial weights, order, augmentation, DP sampling and noise) is drawn
 from generators seeded by ``seed``, so a classifier is a function of its data, settings and seed; the global
-torch RNG is left as it was. The private variant lives in :mod:`medsyngan.metrics.private_classifier`.
+torch RNG is left as it was. The patient-level DP-SGD variant is
+:func:`medsyngan.metrics.private_classifier.train_private_classifier`; :func:`cached_network` keeps a trained
+network on disk under a hash of what it was trained from (:func:`cache_key`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from medsyngan.rundir import atomic_write_bytes
 from medsyngan.runtime import cache_dir
 
 INPUT_SIZE = 64
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # part of every cache key: raise it when a training procedure changes
 
 
 @dataclass(frozen=True)

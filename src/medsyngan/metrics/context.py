@@ -18,6 +18,7 @@ from medsyngan.errors import UserError
 from medsyngan.metrics.classifier import ClassifierSettings
 from medsyngan.metrics.features import FeatureExtractor, cached_features, extract, make_extractor
 from medsyngan.metrics.images import check_same_resolution
+from medsyngan.metrics.private_classifier import DP_CLASSIFIER
 from medsyngan.metrics.reidentification import FALSE_MATCH_RATE, WORST, VerifierSettings
 
 SETS = ("fake", "real", "train")
@@ -102,6 +103,7 @@ class MetricOptions:
     batch_size: int = 64
     bootstrap: int = 1000  # patient resamples behind every AUROC interval
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)  # utility's classifiers
+    dp_classifier: ClassifierSettings = DP_CLASSIFIER  # utility's DP-SGD baseline
     utility_min_patients: int = 5  # positive and negative evaluation patients a label needs to be scored
     utility_rare_prevalence: float = 0.10  # a finding on fewer of the training films is rare
     utility_epsilon: float | None = None  # the DP classifier's ε; None: the run's ε, else 1

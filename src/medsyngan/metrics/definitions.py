@@ -38,15 +38,18 @@ DEFINITIONS: tuple[tuple[str, str], ...] = (
      "means synthetic images sit closer to training images than unseen real ones (memorization)."),
     (r"^dcr_median_synth", "Median distance from a synthetic image to its nearest training image."),
     (r"^dcr_median_holdout", "Median distance from a holdout image to its nearest training image."),
-    (r"^(auroc|c2st)_.*_lo$", "Lower end of the 95 % bootstrap interval (patients resampled) of the figure named without _lo."),
-    (r"^(auroc|c2st)_.*_hi$", "Upper end of the 95 % bootstrap interval (patients resampled) of the figure named without _hi."),
+    (r"^(auroc|c2st)_.*_lo$", "Lower end of the 95 % bootstrap interval (real patients resampled) of the figure "
+     "named without _lo."),
+    (r"^(auroc|c2st)_.*_hi$", "Upper end of the 95 % bootstrap interval (real patients resampled) of the figure "
+     "named without _hi."),
     (r"^auroc_gap_real_synth", "Mean AUROC of the synthetic-trained classifier minus the real-trained one's, on the "
      "real evaluation patients; near 0 means the synthetic films teach what the real ones do."),
     (r"^auroc_gap_dp_synth", "Mean AUROC of the synthetic-trained classifier minus that of one trained on the real "
      "films with patient-level DP-SGD at the stated ε: above 0, the generator beats releasing a DP classifier."),
     (r"^auroc_gap_real_augment", "Mean AUROC over the rare findings with the rare findings' synthetic films added "
      "to the real training films, minus without them."),
-    (r"^auroc_real.*_rare_mean$", "Mean AUROC over the rare findings of the classifier trained on the real training films."),
+    (r"^auroc_real.*_rare_mean$", "Mean AUROC over the rare findings of the classifier trained on the real "
+     "training films."),
     (r"^auroc_augment.*_rare_mean$", "Mean AUROC over the rare findings of the classifier trained on the real films "
      "plus the synthetic films of rare findings."),
     (r"^auroc_augment", "AUROC on real evaluation patients for this rare finding, classifier trained on the real "
@@ -57,7 +60,8 @@ DEFINITIONS: tuple[tuple[str, str], ...] = (
      "films: the reference for the synthetic-trained one."),
     (r"^auroc_dp.*_mean$", "Mean over the scored labels of the AUROC of the same CNN trained on the real training "
      "films with patient-level DP-SGD at the stated ε: the baseline a DP generator must beat."),
-    (r"^auroc_synth", "AUROC on real evaluation patients for this label, small CNN trained on the synthetic films only."),
+    (r"^auroc_synth", "AUROC on real evaluation patients for this label, small CNN trained on the synthetic films "
+     "only."),
     (r"^auroc_real", "AUROC on real evaluation patients for this label, small CNN trained on the real training films."),
     (r"^auroc_dp", "AUROC on real evaluation patients for this label, small CNN trained on the real training films "
      "with patient-level DP-SGD at the stated ε."),

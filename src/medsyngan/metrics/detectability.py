@@ -2,12 +2,13 @@
 
 Lopez-Paz & Oquab (2017): if a classifier trained on part of two samples cannot separate their held-out parts, the
 samples are indistinguishable to that classifier. :func:`two_sample_test` takes as many real as synthetic films
-(the smaller count of the two, drawn at random), splits each set in halves — the real films by patient, so that
-no patient's follow-up film in the test half was learnt from in the training half — trains the
-:class:`~medsyngan.metrics.classifier.SmallCNN` with one output (synthetic = 1) on the training halves for
-:data:`DETECTOR` (a few epochs: seconds at 64 px for a few hundred films) and reports the AUROC on the held-out
-halves, 0.5 = indistinguishable, 1 = every synthetic film recognised, with a 95 % bootstrap interval (real
-films resampled by patient, synthetic films one by one, each set at its size).
+(the smaller count of the two, drawn at random) and splits each set in halves — the real films by patient, so
+that no patient's follow-up film is scored by a network that learnt from another film of that patient. The
+:class:`~medsyngan.metrics.classifier.SmallCNN` with one output (synthetic = 1) is trained for :data:`DETECTOR`
+(a few epochs: seconds at 64 px for a few hundred films) on one half of each set and scores the other halves,
+then the halves swap (two-fold cross-fitting: every film is scored once, by the network that did not see it).
+Reported: the mean of the two folds' AUROCs, 0.5 = indistinguishable, 1 = every synthetic film recognised, with
+a 95 % bootstrap interval (real films resampled by patient, synthetic films one by one, each set at its size).
 
 It answers a narrower question than a reader study: a small CNN trained on a few hundred films finds texture,
 noise and layout artefacts; passing it is necessary, not sufficient, for films a radiologist would accept.
@@ -25,7 +26,7 @@ from medsyngan.metrics.classifier import ClassifierSettings, predict, train_clas
 from medsyngan.metrics.context import count_tag
 
 DETECTOR = ClassifierSettings(epochs=8, min_steps=40)
-MIN_FILMS = 8  # per set: four to train on and four to test on
+MIN_FILMS = 8  # per set: two halves of four
 
 
 @dataclass
@@ -35,9 +36,9 @@ class DetectabilityResult:
     films: int  # films of each set used
     resolution: int
     auroc: Estimate
-    real_index: np.ndarray  # held-out real films (indices into the real set)
-    fake_index: np.ndarray  # held-out synthetic films
-    real_scores: np.ndarray
+    real_index: np.ndarray  # the real films used (indices into the real set)
+    fake_index: np.ndarray  # the synthetic films used
+    real_scores: np.ndarray  # each film's score from the network that did not train on it
     fake_scores: np.ndarray
 
     def values(self) -> dict[str, float]:
@@ -73,18 +74,21 @@ def two_sample_test(real: np.ndarray, fake: np.ndarray, real_patients: np.ndarra
                 else np.array([f"film{i}" for i in ri]))
     if len(np.unique(patients)) < 2:
         raise UserError("the detectability test needs real films of at least 2 patients to split them by patient")
-    real_train = _halves(patients, rng)
-    fake_train = np.zeros(n, bool)
-    fake_train[rng.permutation(n)[: n // 2]] = True
+    real_fold = _halves(patients, rng)
+    fake_fold = np.zeros(n, bool)
+    fake_fold[rng.permutation(n)[: n // 2]] = True
+    rs, fs = np.zeros(n), np.zeros(n)
+    for fold in (True, False):  # train on one half of each set, score the other half, then swap
+        r, f = real_fold == fold, fake_fold == fold
+        targets = np.r_[np.zeros(r.sum()), np.ones(f.sum())][:, None]
+        net = train_classifier(np.concatenate([real[ri[r]], fake[fi[f]]]), targets, settings, seed)
+        rs[~r], fs[~f] = predict(net, real[ri[~r]])[:, 0], predict(net, fake[fi[~f]])[:, 0]
 
-    images = np.concatenate([real[ri[real_train]], fake[fi[fake_train]]])
-    targets = np.r_[np.zeros(real_train.sum()), np.ones(fake_train.sum())][:, None]
-    net = train_classifier(images, targets, settings, seed)
-    real_test, fake_test = ri[~real_train], fi[~fake_train]
-    rs, fs = predict(net, real[real_test])[:, 0], predict(net, fake[fake_test])[:, 0]
-
-    scores, labels = np.r_[rs, fs], np.r_[np.zeros(len(rs)), np.ones(len(fs))]
-    groups = np.r_[[f"real:{p}" for p in patients[~real_train]], [f"synthetic:{i}" for i in fake_test]]
+    scores, labels = np.r_[rs, fs], np.r_[np.zeros(n), np.ones(n)]
+    scored_by = np.r_[real_fold, fake_fold]  # True: scored by the network trained on the other half
+    groups = np.r_[[f"real:{p}" for p in patients], [f"synthetic:{i}" for i in fi]]
     weights = bootstrap_weights(groups, bootstrap, seed, strata=labels)
-    estimate = Estimate.of(auroc(scores, labels), weighted_auroc(scores, labels, weights))
-    return DetectabilityResult(n, int(real.shape[-1]), estimate, real_test, fake_test, rs, fs)
+    value = np.mean([auroc(scores[scored_by == k], labels[scored_by == k]) for k in (True, False)])
+    replicates = np.mean([weighted_auroc(scores[scored_by == k], labels[scored_by == k], weights[:, scored_by == k])
+                          for k in (True, False)], axis=0)
+    return DetectabilityResult(n, int(real.shape[-1]), Estimate.of(value, replicates), ri, fi, rs, fs)

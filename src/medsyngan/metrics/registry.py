@@ -216,7 +216,8 @@ def train_synthetic_test_real(ctx: MetricContext) -> MetricResult:
     assert ctx.fake_labels is not None and ctx.real_labels is not None and ctx.label_names is not None
     o = ctx.options
     epsilon = o.utility_epsilon or (ctx.epsilon if ctx.epsilon and np.isfinite(ctx.epsilon) else DEFAULT_EPSILON)
-    settings = UtilitySettings(o.classifier, o.bootstrap, o.utility_min_patients, o.utility_rare_prevalence, epsilon)
+    settings = UtilitySettings(o.classifier, o.dp_classifier, o.bootstrap, o.utility_min_patients,
+                               o.utility_rare_prevalence, epsilon)
     result = utility_audit(ctx.fake, ctx.fake_labels, ctx.real, ctx.real_labels, ctx.real_patients, ctx.label_names,
                            ctx.train, ctx.train_labels, ctx.train_patients, settings, ctx.seed)
     return MetricResult(result.values(), result.protocol(), result)

@@ -5,10 +5,11 @@ years apart, so a synthetic film can leak who was in the training set even when 
 (after Packhäuser et al. and CheXGenBench):
 
 1. **A verifier that never saw a training patient.** A siamese :class:`Verifier` (the
-   :class:`~medsyngan.metrics.classifier.SmallCNN` trunk, an L2-normalised embedding, score = cosine similarity)
-   is trained on pairs of films of the same and of different patients from public films (``verifier_images``,
-   e.g. the COVID-19 CXR set) plus one half of the held-out real patients, drawn by ``seed``. It is cached by a
-   hash of those films, their patient ids, its settings and the seed, and trained once per such set.
+   :class:`~medsyngan.metrics.classifier.SmallCNN`, an L2-normalised embedding, score = cosine similarity) learns
+   to match films of one patient against films of others (:func:`train_verifier`) on public films
+   (``verifier_images``, e.g. the COVID-19 CXR set) plus one half of the held-out real patients, drawn by
+   ``seed``. It is cached by a hash of those films, their patient ids, its settings and the seed, and trained
+   once per such set.
 2. **Calibration.** The other half of the held-out patients (the audit half) gives every pair of films of
    different patients; the threshold is the (1 − FMR) quantile of their scores, so that a film of one real patient
    verifies as another real patient with the false-match rate FMR (default 1e-3). The same half gives the
@@ -44,62 +45,54 @@ class VerifierSettings:
     width: int = 16
     embedding: int = 64
     steps: int = 600
-    pairs: int = 32  # same-patient pairs per step, and as many different-patient pairs
+    patients: int = 32  # patients per step, two films of each
+    temperature: float = 0.1
     lr: float = 2e-3
     weight_decay: float = 1e-4
     shift: float = 3.0  # pixels; follow-up films are never positioned alike
     zoom: float = 0.05
+    exposure: float = 0.2  # largest change of contrast and of brightness (on [-1, 1]); nor exposed alike
 
 
 class Verifier(nn.Module):
-    """Siamese verifier: one embedding network for both films; logit = scale · cos + bias while training."""
+    """Siamese verifier: one embedding network for every film; two films' score is their embeddings' cosine."""
 
     def __init__(self, settings: VerifierSettings):
         super().__init__()
         self.net = SmallCNN(settings.embedding, settings.width)
-        self.scale = nn.Parameter(torch.tensor(10.0))
-        self.bias = nn.Parameter(torch.tensor(-5.0))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(x), dim=1)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ea, eb = self.embed(torch.cat([a, b])).chunk(2)
-        return self.scale * (ea * eb).sum(1) + self.bias
 
-
-def _pairs(codes: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` pairs of distinct films of one patient, then ``count`` pairs of films of different patients."""
-    by_patient = [np.flatnonzero(codes == p) for p in range(codes.max() + 1)]
-    multi = [films for films in by_patient if len(films) > 1]
-    a, b = [], []
-    for films in (multi[i] for i in rng.integers(len(multi), size=count)):
-        i, j = rng.choice(len(films), 2, replace=False)
-        a.append(films[i])
-        b.append(films[j])
-    x, y = rng.integers(len(codes), size=count), rng.integers(len(codes), size=count)
-    while (same := codes[x] == codes[y]).any():
-        y[same] = rng.integers(len(codes), size=int(same.sum()))
-    return np.r_[a, x], np.r_[b, y]
+def _exposure(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor:
+    gain, offset = ((torch.rand(2, len(x), 1, 1, 1, generator=gen) * 2 - 1) * amount).unbind(0)
+    return (x * (1 + gain) + offset).clamp(-1, 1)
 
 
 def train_verifier(images_u8: np.ndarray, patients: np.ndarray, settings: VerifierSettings, seed: int) -> Verifier:
-    """A :class:`Verifier` trained on same-/different-patient pairs of ``images_u8``."""
+    """A :class:`Verifier` trained with a supervised contrastive loss (InfoNCE): each step takes two films of each
+    of ``settings.patients`` patients, and each film must pick its patient's other film out of the batch by
+    cosine / temperature — every other patient's film in the batch is a different-patient pair."""
     _, codes = np.unique(np.asarray(patients, dtype=str), return_inverse=True)
-    if codes.max(initial=-1) < 1 or np.bincount(codes).max() < 2:
-        raise UserError("the re-identification verifier needs films of at least 2 patients, one of them with 2 or "
-                        "more films; give public films with patient ids (e.g. the COVID-19 CXR set)")
+    multi = [films for films in (np.flatnonzero(codes == p) for p in range(codes.max(initial=-1) + 1))
+             if len(films) > 1]
+    if len(multi) < 2:
+        raise UserError(f"the re-identification verifier needs at least 2 patients with 2 or more films; it has "
+                        f"{len(multi)}: give public films with patient ids (e.g. the COVID-19 CXR set)")
     x = to_input(images_u8)
     net = seeded(seed, lambda: Verifier(settings))
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    target = torch.cat([torch.ones(settings.pairs), torch.zeros(settings.pairs)])
+    count = min(settings.patients, len(multi))
+    sibling = torch.cat([torch.arange(count, 2 * count), torch.arange(count)])
     net.train()
     for _ in range(settings.steps):
-        a, b = (torch.from_numpy(i) for i in _pairs(codes, settings.pairs, rng))
-        xa = random_shift(x[a], settings.shift, gen, settings.zoom)
-        xb = random_shift(x[b], settings.shift, gen, settings.zoom)
-        loss = F.binary_cross_entropy_with_logits(net(xa, xb), target)
+        pairs = np.array([rng.choice(multi[i], 2, replace=False) for i in rng.choice(len(multi), count, replace=False)])
+        films = torch.from_numpy(np.r_[pairs[:, 0], pairs[:, 1]])
+        e = net(_exposure(random_shift(x[films], settings.shift, gen, settings.zoom), settings.exposure, gen))
+        similarity = (e @ e.T / settings.temperature).fill_diagonal_(float("-inf"))
+        loss = F.cross_entropy(similarity, sibling)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -110,7 +103,7 @@ def train_verifier(images_u8: np.ndarray, patients: np.ndarray, settings: Verifi
 def embed(verifier: Verifier, images_u8: np.ndarray, batch: int = 256) -> np.ndarray:
     """Unit embeddings [N, D] (cosine similarity = dot product)."""
     verifier.eval()
-    chunks = [verifier.embed(to_input(images_u8[s : s + batch])) for s in range(0, len(images_u8), batch)]
+    chunks = [verifier(to_input(images_u8[s : s + batch])) for s in range(0, len(images_u8), batch)]
     return torch.cat(chunks).double().numpy() if chunks else np.zeros((0, 0))
 
 
@@ -156,7 +149,8 @@ class ReidentificationResult:
         return float(np.mean(self.holdout_scores > self.threshold))
 
     def values(self, fmr_tag: str) -> dict[str, float]:
-        out = {f"reid_synth_rate_fmr{fmr_tag}": self.synthetic_rate, f"reid_holdout_rate_fmr{fmr_tag}": self.holdout_rate,
+        out = {f"reid_synth_rate_fmr{fmr_tag}": self.synthetic_rate,
+               f"reid_holdout_rate_fmr{fmr_tag}": self.holdout_rate,
                "reid_synth_max_score": float(self.synthetic_scores.max())}
         if np.isfinite(self.verifier_auc):
             out["reid_verifier_auc"] = self.verifier_auc

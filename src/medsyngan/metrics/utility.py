@@ -6,8 +6,9 @@ label) on several training sets and scores each on the real evaluation patients:
 
 - ``synth``: the labelled synthetic films only (a conditional generator's films with the labels they were asked for);
 - ``real``: the real training films — the ceiling the synthetic films are measured against;
-- ``dp``: the real training films with patient-level DP-SGD at ε (:mod:`medsyngan.metrics.private_classifier`) —
-  the baseline a DP generator must beat, since a hospital could release that classifier instead;
+- ``dp``: the real training films with patient-level DP-SGD at ε (:mod:`medsyngan.metrics.private_classifier`;
+  the same network, with the larger batch and step DP-SGD needs, :data:`DP_CLASSIFIER`) — the baseline a DP
+  generator must beat, since a hospital could release that classifier instead;
 - ``augment``: the real training films plus the synthetic films of the rare findings, scored on the rare findings
   only — whether synthetic films help where real ones are scarce (a separate figure).
 
@@ -35,7 +36,8 @@ from medsyngan.errors import UserError
 from medsyngan.metrics.auroc import Estimate, auroc, bootstrap_weights, weighted_auroc
 from medsyngan.metrics.classifier import (ClassifierSettings, SmallCNN, cache_key, cached_network, predict, seeded,
                                           train_classifier)
-from medsyngan.metrics.private_classifier import PrivateTraining, train_private_classifier
+from medsyngan.metrics.context import count_tag
+from medsyngan.metrics.private_classifier import DP_CLASSIFIER, PrivateTraining, train_private_classifier
 
 log = logging.getLogger("medsyngan")
 
@@ -92,6 +94,7 @@ def scorable(labels: np.ndarray, patients: np.ndarray, names: Sequence[str], min
 @dataclass(frozen=True)
 class UtilitySettings:
     classifier: ClassifierSettings = ClassifierSettings()
+    dp_classifier: ClassifierSettings = DP_CLASSIFIER  # the same network, DP-SGD's batch and step
     bootstrap: int = 1000
     min_patients: int = MIN_PATIENTS
     rare_prevalence: float = RARE_PREVALENCE
@@ -128,7 +131,7 @@ class UtilityResult:
 
     def tag(self, kind: str) -> str:
         """'<kind><films>_<resolution>' (and '_eps<ε>' for the DP baseline): the protocol part of a key."""
-        return f"{kind}{self.scores[kind].films}_{self.resolution}{self.eps_tag() if kind == 'dp' else ''}"
+        return f"{kind}{count_tag(self.scores[kind].films)}_{self.resolution}{self.eps_tag() if kind == 'dp' else ''}"
 
     def eps_tag(self) -> str:
         return f"_eps{self.dp.target_epsilon:g}" if self.dp is not None else ""
@@ -159,7 +162,8 @@ class UtilityResult:
 
     def protocol(self) -> dict[str, object]:
         out: dict[str, object] = {"utility_labels": self.labels, "utility_labels_not_scored": self.skipped,
-                                  "utility_rare_labels": self.rare, "utility_augment_synthetic_films": self.augment_films}
+                                  "utility_rare_labels": self.rare,
+                                  "utility_augment_synthetic_films": self.augment_films}
         if self.dp is not None:
             out["utility_dp"] = self.dp.as_dict()
         return out
@@ -205,10 +209,11 @@ def utility_audit(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, r
     result.scores["real"] = score(real_net, len(train), cols)
 
     if train_patients is not None:
+        ds = settings.dp_classifier
         dp_net, meta = cached_network(
-            cache_key("utility-dp", cs, seed, train, train_labels, np.asarray(train_patients, dtype=str),
+            cache_key("utility-dp", ds, seed, train, train_labels, np.asarray(train_patients, dtype=str),
                       epsilon=settings.epsilon, delta=settings.delta, clip=settings.max_grad_norm),
-            lambda: seeded(seed, lambda: SmallCNN(width, cs.width)),
+            lambda: seeded(seed, lambda: SmallCNN(width, ds.width)),
             lambda: _private(train, train_labels, train_patients, settings, seed))
         result.dp = PrivateTraining(**meta)
         result.scores["dp"] = score(dp_net, len(train), cols)
@@ -231,6 +236,6 @@ def utility_audit(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, r
 
 def _private(train: np.ndarray, labels: np.ndarray, patients: np.ndarray, settings: UtilitySettings, seed: int
              ) -> tuple[SmallCNN, dict]:
-    net, info = train_private_classifier(train, labels, patients, settings.classifier, settings.epsilon, seed,
+    net, info = train_private_classifier(train, labels, patients, settings.dp_classifier, settings.epsilon, seed,
                                          settings.delta, settings.max_grad_norm)
     return net, info.as_dict()
