@@ -76,3 +76,14 @@ def test_calibration_needs_enough_pairs(sets, medsyngan_cache):
     few = {**sets, "real": sets["real"][:20], "real_patients": sets["real_patients"][:20]}
     with pytest.raises(UserError, match="needs 1000 pairs of films of different held-out patients"):
         R.reidentification_audit(**few, settings=TOY)
+
+
+def test_the_verifier_is_a_function_of_its_films_and_seed(sets):
+    quick = R.VerifierSettings(width=4, embedding=8, steps=10, patients=8)
+    films, ids = sets["verifier_images"], sets["verifier_patients"]
+    a, b = (R.train_verifier(films, ids, quick, seed=1) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c = R.train_verifier(films, ids, quick, seed=2)
+    assert not torch.equal(a.net.head.weight, c.net.head.weight)
+    with pytest.raises(UserError, match="at least 2 patients with 2 or more films; it has 1"):
+        R.train_verifier(films[:4], ids[:4], quick, seed=1)

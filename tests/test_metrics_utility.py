@@ -208,3 +208,11 @@ def test_each_film_gradient_is_clipped_before_the_sum():
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
     assert torch.sqrt(sum((g**2).sum() for g in got)) <= 0.05 * len(x) + 1e-6
+
+
+def test_label_names_must_make_distinct_keys(toy_sets):
+    (real, real_y, real_p), _, (fake, fake_y, _) = toy_sets
+    for names, message in ((("Square", "square"), "repeat after lower-casing"), (("square", "mean"), "'mean'"),
+                           (("square", "bar_lo"), "'bar_lo'")):
+        with pytest.raises(UserError, match=message):
+            utility_audit(fake, fake_y, real, real_y, real_p, names)

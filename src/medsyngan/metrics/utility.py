@@ -115,8 +115,8 @@ class Scores:
     def mean(self, labels: Sequence[str] | None = None) -> tuple[float, np.ndarray]:
         """Mean AUROC over ``labels`` (default all scored) and its replicates (NaN where any label's is)."""
         cols = [i for i, name in enumerate(self.per_label) if labels is None or name in labels]
-        return (float(np.mean([list(self.per_label.values())[i].value for i in cols])),
-                self.replicates[:, cols].mean(axis=1))
+        values = [est.value for est in self.per_label.values()]
+        return float(np.mean([values[i] for i in cols])), self.replicates[:, cols].mean(axis=1)
 
 
 @dataclass
@@ -131,7 +131,8 @@ class UtilityResult:
 
     def tag(self, kind: str) -> str:
         """'<kind><films>_<resolution>' (and '_eps<ε>' for the DP baseline): the protocol part of a key."""
-        return f"{kind}{count_tag(self.scores[kind].films)}_{self.resolution}{self.eps_tag() if kind == 'dp' else ''}"
+        eps = self.eps_tag() if kind == "dp" else ""
+        return f"{kind}{count_tag(self.scores[kind].films)}_{self.resolution}{eps}"
 
     def eps_tag(self) -> str:
         return f"_eps{self.dp.target_epsilon:g}" if self.dp is not None else ""
@@ -178,6 +179,9 @@ def utility_audit(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, r
     names = [key_name(n) for n in names]
     if len(set(names)) != len(names):
         raise UserError(f"label names {names} repeat after lower-casing; give each label column its own name")
+    reserved = [n for n in names if n in ("mean", "rare_mean") or n.endswith(("_lo", "_hi"))]
+    if reserved:
+        raise UserError(f"label name {reserved[0]!r} would read as a summary key; rename that label column")
     real_labels = np.asarray(real_labels, np.float64)
     cols, skipped = scorable(real_labels, real_patients, names, settings.min_patients)
     if not cols:
