@@ -16,6 +16,7 @@ from medsyngan.metrics.private_classifier import RELATION, train_private_classif
 from medsyngan.metrics.utility import UtilitySettings, binary_targets, scorable, utility_audit
 
 TINY = ClassifierSettings(width=8, epochs=6, batch_size=16, min_steps=40)
+TINY_DP = ClassifierSettings(width=8, epochs=6, batch_size=8, min_steps=60)  # q = 0.2: quick to account
 SIZE = 32
 
 
@@ -115,20 +116,24 @@ def test_a_cached_network_is_trained_once(medsyngan_cache):
     again, meta_again = cached_network(key, build, lambda: pytest.fail("trained twice"))
     assert calls == [1] and meta == meta_again == {"threshold": 0.5}
     np.testing.assert_array_equal(predict(first, films), predict(again, films))
+    for torn in (b"", b"not a checkpoint", (medsyngan_cache / "classifiers" / f"{key}.pt").read_bytes()[:100]):
+        (medsyngan_cache / "classifiers" / f"{key}.pt").write_bytes(torn)
+        cached_network(key, build, train)  # a torn entry is trained again
+    assert calls == [1, 1, 1, 1]
 
 
 def test_the_dp_classifier_learns_within_its_epsilon():
     films, labels, patients = toy_set(40, 2, seed=4)
-    net, info = train_private_classifier(films, labels, patients, TINY, epsilon=8.0, seed=0)
+    net, info = train_private_classifier(films, labels, patients, TINY_DP, epsilon=8.0, seed=0)
     assert 7.0 < info.epsilon <= 8.0 and info.relation == RELATION
-    assert info.patients == 40 and info.sample_rate == pytest.approx(16 / 40) and info.delta <= 1e-5
+    assert info.patients == 40 and info.sample_rate == pytest.approx(8 / 40) and info.delta <= 1e-5
     held_out, truth, _ = toy_set(30, 2, seed=5)
     p = predict(net, held_out)
     assert min(A.auroc(p[:, c], truth[:, c]) for c in range(2)) > 0.85
-    again, _ = train_private_classifier(films, labels, patients, TINY, epsilon=8.0, seed=0)
+    again, _ = train_private_classifier(films, labels, patients, TINY_DP, epsilon=8.0, seed=0)
     assert torch.equal(net.head.weight, again.head.weight)
     with pytest.raises(UserError, match="patient id per training film"):
-        train_private_classifier(films, labels, patients[:3], TINY, epsilon=8.0, seed=0)
+        train_private_classifier(films, labels, patients[:3], TINY_DP, epsilon=8.0, seed=0)
 
 
 # --------------------------------------------------------------------------------------------------- labels

@@ -1,4 +1,4 @@
-"""The small CNN the classifier metrics train (utility, detectability, the re-identification verifier's trunk).
+"""The small CNN the classifier metrics train (utility, detectability, the re-identification verifier's embedding).
 
 One network for every question so that a figure compares training data, never architectures::
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -175,7 +176,7 @@ def cached_network(key: str, build: Callable[[], nn.Module], train: Callable[[],
             net = build()
             net.load_state_dict(stored["state"])
             return net.eval(), dict(stored["meta"])
-        except (OSError, RuntimeError, KeyError, EOFError, ValueError):
+        except (OSError, RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError):
             path.unlink(missing_ok=True)  # a torn or stale entry: train again
     net, meta = train()
     buf = io.BytesIO()
