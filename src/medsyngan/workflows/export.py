@@ -38,6 +38,7 @@ from typing import Any
 
 from medsyngan.config import Config, Section, config_from_toml_text
 from medsyngan.errors import UserError
+from medsyngan.privacy.accounting import RELATION
 from medsyngan.rundir import RunDir
 
 log = logging.getLogger("medsyngan")
@@ -50,8 +51,6 @@ SAMPLES_FILE = "samples.png"
 # train.init_from, federated.partition, privacy.checkpoint_key, and any added later) is reset to its default.
 SHAREABLE_TEXT = frozenset({"run.name", "eval.metrics"})
 BUILTIN_EXTRACTORS = ("inception", "random")  # eval.feature_extractor: anything else is a file path
-# The neighbouring relation the reported ε of PrivacyAccountant.epsilon() is computed for.
-RELATION = "add/remove-one"
 INTENDED_USE = [
     "Research on synthetic chest X-rays: method development, augmentation studies, teaching.",
     "Sharing a generator where the training images themselves may not be shared, within the privacy guarantee "
