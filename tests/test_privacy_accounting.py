@@ -89,7 +89,7 @@ def test_calibration_pays_for_a_prior_release_from_the_same_budget():
     # The plan's accountant carries the release from the start.
     plan = plan_dp(60, 30, 200, 10.0, release_noise=2.0)
     assert plan.noise_multiplier == pytest.approx(sigma) and plan.accountant().history == release
-    with pytest.raises(UserError, match="release alone spends ε = .* raise privacy.mean_image_noise"):
+    with pytest.raises(UserError, match="releases .* alone spend ε = .* raise privacy.mean_image_noise"):
         calibrate_noise(1.0, 1e-5, 0.5, 200, prior=release)
 
 

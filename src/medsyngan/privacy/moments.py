@@ -83,15 +83,16 @@ def release_mean_image(images: np.ndarray, patients: Sequence[str] | np.ndarray 
 
 
 @torch.no_grad()
-def generator_mean(G: torch.nn.Module, size: int, seed: int = 0) -> Tensor:
-    """The k×k mean of ``REFERENCE_SAMPLES`` images of G (in eval mode, so BatchNorm statistics do not move)."""
+def generator_mean(G: torch.nn.Module, size: int, seed: int = 0, labels: Tensor | None = None) -> Tensor:
+    """The k×k mean of ``REFERENCE_SAMPLES`` images of G (in eval mode, so BatchNorm statistics do not move);
+    ``labels`` (REFERENCE_SAMPLES, c_dim) for a conditional G."""
     device = next(G.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn(REFERENCE_SAMPLES, G.z_dim, generator=gen, device=device)
     was_training = G.training
     G.eval()
     try:
-        return lowres_mean(G(z), size).cpu()
+        return lowres_mean(G(z) if labels is None else G(z, c=labels.to(device)), size).cpu()
     finally:
         G.train(was_training)
 
@@ -108,8 +109,9 @@ class MeanImageRelease:
 
     def __init__(self, images: np.ndarray, patients: Sequence[str] | np.ndarray | None, size: int, clip: float,
                  noise_multiplier: float, weight: float, generator: torch.nn.Module,
-                 noise_seed: Callable[[], int]):
+                 noise_seed: Callable[[], int], reference_labels: Callable[[int], Tensor] | None = None):
         self.images, self.patients, self.generator, self.noise_seed = images, patients, generator, noise_seed
+        self.reference_labels = reference_labels  # n → labels of the reference images, for a conditional G
         self.size, self.clip = int(size), float(clip)
         self.noise_multiplier, self.weight = float(noise_multiplier), float(weight)
         self.target: Tensor | None = None
@@ -118,8 +120,10 @@ class MeanImageRelease:
     def release(self) -> Tensor:
         if self.target is None:
             noise = torch.Generator().manual_seed(self.noise_seed())
+            labels = self.reference_labels(REFERENCE_SAMPLES) if self.reference_labels is not None else None
+            reference = generator_mean(self.generator, self.size, labels=labels)
             self.target = release_mean_image(self.images, self.patients, self.size, self.clip,
-                                             self.noise_multiplier, generator_mean(self.generator, self.size), noise)
+                                             self.noise_multiplier, reference, noise)
         return self.target
 
     def __call__(self, fake: Tensor) -> tuple[Tensor, Tensor]:

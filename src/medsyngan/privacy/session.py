@@ -27,6 +27,9 @@ What is private and why
   (post-processing, no privacy cost, no per-sample machinery).
 - **Lazy R1 is refused** under DP: it is an extra optimizer step on real images that would need its own clipping,
   noise and accounting, doubling the cost of the budget for a regularizer; use ``train.r1_gamma = 0``.
+- **Labels.** A conditional D sees each real image's labels inside that sample's clipped loss (they are part of
+  the sample); generated images' labels come from public frequencies or from the one-off private release of the
+  hospital's label frequencies (``label_release.py``), never from the batch.
 - **Released diagnostics.** The private update reports only the loss on generated images. The real-sample loss is
   a statistic of the private batch that the accountant does not cover, so it is not reported.
 - **Secret randomness.** Amplification by subsampling assumes nobody knows who was sampled, and the noise is only
@@ -48,8 +51,9 @@ import torch
 from torch import Tensor
 
 from medsyngan.errors import UserError
-from medsyngan.privacy.accounting import PrivacyAccountant, one_off_release
+from medsyngan.privacy.accounting import PrivacyAccountant, combined_noise, one_off_release
 from medsyngan.privacy.engines import make_engine
+from medsyngan.privacy.label_release import LabelRelease
 from medsyngan.privacy.moments import MeanImageRelease
 from medsyngan.privacy.sampling import PoissonUnitSampler
 from medsyngan.training.step import DiscriminatorUpdate, GANTrainer
@@ -58,6 +62,7 @@ STATE_VERSION = 1
 # Stream ids under the session's secret seed: 0 and 1 are the sampler's (batches, augmentation; sampling.py).
 NOISE_STREAM = 2
 RELEASE_STREAM = 3
+LABEL_STREAM = 5
 
 
 # ====================================================================== the private update
@@ -75,13 +80,15 @@ class PrivateDiscriminatorUpdate(DiscriminatorUpdate):
         self.engine = engine
         self.private_steps = 0
 
-    def step(self, trainer: GANTrainer, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+    def step(self, trainer: GANTrainer, real: Tensor, fake: Tensor, real_c: Tensor | None = None,
+             fake_c: Tensor | None = None) -> dict[str, Tensor]:
         s = self.session
         s.check_budget()
         clip, sigma, expected = s.max_grad_norm, s.noise_multiplier, s.expected_batch
         trainer.opt_d.zero_grad(set_to_none=True)
         grads, fake_loss = self.engine.gradients(trainer, real, fake, clip, expected,
-                                                 fake_clip=clip if s.clip_fake else None)
+                                                 fake_clip=clip if s.clip_fake else None, real_c=real_c,
+                                                 fake_c=fake_c)
         noise_gen = s.noise_generator(s.steps)
         std = sigma * clip / expected
         for p in trainer.D.parameters():
@@ -99,7 +106,7 @@ class PrivateDiscriminatorUpdate(DiscriminatorUpdate):
         self.private_steps += 1
         return {"d_fake": fake_loss}
 
-    def regularize(self, trainer: GANTrainer, real: Tensor) -> dict[str, Tensor]:
+    def regularize(self, trainer: GANTrainer, real: Tensor, real_c: Tensor | None = None) -> dict[str, Tensor]:
         raise UserError("lazy R1 touches real images outside DP-SGD; set train.r1_gamma=0 with privacy.dp")
 
 
@@ -121,8 +128,10 @@ class DPSession:
 
     def __init__(self, trainer: GANTrainer, sampler: PoissonUnitSampler, accountant: PrivacyAccountant,
                  target_epsilon: float, max_grad_norm: float, guaranteed_steps: int, planned_steps: int,
-                 engine: str = "auto", clip_fake: bool = False, release: MeanImageRelease | None = None):
+                 engine: str = "auto", clip_fake: bool = False, release: MeanImageRelease | None = None,
+                 labels: LabelRelease | None = None):
         self.trainer = trainer
+        self.labels = labels
         self.clip_fake = bool(clip_fake)
         self.sampler = sampler
         self.accountant = accountant
@@ -143,8 +152,11 @@ class DPSession:
 
     @property
     def released(self) -> list[tuple[float, float, int]]:
-        """The accountant entries paid up front for the mean-image release; private D steps come after them."""
-        return [one_off_release(self.release.noise_multiplier)] if self.release is not None else []
+        """The accountant entries paid up front for the one-off releases (mean image, label frequencies), as one
+        combined Gaussian; private D steps come after them."""
+        sigma = combined_noise(self.release.noise_multiplier if self.release is not None else 0.0,
+                               self.labels.noise_multiplier if self.labels is not None else 0.0)
+        return [one_off_release(sigma)] if sigma else []
 
     @property
     def steps(self) -> int:
@@ -189,6 +201,7 @@ class DPSession:
                 "delta": self.delta, "target_epsilon": self.target_epsilon, "steps": self.steps,
                 "planned_steps": self.planned_steps, "engine": self.engine, "clip_fake": self.clip_fake,
                 "mean_image_noise": self.release.noise_multiplier if self.release is not None else None,
+                "label_noise": self.labels.noise_multiplier if self.labels is not None else None,
                 **self.metrics()}
 
     def _single_mechanism(self) -> bool:
@@ -228,6 +241,7 @@ class DPSession:
             "guaranteed_steps": self.guaranteed_steps,
             "planned_steps": self.planned_steps,
             "mean_image": self.release.state_dict() if self.release is not None else None,
+            "labels": self.labels.state_dict() if self.labels is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -241,3 +255,5 @@ class DPSession:
         self.planned_steps = int(state["planned_steps"])
         if self.release is not None and state.get("mean_image") is not None:
             self.release.load_state_dict(state["mean_image"])
+        if self.labels is not None and state.get("labels") is not None:
+            self.labels.load_state_dict(state["labels"])

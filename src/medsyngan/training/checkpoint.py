@@ -163,7 +163,8 @@ def save_checkpoint_files(
     try:
         meta = {"format": FORMAT_VERSION, "created": time.time(), **_encode(meta)}
         header = {k: v for k, v in meta.items() if k in ("format", "arch", "resolution", "z_dim", "step", "kimg",
-                                                         "stage_resolution", "alpha", "config_toml", "parts")}
+                                                         "stage_resolution", "alpha", "config_toml", "parts",
+                                                         "labels")}
         weights = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         _write_synced(tmp / WEIGHTS_FILE, st_save(weights, metadata={_META_KEY: json.dumps(header)}), key)
         files = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
