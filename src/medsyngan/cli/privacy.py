@@ -86,17 +86,20 @@ def _hospital_units(cfg) -> list[tuple[str, int, int]]:
 
 def _from_config(config: str, overrides: list[str]) -> None:
     from medsyngan.config import load_config
+    from medsyngan.data.labels import describe_source
     from medsyngan.privacy.accounting import client_level_accountant, plan_dp, planned_private_steps, resolve_unit
+    from medsyngan.privacy.label_release import label_release_planned, one_off_noise
 
     cfg = load_config(config, overrides)
     p = cfg.privacy
     steps = planned_private_steps(cfg)
+    release_noise = one_off_noise(p, label_release_planned(cfg))
     rows = []
     for name, patients, images in _hospital_units(cfg):
         unit = resolve_unit(p.unit, patients, images)
         units = patients if unit == "patient" else images
         plan = plan_dp(units, cfg.train.batch_size, steps, p.target_epsilon, p.delta, unit, where=name,
-                       release_noise=p.release_noise)
+                       release_noise=release_noise)
         eps = plan.accountant()
         eps.step(plan.steps)
         e = eps.epsilon()
@@ -107,6 +110,9 @@ def _from_config(config: str, overrides: list[str]) -> None:
     if p.mean_image_size:
         typer.echo(f"ε includes each hospital's one-off {p.mean_image_size}×{p.mean_image_size} mean-image release "
                    f"(Gaussian, σ = {p.mean_image_noise:g}); σ below is DP-SGD's")
+    if cfg.model.condition:
+        typer.echo(f"generated labels ({', '.join(cfg.model.condition)}): "
+                   f"{describe_source(cfg.train.label_source, cfg.train.label_table, True, p.label_noise)}")
     _print_table(f"DP-SGD plan: target ε = {p.target_epsilon:g} per hospital over the whole run",
                  ["training set", "unit", "units", "q", "steps", "δ", "σ", "ε RDP", "ε PRV"], rows)
     if cfg.federated.enabled and p.client_dp:

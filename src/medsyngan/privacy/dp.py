@@ -33,9 +33,9 @@ import torch
 from medsyngan.config import AugmentSection, PrivacySection
 from medsyngan.data.labels import plain_label_source
 from medsyngan.errors import UserError
-from medsyngan.privacy.accounting import PrivacyAccountant, combined_noise, plan_dp, resolve_unit
+from medsyngan.privacy.accounting import PrivacyAccountant, plan_dp, resolve_unit
 from medsyngan.privacy.engines import validate_discriminator
-from medsyngan.privacy.label_release import LabelRelease, label_release_planned
+from medsyngan.privacy.label_release import LabelRelease, label_release_planned, one_off_noise
 from medsyngan.privacy.moments import MeanImageRelease
 from medsyngan.privacy.sampling import PoissonUnitSampler
 from medsyngan.privacy.session import (LABEL_STREAM, RELEASE_STREAM, DPSession, PrivateDiscriminatorUpdate,
@@ -90,7 +90,7 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
     probe_c = torch.zeros(2, trainer.label_layout.dim, device=trainer.device) if trainer.conditional else None
     validate_discriminator(trainer.D, probe, probe_c)
     release_labels = trainer.conditional and label_release_planned(trainer.cfg)
-    release_noise = combined_noise(privacy.release_noise, privacy.label_noise if release_labels else 0.0)
+    release_noise = one_off_noise(privacy, release_labels)
 
     unit, units = privacy_unit(privacy.unit, len(images), patients)
     secret = seed if seed is not None else secrets.randbits(63)

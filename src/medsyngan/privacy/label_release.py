@@ -37,15 +37,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsyngan.config import Config
+from medsyngan.config import Config, PrivacySection
 from medsyngan.data.labels import LabelLayout, MarginalLabels, distribution_from_json
 from medsyngan.errors import UserError
+from medsyngan.privacy.accounting import combined_noise
 
 
 def label_release_planned(cfg: Config) -> bool:
     """Whether a private run of ``cfg`` releases its hospitals' label frequencies (a conditional model that draws
     generated labels from its training data)."""
     return bool(cfg.model.condition) and cfg.train.label_source == "data"
+
+
+def one_off_noise(privacy: PrivacySection, release_labels: bool) -> float:
+    """σ of the one accountant entry that stands for a hospital's one-off releases: the mean image (when
+    privacy.mean_image_size is set) and the label frequencies (when ``release_labels``); 0 for none."""
+    return combined_noise(privacy.release_noise, privacy.label_noise if release_labels else 0.0)
 
 
 def clip_bound(layout: LabelLayout) -> float:
