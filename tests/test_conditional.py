@@ -238,3 +238,30 @@ def test_the_privacy_plan_says_where_generated_labels_come_from(monkeypatch, cap
     out = capsys.readouterr().out
     assert "generated labels (findings, view, sex, age): the training data's label frequencies, released once" in out
     assert "σ = 5" in out
+
+
+@pytest.mark.slow
+def test_a_private_conditional_hospital_releases_its_labels_once_and_evaluates_with_them(medsyngan_cache):
+    from medsyngan.data.api import phantom_dataset
+    from medsyngan.federated.hospital import Hospital
+
+    data = phantom_dataset(16, 2, 32, seed=4)
+    cfg = load_config("federated-dcgan64", [
+        "data.size=32", "model.resolution=32", "model.ngf=8", "model.ndf=8", "model.z_dim=16", "train.batch_size=4",
+        "run.seed=4", CONDITION, "privacy.dp=true", "privacy.target_epsilon=10", "federated.rounds=2",
+        "federated.local_steps=2"])
+    train, held = data.subset(range(24)), data.subset(range(24, 32))
+    hospital = Hospital(cfg, 0, train, held)
+    start = hospital.trainer.model_state(("G", "D"))
+    result = hospital.train_round(start, 2)
+    assert result.metrics["dp_steps"] == 2
+    state = hospital.state_dict()
+    assert state["dp"]["labels"]["kind"] == "marginal"
+    steps = hospital.dp.accountant.steps
+    again = Hospital(cfg, 0, train, held)  # a hospital rebuilt for the next message, from its persisted state
+    again.load_state_dict(state)
+    metrics = again.evaluate({k: v for k, v in start.items() if k.startswith("G.")}, 6,
+                             lambda fake, real: {"fake_images": float(len(fake))})
+    assert metrics["fake_images"] == 6
+    assert np.array_equal(again.trainer.label_source.probs, hospital.trainer.label_source.probs)
+    assert again.dp.accountant.steps == steps  # the release was read back, not made again
