@@ -94,10 +94,23 @@ def test_generate_draws_the_labels_not_asked_for_and_lists_them(conditional_run,
     code, _, err = _cli(monkeypatch, capsys, "generate", "--run", str(conditional_run), "--out", str(tmp_path),
                         "--count", "6", "--view", "PA")
     assert code == 0, err
+    assert "6 png images (32 px) for PA to" in " ".join(err.split())
     with open(tmp_path / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["image"] for r in rows] == [f"synthetic-{i:06d}.png" for i in range(6)]
     assert {r["view"] for r in rows} == {"PA"} and all(r["sex"] in ("F", "M") for r in rows)
+
+
+def test_a_model_without_recorded_frequencies_needs_every_label_given(conditional_run):
+    from medsyngan.training.generate import request_labels
+
+    G, _ = load_generator(conditional_run)
+    G.label_distribution = None  # as a federation whose hospitals drew labels from their own data leaves it
+    layout = LabelLayout.of(["findings", "view", "sex", "age"])
+    with pytest.raises(UserError, match=r"records no label frequencies .* every label given \(--label, --sex, --age\)"):
+        request_labels(G, 2, 0, layout.request(view="AP"))
+    full = request_labels(G, 2, 0, layout.request(["Mass"], "AP", "M", "60+"))
+    assert [layout.describe(c) for c in full] == ["Mass, AP, M, 60+"] * 2
 
 
 @pytest.mark.parametrize("args, message", [

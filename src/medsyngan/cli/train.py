@@ -119,6 +119,10 @@ def register(app: typer.Typer) -> None:
         decoded = [layout.decode(c) for c in labels] if labels is not None else None
         paths = (write_png(images, out, labels=decoded) if fmt == "png"
                  else write_dicom(images, out, meta, labels=decoded))
-        asked = f" for {layout.describe(labels[0])}" if labels is not None and len(fixed) == len(layout.groups) else ""
+        asked = ""
+        if fixed and decoded is not None:
+            chosen = {g: v for g, v in decoded[0].items() if g in fixed}
+            asked = " for " + ", ".join(("|".join(v) or "No Finding") if g == "findings" else v
+                                        for g, v in chosen.items())
         console.print(f"wrote {len(paths)} {fmt} images ({images.shape[1]} px){asked} to {out} from "
                       f"{meta['checkpoint']}")

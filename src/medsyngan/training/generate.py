@@ -123,7 +123,8 @@ def request_labels(G: nn.Module, count: int, seed: int, fixed: dict[str, np.ndar
     source: LabelDistribution | None = getattr(G, "label_distribution", None)
     if source is None:
         missing = ", ".join(f"--{g}" if g != "findings" else "--label" for g in layout.groups if g not in fixed)
-        raise UserError(f"this model records no label frequencies to draw the other labels from; give {missing}")
+        raise UserError("this conditional model records no label frequencies to draw labels from (a federation whose "
+                        f"hospitals drew them from their own data); generate with every label given ({missing})")
     return source.sample(count, torch.Generator().manual_seed(seed ^ _LABEL_SEED_SALT), fixed)
 
 
