@@ -227,15 +227,12 @@ def test_a_conditional_model_under_dp_needs_the_labels():
 
 @pytest.mark.slow
 def test_the_privacy_plan_says_where_generated_labels_come_from(monkeypatch, capsys, medsyngan_cache):
-    import sys
+    from cli_run import run_cli
 
-    from medsyngan.cli import main
-
-    args = ["medsyngan", "privacy", "--config", "dcgan64", "--set", CONDITION, "--set", "privacy.dp=true",
-            "--set", "data.phantom_patients=40", "--set", "train.steps=50", "--set", "train.batch_size=8", "--set", "privacy.target_epsilon=5"]
-    monkeypatch.setattr(sys, "argv", args)
-    main()
-    out = capsys.readouterr().out
+    code, out, err = run_cli(monkeypatch, capsys, "privacy", "--config", "dcgan64", "--set", CONDITION, "--set",
+                             "privacy.dp=true", "--set", "data.phantom_patients=40", "--set", "train.steps=50",
+                             "--set", "train.batch_size=8", "--set", "privacy.target_epsilon=5")
+    assert code == 0, err
     assert "generated labels (findings, view, sex, age): the training data's label frequencies, released once" in out
     assert "σ = 5" in out
 

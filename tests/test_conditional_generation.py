@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli
 
 from medsyngan.cli import main
 from medsyngan.data.labels import JointLabels, LabelLayout
@@ -27,20 +28,9 @@ RUN = ["run.device=cpu", "run.threads=1", "model.ngf=8", "model.ndf=8", "model.z
 CONDITION = "model.condition=['findings', 'view', 'sex', 'age']"
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["medsyngan", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _train(monkeypatch, capsys, out, *extra: str) -> None:
     sets = [item for s in RUN + list(extra) for item in ("--set", s)]
-    code, _, err = _cli(monkeypatch, capsys, "train", "--config", "dcgan64", "--out", str(out), *sets)
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--config", "dcgan64", "--out", str(out), *sets)
     assert code == 0, err
 
 
@@ -74,7 +64,7 @@ def test_a_conditional_run_records_the_label_frequencies_it_drew_from(conditiona
 def test_generate_writes_dicom_files_that_carry_the_requested_labels(conditional_run, tmp_path, monkeypatch, capsys):
     import pydicom
 
-    code, out, err = _cli(monkeypatch, capsys, "generate", "--run", str(conditional_run), "--out", str(tmp_path),
+    code, out, err = run_cli(monkeypatch, capsys, "generate", "--run", str(conditional_run), "--out", str(tmp_path),
                           "--count", "3", "--format", "dicom", "--label", "Effusion", "--view", "AP", "--sex", "F",
                           "--age", "40-59")
     assert code == 0, err
@@ -91,7 +81,7 @@ def test_generate_writes_dicom_files_that_carry_the_requested_labels(conditional
 
 
 def test_generate_draws_the_labels_not_asked_for_and_lists_them(conditional_run, tmp_path, monkeypatch, capsys):
-    code, _, err = _cli(monkeypatch, capsys, "generate", "--run", str(conditional_run), "--out", str(tmp_path),
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--run", str(conditional_run), "--out", str(tmp_path),
                         "--count", "6", "--view", "PA")
     assert code == 0, err
     assert "6 png images (32 px) for PA to" in " ".join(err.split())
@@ -118,13 +108,13 @@ def test_a_model_without_recorded_frequencies_needs_every_label_given(conditiona
     (["--sex", "X"], "--sex 'X' is not known; use one of F, M"),
 ])
 def test_generate_refuses_unknown_labels_in_one_line(conditional_run, tmp_path, monkeypatch, capsys, args, message):
-    code, _, err = _cli(monkeypatch, capsys, "generate", "--run", str(conditional_run), "--out", str(tmp_path), *args)
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--run", str(conditional_run), "--out", str(tmp_path), *args)
     assert code != 0 and message in err and "Traceback" not in err
 
 
 def test_generate_refuses_labels_for_an_unconditional_model(tmp_path, monkeypatch, capsys, medsyngan_cache):
     _train(monkeypatch, capsys, tmp_path / "plain")
-    code, _, err = _cli(monkeypatch, capsys, "generate", "--run", str(tmp_path / "plain"), "--out",
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--run", str(tmp_path / "plain"), "--out",
                         str(tmp_path / "out"), "--view", "PA")
     assert code != 0 and "this model is unconditional" in err and "Traceback" not in err
     G, _ = load_generator(tmp_path / "plain")
