@@ -1,15 +1,17 @@
 """Proof that class-conditional generation works on real chest X-rays: a conditional DCGAN trained on the NIH sample
 draws films that a classifier of real films tells apart by the label they were asked for.
 
-    .venv/bin/python benchmarks/conditional_nih.py [--out runs/conditional-nih] [--images 48000] [--width 24]
+    .venv/bin/python benchmarks/conditional_nih.py [--out runs/conditional-nih] [--images 38400] [--width 24]
                                                    [--samples 200] [--judge-steps 800] [--quick]
 
 1. Data: the 64-px NIH sample (``../shared/data/nih-chestxray14``, or ``$MEDSYNGAN_NIH_DIR``) prepared once and
    split patient-disjoint exactly as the NIH study splits it (``experiments/nih-64/study.toml`` [split]): the
    evaluation patients are never trained on.
 2. A DCGAN conditioned on every label group (findings, view, sex, age band) trains on the training patients through
-   ``medsyngan.workflows.train`` for ``--images`` real images through D; generated labels follow the training
-   data's own label frequencies (a run without DP).
+   ``medsyngan.workflows.train`` for ``--images`` real images through D, with the NIH study's centralized recipe
+   (``experiments/nih-64/centralized.toml`` and its ``every_row``: batch 16, Adam 3e-4, the GroupNorm
+   discriminator, generator EMA of 1 kimg); generated labels follow the training data's own label frequencies (a
+   run without DP).
 3. A judge per attribute — view PA vs AP, sex F vs M, any finding vs none — is the small CNN of
    ``medsyngan.metrics.classifier`` trained on the real training films; its balanced accuracy and AUROC on the real
    evaluation films say how well the attribute can be read from a 64-px film at all.
@@ -65,7 +67,8 @@ def train_model(train_dir: Path, run: Path, images: int, width: int, batch: int)
     cfg = load_config("dcgan64", [
         'data.source="prepared"', f"data.path={json.dumps(str(train_dir))}", f"model.ngf={width}",
         f"model.ndf={width}", f"model.condition={json.dumps(CONDITION)}", f"train.batch_size={batch}",
-        f"train.steps={steps}", "train.ema_kimg=1.0", "train.ema_rampup=0.05", f"train.checkpoint_every={steps}",
+        "train.lr_g=3e-4", "train.lr_d=3e-4", "model.dp_compatible=true",
+        f"train.steps={steps}", "train.ema_kimg=1.0", f"train.checkpoint_every={steps}",
         f"train.sample_every={steps}", f"train.log_every={max(1, steps // 20)}", "run.threads=1",
         'run.name="conditional-nih"'])
     plan = cfg.to_toml()
@@ -150,9 +153,9 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "conditional-nih")
-    parser.add_argument("--images", type=int, default=48000, help="real images through D")
+    parser.add_argument("--images", type=int, default=38400, help="real images through D")
     parser.add_argument("--width", type=int, default=24, help="DCGAN width (model.ngf = model.ndf)")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--samples", type=int, default=200, help="conditional samples per attribute value")
     parser.add_argument("--judge-steps", type=int, default=800, help="training steps of each judge")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few steps (figures meaningless)")

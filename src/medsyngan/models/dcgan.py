@@ -15,8 +15,10 @@ in-place (Opacus' backward hooks need each layer's input intact). The parameter 
 
 Class-conditional networks (``c_dim > 0``, a label vector of :mod:`medsyngan.data.labels`): G concatenates a linear
 embedding of the labels (``LABEL_EMBED`` features) to z; D is a projection discriminator (Miyato & Koyama 2018):
-logit = ψ(φ(x)) + ⟨E c, Σ_positions φ(x)⟩, with φ(x) the features before the last convolution ψ. A multi-hot
-vector projects onto the sum of its labels' embeddings. Everything stays per sample. With ``c_dim = 0`` the
+logit = ψ(φ(x)) + ⟨E c, mean_positions φ(x)⟩, with φ(x) the features before the last convolution ψ and E
+initialised like every DCGAN weight, N(0, 0.02). (Miyato & Koyama sum over positions under spectral
+normalisation; without it the sum makes the projection outweigh ψ sixteen-fold at the start, and D wins at once.)
+A multi-hot vector projects onto the sum of its labels' embeddings. Everything stays per sample. With ``c_dim = 0`` the
 networks are exactly the unconditional ones (no extra parameter is created, so seeded weights do not move).
 """
 
@@ -124,6 +126,6 @@ class DCGANDiscriminator(nn.Module):
         if not self.c_dim:
             return self.main(x).reshape(-1)
         features = self.main[:-1](x)
-        projection = (self.embed(label_batch(c, x, self.c_dim)) * features.sum(dim=(2, 3))).sum(dim=1)
+        projection = (self.embed(label_batch(c, x, self.c_dim)) * features.mean(dim=(2, 3))).sum(dim=1)
         return self.main[-1](features).reshape(-1) + projection
 
