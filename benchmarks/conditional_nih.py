@@ -20,15 +20,15 @@ draws films that a classifier of real films tells apart by the label they were a
    value = asked value) and AUROC between the two sets say whether the films show what was asked. A generator that
    ignored its labels would score 0.5 on both.
 
-Prints the table and writes ``OUT/conditional.json``. ``--quick`` is a smoke run of a few steps (figures
-meaningless).
+Prints the table and writes ``OUT/conditional.json`` and ``OUT/conditional-samples.png`` (rows: PA, AP, F, M;
+each pair of rows from the same latents); ``--docs DIR`` also copies both to ``DIR/results/``. ``--quick`` is a
+smoke run of a few steps (figures meaningless).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +37,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import run_all  # noqa: E402  (the one machine description of every benchmark)
+
 EXPERIMENT = REPO / "experiments" / "nih-64"
 CONDITION = ["findings", "view", "sex", "age"]
 
@@ -139,6 +142,20 @@ def score(run: Path, train_dir: Path, eval_dir: Path, samples: int, judge_steps:
     return rows
 
 
+def sample_grid(run: Path, path: Path, per_row: int = 8, seed: int = 11) -> None:
+    """Conditional samples, one row per value (PA, AP, F, M), the same latents in every row."""
+    from PIL import Image
+
+    from medsyngan.data.imageio import image_grid
+    from medsyngan.training.generate import generate_images, label_layout, load_generator, request_labels
+
+    G, _ = load_generator(run)
+    layout = label_layout(G)
+    rows = [generate_images(G, per_row, seed=seed, labels=request_labels(G, per_row, seed, layout.request(**fixed)))
+            for fixed in ({"view": "PA"}, {"view": "AP"}, {"sex": "F"}, {"sex": "M"})]
+    Image.fromarray(image_grid(np.concatenate(rows), cols=per_row)).save(path)
+
+
 def markdown(rows: list[dict]) -> str:
     names = {"view": "view (PA 0 / AP 1)", "sex": "sex (F 0 / M 1)", "finding": "any finding (none 0 / some 1)"}
     lines = ["| attribute | real eval films (class 1) | judge on real: bal. acc. | AUROC | conditional samples "
@@ -158,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--samples", type=int, default=200, help="conditional samples per attribute value")
     parser.add_argument("--judge-steps", type=int, default=800, help="training steps of each judge")
+    parser.add_argument("--docs", type=Path, help="also copy the figures and the sample grid to DIR/results/")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few steps (figures meaningless)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -168,10 +186,15 @@ def main(argv: list[str] | None = None) -> dict:
     wall = train_model(train_dir, run, args.images, args.width, args.batch)
     rows = score(run, train_dir, eval_dir, args.samples, args.judge_steps)
     result = {"images_through_d": args.images, "width": args.width, "batch": args.batch, "train_wall_s": wall,
-              "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+              "machine": run_all.machine(),
               "command": " ".join(["benchmarks/conditional_nih.py", *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows}
     (args.out / "conditional.json").write_text(json.dumps(result, indent=1) + "\n")
+    sample_grid(run, args.out / "conditional-samples.png")
+    if args.docs is not None:
+        (args.docs / "results").mkdir(parents=True, exist_ok=True)
+        for name in ("conditional.json", "conditional-samples.png"):
+            (args.docs / "results" / name).write_bytes((args.out / name).read_bytes())
     print(markdown(rows))
     print(f"conditional DCGAN width {args.width}, {args.images} images through D, trained in {wall:.0f} s")
     return result
