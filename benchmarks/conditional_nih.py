@@ -14,7 +14,8 @@ draws films that a classifier of real films tells apart by the label they were a
    run without DP).
 3. A judge per attribute — view PA vs AP, sex F vs M, any finding vs none — is the small CNN of
    ``medsyngan.metrics.classifier`` trained on the real training films; its balanced accuracy and AUROC on the real
-   evaluation films say how well the attribute can be read from a 64-px film at all.
+   evaluation films say how well the attribute can be read from a 64-px film at all. ``--judges`` judges (one per
+   seed) score everything; the table gives their mean and range.
 4. For each attribute the generator (its EMA) makes ``--samples`` films per value from the same latents, the other
    label groups drawn from the training frequencies given that value; the judge's balanced accuracy (predicted
    value = asked value) and AUROC between the two sets say whether the films show what was asked. A generator that
@@ -113,7 +114,10 @@ def _asked_labels(G, attribute: str, value: int, count: int, seed: int) -> torch
     return some.sample(count, torch.Generator().manual_seed(seed))
 
 
-def score(run: Path, train_dir: Path, eval_dir: Path, samples: int, judge_steps: int, seed: int = 0) -> list[dict]:
+def score(run: Path, train_dir: Path, eval_dir: Path, samples: int, judge_steps: int,
+          judge_seeds: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
+    """Per attribute: each judge's scores on the real evaluation films and on the conditional samples, and their
+    means over the judges (one per seed: the spread between them is part of the figure)."""
     from medsyngan.data.prepared import PreparedDataset
     from medsyngan.metrics.classifier import auroc, balanced_accuracy, train_classifier
     from medsyngan.training.generate import generate_images, load_generator
@@ -123,22 +127,25 @@ def score(run: Path, train_dir: Path, eval_dir: Path, samples: int, judge_steps:
     rows = []
     for attribute in ("view", "sex", "finding"):
         y_train, known = _targets(train_ds, attribute)
-        judge = train_classifier(np.asarray(train_ds.images)[known], y_train[known], 2, steps=judge_steps,
-                                 batch_size=32, seed=seed)
         y_eval, known_eval = _targets(eval_ds, attribute)
-        real = judge.predict_proba(np.asarray(eval_ds.images)[known_eval])
-        fake = [generate_images(G, samples, seed=seed + 7, labels=_asked_labels(G, attribute, v, samples, seed + v))
-                for v in (0, 1)]
-        probs = judge.predict_proba(np.concatenate(fake))
+        fake = np.concatenate([generate_images(G, samples, seed=7, labels=_asked_labels(G, attribute, v, samples, v))
+                               for v in (0, 1)])
         asked = np.repeat([0, 1], samples)
-        rows.append({
-            "attribute": attribute, "eval_films": int(known_eval.sum()), "eval_positive": int(y_eval[known_eval].sum()),
-            "real_balanced_accuracy": balanced_accuracy(real, y_eval[known_eval]),
-            "real_auroc": auroc(real[:, 1], y_eval[known_eval]),
-            "generated_per_value": samples,
-            "generated_balanced_accuracy": balanced_accuracy(probs, asked),
-            "generated_auroc": auroc(probs[:, 1], asked),
-        })
+        judges = []
+        for seed in judge_seeds:
+            judge = train_classifier(np.asarray(train_ds.images)[known], y_train[known], 2, steps=judge_steps,
+                                     batch_size=32, seed=seed)
+            real, probs = judge.predict_proba(np.asarray(eval_ds.images)[known_eval]), judge.predict_proba(fake)
+            judges.append({"seed": seed, "real_balanced_accuracy": balanced_accuracy(real, y_eval[known_eval]),
+                           "real_auroc": auroc(real[:, 1], y_eval[known_eval]),
+                           "generated_balanced_accuracy": balanced_accuracy(probs, asked),
+                           "generated_auroc": auroc(probs[:, 1], asked)})
+        row = {"attribute": attribute, "eval_films": int(known_eval.sum()),
+               "eval_positive": int(y_eval[known_eval].sum()), "generated_per_value": samples, "judges": judges}
+        for key in ("real_balanced_accuracy", "real_auroc", "generated_balanced_accuracy", "generated_auroc"):
+            values = [j[key] for j in judges]
+            row[key] = {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+        rows.append(row)
     return rows
 
 
@@ -157,13 +164,18 @@ def sample_grid(run: Path, path: Path, per_row: int = 8, seed: int = 11) -> None
 
 
 def markdown(rows: list[dict]) -> str:
+    """The table: each figure the mean over the judges, with their range."""
     names = {"view": "view (PA 0 / AP 1)", "sex": "sex (F 0 / M 1)", "finding": "any finding (none 0 / some 1)"}
+
+    def cell(figure: dict) -> str:
+        return f"{figure['mean']:.3f} ({figure['min']:.3f}–{figure['max']:.3f})"
+
     lines = ["| attribute | real eval films (class 1) | judge on real: bal. acc. | AUROC | conditional samples "
              "per value | judge on samples: bal. acc. | AUROC |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {names[r['attribute']]} | {r['eval_films']} ({r['eval_positive']}) | "
-                     f"{r['real_balanced_accuracy']:.3f} | {r['real_auroc']:.3f} | {r['generated_per_value']} | "
-                     f"{r['generated_balanced_accuracy']:.3f} | {r['generated_auroc']:.3f} |")
+                     f"{cell(r['real_balanced_accuracy'])} | {cell(r['real_auroc'])} | {r['generated_per_value']} | "
+                     f"{cell(r['generated_balanced_accuracy'])} | {cell(r['generated_auroc'])} |")
     return "\n".join(lines)
 
 
@@ -175,16 +187,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--samples", type=int, default=200, help="conditional samples per attribute value")
     parser.add_argument("--judge-steps", type=int, default=800, help="training steps of each judge")
+    parser.add_argument("--judges", type=int, default=3, help="judges per attribute, one per seed")
     parser.add_argument("--docs", type=Path, help="also copy the figures and the sample grid to DIR/results/")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few steps (figures meaningless)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.images, args.width, args.samples, args.judge_steps = 64, 8, 16, 5
+        args.images, args.width, args.samples, args.judge_steps, args.judges = 64, 8, 16, 5, 1
     torch.set_num_threads(1)
     train_dir, eval_dir = prepare_split(args.out / "data")
     run = args.out / ("run-quick" if args.quick else "run")
     wall = train_model(train_dir, run, args.images, args.width, args.batch)
-    rows = score(run, train_dir, eval_dir, args.samples, args.judge_steps)
+    rows = score(run, train_dir, eval_dir, args.samples, args.judge_steps, tuple(range(args.judges)))
     result = {"images_through_d": args.images, "width": args.width, "batch": args.batch, "train_wall_s": wall,
               "machine": run_all.machine(),
               "command": " ".join(["benchmarks/conditional_nih.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -11,9 +11,8 @@ import torch
 
 from medsyngan.config import load_config
 from medsyngan.data.labels import (AGE_BANDS, FINDINGS, JointLabels, LabelLayout, MarginalLabels, age_band,
-                                   distribution_from_json, grid_labels, normalize_sex, parse_age, public_labels,
-                                   training_labels)
-from medsyngan.data.prepared import INDEX_FILE, PreparedDataset
+                                   distribution_from_json, grid_labels, public_labels, training_labels)
+from medsyngan.data.prepared import INDEX_FILE, PreparedDataset, normalize_sex, parse_age
 from medsyngan.errors import UserError
 
 ALL = LabelLayout.of(["age", "sex", "view", "findings"])

@@ -17,8 +17,7 @@ import numpy as np
 
 from medsyngan.data.catalogue import Catalogue
 from medsyngan.data.imageio import IMAGE_SUFFIXES
-from medsyngan.data.labels import UNKNOWN_AGE, normalize_sex, parse_age
-from medsyngan.data.prepared import parse_labels
+from medsyngan.data.prepared import UNKNOWN_AGE, normalize_sex, parse_age, parse_labels
 from medsyngan.errors import UserError
 
 log = logging.getLogger("medsyngan")

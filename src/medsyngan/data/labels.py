@@ -32,7 +32,6 @@ others given them.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from medsyngan.config import Config
-from medsyngan.data.prepared import NO_FINDING, UNKNOWN_AGE, PreparedDataset
+from medsyngan.data.prepared import NO_FINDING, UNKNOWN_AGE, PreparedDataset, normalize_sex
 from medsyngan.errors import UserError
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
@@ -55,22 +54,6 @@ GROUPS: dict[str, tuple[str, ...]] = {"findings": FINDINGS, "view": VIEWS, "sex"
 
 
 # ---------------------------------------------------------------------- single values
-def normalize_sex(text: str) -> str:
-    """'M'/'F' from the spellings found in metadata (m, male, F, female, ...); '' when unknown."""
-    value = text.strip().upper()
-    return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}.get(value, "")
-
-
-def parse_age(text: str) -> int:
-    """Age in whole years from NIH ('57', '057Y', '010M', '003D') or plain metadata; UNKNOWN_AGE when unreadable."""
-    match = re.fullmatch(r"\s*(\d{1,3})\s*([YyMmWwDd]?)\s*", text or "")
-    if match is None:
-        return UNKNOWN_AGE
-    number, unit = int(match.group(1)), match.group(2).upper()
-    years = number if unit in ("", "Y") else 0  # months, weeks, days: an infant
-    return years if years <= 130 else UNKNOWN_AGE
-
-
 def age_band(age: int) -> str:
     """The band of an age in years ('' when unknown)."""
     if age < 0:

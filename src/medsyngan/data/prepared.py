@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,6 +43,22 @@ def parse_labels(text: str) -> tuple[str, ...]:
 
 def format_labels(labels: Sequence[str]) -> str:
     return "|".join(labels) if labels else NO_FINDING
+
+
+def normalize_sex(text: str) -> str:
+    """'M'/'F' from the spellings found in metadata (m, male, F, female, ...); '' when unknown."""
+    value = text.strip().upper()
+    return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}.get(value, "")
+
+
+def parse_age(text: str) -> int:
+    """Age in whole years from NIH ('57', '057Y', '010M', '003D') or plain metadata; UNKNOWN_AGE when unreadable."""
+    match = re.fullmatch(r"\s*(\d{1,3})\s*([YyMmWwDd]?)\s*", text or "")
+    if match is None:
+        return UNKNOWN_AGE
+    number, unit = int(match.group(1)), match.group(2).upper()
+    years = number if unit in ("", "Y") else 0  # months, weeks, days: an infant
+    return years if years <= 130 else UNKNOWN_AGE
 
 
 @dataclass

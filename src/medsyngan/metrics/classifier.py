@@ -92,23 +92,24 @@ def train_classifier(images: np.ndarray, targets: np.ndarray, classes: int, step
     if len(present) < 2 or present.min() < 0 or present.max() >= classes:
         raise UserError(f"a classifier needs films of at least two of its {classes} classes (found {present.tolist()})")
     gen = torch.Generator().manual_seed(seed)
+    by_class = [torch.from_numpy(np.flatnonzero(targets == k)) for k in present]
+    x_all, y_all = _to_input(images), torch.from_numpy(targets)
+    # Initial weights and dropout draw from the global RNG: seeded here, and the caller's stream left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = SmallCNN(classes)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
-    by_class = [torch.from_numpy(np.flatnonzero(targets == k)) for k in present]
-    x_all, y_all = _to_input(images), torch.from_numpy(targets)
-    net.train()
-    for _ in range(steps):
-        which = torch.randint(0, len(by_class), (batch_size,), generator=gen)
-        rows = torch.empty(batch_size, dtype=torch.int64)
-        for k, members in enumerate(by_class):
-            chosen = which == k
-            rows[chosen] = members[torch.randint(0, len(members), (int(chosen.sum()),), generator=gen)]
-        loss = F.cross_entropy(net(_jitter(x_all[rows], gen)), y_all[rows])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
+        net.train()
+        for _ in range(steps):
+            which = torch.randint(0, len(by_class), (batch_size,), generator=gen)
+            rows = torch.empty(batch_size, dtype=torch.int64)
+            for k, members in enumerate(by_class):
+                chosen = which == k
+                rows[chosen] = members[torch.randint(0, len(members), (int(chosen.sum()),), generator=gen)]
+            loss = F.cross_entropy(net(_jitter(x_all[rows], gen)), y_all[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return Classifier(net.eval(), classes)
 
 
