@@ -25,10 +25,14 @@ from tiny_dp import SIZE, enable_dp_from, random_images, tiny_cfg
 CONDITION = "model.condition=['findings', 'view', 'sex', 'age']"
 LAYOUT = LabelLayout.of(["findings", "view", "sex", "age"])
 STYLE = ["model.fmap_base=64", "model.fmap_max=8", "train.r1_gamma=0", "train.loss=nonsaturating"]
+# StyleGAN3 starts at 64 px; a few narrow layers keep it quick.
+SG3 = ["model.resolution=64", "data.size=64", "model.fmap_base=128", "model.fmap_max=16", "model.w_dim=16",
+       "model.sg3_layers=3"]
 
 
 def _cfg(arch: str = "dcgan", *extra: str):
-    return tiny_cfg(f"model.arch={arch}", CONDITION, *(STYLE if arch != "dcgan" else []), *extra)
+    extra = (*(STYLE if arch != "dcgan" else []), *(SG3 if arch == "stylegan3" else []), *extra)
+    return tiny_cfg(f"model.arch={arch}", CONDITION, *extra)
 
 
 def _labels(n: int, seed: int = 0) -> torch.Tensor:
@@ -38,7 +42,7 @@ def _labels(n: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows))
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "progan", "stylegan2"])
+@pytest.mark.parametrize("arch", ["dcgan", "progan", "stylegan2", "stylegan3"])
 def test_conditional_networks_use_each_sample_s_own_labels(arch):
     cfg = _cfg(arch)
     torch.manual_seed(0)
@@ -46,7 +50,7 @@ def test_conditional_networks_use_each_sample_s_own_labels(arch):
     assert G.c_dim == D.c_dim == LAYOUT.dim and G.label_groups == LAYOUT.groups
     z, c = torch.randn(3, cfg.model.z_dim), _labels(3)
     x = G(z, c=c)
-    assert x.shape == (3, 1, SIZE, SIZE)
+    assert x.shape == (3, 1, cfg.model.resolution, cfg.model.resolution)
     other = c.clone()
     other[1] = 1.0 - other[1]
     y = G(z, c=other)
@@ -58,9 +62,9 @@ def test_conditional_networks_use_each_sample_s_own_labels(arch):
         D(x.detach())
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "progan", "stylegan2"])
+@pytest.mark.parametrize("arch", ["dcgan", "progan", "stylegan2", "stylegan3"])
 def test_an_unconditional_model_builds_no_label_parameters(arch):
-    cfg = tiny_cfg(f"model.arch={arch}", *(STYLE if arch != "dcgan" else []))
+    cfg = tiny_cfg(f"model.arch={arch}", *(STYLE if arch != "dcgan" else []), *(SG3 if arch == "stylegan3" else []))
     for build in (build_generator, build_discriminator):
         torch.manual_seed(0)
         names = [n for n, _ in build(cfg.model).named_parameters()]

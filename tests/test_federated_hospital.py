@@ -71,7 +71,7 @@ def test_round_state_on_disk_is_sealed_with_the_hospital_key(data, tmp_path):
 
     generate_key_file(tmp_path / "state.key")
     node = {"hospital-id": 0, "data-path": "unused", "state-dir": str(tmp_path / "state"),
-            "state-key": str(tmp_path / "state.key")}
+            "state-key": str(tmp_path / "state.key"), "aggregator-public": "unused"}
     job = Job(config="", run_id="r")
     identity = node_identity(node, job)
     first, _ = _hospital(data)

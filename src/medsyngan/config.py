@@ -74,7 +74,9 @@ class DataSection(Section):
 
 
 class ModelSection(Section):
-    arch: Literal["dcgan", "progan", "stylegan2"] = Field("dcgan", description="Generator/discriminator family.")
+    arch: Literal["dcgan", "progan", "stylegan2", "stylegan3"] = Field(
+        "dcgan", description="Generator/discriminator family."
+    )
     resolution: int = Field(64, description="Output side in pixels (a power of two).")
     z_dim: int = Field(100, ge=1, description="Latent dimension.")
     dp_compatible: bool = Field(
@@ -84,10 +86,24 @@ class ModelSection(Section):
     )
     ngf: int = Field(64, ge=1, description="DCGAN generator width (feature maps at the last layer).")
     ndf: int = Field(64, ge=1, description="DCGAN discriminator width (feature maps at the first layer).")
-    fmap_base: int = Field(4096, ge=16, description="ProGAN/StyleGAN2 channel budget: channels = base / res.")
-    fmap_max: int = Field(256, ge=8, description="ProGAN/StyleGAN2 cap on channels per layer.")
-    w_dim: int = Field(256, ge=1, description="StyleGAN2 intermediate latent dimension.")
-    mapping_layers: int = Field(2, ge=1, description="StyleGAN2 mapping network depth.")
+    fmap_base: int = Field(
+        4096, ge=16, description="ProGAN/StyleGAN2/StyleGAN3 channel budget: channels = base / res (StyleGAN3's "
+        "generator: base / (2 · layer cutoff), which is base / res at its last layers)."
+    )
+    fmap_max: int = Field(256, ge=8, description="ProGAN/StyleGAN2/StyleGAN3 cap on channels per layer.")
+    w_dim: int = Field(256, ge=1, description="StyleGAN2/StyleGAN3 intermediate latent dimension.")
+    mapping_layers: int = Field(2, ge=1, description="StyleGAN2/StyleGAN3 mapping network depth.")
+    sg3_config: Literal["t", "r"] = Field(
+        "t", description="StyleGAN3 config: 't' translation equivariant (3x3 convolutions); 'r' rotation "
+        "equivariant too (1x1 convolutions, radially symmetric filters, generator fmap_base and fmap_max doubled)."
+    )
+    sg3_layers: int = Field(
+        14, ge=3, description="StyleGAN3 synthesis layers between the Fourier-feature input and toRGB (NVlabs: 14)."
+    )
+    sg3_magnitude_ema_beta: float = Field(
+        0.999, ge=0, lt=1, description="StyleGAN3 decay of each layer's running input magnitude (NVlabs' training "
+        "uses 0.5 ** (batch / 20000), 0.9989 at batch 32)."
+    )
     condition: list[Literal["findings", "view", "sex", "age"]] = Field(
         default_factory=list,
         description="Label groups G and D are conditioned on (medsyngan.data.labels: the 14 NIH findings, view "
@@ -223,7 +239,8 @@ class PrivacySection(Section):
     )
     checkpoint_key: str = Field(
         "", description="Key file (32 bytes, from `medsyngan privacy keygen`) that encrypts the run's checkpoints "
-        "at rest (AES-256-GCM); `medsyngan train` stores it as an absolute path. Empty: checkpoints in plaintext."
+        "at rest (AES-256-GCM); `medsyngan train` stores it as an absolute path. Empty: checkpoints in plaintext, "
+        "except a DP run's secret seed, sealed under the run's own key file RUN/keys/checkpoint.key."
     )
 
     @property

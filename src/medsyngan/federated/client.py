@@ -31,7 +31,7 @@ from medsyngan.federated.protocol import Job
 from medsyngan.federated.records import pack_blob, unpack_blob
 from medsyngan.federated.plan import split_holdout
 from medsyngan.rundir import atomic_write_bytes, atomic_write_text
-from medsyngan.sealed import IntegrityError, decrypt_at_rest, encrypt_at_rest, is_encrypted, load_key_file
+from medsyngan.sealed import Binding, IntegrityError, decrypt_at_rest, encrypt_at_rest, is_encrypted, load_key_file
 from medsyngan.runtime import cache_dir
 
 KEEP_ROUNDS = 2
@@ -43,7 +43,13 @@ class NodeIdentity:
     data_path: str | None
     state_dir: Path
     state_key: bytes | None = None  # seals the round state on disk (AES-256-GCM); None: plaintext
-    aggregator_public: Path | None = None  # the aggregator's key pinned by `pki init`; None: trust the job's
+    aggregator_public: Path | None = None  # the aggregator's key a deployed hospital pins; None (simulation): the job's
+    run_id: str = ""  # the federation's run id, bound into every file the hospital seals
+
+    def binding(self, round_: int, role: str) -> Binding:
+        """Where a file this hospital seals belongs (``role``: "state", "ledger", …): its run, its round and
+        this hospital, so that a sealed file of another run, round, hospital or role is refused."""
+        return Binding(self.run_id, round_, f"hospital-{self.hospital_id}/{role}")
 
 
 def node_identity(node_config: Mapping[str, Any], job: Job) -> NodeIdentity:
@@ -51,6 +57,9 @@ def node_identity(node_config: Mapping[str, Any], job: Job) -> NodeIdentity:
         if "data-path" not in node_config:
             raise UserError("node config has hospital-id but no data-path; start flower-supernode with "
                             "--node-config \"hospital-id=K data-path='DIR'\"")
+        if "aggregator-public" not in node_config:
+            raise UserError("node config has hospital-id but no aggregator-public: a deployed hospital sends updates "
+                            "only to the aggregator whose key it pins; start it with `medsyngan hospital start`")
         hospital, data_path = int(node_config["hospital-id"]), str(node_config["data-path"])
     elif "partition-id" in node_config:
         hospital, data_path = int(node_config["partition-id"]), None
@@ -64,7 +73,7 @@ def node_identity(node_config: Mapping[str, Any], job: Job) -> NodeIdentity:
     key_path = node_config.get("state-key") or job.state_key
     pinned = node_config.get("aggregator-public")
     return NodeIdentity(hospital, data_path, state_dir, load_key_file(str(key_path)) if key_path else None,
-                        Path(str(pinned)) if pinned else None)
+                        Path(str(pinned)) if pinned else None, job.run_id)
 
 
 def load_hospital_data(identity: NodeIdentity, job: Job, cfg: Config) -> tuple[PreparedDataset, PreparedDataset]:
@@ -134,7 +143,7 @@ def restore(hospital: Hospital, identity: NodeIdentity, resume_round: int, in_me
                 f"hospital {identity.hospital_id} has no saved state for round {resume_round} ({path}); "
                 "it cannot resume this federation"
             )
-        state = unpack_blob(_open_state(identity, path))
+        state = unpack_blob(_open_state(identity, path, resume_round))
     if state is not None:
         hospital.load_state_dict(state)
     ledger = ledger_file(identity)
@@ -142,10 +151,7 @@ def restore(hospital: Hospital, identity: NodeIdentity, resume_round: int, in_me
         hospital.privacy_floor = json.loads(ledger.read_text())
 
 
-STATE_CONTEXT = "hospital-state"
-
-
-def _open_state(identity: NodeIdentity, path: Path) -> bytes:
+def _open_state(identity: NodeIdentity, path: Path, round_: int) -> bytes:
     blob = path.read_bytes()
     if not is_encrypted(blob):
         return blob
@@ -153,7 +159,7 @@ def _open_state(identity: NodeIdentity, path: Path) -> bytes:
         raise UserError(f"{path} is encrypted; give hospital {identity.hospital_id} its key file "
                         "(node config state-key=FILE, or privacy.checkpoint_key in a simulation)")
     try:
-        return decrypt_at_rest(blob, identity.state_key, STATE_CONTEXT)
+        return decrypt_at_rest(blob, identity.state_key, identity.binding(round_, "state"))
     except IntegrityError as exc:
         raise UserError(f"{path}: {exc}; check the hospital's state-key") from None
 
@@ -163,7 +169,7 @@ def persist(hospital: Hospital, identity: NodeIdentity, round_: int) -> dict:
     state = hospital.state_dict()
     blob = pack_blob(state)
     if identity.state_key is not None:
-        blob = encrypt_at_rest(blob, identity.state_key, STATE_CONTEXT)
+        blob = encrypt_at_rest(blob, identity.state_key, identity.binding(round_, "state"))
     atomic_write_bytes(state_file(identity, round_), blob)
     if state.get("dp") is not None:
         atomic_write_text(ledger_file(identity), json.dumps(state["dp"]["accountant"]))

@@ -77,8 +77,9 @@ def sample_images(
 
 def load_generator(path: Path | str, device: torch.device | str = "cpu",
                    key: bytes | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The generator of a run directory or checkpoint (its EMA when the run kept one) and the checkpoint metadata;
-    ``key`` opens an encrypted checkpoint (see :func:`~medsyngan.training.checkpoint.load_checkpoint`)."""
+    """The generator of a run directory, a checkpoint (its EMA when the run kept one) or a model folder written
+    by `medsyngan export`, and the checkpoint metadata; ``key`` opens an encrypted checkpoint (see
+    :func:`~medsyngan.training.checkpoint.load_checkpoint`)."""
     from medsyngan.models.registry import build_generator
     from medsyngan.training.checkpoint import load_checkpoint
 
@@ -276,14 +277,18 @@ def fixed_latents(z_dim: int, seed: int, count: int = SAMPLE_GRID) -> torch.Tens
     return torch.randn(count, z_dim, generator=torch.Generator().manual_seed(seed + 1))
 
 
-def save_sample_grid(trainer: GANTrainer, latents: torch.Tensor, path: Path) -> None:
-    """The snapshot grid; a conditional model's images step through the label values (``grid_labels``)."""
+def sample_grid_png(net: nn.Module, latents: torch.Tensor, device: torch.device | str = "cpu") -> bytes:
+    """A PNG of the images of ``latents`` laid out in a square grid; a conditional generator's images step
+    through the label values (``grid_labels``)."""
     from PIL import Image
 
+    labels = grid_labels(label_layout(net), len(latents)) if getattr(net, "c_dim", 0) else None
+    buf = io.BytesIO()
+    Image.fromarray(image_grid(sample_images(net, latents, device=device, labels=labels))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_sample_grid(trainer: GANTrainer, latents: torch.Tensor, path: Path) -> None:
     # The plain module: a compiled G would recompile for eval mode.
     net = unwrap(trainer.G_ema if trainer.G_ema is not None else trainer.G)
-    labels = grid_labels(trainer.label_layout, len(latents)) if trainer.conditional else None
-    images = sample_images(net, latents, device=trainer.device, labels=labels)
-    buf = io.BytesIO()
-    Image.fromarray(image_grid(images)).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, sample_grid_png(net, latents, trainer.device))

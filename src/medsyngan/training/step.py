@@ -185,7 +185,7 @@ class GANTrainer:
             t.amp == "bf16" or (t.amp == "auto" and _fast_bf16(self.device))
         ) else None
 
-        style = self.arch == "stylegan2"
+        self.style_based = style = self.arch in ("stylegan2", "stylegan3")
         self.use_gp = t.loss == "wgan-gp" and t.gp_weight > 0
         self.use_r1 = style and t.r1_gamma > 0
         self.use_pl = style and t.pl_weight > 0
@@ -261,12 +261,12 @@ class GANTrainer:
         return self.label_source.sample(n, self.label_rng).to(self.device)
 
     def generate(self, n: int, c: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """n generated images for training (with style mixing for StyleGAN2) and their ws (None if not style-based);
+        """n generated images for training (style mixing for StyleGAN2/3) and their ws (None if not style-based);
         ``c``: their labels, for a conditional model."""
         z = self.latents(n)
         labels = {} if c is None else {"c": c}
         with self._autocast():
-            if self.arch != "stylegan2":
+            if not self.style_based:
                 return self.G(z, **labels), None
             ws = self.G.mapping(z, **labels)
             if self.mixing_p > 0:
