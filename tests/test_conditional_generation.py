@@ -91,6 +91,16 @@ def test_generate_draws_the_labels_not_asked_for_and_lists_them(conditional_run,
     assert {r["view"] for r in rows} == {"PA"} and all(r["sex"] in ("F", "M") for r in rows)
 
 
+def test_an_exported_conditional_model_keeps_its_label_frequencies(conditional_run, tmp_path):
+    from medsyngan.workflows.export import export_model
+
+    export_model(conditional_run, tmp_path / "model")
+    G, _ = load_generator(tmp_path / "model")
+    trained, _ = load_generator(conditional_run)
+    assert np.array_equal(G.label_distribution.rows, trained.label_distribution.rows)
+    assert np.array_equal(generate_images(G, 3, seed=2), generate_images(trained, 3, seed=2))
+
+
 def test_a_model_without_recorded_frequencies_needs_every_label_given(conditional_run):
     from medsyngan.training.generate import request_labels
 
