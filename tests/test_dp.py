@@ -137,7 +137,7 @@ def test_noise_std_is_sigma_clip_over_expected_batch():
     class Zero:  # zero gradient inputs: what reaches the optimizer is the noise alone
         name = "zero"
 
-        def gradients(self, trainer, real, fake, clip, expected, fake_clip=None):
+        def gradients(self, trainer, real, fake, clip, expected, fake_clip=None, real_c=None, fake_c=None):
             return {}, torch.zeros(())
 
     session.update.engine = Zero()

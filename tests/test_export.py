@@ -157,6 +157,7 @@ def test_every_text_setting_is_either_shareable_or_removed():
     walk(cfg, "")
     assert SHAREABLE_TEXT <= set(text)
     paths = {"data.path": "/hospital/data", "train.init_from": "/hospital/runs/a",
+             "train.label_table": "/hospital/Data_Entry_2017_v2020.csv",
              "federated.partition": "/hospital/p.csv", "privacy.checkpoint_key": "/hospital/k.key",
              "eval.feature_extractor": "/hospital/inception.pt"}
     assert set(text) - SHAREABLE_TEXT == set(paths)

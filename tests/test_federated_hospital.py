@@ -113,8 +113,8 @@ def test_mean_image_is_released_once_against_the_global_model_it_trains_from(dat
 
     seen = []
     real_mean = moments.generator_mean
-    monkeypatch.setattr(moments, "generator_mean", lambda G, size, seed=0: seen.append(
-        {k: v.clone() for k, v in G.named_parameters()}) or real_mean(G, size, seed))
+    monkeypatch.setattr(moments, "generator_mean", lambda G, size, seed=0, labels=None: seen.append(
+        {k: v.clone() for k, v in G.named_parameters()}) or real_mean(G, size, seed, labels))
     hospital, cfg = _hospital(data, "privacy.dp=true", "privacy.target_epsilon=10", "privacy.mean_image_size=4",
                               "federated.rounds=2", "federated.local_steps=2")
     hospital.check_ready()  # the DP session exists before any global model has arrived

@@ -221,3 +221,12 @@ def test_label_names_must_make_distinct_keys(toy_sets):
                            (("square", "bar_lo"), "'bar_lo'")):
         with pytest.raises(UserError, match=message):
             utility_audit(fake, fake_y, real, real_y, real_p, names)
+
+
+def test_balanced_accuracy_is_the_mean_recall_at_the_threshold():
+    scores, labels = np.array([0.9, 0.8, 0.7, 0.4]), np.array([0, 0, 0, 1])
+    assert A.balanced_accuracy(scores, labels) == 0.0
+    assert A.balanced_accuracy(1 - scores, labels) == 1.0
+    assert A.balanced_accuracy(scores, np.array([1, 0, 1, 0]), threshold=0.75) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="both classes"):
+        A.balanced_accuracy(scores, np.ones(4))

@@ -125,7 +125,7 @@ def test_calibration_pays_for_a_prior_release_from_the_same_budget():
     assert plan.noise_multiplier == pytest.approx(sigma) and plan.history() == release + [(sigma, 0.5, 200)]
     assert plan.accountant().history == []  # the session charges the release when it makes it
     assert plan_dp(60, 30, 200, 10.0, release_noise=4.0, min_noise=50.0).noise_multiplier == 50.0
-    with pytest.raises(UserError, match="release alone spends ε = .* raise privacy.mean_image_noise"):
+    with pytest.raises(UserError, match="releases .* alone spend ε = .* raise privacy.mean_image_noise"):
         calibrate_noise(1.0, 1e-5, 0.5, 200, prior=release)
 
 

@@ -104,6 +104,11 @@ class ModelSection(Section):
         0.999, ge=0, lt=1, description="StyleGAN3 decay of each layer's running input magnitude (NVlabs' training "
         "uses 0.5 ** (batch / 20000), 0.9989 at batch 32)."
     )
+    condition: list[Literal["findings", "view", "sex", "age"]] = Field(
+        default_factory=list,
+        description="Label groups G and D are conditioned on (medsyngan.data.labels: the 14 NIH findings, view "
+        "PA/AP, sex, age band); empty: an unconditional model.",
+    )
 
 
 class TrainSection(Section):
@@ -150,6 +155,15 @@ class TrainSection(Section):
         "",
         description="Start from the G/D weights of this checkpoint or run directory (same architecture and size), "
         "e.g. a model trained on public phantoms; optimizer state and counters start fresh. Empty: random init.",
+    )
+    label_source: Literal["data", "public"] = Field(
+        "data", description="Conditional models: where generated images' labels are drawn from. 'data': the "
+        "training data's label frequencies (under privacy.dp released once with Gaussian noise, part of target ε); "
+        "'public': the label frequencies of a public NIH metadata table (train.label_table), at no privacy cost."
+    )
+    label_table: str = Field(
+        "", description="NIH Data_Entry CSV whose label frequencies train.label_source = 'public' uses (public "
+        "metadata of the whole release); empty: the shared NIH sample's. Every hospital reads it."
     )
 
 
@@ -210,6 +224,10 @@ class PrivacySection(Section):
         "the [-1, 1] scale (the L2 bound is this × k)."
     )
     mean_image_weight: float = Field(1.0, ge=0, description="Weight of the mean-image term in G's loss.")
+    label_noise: float = Field(
+        5.0, gt=0, description="Conditional models with train.label_source = 'data': noise multiplier σ of the "
+        "one-off Gaussian release of each hospital's label counts (privacy.label_release); part of target_epsilon."
+    )
     client_dp: bool = Field(False, description="DP-FedAvg: clip each hospital's update, noise the aggregate.")
     client_clip: float = Field(1.0, gt=0, description="Client-level DP clipping norm.")
     client_noise: float = Field(1.0, ge=0, description="Client-level DP noise multiplier.")
@@ -291,6 +309,8 @@ class Config(Section):
                 f"privacy.mean_image_size ({self.privacy.mean_image_size}) exceeds model.resolution "
                 f"({self.model.resolution}); use a side of at most the image's"
             )
+        if len(set(self.model.condition)) != len(self.model.condition):
+            raise ValueError(f"model.condition lists a group twice ({self.model.condition}); name each once")
         if self.federated.enabled and self.federated.quorum > self.federated.hospitals:
             raise ValueError(
                 f"federated.quorum ({self.federated.quorum}) exceeds federated.hospitals "

@@ -89,9 +89,11 @@ def _hospital_units(cfg) -> list[tuple[str, int, int]]:
 
 def _from_config(config: str, overrides: list[str]) -> None:
     from medsyngan.config import load_config
+    from medsyngan.data.labels import describe_source
     from medsyngan.federated.policy import effective_privacy
     from medsyngan.privacy.accounting import (ADD_REMOVE, RELATION, client_level_accountant, describe, plan_dp,
                                               planned_private_steps, resolve_unit)
+    from medsyngan.privacy.label_release import label_release_planned, one_off_noise
 
     cfg = load_config(config, overrides)
     p = cfg.privacy
@@ -99,12 +101,13 @@ def _from_config(config: str, overrides: list[str]) -> None:
     if cfg.federated.enabled:  # each virtual hospital plans under its policy: the smaller ε and δ, at least its σ
         p, min_noise = effective_privacy(cfg.hospital, p), cfg.hospital.min_noise_multiplier
     steps = planned_private_steps(cfg)
+    release_noise = one_off_noise(p, label_release_planned(cfg))
     rows, lines = [], []
     for name, patients, images in _hospital_units(cfg):
         unit = resolve_unit(p.unit, patients, images)
         units = patients if unit == "patient" else images
         plan = plan_dp(units, cfg.train.batch_size, steps, p.target_epsilon, p.delta, unit, where=name,
-                       release_noise=p.release_noise, min_noise=min_noise)
+                       release_noise=release_noise, min_noise=min_noise)
         e = plan.epsilon()
         rows.append([name, unit, str(units), f"{plan.sample_rate:.4g}", str(plan.steps), f"{plan.delta:.3g}",
                      f"{plan.noise_multiplier:.4f}", _fmt(e["reported"]), _fmt(e["add_remove"])])
@@ -114,6 +117,9 @@ def _from_config(config: str, overrides: list[str]) -> None:
     if p.mean_image_size:
         typer.echo(f"ε includes each hospital's one-off {p.mean_image_size}×{p.mean_image_size} mean-image release "
                    f"(Gaussian, σ = {p.mean_image_noise:g}); σ below is DP-SGD's")
+    if cfg.model.condition:
+        typer.echo(f"generated labels ({', '.join(cfg.model.condition)}): "
+                   f"{describe_source(cfg.train.label_source, cfg.train.label_table, True, p.label_noise)}")
     _print_table(f"DP-SGD plan: target ε = {p.target_epsilon:g} per hospital over the whole run ({RELATION})",
                  ["training set", "unit", "units", "q", "steps", "δ", "σ", f"ε {RELATION}", f"ε {ADD_REMOVE}"], rows)
     for line in lines:

@@ -9,6 +9,10 @@ in ``context.state`` and on the hospital's own disk.
 Its DP session is not part of that state: it lives in the hospital's ledger (:class:`Ledger`), which only grows. A
 round charges its planned private steps to the ledger before the first of them runs and settles after the last,
 so a hospital brought back to an older round's state keeps every step and release it ever paid for.
+
+A conditional model's real batches carry the hospital's labels, and its generated labels come from the source the
+federation's configuration (the server's plan) names: the public table every hospital reads, or the hospital's own
+label frequencies — under DP released once by the hospital itself (kept in its DP ledger), otherwise used as they are.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor
 
 from medsyngan.config import Config, HospitalSection
+from medsyngan.data.labels import plain_label_source, training_labels
 from medsyngan.data.loader import BatchLoader
 from medsyngan.data.prepared import PreparedDataset
 from medsyngan.federated.aggregation import delta
@@ -89,10 +94,13 @@ class Hospital:
         self.policy = policy
         local = hospital_config(cfg, hospital_id, policy)
         self.trainer = GANTrainer(local, device=device)
+        self.labels = training_labels(cfg, train, f"hospital {hospital_id}'s training set")
         self.loader = BatchLoader(
             train.images, cfg.train.batch_size, seed=local.run.seed, device=self.trainer.device,
-            augment=cfg.data.augment,
+            augment=cfg.data.augment, labels=self.labels,
         )
+        if self.trainer.conditional and not cfg.privacy.dp:
+            self.trainer.set_label_source(plain_label_source(cfg, self.labels))
         self.rounds_done = 0
         self.local_cfg = local
         self.dp = None
@@ -124,9 +132,8 @@ class Hospital:
             self.dp = enable_dp(self.trainer, np.asarray(self.train_set.images), self.train_set.patients,
                                 local.privacy, batch_size=local.train.batch_size,
                                 planned_steps=planned_private_steps(local), augment=local.data.augment,
-                                state=state, min_noise=min_noise)
-            if self.ledger is not None:
-                self.dp.attach_ledger(self.ledger.write, self.ledger.name)
+                                state=state, min_noise=min_noise, labels=self.labels,
+                                ledger=(self.ledger.write, self.ledger.name) if self.ledger is not None else None)
         return self.dp.next_real
 
     def check_ready(self) -> None:
@@ -193,8 +200,14 @@ class Hospital:
         """Metrics of the global generator against this hospital's held-out images; only scalars leave."""
         if self.holdout is None or len(self.holdout) == 0:
             return {}
+        if self.trainer.conditional and self.trainer.label_source is None:
+            self._batches()  # under DP the label source is the hospital's release, read back with its DP state
         self.trainer.load_model_state(generator_state)
-        fake = generate_images(self.trainer.G, count, seed=derive_seed("evaluate", self.hospital_id) % 2**31)
+        seed = derive_seed("evaluate", self.hospital_id) % 2**31
+        labels = None
+        if self.trainer.label_source is not None:
+            labels = self.trainer.label_source.sample(count, torch.Generator().manual_seed(seed))
+        fake = generate_images(self.trainer.G, count, seed=seed, labels=labels)
         result = dict(evaluate_fn(fake, np.asarray(self.holdout.images)))
         result["holdout_images"] = float(len(self.holdout))
         return result

@@ -85,3 +85,12 @@ class Estimate:
     def keys(self, key: str) -> dict[str, float]:
         """``{key: value, key_lo: lo, key_hi: hi}``."""
         return {key: self.value, f"{key}_lo": self.lo, f"{key}_hi": self.hi}
+
+
+def balanced_accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> float:
+    """Mean of the two classes' recalls when a score above ``threshold`` means class 1: chance is 0.5 whatever
+    the class sizes (a judge of a rare class is thresholded at that class's training prevalence)."""
+    predicted, labels = np.asarray(scores) > threshold, np.asarray(labels).astype(bool)
+    if labels.all() or not labels.any():
+        raise ValueError("balanced accuracy needs films of both classes")
+    return float((predicted[labels].mean() + (~predicted[~labels]).mean()) / 2)

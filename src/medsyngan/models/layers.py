@@ -1,5 +1,5 @@
-"""Building blocks shared by ProGAN, StyleGAN2 and StyleGAN3: equalized learning rate, pixel norm, minibatch-stddev,
-FIR resampling and modulated convolution.
+"""Building blocks shared by the networks: equalized learning rate, pixel norm, minibatch-stddev, FIR resampling,
+modulated convolution (ProGAN, StyleGAN2, StyleGAN3), and the check of a conditional network's label batch.
 
 Equalized learning rate (Karras et al. 2018): parameters are stored N(0, 1) and scaled at run time by
 ``gain * lr_mul / sqrt(fan_in)``, so that Adam's per-parameter step size acts the same on every layer. The scaled
@@ -21,6 +21,14 @@ SQRT2 = math.sqrt(2.0)
 def channels(resolution: int, fmap_base: int, fmap_max: int) -> int:
     """Feature maps at a resolution: ``fmap_base / resolution``, capped at ``fmap_max``, at least 1."""
     return max(1, min(fmap_base // resolution, fmap_max))
+
+
+def label_batch(c: torch.Tensor | None, like: torch.Tensor, c_dim: int) -> torch.Tensor:
+    """The label batch (B, c_dim) of a conditional network, checked against the batch ``like`` it goes with."""
+    if c is None or c.shape != (like.shape[0], c_dim):
+        got = "none" if c is None else tuple(c.shape)
+        raise ValueError(f"a conditional network needs labels of shape ({like.shape[0]}, {c_dim}), got {got}")
+    return c.to(like.dtype)
 
 
 def lrelu(x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:

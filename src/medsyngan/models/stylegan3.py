@@ -18,6 +18,8 @@ The generator of NVlabs' networks_stylegan3, rebuilt on this package's layers (t
   final toRGB is a 1x1 modulated convolution to one channel, the image scaled by 0.25.
 - Discriminator: StyleGAN2's residual one (``StyleGAN2Discriminator``, with its ``dp_compatible`` form), as NVlabs
   trains StyleGAN3; the registry builds it.
+- Class-conditional (``c_dim > 0``): the labels enter StyleGAN2's mapping network (embedded, normalised, concatenated
+  to z) and the discriminator is StyleGAN2's conditional one, as in NVlabs.
 
 The filtered nonlinearity is plain PyTorch (NVlabs' reference path of ``filtered_lrelu``, not the CUDA op): a
 transposed convolution does the upsampling (zero insertion without multiplying the zeros), a strided convolution
@@ -329,20 +331,21 @@ class StyleGAN3Generator(nn.Module):
             training script uses 0.5 ** (batch / 20000), 0.9989 at batch 32).
         mapping_lr_mul, w_avg_beta: mapping network learning-rate multiplier (0.01) and w_avg decay (0.998).
         fused_modconv: as for StyleGAN2 (None: grouped convolution in eval mode, shared weights in training).
+        c_dim: length of the label vector (0: unconditional), given to ``mapping`` and ``forward`` as ``c``.
     """
 
     def __init__(
         self, resolution: int = 256, z_dim: int = 512, w_dim: int = 256, mapping_layers: int = 2,
         fmap_base: int = 4096, fmap_max: int = 256, nc: int = 1, config: Config = "t", num_layers: int = 14,
         magnitude_ema_beta: float = 0.999, mapping_lr_mul: float = 0.01, w_avg_beta: float = 0.998,
-        fused_modconv: bool | None = None,
+        fused_modconv: bool | None = None, c_dim: int = 0,
     ):
         super().__init__()
         if resolution not in SUPPORTED_RESOLUTIONS:
             raise ValueError(f"StyleGAN3 resolution {resolution} not in {SUPPORTED_RESOLUTIONS}")
         if config not in ("t", "r"):
             raise ValueError(f"StyleGAN3 config '{config}' is not 't' or 'r'")
-        self.resolution, self.z_dim, self.w_dim, self.config = resolution, z_dim, w_dim, config
+        self.resolution, self.z_dim, self.w_dim, self.config, self.c_dim = resolution, z_dim, w_dim, config, c_dim
         widen = 2 if config == "r" else 1
         self.synthesis = SynthesisNetwork(
             resolution, w_dim, fmap_base * widen, fmap_max * widen, nc, num_layers,
@@ -350,9 +353,10 @@ class StyleGAN3Generator(nn.Module):
             magnitude_ema_beta=magnitude_ema_beta, fused=fused_modconv,
         )
         self.num_ws = self.synthesis.num_ws
-        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, mapping_layers, mapping_lr_mul, w_avg_beta)
+        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, mapping_layers, mapping_lr_mul, w_avg_beta, c_dim)
 
     def forward(
-        self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None
+        self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
+        c: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.synthesis(self.mapping(z, truncation_psi, truncation_cutoff))
+        return self.synthesis(self.mapping(z, truncation_psi, truncation_cutoff, c=c))

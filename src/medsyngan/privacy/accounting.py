@@ -73,6 +73,14 @@ def one_off_release(noise_multiplier: float) -> tuple[float, float, int]:
     return (float(noise_multiplier), 1.0, 1)
 
 
+def combined_noise(*noise_multipliers: float) -> float:
+    """σ of the one Gaussian mechanism that equals several one-off releases (q = 1) of the same units, each of
+    sensitivity-normalised noise σ_i (0: not made): 1/σ² = Σ 1/σ_i². Both accountants compose Gaussians exactly
+    so (RDP: α/2σ² adds; PRV: Gaussian privacy-loss distributions), so one history entry stands for all of them."""
+    made = [s for s in noise_multipliers if s]
+    return sum(s**-2 for s in made) ** -0.5 if made else 0.0
+
+
 def validate(sample_rate: float, noise_multiplier: float | None = None, delta: float | None = None,
              units: int | None = None) -> None:
     """Reject parameters that would make a reported ε meaningless, with the fix in the message."""
@@ -289,8 +297,9 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     prior = list(prior or [])
     if prior and (alone := epsilon_of(prior, delta)) >= target_epsilon:
         raise UserError(
-            f"the mean-image release alone spends ε = {alone:.3g} of the target {target_epsilon:g}; raise "
-            "privacy.mean_image_noise, raise the target ε or set privacy.mean_image_size=0"
+            f"the one-off releases (mean image, label frequencies) alone spend ε = {alone:.3g} of the target "
+            f"{target_epsilon:g}; raise privacy.mean_image_noise or privacy.label_noise, raise the target ε, or "
+            "set privacy.mean_image_size=0 / train.label_source='public'"
         )
 
     def fits(sigma: float) -> bool:

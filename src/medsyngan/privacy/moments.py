@@ -86,15 +86,16 @@ def release_mean_image(images: np.ndarray, patients: Sequence[str] | np.ndarray 
 
 
 @torch.no_grad()
-def generator_mean(G: torch.nn.Module, size: int, seed: int = 0) -> Tensor:
-    """The k×k mean of ``REFERENCE_SAMPLES`` images of G (in eval mode, so BatchNorm statistics do not move)."""
+def generator_mean(G: torch.nn.Module, size: int, seed: int = 0, labels: Tensor | None = None) -> Tensor:
+    """The k×k mean of ``REFERENCE_SAMPLES`` images of G (in eval mode, so BatchNorm statistics do not move);
+    ``labels`` (REFERENCE_SAMPLES, c_dim) for a conditional G."""
     device = next(G.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn(REFERENCE_SAMPLES, G.z_dim, generator=gen, device=device)
     was_training = G.training
     G.eval()
     try:
-        return lowres_mean(G(z), size).cpu()
+        return lowres_mean(G(z) if labels is None else G(z, c=labels.to(device)), size).cpu()
     finally:
         G.train(was_training)
 
@@ -109,8 +110,10 @@ class MeanImageRelease:
     """
 
     def __init__(self, images: np.ndarray, patients: Sequence[str] | np.ndarray | None, size: int, clip: float,
-                 noise_multiplier: float, weight: float, generator: torch.nn.Module):
+                 noise_multiplier: float, weight: float, generator: torch.nn.Module,
+                 reference_labels: Callable[[int], Tensor] | None = None):
         self.images, self.patients, self.generator = images, patients, generator
+        self.reference_labels = reference_labels  # n → labels of the reference images, for a conditional G
         self.begin: Callable[[], int] | None = None
         self.finished: Callable[[], None] = lambda: None
         self.size, self.clip = int(size), float(clip)
@@ -123,8 +126,10 @@ class MeanImageRelease:
             if self.begin is None:
                 raise RuntimeError("the mean-image release has no session to charge it")
             noise = torch.Generator().manual_seed(self.begin())
+            labels = self.reference_labels(REFERENCE_SAMPLES) if self.reference_labels is not None else None
+            reference = generator_mean(self.generator, self.size, labels=labels)
             self.target = release_mean_image(self.images, self.patients, self.size, self.clip,
-                                             self.noise_multiplier, generator_mean(self.generator, self.size), noise)
+                                             self.noise_multiplier, reference, noise)
             self.finished()
         return self.target
 

@@ -27,6 +27,9 @@ What is private and why
   (post-processing, no privacy cost, no per-sample machinery).
 - **Lazy R1 is refused** under DP: it is an extra optimizer step on real images that would need its own clipping,
   noise and accounting, doubling the cost of the budget for a regularizer; use ``train.r1_gamma = 0``.
+- **Labels.** A conditional D sees each real image's labels inside that sample's clipped loss (they are part of
+  the sample); generated images' labels come from public frequencies or from the one-off private release of the
+  hospital's label frequencies (``label_release.py``), never from the batch.
 - **Released diagnostics.** The private update reports only the loss on generated images. The real-sample loss is
   a statistic of the private batch that the accountant does not cover, so it is not reported.
 - **Secret randomness.** Amplification by subsampling assumes nobody knows who was sampled, and the noise is only
@@ -37,11 +40,12 @@ What is private and why
 - **Never rolled back.** Every private step has an index t: batch t of the sampler and noise stream t, both
   from the secret seed, and no index is used twice. A federated hospital charges a round's planned steps to its
   accountant and writes its ledger (:meth:`DPSession.attach_ledger`, fsync'd, atomically) BEFORE the first of them
-  runs, and the mean-image release is charged and written before it is computed; after the round the charge is
+  runs, and a one-off release is charged and written before it is computed; after the round the charge is
   corrected to the steps that ran. A hospital brought back to an older round takes its session from the ledger,
   so a retried round draws fresh batches and fresh noise and pays for them as new steps; a crash can only make
   the ledger over-count.
-- **What ε covers:** every D update on real data of this hospital, and its mean-image release, for the whole run. Not covered: choices made
+- **What ε covers:** every D update on real data of this hospital, and its one-off releases (mean image, label
+  frequencies), for the whole run. Not covered: choices made
   by a person looking at private outputs (e.g. picking a checkpoint by a metric on real data) — do not do that.
 """
 
@@ -55,8 +59,9 @@ import torch
 from torch import Tensor
 
 from medsyngan.errors import UserError
-from medsyngan.privacy.accounting import RELATION, BudgetExceeded, PrivacyAccountant, one_off_release
+from medsyngan.privacy.accounting import RELATION, BudgetExceeded, PrivacyAccountant, combined_noise, one_off_release
 from medsyngan.privacy.engines import make_engine
+from medsyngan.privacy.label_release import LabelRelease
 from medsyngan.privacy.moments import MeanImageRelease
 from medsyngan.privacy.sampling import PoissonUnitSampler
 from medsyngan.training.step import DiscriminatorUpdate, GANTrainer
@@ -65,6 +70,7 @@ STATE_VERSION = 2
 # Stream ids under the session's secret seed: 0 and 1 are the sampler's (batches, augmentation; sampling.py).
 NOISE_STREAM = 2
 RELEASE_STREAM = 3
+LABEL_STREAM = 5
 
 LedgerWriter = Callable[[dict[str, Any]], None]
 
@@ -84,13 +90,15 @@ class PrivateDiscriminatorUpdate(DiscriminatorUpdate):
         self.engine = engine
         self.private_steps = 0
 
-    def step(self, trainer: GANTrainer, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+    def step(self, trainer: GANTrainer, real: Tensor, fake: Tensor, real_c: Tensor | None = None,
+             fake_c: Tensor | None = None) -> dict[str, Tensor]:
         s = self.session
         index = s.charge_step()
         clip, sigma, expected = s.max_grad_norm, s.noise_multiplier, s.expected_batch
         trainer.opt_d.zero_grad(set_to_none=True)
         grads, fake_loss = self.engine.gradients(trainer, real, fake, clip, expected,
-                                                 fake_clip=clip if s.clip_fake else None)
+                                                 fake_clip=clip if s.clip_fake else None, real_c=real_c,
+                                                 fake_c=fake_c)
         noise_gen = s.noise_generator(index)
         std = sigma * clip / expected
         for p in trainer.D.parameters():
@@ -107,7 +115,7 @@ class PrivateDiscriminatorUpdate(DiscriminatorUpdate):
         self.private_steps += 1
         return {"d_fake": fake_loss}
 
-    def regularize(self, trainer: GANTrainer, real: Tensor) -> dict[str, Tensor]:
+    def regularize(self, trainer: GANTrainer, real: Tensor, real_c: Tensor | None = None) -> dict[str, Tensor]:
         raise UserError("lazy R1 touches real images outside DP-SGD; set train.r1_gamma=0 with privacy.dp")
 
 
@@ -130,8 +138,10 @@ class DPSession:
 
     def __init__(self, trainer: GANTrainer, sampler: PoissonUnitSampler, accountant: PrivacyAccountant,
                  target_epsilon: float, max_grad_norm: float, guaranteed_steps: int, planned_steps: int,
-                 engine: str = "auto", clip_fake: bool = False, release: MeanImageRelease | None = None):
+                 engine: str = "auto", clip_fake: bool = False, release: MeanImageRelease | None = None,
+                 labels: LabelRelease | None = None):
         self.trainer = trainer
+        self.labels = labels
         self.clip_fake = bool(clip_fake)
         self.sampler = sampler
         self.accountant = accountant
@@ -142,14 +152,23 @@ class DPSession:
         self.update = PrivateDiscriminatorUpdate(self, make_engine(trainer, engine))
         self.engine = self.update.engine.name
         self.noise_draws = 0  # index of the next private step's noise stream
-        self.releases = 0  # mean-image releases begun (each charged, each with its own noise stream)
+        self.releases = 0  # one-off release charges made (each with its own noise streams)
+        self.one_off_made: set[str] = set()  # the releases ('mean_image', 'labels') the latest charge paid for
         self.pending = 0  # steps charged up front by reserve() that have not run yet
         self._ledger: LedgerWriter | None = None
         self.ledger_name = ""
         self.release = release
+        # Both one-off releases are one Gaussian mechanism of the combined σ (accounting.combined_noise): one charge
+        # pays for one mean image and one label release, whichever comes first.
+        self.one_off_noise = combined_noise(release.noise_multiplier if release is not None else 0.0,
+                                            labels.noise_multiplier if labels is not None else 0.0)
         if release is not None:
-            release.begin, release.finished = self._begin_release, self._write_ledger
+            release.begin = lambda: self._begin_release("mean_image", RELEASE_STREAM)
+            release.finished = self._write_ledger
             trainer.g_extra_loss = release
+        if labels is not None:
+            labels.begin = lambda: self._begin_release("labels", LABEL_STREAM)
+            labels.finished = self._write_ledger
 
     # ------------------------------------------------------------------ what the trainer and the reports use
     @property
@@ -158,7 +177,7 @@ class DPSession:
 
     @property
     def steps(self) -> int:
-        """Private D steps charged (a mean-image release is not one)."""
+        """Private D steps charged (a one-off release is not one)."""
         return self.accountant.steps - self.releases
 
     @property
@@ -199,12 +218,13 @@ class DPSession:
                 "delta": self.delta, "target_epsilon": self.target_epsilon, "steps": self.steps,
                 "planned_steps": self.planned_steps, "engine": self.engine, "clip_fake": self.clip_fake,
                 "mean_image_noise": self.release.noise_multiplier if self.release is not None else None,
+                "label_noise": self.labels.noise_multiplier if self.labels is not None else None,
                 "relation": RELATION, **self.metrics()}
 
     def _within_plan(self, n: int) -> bool:
         """Whether n more steps stay inside the calibrated plan: its steps at its (σ, q) and at most its one
         release; then the answer is known without running the accountant."""
-        planned_release = [one_off_release(self.release.noise_multiplier)] if self.release is not None else []
+        planned_release = [one_off_release(self.one_off_noise)] if self.one_off_noise else []
         if self.steps + n > self.guaranteed_steps or self.releases > len(planned_release):
             return False
         calibrated = (self.noise_multiplier, self.sample_rate)
@@ -252,18 +272,24 @@ class DPSession:
         self.pending = 0
         self._write_ledger()
 
-    def _begin_release(self) -> int:
-        """Charge a mean-image release and write the ledger; returns the seed of the release's own noise."""
-        release = one_off_release(self.release.noise_multiplier)
-        first_of_plan = self.releases == 0 and self._within_plan(0)
-        if not first_of_plan and (after := self.accountant.replace_one_after(extra=[release])) > self.target_epsilon:
-            where = f" (ledger {self.ledger_name})" if self.ledger_name else ""
-            raise BudgetExceeded(f"the mean-image release would spend ε = {after:.4g} ({RELATION}) > target "
-                                 f"{self.target_epsilon:g}{where}; training stops here")
-        self.releases += 1
-        self.accountant.record(*release)
+    def _begin_release(self, kind: str, stream: int) -> int:
+        """Charge a one-off release (``kind``: 'mean_image' or 'labels') unless the latest charge has not paid for
+        one of that kind yet, and write the ledger; returns the seed of the release's own noise."""
+        if self.releases and kind not in self.one_off_made:
+            self.one_off_made.add(kind)
+        else:
+            release = one_off_release(self.one_off_noise)
+            first_of_plan = self.releases == 0 and self._within_plan(0)
+            if not first_of_plan and ((after := self.accountant.replace_one_after(extra=[release]))
+                                      > self.target_epsilon):
+                where = f" (ledger {self.ledger_name})" if self.ledger_name else ""
+                raise BudgetExceeded(f"the {kind.replace('_', '-')} release would spend ε = {after:.4g} "
+                                     f"({RELATION}) > target {self.target_epsilon:g}{where}; training stops here")
+            self.releases += 1
+            self.one_off_made = {kind}
+            self.accountant.record(*release)
         self._write_ledger()
-        return stream_seed(self.sampler.seed, RELEASE_STREAM, self.releases)
+        return stream_seed(self.sampler.seed, stream, self.releases)
 
     # ------------------------------------------------------------------ the ledger and persistent state (plain JSON)
     def attach_ledger(self, write: LedgerWriter, name: str) -> None:
@@ -283,11 +309,13 @@ class DPSession:
             "sampler": sampler,
             "noise_draws": self.noise_draws + self.pending,
             "releases": self.releases,
+            "one_off_made": sorted(self.one_off_made),
             "target_epsilon": self.target_epsilon,
             "max_grad_norm": self.max_grad_norm,
             "guaranteed_steps": self.guaranteed_steps,
             "planned_steps": self.planned_steps,
             "mean_image": self.release.state_dict() if self.release is not None else None,
+            "labels": self.labels.state_dict() if self.labels is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -296,6 +324,8 @@ class DPSession:
         self.sampler.load_state_dict(state["sampler"])
         self.noise_draws = int(state["noise_draws"])
         self.releases = int(state["releases"])
+        # A state without the field paid for both kinds (or none): a new release of either is charged anew.
+        self.one_off_made = set(state.get("one_off_made", ["mean_image", "labels"] if self.releases else []))
         self.pending = 0
         self.target_epsilon = float(state["target_epsilon"])
         self.max_grad_norm = float(state["max_grad_norm"])
@@ -303,6 +333,8 @@ class DPSession:
         self.planned_steps = int(state["planned_steps"])
         if self.release is not None and state.get("mean_image") is not None:
             self.release.load_state_dict(state["mean_image"])
+        if self.labels is not None and state.get("labels") is not None:
+            self.labels.load_state_dict(state["labels"])
 
 
 def _upgrade(state: dict[str, Any], release: MeanImageRelease | None) -> dict[str, Any]:
@@ -315,4 +347,5 @@ def _upgrade(state: dict[str, Any], release: MeanImageRelease | None) -> dict[st
         raise UserError(f"DP state has version {version!r}; expected {STATE_VERSION}")
     releases = 1 if release is not None else 0
     steps = sum(int(n) for _, _, n in state["accountant"]["history"]) - releases
-    return {**state, "version": STATE_VERSION, "noise_draws": steps, "releases": releases}
+    return {**state, "version": STATE_VERSION, "noise_draws": steps, "releases": releases,
+            "one_off_made": ["mean_image"] if releases else []}

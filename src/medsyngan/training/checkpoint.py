@@ -115,7 +115,7 @@ def weights_bytes(tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
     from safetensors.torch import save as st_save
 
     header = {k: v for k, v in meta.items() if k in ("format", "arch", "resolution", "z_dim", "step", "kimg",
-                                                     "stage_resolution", "alpha", "config_toml", "parts")}
+                                                     "stage_resolution", "alpha", "config_toml", "parts", "labels")}
     weights = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return st_save(weights, metadata={_META_KEY: json.dumps(header)})
 

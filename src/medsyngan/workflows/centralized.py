@@ -41,7 +41,7 @@ from medsyngan.training.step import GANTrainer
 # The parts of a DP session's state that may be read without a key; everything else (the seed of the secret
 # streams, the sampler's position, and whatever the session keeps beside them) is sealed.
 DP_PUBLIC_STATE = ("version", "accountant", "target_epsilon", "max_grad_norm", "guaranteed_steps", "planned_steps",
-                   "mean_image")
+                   "mean_image", "labels")
 
 
 def split_dp_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -89,6 +89,7 @@ def _check_data(cfg: Config, images: np.ndarray, source: str) -> None:
 def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
     """Train on one machine until ``cfg.train.steps`` generator steps; returns a summary of the run."""
     from medsyngan.data.api import load_training_data
+    from medsyngan.data.labels import describe_source, plain_label_source, training_labels
     from medsyngan.data.loader import BatchLoader
     from medsyngan.models.registry import check_model_section
 
@@ -106,10 +107,12 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
 
     data = load_training_data(cfg)
     _check_data(cfg, data.images, cfg.data.path or cfg.data.source)
+    labels = training_labels(cfg, data)
     trainer = GANTrainer(cfg)
     if ckpt is None and t.init_from:
         trainer.load_model_state(pretrained_state(cfg))
-    loader = BatchLoader(data.images, t.batch_size, cfg.run.seed, device=trainer.device, augment=cfg.data.augment)
+    loader = BatchLoader(data.images, t.batch_size, cfg.run.seed, device=trainer.device, augment=cfg.data.augment,
+                         labels=labels)
     latents = fixed_latents(trainer.G.z_dim, cfg.run.seed)
 
     if ckpt is not None:
@@ -126,7 +129,13 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
         from medsyngan.privacy.dp import enable_dp
 
         dp = enable_dp(trainer, data.images, data.patients, cfg.privacy, batch_size=t.batch_size,
-                       planned_steps=planned_private_steps(cfg), augment=cfg.data.augment, state=dp_state)
+                       planned_steps=planned_private_steps(cfg), augment=cfg.data.augment, state=dp_state,
+                       labels=labels)
+    elif trainer.conditional:
+        trainer.set_label_source(plain_label_source(cfg, labels))
+    if trainer.conditional:
+        log.info("generated labels: %s", describe_source(t.label_source, t.label_table, cfg.privacy.dp,
+                                                           cfg.privacy.label_noise))
     next_real = dp.next_real if dp is not None else loader.__next__
     log.info(
         "training %s at %d px on %s: %d images, batch %d, %d steps",
@@ -134,11 +143,13 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
     )
 
     def checkpoint() -> Path:
+        meta = {"labels": trainer.label_source.to_json()} if trainer.label_source is not None else {}
         if dp is None:
-            return save_trainer_checkpoint(run_dir.checkpoints, trainer, cfg, loader.state_dict(), key=key)
+            return save_trainer_checkpoint(run_dir.checkpoints, trainer, cfg, loader.state_dict(), extra_meta=meta,
+                                           key=key)
         public, secret = split_dp_state(dp.state_dict())
         return save_trainer_checkpoint(run_dir.checkpoints, trainer, cfg, loader.state_dict(),
-                                       extra_meta={"dp": public}, key=key, secret={"dp": secret},
+                                       extra_meta={**meta, "dp": public}, key=key, secret={"dp": secret},
                                        secret_key=secret_key)
 
     stop = StopRequest()

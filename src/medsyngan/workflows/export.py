@@ -179,6 +179,8 @@ def export_model(run_dir: Path | str, out: Path | str, key: bytes | None = None,
     step, kimg = int(meta.get("step", meta.get("round", 0))), float(meta.get("kimg", 0.0))
     header = {"format": meta.get("format"), "arch": cfg.model.arch, "resolution": cfg.model.resolution,
               "z_dim": cfg.model.z_dim, "step": step, "kimg": kimg, "parts": ["G"], "config_toml": cfg.to_toml()}
+    if meta.get("labels"):  # a conditional model's label frequencies (public, DP-released, or of a non-private run)
+        header["labels"] = meta["labels"]
     privacy = privacy_record(run, meta)
     if not privacy["differential_privacy"]:
         log.warning("%s was trained without differential privacy: its generator may reproduce training images; "
