@@ -4,6 +4,7 @@ generated batches draw theirs from the label source, and the private release of 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -266,3 +267,20 @@ def test_a_private_conditional_hospital_releases_its_labels_once_and_evaluates_w
     assert metrics["fake_images"] == 6
     assert np.array_equal(again.trainer.label_source.probs, hospital.trainer.label_source.probs)
     assert again.dp.accountant.steps == steps  # the release was read back, not made again
+
+
+def test_the_label_release_is_written_to_the_ledger_before_it_is_made_and_shares_one_charge_with_the_mean_image():
+    cfg = _cfg("dcgan", "privacy.dp=true", "privacy.target_epsilon=8", "privacy.label_noise=4",
+               "privacy.mean_image_size=4", "privacy.mean_image_noise=3")
+    images, patients, labels = random_images(60), np.array([f"p{i // 2}" for i in range(60)]), _labels(60).numpy()
+    written = []
+    session = enable_dp_from(cfg, GANTrainer(cfg, device="cpu"), images, patients, planned_steps=20, seed=5,
+                             labels=labels, ledger=(lambda state: written.append(json.loads(json.dumps(state))),
+                                                    "ledger"))
+    charged = [one_off_release(combined_noise(3.0, 4.0))]
+    assert written[0]["labels"] is None and written[0]["accountant"]["history"] == [list(e) for e in charged]
+    assert written[-1]["labels"] is not None and written[-1]["one_off_made"] == ["labels"]
+    session.trainer.train_step(session.next_real)  # the mean image is released at the first generator step
+    assert session.release.target is not None and session.releases == 1
+    assert session.accountant.history[:1] == charged and len(session.accountant.history) == 2
+    assert written[-1]["one_off_made"] == ["labels", "mean_image"]

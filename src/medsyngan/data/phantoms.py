@@ -13,6 +13,9 @@ docs/results.md.
 
 Coordinates: ``x`` horizontal, 0 at the image centre, ±0.5 at the edges; ``y`` vertical, 0 at the top, 1 at the
 bottom. Every edge is a smooth step a pixel wide, which antialiases the rendering at any size.
+
+The module is about 500 lines because the anatomy, the acquisition and the release layout form one renderer whose
+parts share the coordinate system and the random draws of a patient; split, each part would need the others.
 """
 
 from __future__ import annotations

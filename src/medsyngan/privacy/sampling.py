@@ -60,7 +60,7 @@ class PoissonUnitSampler:
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
         n, self.size = images.shape[0], images.shape[1]
-        self._data = torch.from_numpy(np.ascontiguousarray(images).reshape(n, -1))
+        self._data = torch.from_numpy(np.require(images, requirements=["C", "W"]).reshape(n, -1))  # memmaps are read-only
         if labels is not None and len(labels) != n:
             raise ValueError(f"{len(labels)} label vectors for {n} images")
         self._labels = None if labels is None else torch.from_numpy(np.asarray(labels, np.float32).reshape(n, -1))
