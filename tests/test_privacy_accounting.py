@@ -191,9 +191,9 @@ def test_a_repeated_mean_image_release_was_under_counted():
 
 
 def test_client_level_accounting_claims_no_amplification():
-    """Attack: participants are a fixed-size sample drawn from the public run seed, yet ε used q = fraction: 3
-    hospitals, fraction 0.1, σ 1, 20 rounds reported 4.22 where every round is a full Gaussian release of the
-    hospitals that took part (≥ 26 even add/remove). The accountant now takes q = 1."""
+    """Attack: participants are a fixed-size sample drawn from the public run seed, so claiming q = fraction (3
+    hospitals, fraction 0.1, σ 1, 20 rounds: 4.22) hides that every round is a full Gaussian release of the
+    hospitals that took part (≥ 26 even add/remove). The accountant takes q = 1."""
     assert epsilon_of([(1.0, 0.1, 20)], 1e-5, "rdp") == pytest.approx(4.22, abs=0.005)
     acc = client_level_accountant(noise_multiplier=1.0, hospitals=3)
     acc.step(20)
