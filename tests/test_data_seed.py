@@ -12,7 +12,8 @@ from medsyngan.workflows.federation import PARTITION_FILE, prepare_job
 
 SMALL = ["data.phantom_patients=24", "data.phantom_images_per_patient=2", "data.size=32", "model.resolution=32",
          "federated.enabled=true", "federated.hospitals=3", 'federated.scheme="label-skew"',
-         "federated.holdout_fraction=0.3"]
+         "federated.holdout_fraction=0.3", "hospital.dp_required=false", "hospital.encrypt_required=false",
+         "hospital.secagg_required=false"]  # a data test: the hospitals accept a non-private federation
 
 
 def _data(tmp_path, name: str, *seeds: str):
