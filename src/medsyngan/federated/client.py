@@ -34,7 +34,7 @@ from medsyngan.data.prepared import PreparedDataset
 from medsyngan.errors import UserError
 from medsyngan.federated.hospital import Hospital
 from medsyngan.federated.policy import load_policy
-from medsyngan.federated.protocol import Instruction, Job
+from medsyngan.federated.protocol import Instruction, Job, TrainReply
 from medsyngan.federated.records import pack_blob, unpack_blob
 from medsyngan.federated.plan import split_holdout
 from medsyngan.rundir import atomic_write_bytes
@@ -266,8 +266,8 @@ def instruction_digest(instruction: Instruction) -> str:
     return digest.hexdigest()
 
 
-def cached_reply(identity: NodeIdentity, digest: str) -> tuple[bytes | dict, dict[str, float]] | None:
-    """(payload, metrics) of the last training reply when it answered the instruction with this digest."""
+def cached_reply(identity: NodeIdentity, digest: str) -> TrainReply | None:
+    """The last training reply when it answered the instruction with this digest."""
     path = reply_file(identity)
     if not path.is_file():
         return None
@@ -275,11 +275,12 @@ def cached_reply(identity: NodeIdentity, digest: str) -> tuple[bytes | dict, dic
         kept = unpack_blob(_read_sealed(identity, path, identity.binding(0, "reply")))
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError):
         return None  # a damaged copy only costs the replay: the request is then computed (and charged) anew
-    if not isinstance(kept, dict) or kept.get("digest") != digest:
+    if not isinstance(kept, dict) or kept.get("digest") != digest or "report" not in kept:
         return None
-    return kept["payload"], kept["metrics"]
+    return TrainReply(kept["payload"], kept["report"], kept["stats"])
 
 
-def keep_reply(identity: NodeIdentity, digest: str, payload: bytes | dict, metrics: Mapping[str, float]) -> None:
-    _write_sealed(identity, reply_file(identity), pack_blob({"digest": digest, "payload": payload,
-                                                             "metrics": dict(metrics)}), identity.binding(0, "reply"))
+def keep_reply(identity: NodeIdentity, digest: str, reply: TrainReply) -> None:
+    blob = pack_blob({"digest": digest, "payload": reply.payload, "report": dict(reply.report),
+                      "stats": None if reply.stats is None else dict(reply.stats)})
+    _write_sealed(identity, reply_file(identity), blob, identity.binding(0, "reply"))

@@ -142,7 +142,7 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
         digest = instruction_digest(instruction)
         kept = cached_reply(identity, digest)
         if kept is not None:  # an exact repeat: the same reply, nothing computed, nothing charged
-            return p.reply(message, p.TrainReply(*kept))
+            return p.reply(message, kept)
         cfg = hospital.cfg
         client = _secagg_client(context, round_) if cfg.privacy.secagg else None
         restore(hospital, identity, round_.resume_round, _in_memory(context))
@@ -156,14 +156,17 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
                                              hospital=identity.hospital_id, round_=round_.round, **masking)
         if client is not None:
             _keep_secagg_client(context, round_, client)
-        payload = encoded.payload
+        payload, stats = encoded.payload, update_codec.training_stats(cfg.privacy, result.metrics, encoded.stats)
+        if isinstance(payload, bytes) and not cfg.privacy.secagg:
+            payload, stats = update_codec.attach_stats(payload, stats or {}), None
         if cfg.privacy.encrypt:
             payload = seal_update(payload, instruction.job, round_, identity.hospital_id, tensors_hash(global_state),
                                   identity.aggregator_public)
         _keep_in_memory(context, round_.round, persist(hospital, identity, round_.round))
-        metrics = {**result.metrics, **encoded.stats, "num_examples": result.num_examples, "weight": encoded.weight}
-        keep_reply(identity, digest, payload, metrics)
-        return p.reply(message, p.TrainReply(payload, metrics))
+        report = {k: float(result.metrics[k]) for k in p.PUBLIC_REPORT if k in result.metrics}
+        answer = p.TrainReply(payload, report, stats)
+        keep_reply(identity, digest, answer)
+        return p.reply(message, answer)
 
     @app.evaluate()
     @_answer_user_errors

@@ -11,7 +11,8 @@ Message types (Flower's ``message_type``), instruction → reply:
   ``query.secagg_advertise``  round with :class:`SecAggTerms` → :class:`KeyAdvertReply`
   ``query.secagg_share``      round with every hospital's key advert → :class:`SharesReply`
   ``train``                   round (with the hospital's share inbox under secure aggregation) and the global
-                              shared networks → :class:`TrainReply` (Δ of the shared networks, weight, metrics)
+                              shared networks → :class:`TrainReply` (Δ of the shared networks, the hospital's
+                              own privacy report)
   ``query.secagg_unmask``     round with the survivors → :class:`RevealsReply`
   ``evaluate``                job and the global generator → :class:`EvaluationReply` (held-out scalars)
 
@@ -265,8 +266,8 @@ def reply(to: Message, answer: "Hello | TrainReply | KeyAdvertReply | SharesRepl
     return Message(answer.to_record(), reply_to=to)
 
 
-def _metrics(content: RecordDict, what: str) -> dict[str, float]:
-    record = _get(content, "metrics", MetricRecord)
+def _metrics(content: RecordDict, what: str, key: str = "metrics") -> dict[str, float]:
+    record = _get(content, key, MetricRecord)
     return {k: float(_check(v, (int, float), f"{what} metric {k}")) for k, v in record.items()}
 
 
@@ -291,22 +292,30 @@ class Hello:
             return cls(*(_get(record, f.name, int) for f in dataclasses.fields(cls)))
 
 
+#: All that a hospital says in the clear beside its update: its privacy spend as its own ledger has it (ε of the
+#: replace-one relation, Opacus' add/remove-one figure, δ, and 1 for a patient-level unit).
+PUBLIC_REPORT = ("epsilon", "epsilon_add_remove", "delta", "patient_level")
+
+
 @dataclass(frozen=True)
 class TrainReply:
-    """A hospital's update (opaque bytes when quantized, masked or sealed; else float tensors) and its metrics,
-    which include its aggregation ``weight`` and ``num_examples``."""
+    """A hospital's update (opaque bytes when quantized, masked or sealed; else float tensors) and its public
+    ``report`` (:data:`PUBLIC_REPORT` keys only). Training statistics travel inside the update's bytes
+    (:func:`~medsyngan.federated.update_codec.attach_stats`), in ``stats`` only when the update itself travels
+    as plain tensors, and not at all under DP or secure aggregation. Its FedAvg weight is the aggregator's, from
+    the roster."""
 
     payload: bytes | dict[str, torch.Tensor]
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def weight(self) -> float:
-        return self.metrics["weight"]
+    report: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] | None = None
 
     def to_record(self) -> RecordDict:
         update = (ConfigRecord({"payload": self.payload}) if isinstance(self.payload, bytes)
                   else state_to_record(self.payload))
-        return RecordDict({"update": update, "metrics": _metric_record(self.metrics)})
+        content = RecordDict({"update": update, "report": _metric_record(self.report)})
+        if self.stats is not None:
+            content["stats"] = _metric_record(self.stats)
+        return content
 
     @classmethod
     def from_record(cls, content: RecordDict) -> "TrainReply":
@@ -314,10 +323,14 @@ class TrainReply:
             update = _get(content, "update", (ConfigRecord, ArrayRecord))
             payload = (_get(update, "payload", bytes) if isinstance(update, ConfigRecord)
                        else record_to_state(update))
-            metrics = _metrics(content, "training")
-            if not metrics.get("weight", 0) > 0:
-                raise ValueError("its weight is missing or not positive")
-            return cls(payload, metrics)
+            report = _metrics(content, "training", "report")
+            unknown = sorted(set(report) - set(PUBLIC_REPORT))
+            if unknown:
+                raise ValueError(f"its report holds {', '.join(unknown)} in the clear, which is no public field")
+            if isinstance(payload, bytes) and "stats" in content:
+                raise ValueError("it sends statistics in the clear beside an encoded update")
+            stats = _metrics(content, "training", "stats") if "stats" in content else None
+            return cls(payload, report, stats)
 
 
 @dataclass(frozen=True)
