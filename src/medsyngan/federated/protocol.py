@@ -42,6 +42,7 @@ SECAGG_SHARE = "query.secagg_share"
 SECAGG_UNMASK = "query.secagg_unmask"
 TRAIN = "train"
 EVALUATE = "evaluate"
+PUBLIC_KEY_BYTES = 32
 #: The error code of a hospital's reply when its own privacy policy refuses the instruction.
 REFUSAL_CODE = 4003
 
@@ -345,7 +346,10 @@ class KeyAdvertReply:
     def from_record(cls, content: RecordDict) -> "KeyAdvertReply":
         with _parsing("key advert"):
             record = _get(content, "secagg", ConfigRecord)
-            return cls(KeyAdvert(_get(record, "cipher_public", bytes), _get(record, "mask_public", bytes)))
+            keys = [_get(record, name, bytes) for name in ("cipher_public", "mask_public")]
+            if any(len(key) != PUBLIC_KEY_BYTES for key in keys):
+                raise ValueError(f"an advertised key is not {PUBLIC_KEY_BYTES} bytes (X25519)")
+            return cls(KeyAdvert(*keys))
 
 
 @dataclass(frozen=True)
@@ -378,6 +382,8 @@ class RevealsReply:
             record = _get(content, "secagg", ConfigRecord)
             kinds = _pairs(record, "peer", "kind", lambda r, k: [str(_check(v, str, k)) for v in _get(r, k, list)])
             shares = _pairs(record, "peer", "share", _blobs)
+            if not set(kinds.values()) <= {"b", "s"}:
+                raise ValueError("a share kind is neither 'b' (self-mask seed) nor 's' (mask key)")
             return cls({p: (kinds[p], int.from_bytes(shares[p], "big")) for p in kinds})
 
 

@@ -301,7 +301,8 @@ class RoundDriver:
         listed = server.collect_adverts({h + 1: advert for h, advert in adverts.items()})
         shares = self.exchange(grid, round_, "share keys", p.SECAGG_SHARE,
                                self.instructions(round_, adverts, secagg=terms, adverts=listed), traffic,
-                               lambda _, m: p.SharesReply.from_record(m.content).shares)
+                               lambda h, m: _addressed(p.SharesReply.from_record(m.content).shares,
+                                                       set(listed) - {h + 1}))
         inboxes = server.route_shares({h + 1: out for h, out in shares.items()})
         trained = self.exchange(grid, round_, "train", p.TRAIN,
                                 self.instructions(round_, shares, secagg=terms, inbox=lambda h: inboxes[h + 1]),
@@ -310,8 +311,9 @@ class RoundDriver:
         reveals = self.exchange(grid, round_, "unmask", p.SECAGG_UNMASK,
                                 self.instructions(round_, [h - 1 for h in sorted(survivors)], secagg=terms,
                                                   survivors=tuple(sorted(survivors))), traffic,
-                                lambda _, m: p.RevealsReply.from_record(m.content).reveals)
-        total = server.unmask({h + 1: r for h, r in reveals.items()})
+                                lambda _, m: _consistent(p.RevealsReply.from_record(m.content).reveals,
+                                                         server.shared, survivors))
+        total = server.unmask({h + 1: r for h, r in reveals.items()}, binding=global_hash)
         summed = update_codec.dequantize_sum(total, ring_bits, arrays, scales)
         outcome = RoundOutcome()
         outcome.total = {k: torch.as_tensor(np.array(v, np.float64)) for k, v in summed.items()}
@@ -364,3 +366,20 @@ class RoundDriver:
         row = round_log.evaluation_row(round_, results)
         if row is not None:
             self.run_dir.append_metrics(row)
+
+
+def _addressed(shares: dict[int, bytes], peers: set[int]) -> dict[int, bytes]:
+    """A hospital's key shares, when addressed only to the other hospitals of the key list."""
+    if not set(shares) <= peers:
+        raise ValueError(f"key shares addressed to {sorted(set(shares) - peers)}, outside this round's key list")
+    return shares
+
+
+def _consistent(reveals: dict[int, tuple[str, int]], shared: frozenset[int],
+                survivors: frozenset[int]) -> dict[int, tuple[str, int]]:
+    """A hospital's revealed shares, when each is a self-mask share of a survivor or a mask-key share of a
+    hospital that shared keys and dropped out; anything else counts that hospital out of the unmasking."""
+    for peer, (kind, _) in reveals.items():
+        if peer not in shared or (kind == "b") != (peer in survivors):
+            raise ValueError(f"a {kind!r}-share of hospital {peer - 1} does not fit the survivor list")
+    return reveals

@@ -278,8 +278,12 @@ class SecAggClient:
             out[v] = nonce + AESGCM(key).encrypt(nonce, body, self.config.context + struct.pack("<QQ", self.id, v))
         return out
 
-    def masked_input(self, x: np.ndarray, inbox: Mapping[int, bytes]) -> np.ndarray:
-        """Stage 2: decrypt the shares routed to this client, then mask x (elements of Z_{2^k})."""
+    def masked_input(self, x: np.ndarray, inbox: Mapping[int, bytes], binding: bytes = b"") -> np.ndarray:
+        """Stage 2: decrypt the shares routed to this client, then mask x (elements of Z_{2^k}).
+
+        ``binding`` (the hash of the global model this client trained from) enters every pairwise mask: clients
+        sent different models derive masks that do not cancel, so a server that gives one client another model
+        (to single out its update in the sum) unmasks only noise."""
         cfg = self.config
         if x.shape != (cfg.length,) or x.dtype != ring_dtype(cfg.ring_bits):
             raise ValueError(f"input must be a ({cfg.length},) {np.dtype(ring_dtype(cfg.ring_bits))} ring vector")
@@ -301,8 +305,8 @@ class SecAggClient:
         y = x.copy()
         _accumulate(y, prg(self._self_seed, cfg.length, k), 1, k)
         for v in sorted(self._masked_with):
-            mask = prg(_pair_seed(self._mask_key, self._adverts[v].mask_public, self.id, v, cfg.context), cfg.length, k)
-            _accumulate(y, mask, _sign(self.id, v), k)
+            seed = _pair_seed(self._mask_key, self._adverts[v].mask_public, self.id, v, cfg.context + binding)
+            _accumulate(y, prg(seed, cfg.length, k), _sign(self.id, v), k)
         return y
 
     def unmask(self, survivors: Iterable[int]) -> dict[int, tuple[str, int]]:
@@ -373,8 +377,9 @@ class SecAggServer:
         self.masked = dict(masked)
         return frozenset(masked)
 
-    def unmask(self, reveals: Mapping[int, Mapping[int, tuple[str, int]]]) -> np.ndarray:
-        """Stage 3: Σ_{u ∈ U3} x_u mod 2^k from the survivors' revealed shares."""
+    def unmask(self, reveals: Mapping[int, Mapping[int, tuple[str, int]]], binding: bytes = b"") -> np.ndarray:
+        """Stage 3: Σ_{u ∈ U3} x_u mod 2^k from the survivors' revealed shares; ``binding`` as the clients'
+        (:meth:`SecAggClient.masked_input`)."""
         cfg, k = self.config, self.config.ring_bits
         survivors = frozenset(self.masked)
         responders = frozenset(reveals) & survivors
@@ -404,7 +409,7 @@ class SecAggServer:
             if secret.public_key().public_bytes_raw() != self.adverts[v].mask_public:
                 raise SecAggAbort(f"the rebuilt mask key of client {v} does not match its advertised key")
             for u in affected:
-                mask = prg(_pair_seed(secret, self.adverts[u].mask_public, u, v, cfg.context), cfg.length, k)
+                mask = prg(_pair_seed(secret, self.adverts[u].mask_public, u, v, cfg.context + binding), cfg.length, k)
                 # y_u carries sign(u, v)·mask; take it back out.
                 _accumulate(total, mask, -_sign(u, v), k)
         return total
