@@ -83,6 +83,19 @@ def test_under_dp_and_secure_aggregation_only_the_hospitals_own_epsilon_leaves_i
     assert row["kimg"] == 3 * 2 * 8 / 1000
 
 
+def test_medsyngan_privacy_prints_each_hospitals_own_epsilon_with_its_relation(tmp_path, medsyngan_cache,
+                                                                              monkeypatch, capsys):
+    from cli_run import run_cli
+
+    _, run_dir = _run(tmp_path, SECURE_DP, Wire())
+    (row,) = _round_rows(run_dir)
+    code, out, _ = run_cli(monkeypatch, capsys, "privacy", "--run", str(run_dir.root))
+    assert code == 0 and "from each hospital's own ledger" in out
+    for hospital, entry in row["hospital"].items():
+        line = next(x for x in out.splitlines() if f"hospital {hospital} " in x)
+        assert f"{entry['epsilon']:.4f}" in line and "replace-one" in line and "patient" in line
+
+
 def test_without_dp_or_secure_aggregation_statistics_travel_sealed_inside_the_update(tmp_path, medsyngan_cache):
     wire = Wire()
     _, run_dir = _run(tmp_path, SEALED, wire)

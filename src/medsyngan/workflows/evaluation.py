@@ -150,6 +150,7 @@ def hospital_table(run_dir: RunDir) -> list[dict[str, Any]]:
                 entry["epsilon_add_remove"] = stats.get("epsilon_add_remove")
                 entry["unit"] = "patient" if stats.get("patient_level") else "image"
                 entry["relation"] = stats.get("relation")
+                entry["delta"] = stats.get("delta")
             entry["bytes_sent"] += int(stats.get("bytes_received_from", 0))
             entry["rounds"] += 1
     return [table[k] for k in sorted(table, key=int)]
