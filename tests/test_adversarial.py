@@ -211,6 +211,7 @@ def test_a_different_model_to_one_hospital_is_detected_by_the_sealed_update(tmp_
            "detected: the update is sealed with the hash of the model the hospital received")
     cfg = load_config("federated-dcgan64", test_federated_clear.SEALED)
     run_dir = RunDir(tmp_path / "run").create(cfg)
+    logging.getLogger("medsyngan").propagate = True  # as before the run's log handler stopped it: caplog sees it
     driver = RoundDriver(cfg, run_dir, prepare_job(cfg, run_dir, resume=False, simulation=True), False,
                          simulation_identity_key(cfg, run_dir))
     grid = test_federated_rounds.LoopbackGrid(make_client_app(lambda fake, holdout: {}), 3)

@@ -55,6 +55,7 @@ class Wire:
 def _run(tmp_path, overrides: list[str], wire: Wire, hospitals: int = 3) -> tuple[RoundDriver, RunDir]:
     cfg = load_config("federated-dcgan64", overrides)
     run_dir = RunDir(tmp_path / "run").create(cfg)
+    logging.getLogger("medsyngan").propagate = True  # as before the run's log handler stopped it: caplog sees it
     driver = RoundDriver(cfg, run_dir, prepare_job(cfg, run_dir, resume=False, simulation=True), False,
                          simulation_identity_key(cfg, run_dir))
     driver.run(LoopbackGrid(make_client_app(lambda fake, holdout: {}), hospitals, wire))
@@ -140,3 +141,34 @@ def test_a_wrong_length_masked_update_counts_as_that_hospital_dropping_out(tmp_p
 def test_a_wrong_length_masked_update_below_the_threshold_fails_the_round_in_one_line(tmp_path, medsyngan_cache):
     with pytest.raises(UserError, match=r"^round 1 missed its quorum of 2 hospitals 1 time\(s\); no round completed$"):
         _run(tmp_path, UNSEALED_SECURE + ["privacy.secagg_threshold=1"], Wire(_reshape(lambda b: b[:5])))
+
+
+def _stage_reply(message_type: str, change):
+    def rewrite(reply: Message) -> None:
+        if reply.metadata.src_node_id == 102 and reply.metadata.message_type == message_type:
+            change(reply.content["secagg"])
+
+    class Stage(Wire):
+        def __call__(self, reply: Message) -> Message:
+            if not reply.has_error():
+                rewrite(reply)
+            return reply
+
+    return Stage()
+
+
+@pytest.mark.parametrize(("message_type", "change", "replied", "logged"), [
+    (p.SECAGG_ADVERTISE, lambda r: r.__setitem__("cipher_public", b"short"), [0, 1], "is not 32 bytes"),
+    (p.SECAGG_SHARE, lambda r: r.__setitem__("to", [77] * len(r["to"])), [0, 1], "outside this round's key list"),
+    (p.SECAGG_UNMASK, lambda r: r.__setitem__("kind", ["x"] * len(r["kind"])), [0, 1, 2], "neither 'b'"),
+    (p.SECAGG_UNMASK, lambda r: r.__setitem__("kind", ["s"] * len(r["kind"])), [0, 1, 2],
+     "does not fit the survivor list"),
+], ids=["short key advert", "shares to a stranger", "unknown share kind", "mask-key shares of survivors"])
+def test_a_malformed_secure_aggregation_reply_counts_that_hospital_out_of_the_stage(
+        tmp_path, medsyngan_cache, caplog, message_type, change, replied, logged):
+    """A hospital whose stage reply does not fit the round drops out of that stage; the round goes on with the
+    threshold of the others (after masking, its update is still unmasked from the others' shares)."""
+    with caplog.at_level(logging.ERROR, logger="medsyngan.federated"):
+        _, run_dir = _run(tmp_path, UNSEALED_SECURE, _stage_reply(message_type, change))
+    assert "reply of hospital 2 rejected" in caplog.text and logged in caplog.text
+    assert [r["hospitals_replied"] for r in _round_rows(run_dir)] == [replied]
