@@ -18,9 +18,15 @@ The PRG is the ChaCha20 keystream (``cryptography``) keyed by a 256-bit seed, so
 (Flower's SecAgg+ expands 32-bit seeds with NumPy's generator, flwr issue #7522). Shamir sharing works over the
 prime field GF(2^521 - 1), large enough for 32-byte secrets.
 
-Threat model: honest-but-curious server and clients. Keys are not signed (an actively malicious server could
-substitute keys; Bonawitz' signature step guards against that), and a client refuses to reveal both shares of
-the same peer, so a server that follows the protocol cannot rebuild any single client's input.
+Threat model: the server may deviate. A client reveals one share per peer, once per round, and the threshold is a
+strict majority, so no split of the survivor list yields both secrets of one client; pairwise masks are derived
+with the hash of the global model each client trained from (``binding``), so a server that sends one client
+another model unmasks noise. Keys are not signed (Bonawitz' signature step, not implemented, guards against a
+server that substitutes keys), and a coalition of the server with t − 1 clients of a neighbourhood can unmask a
+member.
+
+About 490 lines: client, server and the in-process driver share the round's types and helpers and are read
+together.
 """
 
 from __future__ import annotations
