@@ -272,6 +272,8 @@ def check_pin(identity: NodeIdentity, cfg: Config, round_: int) -> dict:
     if path.is_file():
         try:
             pin = json.loads(_read_sealed(identity, path, identity.binding(0, "pin")))
+            if not isinstance(pin, dict) or not isinstance(pin.get("seeds"), dict) or not isinstance(pin.get("round"), int):
+                raise ValueError("no seeds or round")
         except (ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"the run pin {path} is damaged ({exc}); restore it from the hospital's backup") from None
     who = f"hospital {identity.hospital_id} refuses"
