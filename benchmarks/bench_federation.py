@@ -69,11 +69,12 @@ def measure(hospitals: int, round_seconds: float, rounds: int, private: bool, wo
     train_federated(cfg, run_dir, resume=False)
     wall = time.perf_counter() - start
     rows = [r for r in run_dir.read_metrics() if "hospital" in r]
-    local = sum(h["train_seconds"] for r in rows for h in r["hospital"].values())
+    # Hospitals report no timings under DP or secure aggregation: local work is the measured step time × steps.
+    local = step * local_steps * sum(len(r["hospitals_replied"]) for r in rows)
     first_round_end = rows[0]["wall_s"]
     last = rows[-1]["wall_s"]
     # Steady state: from the end of round 1 to the end of the last round, against the local work of those rounds.
-    steady_local = sum(h["train_seconds"] for r in rows[1:] for h in r["hospital"].values())
+    steady_local = step * local_steps * sum(len(r["hospitals_replied"]) for r in rows[1:])
     sent = [h["bytes_received_from"] for r in rows for h in r["hospital"].values()]
     shared_params = sum(v.numel() for k, v in _shared(cfg).items())
     return {

@@ -1,6 +1,7 @@
 """`make bench`: every benchmark of the project in one run, written as markdown and JSON with the machine.
 
-Each ``benchmarks/bench_<name>.py`` exposes ``run(quick: bool) -> dict`` of figures (each compares against a
+Each ``benchmarks/bench_<name>.py``, and ``benchmarks/attacks.py`` (the adversarial harness's table of attacks
+and the figure "attacks tried / refused"), exposes ``run(quick: bool) -> dict`` of figures (each compares against a
 reference measured in the same run). Results go to ``benchmarks/results/results.{md,json}``; a benchmark that
 fails is recorded with its error and the others still run.
 """
@@ -42,7 +43,7 @@ def machine() -> dict:
 
 
 def discover(only: list[str] | None) -> list[Path]:
-    found = sorted(HERE.glob("bench_*.py"))
+    found = sorted(HERE.glob("bench_*.py")) + [HERE / "attacks.py"]  # the adversarial harness's table
     if only:
         found = [p for p in found if p.stem.removeprefix("bench_") in only]
     return found

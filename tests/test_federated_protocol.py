@@ -38,7 +38,7 @@ def test_instructions_round_trip(instruction):
 
 @pytest.mark.parametrize("reply", [
     p.Hello(2, 120, 30, 12),
-    p.TrainReply(b"sealed", {"weight": 3.0, "d_loss": 0.5}),
+    p.TrainReply(b"sealed", {"epsilon": 0.5, "delta": 1e-5}),
     p.KeyAdvertReply(KeyAdvert(b"c" * 32, b"m" * 32)),
     p.SharesReply({1: b"a", 3: b"b"}),
     p.RevealsReply({1: ("b", 2**500 + 7), 2: ("s", 5)}),
@@ -49,9 +49,9 @@ def test_replies_round_trip(reply):
 
 
 def test_a_plain_update_travels_as_tensors():
-    reply = p.TrainReply({"G.w": torch.ones(3)}, {"weight": 1.0})
+    reply = p.TrainReply({"G.w": torch.ones(3)}, {}, {"d_loss": 1.0})
     back = p.TrainReply.from_record(_over_the_wire(reply.to_record()))
-    assert torch.equal(back.payload["G.w"], torch.ones(3)) and back.weight == 1.0
+    assert torch.equal(back.payload["G.w"], torch.ones(3)) and back.stats == {"d_loss": 1.0}
 
 
 def test_a_job_file_round_trips():
@@ -77,9 +77,9 @@ def test_a_malformed_instruction_is_one_line(content, message):
 @pytest.mark.parametrize(("read", "content", "message"), [
     (p.Hello.from_record, RecordDict({"hello": ConfigRecord({"hospital": 1})}), "malformed hello: no 'train_images'"),
     (p.TrainReply.from_record, RecordDict({"update": ConfigRecord({"payload": b"x"})}),
-     "malformed training reply: no 'metrics'"),
+     "malformed training reply: no 'report'"),
     (p.TrainReply.from_record, RecordDict({"update": ConfigRecord({"payload": "text"}),
-                                           "metrics": MetricRecord({"weight": 1.0})}),
+                                           "report": MetricRecord({"epsilon": 1.0})}),
      "malformed training reply: payload is str"),
     (p.SharesReply.from_record, RecordDict({"secagg": ConfigRecord({"to": [1], "ciphertext": [b"a", b"b"]})}),
      "malformed key shares: to and ciphertext differ in length"),

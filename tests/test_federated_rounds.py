@@ -95,11 +95,14 @@ def _corrupt(hospital_node: int, change: Callable[[RecordDict], None]) -> Callab
 
 
 @pytest.mark.parametrize(("change", "logged"), [
-    (lambda content: content.pop("metrics"), "malformed training reply: no 'metrics'"),
-    (lambda content: content.__setitem__("metrics", MetricRecord({"weight": -1.0})), "weight is missing or not positive"),
+    (lambda content: content.pop("report"), "malformed training reply: no 'report'"),
+    (lambda content: content.__setitem__("report", MetricRecord({"update_norm": 3.0})),
+     "its report holds update_norm in the clear, which is no public field"),
+    (lambda content: content.__setitem__("stats", MetricRecord({"d_loss": 1.0})),
+     "it sends statistics in the clear beside an encoded update"),
     (lambda content: content["update"].__setitem__("payload", _flip_last(content["update"]["payload"])),
      "failed authentication"),
-], ids=["no metrics", "negative weight", "altered ciphertext"])
+], ids=["no report", "private field in the report", "statistics beside the update", "altered ciphertext"])
 def test_a_malformed_reply_counts_that_hospital_out_of_the_round(tmp_path, medsyngan_cache, caplog, change, logged):
     driver, run_dir = _federation(tmp_path, TINY)
     with caplog.at_level(logging.ERROR, logger="medsyngan.federated"):

@@ -175,7 +175,7 @@ def test_an_identical_repeated_request_gets_the_cached_reply_and_costs_nothing(t
     assert not again.has_error()
     assert (witness.steps, witness.releases, node.ledger()) == before
     one, two = p.TrainReply.from_record(first.content), p.TrainReply.from_record(again.content)
-    assert one.metrics == two.metrics and all(torch.equal(one.payload[k], two.payload[k]) for k in one.payload)
+    assert one.report == two.report and one.stats == two.stats and all(torch.equal(one.payload[k], two.payload[k]) for k in one.payload)
     # Anything else about the request (here the attempt's key) makes it a new request, charged as such.
     node.send(node.instruction(1, 0, b"other"))
     assert witness.steps == 2 * before[0] and charged(node.ledger())[0] == witness.steps

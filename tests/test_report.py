@@ -85,10 +85,13 @@ def test_python_api_and_report(sets, tmp_path, medsyngan_cache):
     ev = evaluate(images[:30], images[30:60], images[60:90], metrics="fd,nn,privacy", epsilon=2.0)
     assert set(ev.metrics) >= {"fd30_64_random", "ssim_nn_train", "mia_bound_tpr_fpr1e-2"}
     assert evaluate_images(images[:30], images[30:60], metrics="fd") == {"fd30_64_random": ev.metrics["fd30_64_random"]}
-    rows = [{"round": r, "epsilon": 0.3 * r, "loss_d": 1.0 / r} for r in range(1, 5)]
+    rows = [{"round": r, "epsilon": 0.3 * r, "loss_d": 1.0 / r,
+             "hospital": {"0": {"epsilon": 0.3 * r, "epsilon_add_remove": 0.2 * r, "delta": 1e-5,
+                                "relation": "replace-one", "patient_level": 1.0}}} for r in range(1, 5)]
     path = write_report(tmp_path / "r.html", ev, images[:30], images[60:90], run_rows=rows)
     text = _check_self_contained(path)
     assert "ε per round" in text and "Training curves" in text
+    assert "ε per hospital" in text and "<td>0</td><td>1.2</td><td>0.8</td><td>1e-05</td><td>replace-one patient" in text
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,26 @@ def _from_config(config: str, overrides: list[str]) -> None:
         )
 
 
+def _from_run(run: Path) -> None:
+    """ε per hospital of a federated run, as each hospital's own ledger reported it, with its relation."""
+    from medsyngan.privacy.accounting import ADD_REMOVE, RELATION
+    from medsyngan.rundir import RunDir
+    from medsyngan.workflows.evaluation import hospital_table
+
+    run_dir = RunDir(run)
+    run_dir.load_config()  # a clear error when it is not a run directory
+    hospitals = [h for h in hospital_table(run_dir) if h["epsilon"] is not None]
+    if not hospitals:
+        raise UserError(f"{run}: no hospital reported a privacy spend (not a federated run with DP, or no round "
+                        "completed)")
+    rows = [[f"hospital {h['hospital']}", h["unit"], str(h["rounds"]), _fmt(h["epsilon"]),
+             _fmt(h["epsilon_add_remove"]) if h.get("epsilon_add_remove") is not None else "—",
+             f"{h['delta']:.3g}" if h.get("delta") is not None else "—", h.get("relation") or RELATION]
+            for h in hospitals]
+    _print_table(f"ε spent per hospital, from each hospital's own ledger ({run})",
+                 ["hospital", "unit", "rounds", "ε", f"ε {ADD_REMOVE}", "δ", "relation"], rows)
+
+
 def register(app: typer.Typer) -> None:
     privacy_app = typer.Typer(
         help="Privacy figures: ε of a DP-SGD setting, σ for a target ε, a run's per-hospital plan; key files.",
@@ -153,10 +173,17 @@ def register(app: typer.Typer) -> None:
         delta: Annotated[float, typer.Option(help="δ.")] = 1e-5,
         config: ConfigOption = None,
         set_: SetOption = None,
+        run: Annotated[Optional[Path], typer.Option(
+            "--run", help="A federated run: ε each hospital's own ledger reported, with the relation.")] = None,
     ) -> None:
         """Print ε (replace-one, and add/remove-one beside it) for σ, q, T, δ; or σ for a target ε; or, with
-        --config, a plan per hospital."""
+        --config, a plan per hospital; or, with --run, what each hospital of a run reported spending."""
         if ctx.invoked_subcommand:
+            return
+        if run is not None:
+            if config is not None or noise_multiplier is not None or target_epsilon is not None:
+                raise UserError("--run prints what a run's hospitals spent; give it alone")
+            _from_run(run)
             return
         if config is not None:
             if noise_multiplier is not None or target_epsilon is not None or sample_rate is not None:

@@ -34,8 +34,9 @@ from medsyngan.data.prepared import PreparedDataset
 from medsyngan.errors import UserError
 from medsyngan.federated.hospital import Hospital
 from medsyngan.federated.policy import load_policy
-from medsyngan.federated.protocol import Instruction, Job
+from medsyngan.federated.protocol import Instruction, Job, TrainReply
 from medsyngan.federated.records import pack_blob, unpack_blob
+from medsyngan.federated.transport import trusted_aggregator_key
 from medsyngan.federated.plan import split_holdout
 from medsyngan.rundir import atomic_write_bytes
 from medsyngan.sealed import Binding, IntegrityError, decrypt_at_rest, encrypt_at_rest, is_encrypted, load_key_file
@@ -130,6 +131,8 @@ class HospitalRuntime:
         cfg = config_from_toml_text(config_text, "federation config")
         policy = identity.policy_for(cfg)
         check(policy, cfg, identity.hospital_id, round_)
+        if cfg.privacy.encrypt and identity.aggregator_public is not None:
+            trusted_aggregator_key(job, identity.aggregator_public)  # before any work: an unpinned key gets none
         if cfg.privacy.dp and identity.state_key is None:
             # The ledger holds the secret sampling and noise seeds: with them D's noise can be rebuilt.
             raise UserError(f"hospital {identity.hospital_id} trains with DP but has no state key to seal its secret "
@@ -253,6 +256,41 @@ def persist(hospital: Hospital, identity: NodeIdentity, round_: int) -> dict:
     return state
 
 
+def pin_file(identity: NodeIdentity) -> Path:
+    """What this hospital holds about the run it trains in: the run's seeds and the latest round it trained."""
+    return identity.state_dir / f"run-pin-{hashlib.sha256(identity.run_id.encode()).hexdigest()[:16]}.json"
+
+
+def check_pin(identity: NodeIdentity, cfg: Config, round_: int) -> dict:
+    """The run's pin, once ``round_`` and the seeds of ``cfg`` agree with it; PolicyRefusal when the aggregator
+    changed a seed mid-run (a round re-sent with another seed) or asks for a round older than one this hospital
+    already trained (a replayed instruction: a retry or a resume never goes back past the round in flight)."""
+    from medsyngan.federated.policy import PolicyRefusal
+
+    path, seeds = pin_file(identity), {"run.seed": cfg.run.seed, "data.seed": cfg.data.seed}
+    pin = {"seeds": seeds, "round": 0}
+    if path.is_file():
+        try:
+            pin = json.loads(_read_sealed(identity, path, identity.binding(0, "pin")))
+            if not isinstance(pin, dict) or not isinstance(pin.get("seeds"), dict) or not isinstance(pin.get("round"), int):
+                raise ValueError("no seeds or round")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"the run pin {path} is damaged ({exc}); restore it from the hospital's backup") from None
+    who = f"hospital {identity.hospital_id} refuses"
+    changed = [f"{k} = {v} (the run started with {pin['seeds'][k]})" for k, v in seeds.items() if pin["seeds"].get(k) != v]
+    if changed:
+        raise PolicyRefusal(f"{who}: round {round_} changes {', '.join(changed)}")
+    if round_ < pin["round"]:
+        raise PolicyRefusal(f"{who}: round {round_} is older than round {pin['round']}, which it already trained "
+                            "(a replayed instruction)")
+    return pin
+
+
+def advance_pin(identity: NodeIdentity, pin: dict, round_: int) -> None:
+    _write_sealed(identity, pin_file(identity), json.dumps({**pin, "round": max(pin["round"], round_)}).encode(),
+                  identity.binding(0, "pin"))
+
+
 def instruction_digest(instruction: Instruction) -> str:
     """SHA-256 of everything an instruction says: job, round terms and weights (an exact repeat has the same)."""
     from medsyngan.federated.transport import tensors_hash
@@ -266,8 +304,8 @@ def instruction_digest(instruction: Instruction) -> str:
     return digest.hexdigest()
 
 
-def cached_reply(identity: NodeIdentity, digest: str) -> tuple[bytes | dict, dict[str, float]] | None:
-    """(payload, metrics) of the last training reply when it answered the instruction with this digest."""
+def cached_reply(identity: NodeIdentity, digest: str) -> TrainReply | None:
+    """The last training reply when it answered the instruction with this digest."""
     path = reply_file(identity)
     if not path.is_file():
         return None
@@ -275,11 +313,12 @@ def cached_reply(identity: NodeIdentity, digest: str) -> tuple[bytes | dict, dic
         kept = unpack_blob(_read_sealed(identity, path, identity.binding(0, "reply")))
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError):
         return None  # a damaged copy only costs the replay: the request is then computed (and charged) anew
-    if not isinstance(kept, dict) or kept.get("digest") != digest:
+    if not isinstance(kept, dict) or kept.get("digest") != digest or "report" not in kept:
         return None
-    return kept["payload"], kept["metrics"]
+    return TrainReply(kept["payload"], kept["report"], kept["stats"])
 
 
-def keep_reply(identity: NodeIdentity, digest: str, payload: bytes | dict, metrics: Mapping[str, float]) -> None:
-    _write_sealed(identity, reply_file(identity), pack_blob({"digest": digest, "payload": payload,
-                                                             "metrics": dict(metrics)}), identity.binding(0, "reply"))
+def keep_reply(identity: NodeIdentity, digest: str, reply: TrainReply) -> None:
+    blob = pack_blob({"digest": digest, "payload": reply.payload, "report": dict(reply.report),
+                      "stats": None if reply.stats is None else dict(reply.stats)})
+    _write_sealed(identity, reply_file(identity), blob, identity.binding(0, "reply"))

@@ -18,8 +18,8 @@ from flwr.clientapp import ClientApp
 from medsyngan.errors import UserError
 from medsyngan.federated import protocol as p
 from medsyngan.federated import update_codec
-from medsyngan.federated.client import (HospitalRuntime, NodeIdentity, cached_reply, instruction_digest, keep_reply,
-                                        node_identity, persist, restore)
+from medsyngan.federated.client import (HospitalRuntime, NodeIdentity, advance_pin, cached_reply, check_pin,
+                                        instruction_digest, keep_reply, node_identity, persist, restore)
 from medsyngan.federated.policy import PolicyRefusal
 from medsyngan.privacy.accounting import BudgetExceeded
 from medsyngan.federated.hospital import EvaluateFn, Hospital
@@ -142,28 +142,33 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
         digest = instruction_digest(instruction)
         kept = cached_reply(identity, digest)
         if kept is not None:  # an exact repeat: the same reply, nothing computed, nothing charged
-            return p.reply(message, p.TrainReply(*kept))
+            return p.reply(message, kept)
         cfg = hospital.cfg
+        pin = check_pin(identity, cfg, round_.round)
         client = _secagg_client(context, round_) if cfg.privacy.secagg else None
         restore(hospital, identity, round_.resume_round, _in_memory(context))
         result = hospital.train_round(global_state, cfg.federated.local_steps)
-        masking = {}
+        masking, model_hash = {}, tensors_hash(global_state)
         if client is not None:
             inbox, terms = round_.require("inbox"), round_.require("secagg")
             masking = {"scales": terms.scale_array, "ring_bits": terms.ring_bits,
-                       "masker": lambda ring_vector: client.masked_input(ring_vector, inbox)}
+                       "masker": lambda ring_vector: client.masked_input(ring_vector, inbox, model_hash)}
         encoded = update_codec.encode_update(result.update, result.num_examples, cfg.privacy, seed=cfg.run.seed,
                                              hospital=identity.hospital_id, round_=round_.round, **masking)
         if client is not None:
             _keep_secagg_client(context, round_, client)
-        payload = encoded.payload
+        payload, stats = encoded.payload, update_codec.training_stats(cfg.privacy, result.metrics, encoded.stats)
+        if isinstance(payload, bytes) and not cfg.privacy.secagg:
+            payload, stats = update_codec.attach_stats(payload, stats or {}), None
         if cfg.privacy.encrypt:
-            payload = seal_update(payload, instruction.job, round_, identity.hospital_id, tensors_hash(global_state),
+            payload = seal_update(payload, instruction.job, round_, identity.hospital_id, model_hash,
                                   identity.aggregator_public)
         _keep_in_memory(context, round_.round, persist(hospital, identity, round_.round))
-        metrics = {**result.metrics, **encoded.stats, "num_examples": result.num_examples, "weight": encoded.weight}
-        keep_reply(identity, digest, payload, metrics)
-        return p.reply(message, p.TrainReply(payload, metrics))
+        advance_pin(identity, pin, round_.round)
+        report = {k: float(result.metrics[k]) for k in p.PUBLIC_REPORT if k in result.metrics}
+        answer = p.TrainReply(payload, report, stats)
+        keep_reply(identity, digest, answer)
+        return p.reply(message, answer)
 
     @app.evaluate()
     @_answer_user_errors

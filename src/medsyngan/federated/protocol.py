@@ -11,12 +11,15 @@ Message types (Flower's ``message_type``), instruction → reply:
   ``query.secagg_advertise``  round with :class:`SecAggTerms` → :class:`KeyAdvertReply`
   ``query.secagg_share``      round with every hospital's key advert → :class:`SharesReply`
   ``train``                   round (with the hospital's share inbox under secure aggregation) and the global
-                              shared networks → :class:`TrainReply` (Δ of the shared networks, weight, metrics)
+                              shared networks → :class:`TrainReply` (Δ of the shared networks, the hospital's
+                              own privacy report)
   ``query.secagg_unmask``     round with the survivors → :class:`RevealsReply`
   ``evaluate``                job and the global generator → :class:`EvaluationReply` (held-out scalars)
 
 A record that lacks a field or holds the wrong type raises :class:`MalformedMessage`, one line naming what is
 wrong: the server counts that hospital as missing for the stage, a hospital answers with an error reply.
+
+About 400 lines: every message type and its parsing sit together, so that no other module reads a record's keys.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ SECAGG_SHARE = "query.secagg_share"
 SECAGG_UNMASK = "query.secagg_unmask"
 TRAIN = "train"
 EVALUATE = "evaluate"
+PUBLIC_KEY_BYTES = 32
 #: The error code of a hospital's reply when its own privacy policy refuses the instruction.
 REFUSAL_CODE = 4003
 
@@ -265,8 +269,8 @@ def reply(to: Message, answer: "Hello | TrainReply | KeyAdvertReply | SharesRepl
     return Message(answer.to_record(), reply_to=to)
 
 
-def _metrics(content: RecordDict, what: str) -> dict[str, float]:
-    record = _get(content, "metrics", MetricRecord)
+def _metrics(content: RecordDict, what: str, key: str = "metrics") -> dict[str, float]:
+    record = _get(content, key, MetricRecord)
     return {k: float(_check(v, (int, float), f"{what} metric {k}")) for k, v in record.items()}
 
 
@@ -291,22 +295,30 @@ class Hello:
             return cls(*(_get(record, f.name, int) for f in dataclasses.fields(cls)))
 
 
+#: All that a hospital says in the clear beside its update: its privacy spend as its own ledger has it (ε of the
+#: replace-one relation, Opacus' add/remove-one figure, δ, and 1 for a patient-level unit).
+PUBLIC_REPORT = ("epsilon", "epsilon_add_remove", "delta", "patient_level")
+
+
 @dataclass(frozen=True)
 class TrainReply:
-    """A hospital's update (opaque bytes when quantized, masked or sealed; else float tensors) and its metrics,
-    which include its aggregation ``weight`` and ``num_examples``."""
+    """A hospital's update (opaque bytes when quantized, masked or sealed; else float tensors) and its public
+    ``report`` (:data:`PUBLIC_REPORT` keys only). Training statistics travel inside the update's bytes
+    (:func:`~medsyngan.federated.update_codec.attach_stats`), in ``stats`` only when the update itself travels
+    as plain tensors, and not at all under DP or secure aggregation. Its FedAvg weight is the aggregator's, from
+    the roster."""
 
     payload: bytes | dict[str, torch.Tensor]
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def weight(self) -> float:
-        return self.metrics["weight"]
+    report: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] | None = None
 
     def to_record(self) -> RecordDict:
         update = (ConfigRecord({"payload": self.payload}) if isinstance(self.payload, bytes)
                   else state_to_record(self.payload))
-        return RecordDict({"update": update, "metrics": _metric_record(self.metrics)})
+        content = RecordDict({"update": update, "report": _metric_record(self.report)})
+        if self.stats is not None:
+            content["stats"] = _metric_record(self.stats)
+        return content
 
     @classmethod
     def from_record(cls, content: RecordDict) -> "TrainReply":
@@ -314,10 +326,14 @@ class TrainReply:
             update = _get(content, "update", (ConfigRecord, ArrayRecord))
             payload = (_get(update, "payload", bytes) if isinstance(update, ConfigRecord)
                        else record_to_state(update))
-            metrics = _metrics(content, "training")
-            if not metrics.get("weight", 0) > 0:
-                raise ValueError("its weight is missing or not positive")
-            return cls(payload, metrics)
+            report = _metrics(content, "training", "report")
+            unknown = sorted(set(report) - set(PUBLIC_REPORT))
+            if unknown:
+                raise ValueError(f"its report holds {', '.join(unknown)} in the clear, which is no public field")
+            if isinstance(payload, bytes) and "stats" in content:
+                raise ValueError("it sends statistics in the clear beside an encoded update")
+            stats = _metrics(content, "training", "stats") if "stats" in content else None
+            return cls(payload, report, stats)
 
 
 @dataclass(frozen=True)
@@ -332,7 +348,10 @@ class KeyAdvertReply:
     def from_record(cls, content: RecordDict) -> "KeyAdvertReply":
         with _parsing("key advert"):
             record = _get(content, "secagg", ConfigRecord)
-            return cls(KeyAdvert(_get(record, "cipher_public", bytes), _get(record, "mask_public", bytes)))
+            keys = [_get(record, name, bytes) for name in ("cipher_public", "mask_public")]
+            if any(len(key) != PUBLIC_KEY_BYTES for key in keys):
+                raise ValueError(f"an advertised key is not {PUBLIC_KEY_BYTES} bytes (X25519)")
+            return cls(KeyAdvert(*keys))
 
 
 @dataclass(frozen=True)
@@ -365,6 +384,8 @@ class RevealsReply:
             record = _get(content, "secagg", ConfigRecord)
             kinds = _pairs(record, "peer", "kind", lambda r, k: [str(_check(v, str, k)) for v in _get(r, k, list)])
             shares = _pairs(record, "peer", "share", _blobs)
+            if not set(kinds.values()) <= {"b", "s"}:
+                raise ValueError("a share kind is neither 'b' (self-mask seed) nor 's' (mask key)")
             return cls({p: (kinds[p], int.from_bytes(shares[p], "big")) for p in kinds})
 
 

@@ -13,7 +13,8 @@ import torch
 
 from medsyngan.config import Config
 from medsyngan.federated.aggregation import accumulate
-from medsyngan.federated.protocol import EvaluationReply
+from medsyngan.federated.protocol import PUBLIC_REPORT, EvaluationReply
+from medsyngan.privacy.accounting import RELATION
 from medsyngan.training.generate import fixed_latents, save_sample_grid
 from medsyngan.training.step import GANTrainer
 
@@ -33,17 +34,31 @@ class RoundTraffic:
 
 @dataclass
 class RoundOutcome:
-    """What a round produced: Σ w_k Δ_k over the accepted hospitals, Σ w_k, and their metrics."""
+    """What a round produced: Σ w_k Δ_k over the accepted hospitals, Σ w_k, each one's public report and (only
+    when neither DP nor secure aggregation is on) the statistics it sealed into its update."""
 
     total: dict[str, torch.Tensor] = field(default_factory=dict)
     weight: float = 0.0
-    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    reports: dict[int, dict[str, float]] = field(default_factory=dict)
+    stats: dict[int, dict[str, float]] = field(default_factory=dict)
     traffic: RoundTraffic = field(default_factory=RoundTraffic)
 
-    def add(self, hospital: int, metrics: dict[str, float], update: Mapping[str, torch.Tensor], weight: float) -> None:
+    def add(self, hospital: int, report: dict[str, float], update: Mapping[str, torch.Tensor], weight: float,
+            stats: dict[str, float]) -> None:
         accumulate(self.total, update, weight)
         self.weight += weight
-        self.metrics[hospital] = metrics
+        self.reports[hospital] = report
+        self.stats[hospital] = stats
+
+
+#: All that metrics.jsonl says about one hospital in a round (docs/privacy.md, "Threat model"): its privacy spend
+#: as it reported it, its registered training images and FedAvg weight (the roster), the bytes the aggregator
+#: counted, and, only when neither DP nor secure aggregation is on, the statistics sealed into its update.
+HOSPITAL_FIELDS = PUBLIC_REPORT + ("relation", "train_images", "weight", "bytes_sent_to", "bytes_received_from")
+#: The fields of a round's row (``time`` is the aggregator's clock, stamped by the run directory); d_loss and g_loss
+#: are means of the hospitals' statistics when they send any; client_* is client-level DP's accountant.
+ROUND_FIELDS = ("round", "time", "kimg", "wall_s", "hospitals_replied", "d_loss", "g_loss", "epsilon", "delta",
+                "relation", "hospital", "client_epsilon", "client_epsilon_add_remove")
 
 
 def log_privacy_choices(cfg: Config) -> None:
@@ -63,36 +78,44 @@ def log_privacy_choices(cfg: Config) -> None:
                  p.target_epsilon)
 
 
-def round_row(round_: int, outcome: RoundOutcome, images_seen: int, wall_s: float) -> dict[str, Any]:
-    """The metrics row of a completed round: losses averaged over hospitals, throughput, bytes and the worst
-    hospital's privacy spend."""
-    per_hospital = {
-        str(h): {**{k: round(float(v), 6) for k, v in m.items()},
-                 "bytes_sent_to": outcome.traffic.sent.get(h, 0),
-                 "bytes_received_from": outcome.traffic.received.get(h, 0)}
-        for h, m in outcome.metrics.items()
-    }
+def round_row(round_: int, outcome: RoundOutcome, images_seen: int, wall_s: float,
+              roster: Mapping[int, tuple[int, int]], with_stats: bool) -> dict[str, Any]:
+    """The metrics row of a completed round (only :data:`ROUND_FIELDS`; per hospital :data:`HOSPITAL_FIELDS`, plus
+    its statistics when ``with_stats``): the worst hospital's privacy spend, and losses averaged over hospitals
+    when they sent any. ``roster``: each hospital's (registered training images, FedAvg weight)."""
+    per_hospital = {}
+    for h, report in outcome.reports.items():
+        entry: dict[str, Any] = {k: round(float(report[k]), 6) for k in PUBLIC_REPORT if k in report}
+        if "epsilon" in entry:
+            entry["relation"] = RELATION
+        stats = outcome.stats.get(h, {}) if with_stats else {}
+        entry.update({k: round(float(v), 6) for k, v in stats.items() if k not in HOSPITAL_FIELDS})
+        entry.update(train_images=roster[h][0], weight=roster[h][1],
+                     bytes_sent_to=outcome.traffic.sent.get(h, 0),
+                     bytes_received_from=outcome.traffic.received.get(h, 0))
+        per_hospital[str(h)] = entry
     row: dict[str, Any] = {
         "round": round_,
         "kimg": images_seen / 1000,
         "wall_s": round(wall_s, 3),
-        "hospitals_replied": sorted(outcome.metrics),
+        "hospitals_replied": sorted(outcome.reports),
         "d_loss": _mean(per_hospital, "d_loss"),
         "g_loss": _mean(per_hospital, "g_loss"),
-        "img_per_s": sum(h.get("img_per_s", 0.0) for h in per_hospital.values()),
         "hospital": per_hospital,
     }
-    eps = [(m["epsilon"], m["delta"]) for m in outcome.metrics.values() if "epsilon" in m]
+    eps = [(r["epsilon"], r["delta"]) for r in outcome.reports.values() if "epsilon" in r and "delta" in r]
     if eps:
         # The worst hospital's spend is the federation's patient-level guarantee.
-        row["epsilon"], row["delta"] = max(e for e, _ in eps), max(d for _, d in eps)
+        row["epsilon"], row["delta"], row["relation"] = max(e for e, _ in eps), max(d for _, d in eps), RELATION
     return row
 
 
 def log_round(row: Mapping[str, Any], rounds: int) -> None:
-    losses = ", ".join(f"{k} {row[k]:.3f}" for k in ("d_loss", "g_loss") if row[k] is not None)
-    spent = f", ε ≤ {row['epsilon']:.3f}" if "epsilon" in row else ""
-    log.info("round %d/%d: %d hospitals, %s%s", row["round"], rounds, len(row["hospitals_replied"]), losses, spent)
+    parts = [f"{len(row['hospitals_replied'])} hospitals"]
+    parts += [f"{k} {row[k]:.3f}" for k in ("d_loss", "g_loss") if row[k] is not None]
+    if "epsilon" in row:
+        parts.append(f"ε ≤ {row['epsilon']:.3f} ({row['relation']})")
+    log.info("round %d/%d: %s", row["round"], rounds, ", ".join(parts))
 
 
 def evaluation_row(round_: int, replies: list[EvaluationReply]) -> dict[str, Any] | None:

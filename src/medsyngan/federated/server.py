@@ -233,7 +233,7 @@ class RoundDriver:
             outcome = None
         finally:
             self.transport.close_round(round_)
-        if outcome is None or len(outcome.metrics) < self.cfg.federated.quorum:
+        if outcome is None or len(outcome.reports) < self.cfg.federated.quorum:
             return None
         outcome.traffic = traffic
         return outcome
@@ -244,20 +244,27 @@ class RoundDriver:
         reply = p.TrainReply.from_record(message.content)
         return reply, self.transport.open(reply.payload, hospital, round_, global_hash)
 
+    def roster_weight(self, hospital: int) -> int:
+        """A hospital's FedAvg weight: from the training images it declared at registration, fixed for the run."""
+        return update_codec.hospital_weight(self.cfg.privacy, self.weights[hospital])
+
     def plain_round(self, grid: Grid, round_: int, chosen: list[int], traffic: RoundTraffic) -> RoundOutcome:
         shared = self.shared_state()
         global_hash = tensors_hash(shared)
 
-        def read(hospital: int, message: Message) -> tuple[p.TrainReply, dict[str, np.ndarray]]:
+        def read(hospital: int, message: Message) -> tuple[p.TrainReply, dict[str, np.ndarray], dict[str, float]]:
             reply, payload = self._train_reply(round_, global_hash, hospital, message)
-            return reply, update_codec.decode_update(payload, self.cfg.privacy)
+            stats = reply.stats or {}
+            if isinstance(payload, bytes):
+                payload, stats = update_codec.split_stats(payload)
+            return reply, update_codec.decode_update(payload, self.cfg.privacy), stats
 
         replies = self.exchange(grid, round_, "train", p.TRAIN, self.instructions(round_, chosen), traffic, read,
                                 shared)
         outcome = RoundOutcome()
-        for hospital, (reply, arrays) in replies.items():
-            outcome.add(hospital, reply.metrics, {k: torch.as_tensor(np.array(v)) for k, v in arrays.items()},
-                        reply.weight)
+        for hospital, (reply, arrays, stats) in replies.items():
+            outcome.add(hospital, reply.report, {k: torch.as_tensor(np.array(v)) for k, v in arrays.items()},
+                        self.roster_weight(hospital), stats)
         return outcome
 
     def secure_round(self, grid: Grid, round_: int, chosen: list[int], traffic: RoundTraffic) -> RoundOutcome:
@@ -266,7 +273,7 @@ class RoundDriver:
         privacy = self.cfg.privacy
         shared = self.shared_state()
         arrays = {k: v.numpy() for k, v in shared.items()}
-        weights = {h: update_codec.hospital_weight(privacy, self.weights[h]) for h in chosen}
+        weights = {h: self.roster_weight(h) for h in chosen}
         ring_bits = update_codec.secagg_ring_bits(privacy.quantize_bits, sum(weights.values()))
         previous = self.state.previous_mean
         t = self.cfg.train
@@ -294,7 +301,8 @@ class RoundDriver:
         listed = server.collect_adverts({h + 1: advert for h, advert in adverts.items()})
         shares = self.exchange(grid, round_, "share keys", p.SECAGG_SHARE,
                                self.instructions(round_, adverts, secagg=terms, adverts=listed), traffic,
-                               lambda _, m: p.SharesReply.from_record(m.content).shares)
+                               lambda h, m: _addressed(p.SharesReply.from_record(m.content).shares,
+                                                       set(listed) - {h + 1}))
         inboxes = server.route_shares({h + 1: out for h, out in shares.items()})
         trained = self.exchange(grid, round_, "train", p.TRAIN,
                                 self.instructions(round_, shares, secagg=terms, inbox=lambda h: inboxes[h + 1]),
@@ -303,17 +311,21 @@ class RoundDriver:
         reveals = self.exchange(grid, round_, "unmask", p.SECAGG_UNMASK,
                                 self.instructions(round_, [h - 1 for h in sorted(survivors)], secagg=terms,
                                                   survivors=tuple(sorted(survivors))), traffic,
-                                lambda _, m: p.RevealsReply.from_record(m.content).reveals)
-        total = server.unmask({h + 1: r for h, r in reveals.items()})
+                                lambda _, m: _consistent(p.RevealsReply.from_record(m.content).reveals,
+                                                         server.shared, survivors))
+        total = server.unmask({h + 1: r for h, r in reveals.items()}, binding=global_hash)
         summed = update_codec.dequantize_sum(total, ring_bits, arrays, scales)
         outcome = RoundOutcome()
         outcome.total = {k: torch.as_tensor(np.array(v, np.float64)) for k, v in summed.items()}
         outcome.weight = float(sum(weights[h - 1] for h in survivors))
-        outcome.metrics = {h - 1: trained[h - 1][0].metrics for h in sorted(survivors)}
+        outcome.reports = {h - 1: trained[h - 1][0].report for h in sorted(survivors)}
         return outcome
 
     def finish_round(self, round_: int, outcome: RoundOutcome) -> None:
-        images = int(sum(m.get("images", 0) for m in outcome.metrics.values()))
+        # Counted, not reported: K generator steps of d_steps_per_g batches per hospital. Under DP this is the
+        # expected count, so that the realised Poisson batch sizes are never released.
+        t = self.cfg.train
+        images = len(outcome.reports) * self.cfg.federated.local_steps * t.d_steps_per_g * t.batch_size
         if self.client_dp is not None:
             mean = self.client_dp.noisy_mean(outcome.total, len(self.participants(round_)), round_)
         else:
@@ -323,12 +335,14 @@ class RoundDriver:
         self.state.global_state.update(self.optimizer.step(shared, mean))
         self.state.round = round_
         self.state.images_seen += images
-        for hospital in outcome.metrics:
+        for hospital in outcome.reports:
             self.state.last_round[hospital] = round_
         self.state.update_ema(images, self.cfg.train.ema_kimg)
         self.state.optimizer_state = self.optimizer.state_dict()
         save_server_state(self.run_dir, self.state, self.cfg, self.checkpoint_key)
-        row = round_log.round_row(round_, outcome, self.state.images_seen, time.time() - self.start)
+        row = round_log.round_row(round_, outcome, self.state.images_seen, time.time() - self.start,
+                                  {h: (self.weights[h], self.roster_weight(h)) for h in outcome.reports},
+                                  with_stats=not (self.cfg.privacy.dp or self.cfg.privacy.secagg))
         if self.client_dp is not None:
             row.update(self.client_dp.metrics())
         self.run_dir.append_metrics(row)
@@ -352,3 +366,20 @@ class RoundDriver:
         row = round_log.evaluation_row(round_, results)
         if row is not None:
             self.run_dir.append_metrics(row)
+
+
+def _addressed(shares: dict[int, bytes], peers: set[int]) -> dict[int, bytes]:
+    """A hospital's key shares, when addressed only to the other hospitals of the key list."""
+    if not set(shares) <= peers:
+        raise ValueError(f"key shares addressed to {sorted(set(shares) - peers)}, outside this round's key list")
+    return shares
+
+
+def _consistent(reveals: dict[int, tuple[str, int]], shared: frozenset[int],
+                survivors: frozenset[int]) -> dict[int, tuple[str, int]]:
+    """A hospital's revealed shares, when each is a self-mask share of a survivor or a mask-key share of a
+    hospital that shared keys and dropped out; anything else counts that hospital out of the unmasking."""
+    for peer, (kind, _) in reveals.items():
+        if peer not in shared or (kind == "b") != (peer in survivors):
+            raise ValueError(f"a {kind!r}-share of hospital {peer - 1} does not fit the survivor list")
+    return reveals

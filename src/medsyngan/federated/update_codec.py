@@ -9,13 +9,22 @@ Aggregator, in reverse:
     decrypt → [sum masked vectors, unmask] → dequantize → divide by the total weight → (client-level DP: add
     N(0, σ²C²) to the sum and divide by the fixed number of participants) → mean update for the server optimizer.
 
-Without secure aggregation the server weights each decoded update by its hospital's image count itself; with it,
-weights must be integers applied before masking, so the sum is exact in the ring.
+Weights come from the roster (the training images each hospital declared when it registered, fixed for the run),
+never from a round's reply. Without secure aggregation the server applies them to each decoded update itself; with
+it, the hospital multiplies its quantized update by the same integer before masking, so the sum is exact in the
+ring.
+
+A hospital's training statistics (losses, timings, update norm, clamp count) leave it only when neither DP nor
+secure aggregation is on (:func:`training_stats`): then the aggregator sees the update itself, and the statistics
+travel inside the update's bytes (:func:`attach_stats`), sealed with it when updates are encrypted. Under DP they
+are not covered by the noise; under secure aggregation the aggregator may learn only sums.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -56,8 +65,43 @@ def _to_numpy(update: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def hospital_weight(privacy: PrivacySection, num_examples: int) -> int:
-    """FedAvg weighs by training images; client-level DP needs equal weights (bounded sensitivity)."""
+    """FedAvg weighs by the training images of the roster; client-level DP needs equal weights (bounded
+    sensitivity)."""
     return 1 if privacy.client_dp else int(num_examples)
+
+
+STATS_MAGIC = b"MSGSTAT1"
+_STATS_LENGTH = struct.Struct(">I")
+
+
+def training_stats(privacy: PrivacySection, *parts: Mapping[str, float]) -> dict[str, float] | None:
+    """The statistics a hospital may send with its update, or None when they must stay with it (DP, secure
+    aggregation)."""
+    if privacy.dp or privacy.secagg:
+        return None
+    return {k: float(v) for part in parts for k, v in part.items()}
+
+
+def attach_stats(payload: bytes, stats: Mapping[str, float]) -> bytes:
+    """An encoded update with its statistics in front, to be sealed as one piece."""
+    header = json.dumps(dict(stats), sort_keys=True).encode()
+    return STATS_MAGIC + _STATS_LENGTH.pack(len(header)) + header + payload
+
+
+def split_stats(blob: bytes) -> tuple[bytes, dict[str, float]]:
+    """(encoded update, statistics) of :func:`attach_stats`; ValueError for anything else."""
+    start = len(STATS_MAGIC) + _STATS_LENGTH.size
+    if len(blob) < start or not blob.startswith(STATS_MAGIC):
+        raise ValueError("malformed update (no statistics header)")
+    (size,) = _STATS_LENGTH.unpack_from(blob, len(STATS_MAGIC))
+    try:
+        stats = json.loads(blob[start:start + size])
+        if not isinstance(stats, dict):
+            raise ValueError("not an object")
+        stats = {str(k): float(v) for k, v in stats.items()}
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed update statistics ({exc})") from None
+    return blob[start + size:], stats
 
 
 def encode_update(

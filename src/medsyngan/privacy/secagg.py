@@ -18,9 +18,15 @@ The PRG is the ChaCha20 keystream (``cryptography``) keyed by a 256-bit seed, so
 (Flower's SecAgg+ expands 32-bit seeds with NumPy's generator, flwr issue #7522). Shamir sharing works over the
 prime field GF(2^521 - 1), large enough for 32-byte secrets.
 
-Threat model: honest-but-curious server and clients. Keys are not signed (an actively malicious server could
-substitute keys; Bonawitz' signature step guards against that), and a client refuses to reveal both shares of
-the same peer, so a server that follows the protocol cannot rebuild any single client's input.
+Threat model: the server may deviate. A client reveals one share per peer, once per round, and the threshold is a
+strict majority, so no split of the survivor list yields both secrets of one client; pairwise masks are derived
+with the hash of the global model each client trained from (``binding``), so a server that sends one client
+another model unmasks noise. Keys are not signed (Bonawitz' signature step, not implemented, guards against a
+server that substitutes keys), and a coalition of the server with t − 1 clients of a neighbourhood can unmask a
+member.
+
+About 490 lines: client, server and the in-process driver share the round's types and helpers and are read
+together.
 """
 
 from __future__ import annotations
@@ -278,8 +284,12 @@ class SecAggClient:
             out[v] = nonce + AESGCM(key).encrypt(nonce, body, self.config.context + struct.pack("<QQ", self.id, v))
         return out
 
-    def masked_input(self, x: np.ndarray, inbox: Mapping[int, bytes]) -> np.ndarray:
-        """Stage 2: decrypt the shares routed to this client, then mask x (elements of Z_{2^k})."""
+    def masked_input(self, x: np.ndarray, inbox: Mapping[int, bytes], binding: bytes = b"") -> np.ndarray:
+        """Stage 2: decrypt the shares routed to this client, then mask x (elements of Z_{2^k}).
+
+        ``binding`` (the hash of the global model this client trained from) enters every pairwise mask: clients
+        sent different models derive masks that do not cancel, so a server that gives one client another model
+        (to single out its update in the sum) unmasks only noise."""
         cfg = self.config
         if x.shape != (cfg.length,) or x.dtype != ring_dtype(cfg.ring_bits):
             raise ValueError(f"input must be a ({cfg.length},) {np.dtype(ring_dtype(cfg.ring_bits))} ring vector")
@@ -301,8 +311,8 @@ class SecAggClient:
         y = x.copy()
         _accumulate(y, prg(self._self_seed, cfg.length, k), 1, k)
         for v in sorted(self._masked_with):
-            mask = prg(_pair_seed(self._mask_key, self._adverts[v].mask_public, self.id, v, cfg.context), cfg.length, k)
-            _accumulate(y, mask, _sign(self.id, v), k)
+            seed = _pair_seed(self._mask_key, self._adverts[v].mask_public, self.id, v, cfg.context + binding)
+            _accumulate(y, prg(seed, cfg.length, k), _sign(self.id, v), k)
         return y
 
     def unmask(self, survivors: Iterable[int]) -> dict[int, tuple[str, int]]:
@@ -373,8 +383,9 @@ class SecAggServer:
         self.masked = dict(masked)
         return frozenset(masked)
 
-    def unmask(self, reveals: Mapping[int, Mapping[int, tuple[str, int]]]) -> np.ndarray:
-        """Stage 3: Σ_{u ∈ U3} x_u mod 2^k from the survivors' revealed shares."""
+    def unmask(self, reveals: Mapping[int, Mapping[int, tuple[str, int]]], binding: bytes = b"") -> np.ndarray:
+        """Stage 3: Σ_{u ∈ U3} x_u mod 2^k from the survivors' revealed shares; ``binding`` as the clients'
+        (:meth:`SecAggClient.masked_input`)."""
         cfg, k = self.config, self.config.ring_bits
         survivors = frozenset(self.masked)
         responders = frozenset(reveals) & survivors
@@ -404,7 +415,7 @@ class SecAggServer:
             if secret.public_key().public_bytes_raw() != self.adverts[v].mask_public:
                 raise SecAggAbort(f"the rebuilt mask key of client {v} does not match its advertised key")
             for u in affected:
-                mask = prg(_pair_seed(secret, self.adverts[u].mask_public, u, v, cfg.context), cfg.length, k)
+                mask = prg(_pair_seed(secret, self.adverts[u].mask_public, u, v, cfg.context + binding), cfg.length, k)
                 # y_u carries sign(u, v)·mask; take it back out.
                 _accumulate(total, mask, -_sign(u, v), k)
         return total

@@ -135,7 +135,22 @@ def _run_section(run_rows: Sequence[dict[str, Any]] | None, snapshot_rows: Seque
         png = plots.curves_png(eps_rows, ["epsilon"], "privacy spent", x_keys=("round", "kimg", "step")) if eps_rows else None
         if png:
             parts.append("<h2>ε per round</h2>" + _img(png, "epsilon per round"))
+        parts.append(_hospital_epsilons(run_rows))
     return "".join(parts)
+
+
+def _hospital_epsilons(run_rows: Sequence[dict[str, Any]]) -> str:
+    """Each hospital's ε as its own ledger last reported it, with the relation (federated DP runs)."""
+    latest = {h: stats for row in run_rows for h, stats in row.get("hospital", {}).items() if "epsilon" in stats}
+    if not latest:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(h)}</td><td>{s['epsilon']:.4g}</td><td>{s.get('epsilon_add_remove', float('nan')):.4g}"
+        f"</td><td>{s.get('delta', float('nan')):.3g}</td><td>{html.escape(str(s.get('relation', '')))} "
+        f"{'patient' if s.get('patient_level') else 'image'}</td></tr>" for h, s in sorted(latest.items(), key=lambda x: int(x[0])))
+    return ("<h2>ε per hospital</h2><p>As each hospital's own ledger reported it in the last round it trained.</p>"
+            "<table id='hospital-epsilon'><tr><th>hospital</th><th>ε</th><th>ε add/remove-one</th><th>δ</th>"
+            f"<th>relation</th></tr>{rows}</table>")
 
 
 def render_report(

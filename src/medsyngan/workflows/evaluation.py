@@ -144,11 +144,13 @@ def hospital_table(run_dir: RunDir) -> list[dict[str, Any]]:
         for hospital, stats in row.get("hospital", {}).items():
             entry = table.setdefault(hospital, {"hospital": int(hospital), "images": 0, "epsilon": None,
                                                 "bytes_sent": 0, "rounds": 0})
-            entry["images"] = int(stats.get("num_examples", 0))
+            entry["images"] = int(stats.get("train_images", 0))
             entry["epsilon"] = stats.get("epsilon", entry["epsilon"])
             if "epsilon" in stats:
                 entry["epsilon_add_remove"] = stats.get("epsilon_add_remove")
                 entry["unit"] = "patient" if stats.get("patient_level") else "image"
+                entry["relation"] = stats.get("relation")
+                entry["delta"] = stats.get("delta")
             entry["bytes_sent"] += int(stats.get("bytes_received_from", 0))
             entry["rounds"] += 1
     return [table[k] for k in sorted(table, key=int)]
