@@ -10,11 +10,14 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from medsyngan.federated import protocol as p
+from medsyngan.federated.advert_signing import AdvertSignature
 from medsyngan.privacy.secagg import KeyAdvert, SecAggConfig
 
 TERMS = p.SecAggTerms.of(SecAggConfig(ids=(1, 2, 3), threshold=2, ring_bits=24, length=10, neighbours=0,
                                       context=b"run/4"), np.array([0.5, 0.25]))
-JOB = p.Job(config="[run]\nseed = 1\n", run_id="r1", partition="/p.csv", state_dir="/s", aggregator_public=b"k" * 32)
+JOB = p.Job(config="[run]\nseed = 1\n", run_id="r1", partition="/p.csv", state_dir="/s", aggregator_public=b"k" * 32,
+            roster=b'{"hospitals":{}}', signing_keys="/keys")
+SIGNED = AdvertSignature(b"spki", b"sig")
 
 
 def _over_the_wire(content: RecordDict) -> RecordDict:
@@ -23,7 +26,9 @@ def _over_the_wire(content: RecordDict) -> RecordDict:
 
 @pytest.mark.parametrize("instruction", [
     p.Instruction(p.Job(config="x", run_id="r")),
-    p.Instruction(JOB, p.RoundInstruction(4, 2, b"r" * 32, TERMS, adverts={1: KeyAdvert(b"c" * 32, b"m" * 32)})),
+    p.Instruction(JOB, p.RoundInstruction(4, 2, b"r" * 32, TERMS,
+                                          adverts={1: KeyAdvert(b"c" * 32, b"m" * 32), 2: KeyAdvert(b"d" * 32, b"n" * 32)},
+                                          signatures={1: SIGNED})),
     p.Instruction(JOB, p.RoundInstruction(4, 0, secagg=TERMS, inbox={2: b"ct2", 3: b"ct3"}),
                   {"G.w": torch.arange(6.0).reshape(2, 3)}),
     p.Instruction(JOB, p.RoundInstruction(4, 3, survivors=(1, 3))),
@@ -39,7 +44,7 @@ def test_instructions_round_trip(instruction):
 @pytest.mark.parametrize("reply", [
     p.Hello(2, 120, 30, 12),
     p.TrainReply(b"sealed", {"epsilon": 0.5, "delta": 1e-5}),
-    p.KeyAdvertReply(KeyAdvert(b"c" * 32, b"m" * 32)),
+    p.KeyAdvertReply(KeyAdvert(b"c" * 32, b"m" * 32), SIGNED),
     p.SharesReply({1: b"a", 3: b"b"}),
     p.RevealsReply({1: ("b", 2**500 + 7), 2: ("s", 5)}),
     p.EvaluationReply({"fd": 1.5, "holdout_images": 4.0}),

@@ -4,6 +4,9 @@ A hospital learns who it is from its node configuration: in the Simulation Engin
 partition file the server names), in the Deployment Engine ``hospital-id`` and ``data-path`` (its own prepared
 dataset; nothing about it is known to the server). ``state-dir`` (optional) is where it keeps its own state on disk,
 ``state-key`` (optional) the key file that seals it, ``aggregator-public`` (optional) the aggregator's key it pins,
+``auth-key`` and ``federation-public`` (needed under secure aggregation) the hospital's SuperNode key, which signs
+its secure-aggregation key adverts, and the federation key its peers' roster must be signed with
+(:mod:`~medsyngan.federated.advert_signing`; a virtual hospital's come from the run's folder the job names),
 ``policy`` (optional) its privacy policy file (:mod:`~medsyngan.federated.policy`; without one a deployed hospital
 holds the product defaults, a virtual one the configuration's ``[hospital]`` section).
 
@@ -54,6 +57,8 @@ class NodeIdentity:
     aggregator_public: Path | None = None  # the aggregator's key a deployed hospital pins; None (simulation): the job's
     policy: HospitalSection | None = None  # a deployed hospital's own policy; None: a virtual hospital's
     run_id: str = ""  # the federation's run id, bound into every file the hospital seals
+    signing_key: Path | None = None  # its SuperNode key (auth.key): signs its secure-aggregation key adverts
+    federation_public: Path | None = None  # the federation key (federation_app.pub) the roster of peers is signed with
 
     def policy_for(self, cfg: Config) -> HospitalSection:
         """The policy this hospital holds: its own (deployment) or the configuration's [hospital] (simulation)."""
@@ -88,8 +93,17 @@ def node_identity(node_config: Mapping[str, Any], job: Job) -> NodeIdentity:
     # lives in the server's run directory, with the run's checkpoint key (job state_key, simulation only).
     key_path = node_config.get("state-key") or job.state_key
     pinned = node_config.get("aggregator-public")
+    signing_key, federation_public = node_config.get("auth-key"), node_config.get("federation-public")
+    if "hospital-id" not in node_config and job.signing_keys:  # a virtual hospital: keys the run made for it
+        from medsyngan.federated.hospital_keys import HospitalDir
+        from medsyngan.federated.pki import FEDERATION_PUB
+
+        keys = Path(job.signing_keys)
+        signing_key, federation_public = HospitalDir(keys / f"hospital-{hospital}").auth_key, keys / FEDERATION_PUB
     return NodeIdentity(hospital, data_path, state_dir, load_key_file(str(key_path)) if key_path else None,
-                        Path(str(pinned)) if pinned else None, policy, job.run_id)
+                        Path(str(pinned)) if pinned else None, policy, job.run_id,
+                        Path(str(signing_key)) if signing_key else None,
+                        Path(str(federation_public)) if federation_public else None)
 
 
 def load_hospital_data(identity: NodeIdentity, job: Job, cfg: Config) -> tuple[PreparedDataset, PreparedDataset]:

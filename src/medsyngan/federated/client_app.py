@@ -16,10 +16,12 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from medsyngan.errors import UserError
+from medsyngan.federated import advert_signing
 from medsyngan.federated import protocol as p
 from medsyngan.federated import update_codec
 from medsyngan.federated.client import (HospitalRuntime, NodeIdentity, advance_pin, cached_reply, check_pin,
                                         instruction_digest, keep_reply, node_identity, persist, restore)
+from medsyngan.federated.app_signing import load_federation_public
 from medsyngan.federated.policy import PolicyRefusal
 from medsyngan.privacy.accounting import BudgetExceeded
 from medsyngan.federated.hospital import EvaluateFn, Hospital
@@ -90,6 +92,26 @@ def _secagg_step(context: Context, round_: p.RoundInstruction, step: Callable[[S
     return result
 
 
+def _required(identity: NodeIdentity) -> NodeIdentity:
+    """A node that can take part in secure aggregation: it has a key to sign its adverts with and the federation
+    key to check its peers' against."""
+    if identity.signing_key is None or identity.federation_public is None:
+        raise UserError(f"hospital {identity.hospital_id} takes part in secure aggregation but has no auth-key and "
+                        "federation-public to sign and check key adverts with; start it with `medsyngan hospital start`")
+    return identity
+
+
+def _roster(job: p.Job) -> advert_signing.SignedRoster:
+    if job.roster is None:
+        raise PolicyRefusal("the instruction carries no signed hospital roster, so no peer's key advert can be "
+                            "checked; the hospital shares nothing")
+    try:
+        return advert_signing.SignedRoster.from_bytes(job.roster)
+    except (ValueError, TypeError) as exc:
+        raise PolicyRefusal(f"the hospital roster of the instruction is malformed ({exc}); the hospital shares "
+                            "nothing") from None
+
+
 def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
     """A hospital's ClientApp; ``evaluate_fn`` scores generated images against its held-out ones."""
     app = ClientApp()
@@ -116,14 +138,25 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
         round_ = instruction.require_round()
         identity, _ = hospital_for(instruction, context)
         client = SecAggClient(identity.hospital_id + 1, round_.require("secagg").secagg_config())
+        advert = client.advertise()
+        signature = advert_signing.sign_advert(advert_signing.load_hospital_key(_required(identity).signing_key),
+                                               instruction.job.run_id, round_.round, identity.hospital_id, advert)
         _keep_secagg_client(context, round_, client)
-        return p.reply(message, p.KeyAdvertReply(client.advertise()))
+        return p.reply(message, p.KeyAdvertReply(advert, signature))
 
     @app.query("secagg_share")
     @_answer_user_errors
     def secagg_share(message: Message, context: Context) -> Message:
-        round_ = p.Instruction.from_record(message.content).require_round()
-        shares = _secagg_step(context, round_, lambda client: client.share_keys(round_.require("adverts")))
+        instruction = p.Instruction.from_record(message.content)
+        round_ = instruction.require_round()
+        identity = _required(node_identity(context.node_config, instruction.job))
+        adverts = round_.require("adverts")
+        # Before any share leaves: every advert must be its hospital's own, for this run and round.
+        advert_signing.check_adverts(
+            _roster(instruction.job), load_federation_public(identity.federation_public), instruction.job.run_id,
+            round_.round, {u - 1: a for u, a in adverts.items()},
+            {u - 1: s for u, s in (round_.signatures or {}).items()}, identity.hospital_id)
+        shares = _secagg_step(context, round_, lambda client: client.share_keys(adverts))
         return p.reply(message, p.SharesReply(shares))
 
     @app.query("secagg_unmask")

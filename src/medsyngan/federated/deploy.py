@@ -170,8 +170,9 @@ def register_hospitals(
 def node_config(hospital_id: int, data_path: Path | str, **paths: Path | str | None) -> str:
     """The `--node-config` string the ClientApp reads: `hospital-id`, `data-path`, and the optional files and
     folders in ``paths`` (``state_dir`` → `state-dir`, ``state_key``, ``aggregator_public``: the aggregator's
-    X25519 key the hospital pins, ``policy``: its privacy policy file). Paths are made absolute (the ClientApp runs in another folder). Flower splits
-    the string on spaces and reads each value as TOML, so paths go in TOML literal strings (single quotes)."""
+    X25519 key the hospital pins, ``policy``: its privacy policy file, ``auth_key`` and ``federation_public``: its
+    SuperNode key, which signs its secure-aggregation key adverts, and the federation key its peers' adverts are
+    checked against). Paths are made absolute (the ClientApp runs in another folder). Flower splits the string on spaces and reads each value as TOML, so paths go in TOML literal strings (single quotes)."""
     text = f"hospital-id={int(hospital_id)}"
     for key, path in (("data_path", data_path), *paths.items()):
         if path is None:

@@ -33,6 +33,7 @@ HOSPITAL_KEY = "auth.key"
 HOSPITAL_PUB = "auth.pub"
 HOSPITAL_INFO = "hospital.json"
 _NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+SIGNED_ROSTER = "signed_roster"  # in the manifest: {hospital id → key fingerprint}, signed with the federation key
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,10 @@ def _registered(manifest_path: Path) -> dict[str, int]:
 def add_hospital(pki: Pki, hospital_id: int, public_key: Path) -> str:
     """Register hospital `hospital_id`'s SuperNode public key in the manifest; returns its fingerprint, which the
     operator compares with the one the hospital reads from its hospital.json. An id or a key already present is
-    refused: one key per hospital, one hospital per key."""
+    refused: one key per hospital, one hospital per key. The manifest's roster of hospital keys is signed anew with
+    the federation key, for the hospitals to check each other's secure-aggregation key adverts against."""
+    from medsyngan.federated.advert_signing import SignedRoster
+    from medsyngan.federated.app_signing import load_signing_key
     from medsyngan.rundir import atomic_write_text
 
     if hospital_id < 0:
@@ -153,9 +157,22 @@ def add_hospital(pki: Pki, hospital_id: int, public_key: Path) -> str:
     manifest["hospitals"] = sorted(manifest["hospitals"] + [{
         "id": hospital_id, "public_key": str(target.relative_to(pki.root)), "public_key_fingerprint": digest,
     }], key=lambda row: int(row["id"]))
+    roster = {**{h: fp for fp, h in registered.items()}, hospital_id: digest}
+    manifest[SIGNED_ROSTER] = SignedRoster.sign(load_signing_key(pki.federation_key), roster).to_json()
     atomic_write_text(pki.manifest, json.dumps(manifest, indent=2) + "\n")
     os.chmod(pki.manifest, 0o644)  # a public file, like the manifest `pki init` wrote
     return digest
+
+
+def signed_roster(manifest_path: Path):
+    """The manifest's roster of hospital keys as the federation key signed it (an advert_signing.SignedRoster)."""
+    from medsyngan.federated.advert_signing import load_roster
+
+    manifest = read_manifest(manifest_path)
+    if SIGNED_ROSTER not in manifest:
+        raise UserError(f"PKI manifest {manifest_path} holds no signed roster of hospital keys, which secure "
+                        "aggregation needs; add the hospitals with `medsyngan pki add-hospital`")
+    return load_roster(manifest[SIGNED_ROSTER], str(manifest_path))
 
 
 @dataclass(frozen=True)

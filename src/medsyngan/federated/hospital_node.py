@@ -195,7 +195,8 @@ class HospitalNode:
 
         h = self.hospital
         config = node_config(h.hospital_id(), self.data_path, state_dir=self.state_dir, state_key=self.state_key,
-                             aggregator_public=h.aggregator_pub, policy=self.policy)
+                             aggregator_public=h.aggregator_pub, policy=self.policy, auth_key=h.auth_key,
+                             federation_public=h.federation_pub)
         return [
             executable("flower-supernode"),
             "--superlink", self.superlink,

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from medsyngan.federated.advert_signing import AdvertSignature
 from medsyngan.federated.records import record_to_state, state_to_record
 from medsyngan.privacy.secagg import SHARE_BYTES, KeyAdvert, SecAggConfig
 
@@ -112,6 +113,8 @@ class Job:
     state_dir: str | None = None  # simulation: where virtual hospitals keep their round state
     state_key: str | None = None  # simulation: the key file that seals that state
     aggregator_public: bytes | None = None  # the aggregator's X25519 identity, when updates are encrypted
+    roster: bytes | None = None  # the federation's signed roster (advert_signing.SignedRoster), under secure aggregation
+    signing_keys: str | None = None  # simulation: the folder of the virtual hospitals' keys and the federation key
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({k: v for k, v in dataclasses.asdict(self).items() if v is not None})
@@ -122,7 +125,8 @@ class Job:
             return cls(config=_get(record, "config", str), run_id=_get(record, "run_id", str),
                        partition=_optional(record, "partition", str), state_dir=_optional(record, "state_dir", str),
                        state_key=_optional(record, "state_key", str),
-                       aggregator_public=_optional(record, "aggregator_public", bytes))
+                       aggregator_public=_optional(record, "aggregator_public", bytes),
+                       roster=_optional(record, "roster", bytes), signing_keys=_optional(record, "signing_keys", str))
 
     def to_json(self) -> str:
         """The job as a file a ServerApp started elsewhere can read (bytes as hex)."""
@@ -133,8 +137,9 @@ class Job:
     def from_json(cls, text: str) -> "Job":
         with _parsing("job file"):
             fields = json.loads(text)
-            if "aggregator_public" in fields:
-                fields["aggregator_public"] = bytes.fromhex(_get(fields, "aggregator_public", str))
+            for name in ("aggregator_public", "roster"):
+                if name in fields:
+                    fields[name] = bytes.fromhex(_get(fields, name, str))
             return cls.from_record(fields)
 
 
@@ -186,6 +191,7 @@ class RoundInstruction:
     round_public: bytes | None = None  # the aggregator's key for this round, when updates are encrypted
     secagg: SecAggTerms | None = None
     adverts: dict[int, KeyAdvert] | None = None  # share keys: every hospital's advertised keys
+    signatures: dict[int, AdvertSignature] | None = None  # share keys: each advert's signature (absent: unsigned)
     inbox: dict[int, bytes] | None = None  # train under secure aggregation: the shares addressed to this hospital
     survivors: tuple[int, ...] | None = None  # unmask: whose masked input the server holds
 
@@ -199,6 +205,10 @@ class RoundInstruction:
             ids = sorted(self.adverts)
             record.update({"adverts.ids": ids, "adverts.cipher": [self.adverts[i].cipher_public for i in ids],
                            "adverts.mask": [self.adverts[i].mask_public for i in ids]})
+            if self.signatures is not None:
+                unsigned = AdvertSignature(b"", b"")
+                record.update({"adverts.signer": [self.signatures.get(i, unsigned).signer for i in ids],
+                               "adverts.signature": [self.signatures.get(i, unsigned).signature for i in ids]})
         if self.inbox is not None:
             ids = sorted(self.inbox)
             record.update({"inbox.from": ids, "inbox.ciphertext": [self.inbox[i] for i in ids]})
@@ -210,16 +220,20 @@ class RoundInstruction:
     def from_record(cls, record: Mapping[str, Any]) -> "RoundInstruction":
         with _parsing("round instruction"):
             terms = {k.removeprefix("secagg."): v for k, v in record.items() if k.startswith("secagg.")}
-            adverts = None
+            adverts = signatures = None
             if "adverts.ids" in record:
                 ciphers = _pairs(record, "adverts.ids", "adverts.cipher", _blobs)
                 masks = _pairs(record, "adverts.ids", "adverts.mask", _blobs)
                 adverts = {i: KeyAdvert(ciphers[i], masks[i]) for i in ciphers}
+                if "adverts.signer" in record:
+                    signers = _pairs(record, "adverts.ids", "adverts.signer", _blobs)
+                    sigs = _pairs(record, "adverts.ids", "adverts.signature", _blobs)
+                    signatures = {i: AdvertSignature(signers[i], sigs[i]) for i in signers if sigs[i]}
             inbox = _pairs(record, "inbox.from", "inbox.ciphertext", _blobs) if "inbox.from" in record else None
             survivors = tuple(_ints(record, "survivors")) if "survivors" in record else None
             return cls(_get(record, "round", int), _get(record, "resume_round", int),
                        _optional(record, "round_public", bytes), SecAggTerms.from_record(terms) if terms else None,
-                       adverts, inbox, survivors)
+                       adverts, signatures, inbox, survivors)
 
     def require(self, field_name: str) -> Any:
         """A field the stage at hand needs (secagg, adverts, inbox, survivors); MalformedMessage without it."""
@@ -338,11 +352,16 @@ class TrainReply:
 
 @dataclass(frozen=True)
 class KeyAdvertReply:
+    """A hospital's two public keys of the round, signed with its SuperNode key (:mod:`.advert_signing`)."""
+
     advert: KeyAdvert
+    signature: AdvertSignature
 
     def to_record(self) -> RecordDict:
         return RecordDict({"secagg": ConfigRecord({"cipher_public": self.advert.cipher_public,
-                                                   "mask_public": self.advert.mask_public})})
+                                                   "mask_public": self.advert.mask_public,
+                                                   "signer": self.signature.signer,
+                                                   "signature": self.signature.signature})})
 
     @classmethod
     def from_record(cls, content: RecordDict) -> "KeyAdvertReply":
@@ -351,7 +370,7 @@ class KeyAdvertReply:
             keys = [_get(record, name, bytes) for name in ("cipher_public", "mask_public")]
             if any(len(key) != PUBLIC_KEY_BYTES for key in keys):
                 raise ValueError(f"an advertised key is not {PUBLIC_KEY_BYTES} bytes (X25519)")
-            return cls(KeyAdvert(*keys))
+            return cls(KeyAdvert(*keys), AdvertSignature(_get(record, "signer", bytes), _get(record, "signature", bytes)))
 
 
 @dataclass(frozen=True)

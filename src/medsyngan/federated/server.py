@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from medsyngan.config import Config
 from medsyngan.errors import UserError
+from medsyngan.federated import advert_signing
 from medsyngan.federated import protocol as p
 from medsyngan.federated import round_log, update_codec
 from medsyngan.federated.aggregation import ServerOptimizer, mean_of
@@ -75,6 +76,9 @@ class RoundDriver:
         update_codec.check_settings(cfg.privacy)
         self.transport = AggregatorTransport(cfg.privacy, job.run_id, identity_key)
         self.job = dataclasses.replace(job, aggregator_public=self.transport.identity_public)
+        if cfg.privacy.secagg and job.roster is None:
+            raise UserError("secure aggregation needs the federation's signed hospital roster, which hospitals check "
+                            "each other's key adverts against; add the hospitals with `medsyngan pki add-hospital`")
         round_log.log_privacy_choices(cfg)
         self.state = load_server_state(run_dir, self.checkpoint_key) if resume else ServerState.initial(cfg)
         self.client_dp = ClientLevelDP(cfg, self.state) if cfg.privacy.client_dp else None
@@ -295,12 +299,24 @@ class RoundDriver:
                 raise p.MalformedMessage("a masked update must travel as bytes")
             return reply, update_codec.read_masked(payload, ring_bits, config.length)
 
+        roster = advert_signing.SignedRoster.from_bytes(self.job.roster or b"")
+
+        def signed_advert(hospital: int, message: Message) -> p.KeyAdvertReply:
+            """An advert its hospital signed for this round: any other would make every peer refuse the round."""
+            reply = p.KeyAdvertReply.from_record(message.content)
+            reason = advert_signing.advert_refusal(roster, self.job.run_id, round_, hospital, reply.advert,
+                                                   reply.signature)
+            if reason is not None:
+                raise ValueError(reason)
+            return reply
+
         adverts = self.exchange(grid, round_, "advertise keys", p.SECAGG_ADVERTISE,
-                                self.instructions(round_, chosen, secagg=terms), traffic,
-                                lambda _, m: p.KeyAdvertReply.from_record(m.content).advert)
-        listed = server.collect_adverts({h + 1: advert for h, advert in adverts.items()})
+                                self.instructions(round_, chosen, secagg=terms), traffic, signed_advert)
+        listed = server.collect_adverts({h + 1: reply.advert for h, reply in adverts.items()})
+        signatures = {h + 1: reply.signature for h, reply in adverts.items()}
         shares = self.exchange(grid, round_, "share keys", p.SECAGG_SHARE,
-                               self.instructions(round_, adverts, secagg=terms, adverts=listed), traffic,
+                               self.instructions(round_, adverts, secagg=terms, adverts=listed,
+                                                 signatures=signatures), traffic,
                                lambda h, m: _addressed(p.SharesReply.from_record(m.content).shares,
                                                        set(listed) - {h + 1}))
         inboxes = server.route_shares({h + 1: out for h, out in shares.items()})

@@ -91,8 +91,15 @@ def prepare_job(cfg: Config, run_dir: RunDir, resume: bool, simulation: bool) ->
     if not simulation:
         return Job(config=cfg.to_toml(), run_id=run_id)
     state_key = cfg.privacy.checkpoint_key or (str(run_key_file(run_dir.root).resolve()) if cfg.privacy.dp else None)
+    roster = signing_keys = None
+    if cfg.privacy.secagg:
+        from medsyngan.federated.advert_signing import simulation_keys
+
+        # Like the aggregator's key: the federation key and each virtual hospital's, in the run directory.
+        folder = (run_dir.root / "keys" / "secagg").resolve()
+        roster, signing_keys = simulation_keys(folder, cfg.federated.hospitals).to_bytes(), str(folder)
     return Job(config=cfg.to_toml(), run_id=run_id, partition=str(_partition(cfg, run_dir)),
-               state_dir=str(run_dir.root / "hospitals"), state_key=state_key)
+               state_dir=str(run_dir.root / "hospitals"), state_key=state_key, roster=roster, signing_keys=signing_keys)
 
 
 def simulation_identity_key(cfg: Config, run_dir: RunDir) -> str | None:
@@ -134,6 +141,12 @@ def server_setup(run_config: Mapping[str, Any]) -> ServerSetup:
     cfg = run_dir.load_config() if resume else load_config(str(settings["config"]), str(settings["overrides"]).split())
     run_dir.create(cfg, resume=resume)
     job = prepare_job(cfg, run_dir, resume, simulation)
+    if not simulation and cfg.privacy.secagg:
+        from dataclasses import replace
+
+        from medsyngan.federated.hospital_keys import signed_roster
+
+        job = replace(job, roster=signed_roster(Path(str(settings["manifest"]))).to_bytes())
     if simulation and identity_key is None:
         identity_key = simulation_identity_key(cfg, run_dir)
     return ServerSetup(cfg, run_dir, job, resume, identity_key, hospital_keys)
