@@ -19,6 +19,7 @@ from uuid import uuid4
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -31,10 +32,12 @@ import test_privacy_secagg
 import test_sealed
 from medsyngan.config import load_config
 from medsyngan.data.api import phantom_dataset
+from medsyngan.federated import advert_signing
 from medsyngan.federated import protocol as p
 from medsyngan.federated.client import HospitalRuntime, node_identity
 from medsyngan.federated.client_app import make_client_app
 from medsyngan.federated.hospital import shared_parts
+from medsyngan.federated.hospital_keys import key_fingerprint
 from medsyngan.federated.records import record_to_state, state_to_record
 from medsyngan.federated.server import RoundDriver
 from medsyngan.federated.transport import tensors_hash
@@ -93,18 +96,26 @@ class DeployedHospital:
         self.aggregator_public = write_identity_key(root / "aggregator.key")
         (root / "aggregator.pub").write_bytes(self.aggregator_public)
         (root / "policy.toml").write_text(policy)
+        # The federation's keys as `pki` makes them: hospitals 0–2 each with its SuperNode key, a signed roster.
+        self.keys = root / "keys"
+        self.roster = advert_signing.simulation_keys(self.keys, 3)
         self.node_config = {"hospital-id": 0, "data-path": str(data.root), "state-dir": str(root / "state"),
                             "state-key": str(root / "state.key"), "aggregator-public": str(root / "aggregator.pub"),
-                            "policy": str(root / "policy.toml")}
+                            "policy": str(root / "policy.toml"), "auth-key": str(self.auth_key(0)),
+                            "federation-public": str(self.keys / "federation_app.pub")}
         self.cfg = load_config("federated-dcgan64", HONEST + list(overrides))
         self.app = make_client_app(lambda fake, holdout: {})
         self.context = Context(run_id=1, node_id=100, state=RecordDict(), run_config={}, node_config=self.node_config)
         trainer = GANTrainer(self.cfg, device="cpu")
         self.weights = {k: v for k, v in trainer.model_state(shared_parts(self.cfg)).items() if v.is_floating_point()}
 
-    def job(self, *overrides: str, aggregator_public: bytes | None = None) -> p.Job:
+    def auth_key(self, hospital: int) -> Path:
+        return self.keys / f"hospital-{hospital}" / "auth.key"
+
+    def job(self, *overrides: str, aggregator_public: bytes | None = None, roster: bytes | None = None) -> p.Job:
         cfg = load_config("federated-dcgan64", HONEST + list(overrides))
-        return p.Job(cfg.to_toml(), "adversarial-run", aggregator_public=aggregator_public or self.aggregator_public)
+        return p.Job(cfg.to_toml(), "adversarial-run", aggregator_public=aggregator_public or self.aggregator_public,
+                     roster=roster or self.roster.to_bytes())
 
     def send(self, message_type: str, job: p.Job, round_: p.RoundInstruction | None = None,
              weights: dict | None = None) -> Message:
@@ -229,6 +240,74 @@ def test_a_different_model_to_one_hospital_is_detected_by_the_sealed_update(tmp_
     assert "reply of hospital 2 rejected" in caplog.text and "computed from another global model" in caplog.text
     assert [r["hospitals_replied"] for r in run_dir.read_metrics() if "hospital" in r] == [[0, 1]]
     attack.outcome("detected: hospital 2's update 'was computed from another global model'; left out of the round")
+
+
+def _signed_advert(key: Path, round_: int, hospital: int, advert: sa.KeyAdvert, run_id: str = "adversarial-run"):
+    return advert_signing.sign_advert(advert_signing.load_hospital_key(key), run_id, round_, hospital, advert)
+
+
+@pytest.mark.parametrize(("name", "forge", "reason"), [
+    ("unsigned", lambda h, fake: None, "hospital 1's key advert is unsigned"),
+    ("signed with the aggregator's own key",
+     lambda h, fake: advert_signing.sign_advert(ec.generate_private_key(ec.SECP384R1()), "adversarial-run", 1, 1, fake),
+     "signed by a key the roster binds to no hospital"),
+    ("signed with another hospital's key", lambda h, fake: _signed_advert(h.auth_key(2), 1, 1, fake),
+     "signed by a key the roster binds to hospital 2"),
+    ("the peer's advert of another round", lambda h, fake: _signed_advert(h.auth_key(1), 7, 1, fake),
+     "not signed for run adversarial-run round 1"),
+    ("the peer's advert of another run", lambda h, fake: _signed_advert(h.auth_key(1), 1, 1, fake, "another-run"),
+     "not signed for run adversarial-run round 1"),
+])
+def test_an_aggregator_substituting_a_peers_keys_is_refused(tmp_path, medsyngan_cache, attack, name, forge, reason):
+    attack(f"substitute a peer's secure-aggregation keys ({name})",
+           "the hospital checks every advert against the federation-signed roster and shares nothing")
+    hospital = DeployedHospital(tmp_path)
+    job = hospital.job()
+    terms = p.SecAggTerms.of(sa.SecAggConfig(ids=(1, 2, 3), threshold=2, ring_bits=24, length=8,
+                                             context=b"adversarial-run/1"), np.ones(1))
+    reply = hospital.send(p.SECAGG_ADVERTISE, job, p.RoundInstruction(1, 0, secagg=terms))
+    assert not reply.has_error(), reply.error.reason
+    mine = p.KeyAdvertReply.from_record(reply.content)
+    adverts = {1: mine.advert, **{u: sa.SecAggClient(u, terms.secagg_config()).advertise() for u in (2, 3)}}
+    signatures = {1: mine.signature, **{u: _signed_advert(hospital.auth_key(u - 1), 1, u - 1, adverts[u])
+                                        for u in (2, 3)}}
+
+    def share(adverts, signatures) -> Message:
+        return hospital.send(p.SECAGG_SHARE, job, p.RoundInstruction(1, 0, secagg=terms, adverts=adverts,
+                                                                     signatures=signatures))
+
+    # Keys of the aggregator's own in hospital 1's place (id 2 in secure aggregation): it would receive the shares
+    # hospital 0 encrypts to hospital 1 and, impersonating enough peers, rebuild hospital 0's masks.
+    fake = sa.SecAggClient(2, terms.secagg_config()).advertise()
+    forged = forge(hospital, fake)
+    outcome = refused(share({**adverts, 2: fake}, {**{u: s for u, s in signatures.items() if u != 2},
+                                                   **({2: forged} if forged is not None else {})}))
+    assert reason in outcome and "shares nothing" in outcome
+    honest = share(adverts, signatures)  # the same round with every hospital's own advert goes ahead
+    assert not honest.has_error(), honest.error.reason
+    assert set(p.SharesReply.from_record(honest.content).shares) == {2, 3}
+    attack.outcome(outcome)
+
+
+def test_a_roster_not_signed_with_the_federation_key_is_refused(tmp_path, medsyngan_cache, attack):
+    attack("announce a hospital roster of the aggregator's own (its key bound to a peer's id)",
+           "refused: the roster must be signed with the federation key the hospital pins")
+    hospital = DeployedHospital(tmp_path)
+    own_key = ec.generate_private_key(ec.SECP384R1())
+    roster = advert_signing.SignedRoster.sign(ed25519.Ed25519PrivateKey.generate(), {
+        **hospital.roster.hospitals, 1: key_fingerprint(own_key.public_key())})
+    job = hospital.job(roster=roster.to_bytes())
+    terms = p.SecAggTerms.of(sa.SecAggConfig(ids=(1, 2, 3), threshold=2, ring_bits=24, length=8,
+                                             context=b"adversarial-run/1"), np.ones(1))
+    mine = p.KeyAdvertReply.from_record(hospital.send(p.SECAGG_ADVERTISE, job,
+                                                      p.RoundInstruction(1, 0, secagg=terms)).content)
+    fake = {u: sa.SecAggClient(u, terms.secagg_config()).advertise() for u in (2, 3)}
+    signatures = {1: mine.signature, 2: advert_signing.sign_advert(own_key, job.run_id, 1, 1, fake[2]),
+                  3: _signed_advert(hospital.auth_key(2), 1, 2, fake[3])}
+    outcome = refused(hospital.send(p.SECAGG_SHARE, job, p.RoundInstruction(
+        1, 0, secagg=terms, adverts={1: mine.advert, **fake}, signatures=signatures)))
+    assert "not signed with the federation key" in outcome
+    attack.outcome(outcome)
 
 
 def _secagg_round(n: int = 5):
