@@ -159,11 +159,12 @@ def _stage_reply(message_type: str, change):
 
 @pytest.mark.parametrize(("message_type", "change", "replied", "logged"), [
     (p.SECAGG_ADVERTISE, lambda r: r.__setitem__("cipher_public", b"short"), [0, 1], "is not 32 bytes"),
+    (p.SECAGG_ADVERTISE, lambda r: r.__setitem__("mask_public", bytes(32)), [0, 1], "not signed for run"),
     (p.SECAGG_SHARE, lambda r: r.__setitem__("to", [77] * len(r["to"])), [0, 1], "outside this round's key list"),
     (p.SECAGG_UNMASK, lambda r: r.__setitem__("kind", ["x"] * len(r["kind"])), [0, 1, 2], "neither 'b'"),
     (p.SECAGG_UNMASK, lambda r: r.__setitem__("kind", ["s"] * len(r["kind"])), [0, 1, 2],
      "does not fit the survivor list"),
-], ids=["short key advert", "shares to a stranger", "unknown share kind", "mask-key shares of survivors"])
+], ids=["short key advert", "key advert changed after signing", "shares to a stranger", "unknown share kind", "mask-key shares of survivors"])
 def test_a_malformed_secure_aggregation_reply_counts_that_hospital_out_of_the_stage(
         tmp_path, medsyngan_cache, caplog, message_type, change, replied, logged):
     """A hospital whose stage reply does not fit the round drops out of that stage; the round goes on with the

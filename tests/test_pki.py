@@ -139,6 +139,43 @@ def test_a_hospital_key_reaches_the_manifest_only_as_its_public_half(tmp_path):
     assert keys.hospital_of(stranger) is None and keys.hospital_of(b"not a key") is None
 
 
+def test_the_manifest_carries_the_roster_the_hospitals_check_key_adverts_against(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from medsyngan.federated import advert_signing
+    from medsyngan.federated.client import node_identity
+    from medsyngan.federated.hospital_keys import signed_roster
+    from medsyngan.federated.hospital_node import HospitalNode
+    from medsyngan.federated.protocol import Job
+    from medsyngan.privacy.secagg import SecAggClient, SecAggConfig
+    from medsyngan.workflows.federation import server_setup
+
+    pki = init_pki(tmp_path / "pki", "127.0.0.1")
+    with pytest.raises(UserError, match="no signed roster"):
+        signed_roster(pki.manifest)
+    hospitals = [hospital_init(tmp_path / f"site-{k}", k) for k in range(2)]
+    for k, hospital in enumerate(hospitals):
+        add_hospital(pki, k, hospital.auth_pub)
+        for trusted in pki.trust_dir.iterdir():
+            (hospital.root / trusted.name).write_bytes(trusted.read_bytes())
+    roster = signed_roster(pki.manifest)
+    roster.verify(load_federation_public(hospitals[1].federation_pub))  # with the key the hospital pins
+    assert roster.hospitals == {k: h.info()["public_key_fingerprint"] for k, h in enumerate(hospitals)}
+    setup = server_setup({"mode": "deployment", "manifest": str(pki.manifest), "run-dir": str(tmp_path / "run"),
+                          "config": "federated-dcgan64", "overrides": ""})
+    assert setup.job.roster == roster.to_bytes()  # every instruction carries it
+
+    # `medsyngan hospital start` hands its ClientApp the hospital's SuperNode key and the federation key.
+    command = HospitalNode(hospitals[1], "127.0.0.1:1", tmp_path, tmp_path / "home").supernode_command(tmp_path / "s")
+    identity = node_identity(parse_config_args([command[command.index("--node-config") + 1]]), Job("", "run-1"))
+    assert identity.federation_public == hospitals[1].federation_pub.resolve()
+    advert = SecAggClient(2, SecAggConfig(ids=(1, 2), threshold=2, ring_bits=24, length=4)).advertise()
+    signature = advert_signing.sign_advert(advert_signing.load_hospital_key(identity.signing_key), "run-1", 3, 1,
+                                           advert)
+    assert advert_signing.advert_refusal(roster, "run-1", 3, 1, advert, signature) is None
+    assert "binds to hospital 1" in advert_signing.advert_refusal(roster, "run-1", 3, 0, advert, signature)
+
+
 def test_add_hospital_refuses_a_second_key_a_reused_key_and_a_wrong_kind(tmp_path):
     pki = init_pki(tmp_path / "pki", "127.0.0.1")
     first = hospital_init(tmp_path / "a", 0)
