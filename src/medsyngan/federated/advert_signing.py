@@ -101,15 +101,10 @@ def advert_message(run_id: str, round_: int, hospital: int, advert: KeyAdvert) -
 
 def load_hospital_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """A hospital's SuperNode private key (OpenSSH format, from `medsyngan pki hospital-init`)."""
-    try:
-        key = serialization.load_ssh_private_key(Path(path).read_bytes(), None)
-    except FileNotFoundError:
-        raise UserError(f"hospital key {path} not found; it is the auth.key of `medsyngan pki hospital-init`") from None
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise UserError(f"{path} is not an OpenSSH private key ({exc}); give the hospital's auth.key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise UserError(f"{path} is not an ECDSA key; give the auth.key of `medsyngan pki hospital-init`")
-    return key
+    from medsyngan.federated.pki import load_private_key
+
+    return load_private_key(path, serialization.load_ssh_private_key, ec.EllipticCurvePrivateKey, "hospital key",
+                            "give the hospital's ECDSA auth.key from `medsyngan pki hospital-init`")
 
 
 def sign_advert(key: ec.EllipticCurvePrivateKey, run_id: str, round_: int, hospital: int,

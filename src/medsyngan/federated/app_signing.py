@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -88,15 +88,10 @@ def signed_message(fab_sha256: str, run_config: Mapping[str, Any], signed_at: in
 
 
 def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), None)
-    except FileNotFoundError:
-        raise UserError(f"signing key {path} not found; it is federation_app.key from `medsyngan pki init`") from None
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise UserError(f"{path} is not a private key ({exc}); give federation_app.key from `medsyngan pki init`") from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise UserError(f"{path} is not an Ed25519 key; give federation_app.key from `medsyngan pki init`")
-    return key
+    from medsyngan.federated.pki import load_private_key
+
+    return load_private_key(path, serialization.load_pem_private_key, ed25519.Ed25519PrivateKey, "signing key",
+                            "give the Ed25519 federation_app.key from `medsyngan pki init`")
 
 
 def load_federation_public(path: Path) -> ed25519.Ed25519PublicKey:

@@ -301,6 +301,20 @@ def load_openssh_public_key(path: Path, what: str, hint: str):
         raise UserError(f"{path} is not an OpenSSH public key ({exc}); {hint}") from None
 
 
+def load_private_key(path: Path, load: Callable, kind: type, what: str, hint: str):
+    """The private key in ``path``, read with ``load`` (PEM or OpenSSH) and of type ``kind``; a one-line error
+    naming ``what`` and ``hint`` (where the right file comes from) for a missing, unreadable or other key."""
+    try:
+        key = load(Path(path).read_bytes(), None)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found; {hint}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise UserError(f"{path} is not a private key ({exc}); {hint}") from None
+    if not isinstance(key, kind):
+        raise UserError(f"{path} is not the right kind of key; {hint}")
+    return key
+
+
 def read_manifest(path: Path) -> dict:
     """The manifest's content; a one-line error for a missing or damaged one."""
     try:

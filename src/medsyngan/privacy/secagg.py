@@ -21,9 +21,9 @@ prime field GF(2^521 - 1), large enough for 32-byte secrets.
 Threat model: the server may deviate. A client reveals one share per peer, once per round, and the threshold is a
 strict majority, so no split of the survivor list yields both secrets of one client; pairwise masks are derived
 with the hash of the global model each client trained from (``binding``), so a server that sends one client
-another model unmasks noise. Keys are not signed (Bonawitz' signature step, not implemented, guards against a
-server that substitutes keys), and a coalition of the server with t − 1 clients of a neighbourhood can unmask a
-member.
+another model unmasks noise. Adverts are plain keys here: the federation signs them and checks every peer's
+before stage 1 (:mod:`medsyngan.federated.advert_signing`, Bonawitz' signature step against a server that
+substitutes keys). A coalition of the server with t − 1 clients of a neighbourhood can unmask a member.
 
 About 490 lines: client, server and the in-process driver share the round's types and helpers and are read
 together.
