@@ -7,7 +7,8 @@
       federation_app.key / .pub           the federation's Ed25519 key that signs app bundles (`pki sign-app`)
       trust/                              what every hospital pins: ca.crt, aggregator_x25519.pub, federation_app.pub
       hospitals/hospital-K.pub            hospital K's SuperNode public key, added by `pki add-hospital`
-      manifest.json                       what was made and which SuperNode key is which hospital, with fingerprints
+      manifest.json                       what was made and which SuperNode key is which hospital, with fingerprints,
+                                          and that roster signed with the federation key (`pki add-hospital`)
 
 No hospital's private key is made here: each hospital makes its own (:mod:`~medsyngan.federated.hospital_keys`)
 and only its public half reaches the operator. Private keys are created 0600 from the start (never chmod'ed

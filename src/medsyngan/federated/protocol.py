@@ -8,8 +8,9 @@ own disk, never from the message.
 
 Message types (Flower's ``message_type``), instruction → reply:
   ``query.hello``             job → :class:`Hello` (hospital id, training images and patients; the roster)
-  ``query.secagg_advertise``  round with :class:`SecAggTerms` → :class:`KeyAdvertReply`
-  ``query.secagg_share``      round with every hospital's key advert → :class:`SharesReply`
+  ``query.secagg_advertise``  round with :class:`SecAggTerms` → :class:`KeyAdvertReply` (signed)
+  ``query.secagg_share``      round with every hospital's signed key advert (and the job's signed roster to
+                              check them against) → :class:`SharesReply`
   ``train``                   round (with the hospital's share inbox under secure aggregation) and the global
                               shared networks → :class:`TrainReply` (Δ of the shared networks, the hospital's
                               own privacy report)
@@ -19,7 +20,7 @@ Message types (Flower's ``message_type``), instruction → reply:
 A record that lacks a field or holds the wrong type raises :class:`MalformedMessage`, one line naming what is
 wrong: the server counts that hospital as missing for the stage, a hospital answers with an error reply.
 
-About 400 lines: every message type and its parsing sit together, so that no other module reads a record's keys.
+About 430 lines: every message type and its parsing sit together, so that no other module reads a record's keys.
 """
 
 from __future__ import annotations
