@@ -225,3 +225,29 @@ def test_adaptive_p_is_refused_by_the_dp_session():
     cfg = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"dp": True})})
     with pytest.raises(UserError, match="adaptive augmentation.*set train.ada_target=0 and a fixed"):
         enable_dp_from(cfg, trainer, random_images(), np.arange(60) // 2)
+
+
+# --- the measurement's recipes ------------------------------------------------------------------------------------
+
+
+def test_the_families_study_pairs_every_family_with_its_ada_row_at_one_budget(tmp_path):
+    from pathlib import Path
+
+    from medsyngan.training.step import progan_stage
+    from medsyngan.workflows.experiment import Workspace, load_experiment
+    from medsyngan.workflows.recipes import planned_images
+
+    exp = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "nih-64-families")
+    budget = exp.study.budget
+    plans = {row: Workspace(exp, tmp_path, tmp_path / "data", budget).plan(row, 0).cfg for row in exp.study.rows}
+    assert {cfg.model.arch for cfg in plans.values()} == {"dcgan", "progan", "stylegan2", "stylegan3"}
+    augment_fields = ("augment", "ada_target", "ada_interval", "ada_kimg")
+    for row, cfg in plans.items():
+        assert planned_images(cfg) == budget.images_through_d and not cfg.federated.enabled, row
+        if row.endswith("-ada"):
+            plain = plans[row.removesuffix("-ada")]
+            assert cfg.train.augment == "ada" and cfg.train.ada_target > 0 and plain.train.augment == "none"
+            same = cfg.train.model_copy(update={k: getattr(plain.train, k) for k in augment_fields})
+            assert cfg.model == plain.model and same == plain.train, row
+    progan = plans["progan"]
+    assert progan_stage(budget.images_through_d / 1000, progan.train.kimg_per_phase, 64) == (64, 1.0)
