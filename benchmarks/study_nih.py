@@ -195,12 +195,12 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
 
 
 def run_tuning(out: Path, seed: int = 0, reuse: bool = False, only: list[str] | None = None,
-               variants: list[str] | None = None) -> dict[str, Any]:
+               variants: list[str] | None = None, experiment: Path = EXPERIMENT) -> dict[str, Any]:
     """Train and score tuning variants (every one in tuning.toml unless ``variants`` names some, rows included)
     on the tuning split: trained on tuning-train, scored against validation only."""
     from medsyngan.rundir import atomic_write_text
 
-    exp = load_experiment(EXPERIMENT)
+    exp = load_experiment(experiment)
     _, tune_train, val = tuning_split(exp, out)
     ws = Workspace(exp, out, tune_train.root, exp.study.budget, runs="tuning")
     rows = []
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {value:.3f}")
             return 0
         if args.tune:
-            run_tuning(out, seeds[0], args.reuse, only=args.only, variants=args.variant)
+            run_tuning(out, seeds[0], args.reuse, only=args.only, variants=args.variant, experiment=args.experiment)
             print((out / "tuning.md").read_text())
             return 0
         report = run_study(args.quick, seeds, out, args.docs, args.only, args.reuse, args.scale, args.experiment)
