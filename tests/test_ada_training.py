@@ -251,3 +251,19 @@ def test_the_families_study_pairs_every_family_with_its_ada_row_at_one_budget(tm
             assert cfg.model == plain.model and same == plain.train, row
     progan = plans["progan"]
     assert progan_stage(budget.images_through_d / 1000, progan.train.kimg_per_phase, 64) == (64, 1.0)
+
+
+@pytest.mark.slow
+def test_a_private_federation_trains_with_a_fixed_p(tmp_path, medsyngan_cache):
+    """Every hospital builds its trainer from the configuration the server sends: one fixed p for all, under the
+    product default's DP, 8-bit updates, encryption and secure aggregation."""
+    from test_federated_simulation import _finish, _rows, _train, _until_none_left
+
+    run = tmp_path / "fed"
+    out = _finish(_train(run, "federated.rounds=2", "train.batch_size=4", "train.augment=ada", "train.ada_target=0",
+                         "train.augment_p=0.3"))
+    assert "Traceback" not in out and "round 2/2" in out
+    _until_none_left(run, 0)
+    rows = [r for r in _rows(run) if "hospital" in r]
+    assert [r["round"] for r in rows] == [1, 2] and all(len(r["hospital"]) >= 2 for r in rows)
+    assert load_config(run / "config.toml").train.augment_p == 0.3
