@@ -130,10 +130,12 @@ def score_phantoms(cfg, train, evaluation) -> dict[str, float]:
 
 
 def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None,
-              only: list[str] | None = None, reuse: bool = False, scale: int = 1) -> dict[str, Any]:
+              only: list[str] | None = None, reuse: bool = False, scale: int = 1,
+              experiment: Path = EXPERIMENT) -> dict[str, Any]:
     """``reuse`` keeps a finished run whose resolved recipe is unchanged (an interrupted study continues);
     ``scale`` multiplies the budget's images through D for every row (files in ``docs`` then carry an
-    ``-x{scale}`` suffix beside the full-budget ones)."""
+    ``-x{scale}`` suffix beside the full-budget ones); ``experiment``: another study folder of the same form,
+    whose files in ``docs`` are named after it."""
     from medsyngan.data.prepared import PreparedDataset
     from medsyngan.errors import UserError
     from medsyngan.rundir import atomic_write_text
@@ -142,7 +144,8 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
         raise UserError(f"--scale {scale}: the budget multiplier must be a whole number ≥ 1")
     if not (nih_dir() / "images-64").is_dir():
         raise UserError(f"{nih_dir()}: NIH sample not found; set MEDSYNGAN_NIH_DIR to the nih-chestxray14 folder")
-    exp = load_experiment(EXPERIMENT)
+    exp = load_experiment(experiment)
+    name_of = "study" if Path(experiment).resolve() == EXPERIMENT.resolve() else Path(experiment).name
     budget = (exp.study.quick if quick else exp.study.budget).scaled(scale)
     tag = f"-x{scale}" if scale != 1 else ""
     only = only or (exp.study.quick_rows if quick else None)
@@ -163,7 +166,7 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
                 continue
             if not trainable:
                 continue
-            grid = (docs / "results" / f"study{tag}-{name}.png") if docs is not None and seed == seeds[0] else \
+            grid = (docs / "results" / f"{name_of}{tag}-{name}.png") if docs is not None and seed == seeds[0] else \
                 out / "grids" / f"{name}-s{seed}.png"
             result = {"config": name, "label": exp.book[name].label, "seed": seed, "grid": str(grid),
                       **train_and_score(ws, run, reuse, train, evaluation, exp.study.metrics, grid)}
@@ -187,17 +190,17 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
     atomic_write_text(out / "study.md",
                       markdown(summary, checks) + "\nFD by seed:\n\n" + fd_by_seed(results, exp.study.rows))
     if docs is not None:
-        atomic_write_text(docs / "results" / f"study{tag}.json", text)
+        atomic_write_text(docs / "results" / f"{name_of}{tag}.json", text)
     return report
 
 
 def run_tuning(out: Path, seed: int = 0, reuse: bool = False, only: list[str] | None = None,
-               variants: list[str] | None = None) -> dict[str, Any]:
+               variants: list[str] | None = None, experiment: Path = EXPERIMENT) -> dict[str, Any]:
     """Train and score tuning variants (every one in tuning.toml unless ``variants`` names some, rows included)
     on the tuning split: trained on tuning-train, scored against validation only."""
     from medsyngan.rundir import atomic_write_text
 
-    exp = load_experiment(EXPERIMENT)
+    exp = load_experiment(experiment)
     _, tune_train, val = tuning_split(exp, out)
     ws = Workspace(exp, out, tune_train.root, exp.study.budget, runs="tuning")
     rows = []
@@ -293,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, default=1, metavar="K",
                         help="K times the budget's images through D for every row")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs whose recipe is unchanged")
+    parser.add_argument("--experiment", type=Path, default=EXPERIMENT,
+                        help="study folder (default experiments/nih-64; e.g. experiments/nih-64-families)")
     parser.add_argument("--tune", action="store_true",
                         help="run tuning variants on a validation split of the training patients instead")
     parser.add_argument("--variant", nargs="+", metavar="NAME",
@@ -305,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or REPO / "runs" / ("study-nih-quick" if args.quick else "study-nih")
     try:
-        exp = load_experiment(EXPERIMENT)
+        exp = load_experiment(args.experiment)
         seeds = args.seeds or exp.study.seeds
         for name in [*(args.only or []), *(args.variant or [])]:
             exp.book[name]  # an unknown name fails here, listing the known ones
@@ -319,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {value:.3f}")
             return 0
         if args.tune:
-            run_tuning(out, seeds[0], args.reuse, only=args.only, variants=args.variant)
+            run_tuning(out, seeds[0], args.reuse, only=args.only, variants=args.variant, experiment=args.experiment)
             print((out / "tuning.md").read_text())
             return 0
-        report = run_study(args.quick, seeds, out, args.docs, args.only, args.reuse, args.scale)
+        report = run_study(args.quick, seeds, out, args.docs, args.only, args.reuse, args.scale, args.experiment)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

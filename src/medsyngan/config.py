@@ -165,6 +165,29 @@ class TrainSection(Section):
         "", description="NIH Data_Entry CSV whose label frequencies train.label_source = 'public' uses (public "
         "metadata of the whole release); empty: the shared NIH sample's. Every hospital reads it."
     )
+    augment: Literal["none", "ada", "diffaugment"] = Field(
+        "none", description="Discriminator augmentation (medsyngan.training.ada): every image that reaches D, real "
+        "and generated, in the D step, R1 and the G step. 'ada': ADA's pipeline (Karras et al. 2020) with p adapted "
+        "to D's overfitting; 'diffaugment': colour, translation and cutout (Zhao et al. 2020) with the fixed p "
+        "train.augment_p. Per sample, so it works under DP-SGD."
+    )
+    augment_p: float = Field(
+        0.0, ge=0, le=1, description="Probability of each augmentation: ADA's starting p (its only p when "
+        "train.ada_target = 0; at most 0.99, as at p = 1 the transforms leak into G), DiffAugment's fixed p (the "
+        "paper's is 1)."
+    )
+    ada_target: float = Field(
+        0.6, ge=0, lt=1, description="ADA: the r_t = E[sign D(real)] that p is tuned to (the paper's 0.6); 0 keeps "
+        "p fixed at train.augment_p (the only form under privacy.dp and in federated runs)."
+    )
+    ada_interval: int = Field(4, ge=1, description="ADA: D steps between adjustments of p.")
+    ada_kimg: float = Field(
+        500.0, gt=0, description="ADA: thousands of images over which p can move from 0 to 1 (the paper's 500 is "
+        "for runs of thousands of kimg; a run of tens of kimg needs tens)."
+    )
+    augment_xflip: bool = Field(
+        False, description="ADA: mirror images too. Off: the heart is on the left, a mirrored chest is another anatomy."
+    )
 
 
 class FederatedSection(Section):
@@ -311,12 +334,28 @@ class Config(Section):
             )
         if len(set(self.model.condition)) != len(self.model.condition):
             raise ValueError(f"model.condition lists a group twice ({self.model.condition}); name each once")
+        self._check_augment()
         if self.federated.enabled and self.federated.quorum > self.federated.hospitals:
             raise ValueError(
                 f"federated.quorum ({self.federated.quorum}) exceeds federated.hospitals "
                 f"({self.federated.hospitals}); lower the quorum or add hospitals"
             )
         return self
+
+    def _check_augment(self) -> None:
+        t = self.train
+        if t.augment == "diffaugment" and t.augment_p == 0:
+            raise ValueError("train.augment = 'diffaugment' with train.augment_p = 0 augments nothing; set "
+                             "train.augment_p (the paper's is 1)")
+        if t.augment == "ada" and t.augment_p > 0.99:
+            raise ValueError(f"train.augment_p = {t.augment_p}: ADA's p stays at most 0.99 (at p = 1 the transforms "
+                             "leak into G); lower it")
+        if t.augment == "ada" and t.ada_target > 0 and (self.privacy.dp or self.federated.enabled):
+            # docs/privacy.md and docs/training.md: p tuned from D's outputs on real images would be a release of
+            # private data under DP, and a statistic no federated party may see outside secure aggregation.
+            where = "privacy.dp" if self.privacy.dp else "federated runs"
+            raise ValueError(f"adaptive augmentation (train.ada_target = {t.ada_target}) is refused with {where}; "
+                             "set train.ada_target=0 and a fixed train.augment_p (e.g. 0.2)")
 
     def to_toml(self) -> str:
         return tomli_w.dumps({"version": CONFIG_VERSION, **self.model_dump(mode="json")})

@@ -27,6 +27,10 @@ What is private and why
   (post-processing, no privacy cost, no per-sample machinery).
 - **Lazy R1 is refused** under DP: it is an extra optimizer step on real images that would need its own clipping,
   noise and accounting, doubling the cost of the budget for a regularizer; use ``train.r1_gamma = 0``.
+- **Augmentation.** ``train.augment`` transforms each real image before the per-sample engine sees it, with
+  transforms drawn per image from public randomness (the run seed and the D step), so image i's augmented loss
+  depends on image i alone and sits inside its clipped gradient: the sensitivity is unchanged. p stays fixed:
+  ADA's adaptive p follows Σ sign(D(real)), a statistic of the private batch, and is refused.
 - **Labels.** A conditional D sees each real image's labels inside that sample's clipped loss (they are part of
   the sample); generated images' labels come from public frequencies or from the one-off private release of the
   hospital's label frequencies (``label_release.py``), never from the batch.
@@ -140,6 +144,9 @@ class DPSession:
                  target_epsilon: float, max_grad_norm: float, guaranteed_steps: int, planned_steps: int,
                  engine: str = "auto", clip_fake: bool = False, release: MeanImageRelease | None = None,
                  labels: LabelRelease | None = None):
+        if trainer.ada is not None:
+            raise UserError("adaptive augmentation tunes p from D's outputs on private images, a release DP-SGD does "
+                            "not account; set train.ada_target=0 and a fixed train.augment_p")
         self.trainer = trainer
         self.labels = labels
         self.clip_fake = bool(clip_fake)

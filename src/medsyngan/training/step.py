@@ -23,6 +23,14 @@ steps ``trainer.opt_d``; it may also swap ``trainer.D`` for a wrapped module (e.
 the same ``forward``. The generator step never goes through it: D's parameters have ``requires_grad=False``
 during the G step, so no per-sample machinery runs there and D's weight gradients are not computed at all.
 
+Discriminator augmentation (``train.augment``, :mod:`medsyngan.training.ada`): every image D sees goes through
+``trainer.augment`` first — real and generated images in the D step (before ``d_update``, so under DP a real
+image's augmentation sits inside its own clipped loss), the R1 inputs (the gradient is taken with respect to the
+un-augmented image) and the generated batch of the G step. Each (D step, role) draws its transforms from a
+generator of its own, seeded by the public run seed, so ``trainer.rng`` is untouched and no realised batch size
+carries into later draws. With ADA, ``trainer.ada`` tunes p from Σ sign(D(real)) per expected batch; its state is
+part of :meth:`GANTrainer.state_dict`.
+
 Class-conditional models (``model.condition``, :mod:`medsyngan.data.labels`): the real-batch source returns
 ``(images, labels)`` instead of images, generated batches draw their labels from ``trainer.label_source`` (set
 with :meth:`GANTrainer.set_label_source` before the first step) through the trainer's own label RNG, and every D
@@ -39,6 +47,7 @@ import copy
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,11 +57,15 @@ from medsyngan.data.labels import LabelDistribution, LabelLayout
 from medsyngan.errors import UserError
 from medsyngan.runtime import select_device
 from medsyngan.training import losses
+from medsyngan.training.ada import AdaptiveP, AugmentPipe, DiffAugment
 
 MODEL_PARTS = ("G", "D", "G_ema")
 # The trainer's own latent/noise RNG is seeded apart from the weight-initialization RNG, its label RNG apart from both.
 _RNG_SALT = 0x6D7367
 _LABEL_SALT = 0x6C6162
+_AUGMENT_SALT = 0x617567
+# Roles of the images an augmentation is drawn for within one D step.
+AUG_REAL, AUG_FAKE, AUG_G, AUG_R1 = 0, 1, 2, 3
 
 
 def progan_stage(kimg: float, kimg_per_phase: float, final_resolution: int, start_resolution: int = 4) -> tuple[int, float]:
@@ -98,6 +111,17 @@ def _adam(params: Iterable[Tensor], lr: float, betas: tuple[float, float], eps: 
         lr, betas = lr * c, (betas[0] ** c, betas[1] ** c)
     # foreach: one kernel per group of tensors instead of one per parameter; same arithmetic as the loop.
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def build_augmentation(cfg: Config) -> tuple[AugmentPipe | DiffAugment | None, AdaptiveP | None]:
+    """(the pipe every image passes before D, the p controller) for ``train.augment``; None where there is none."""
+    t = cfg.train
+    if t.augment == "none":
+        return None, None
+    if t.augment == "diffaugment":
+        return DiffAugment(t.augment_p), None
+    ada = AdaptiveP(t.ada_target, t.ada_interval, t.ada_kimg, p=t.augment_p) if t.ada_target > 0 else None
+    return AugmentPipe(t.augment_p, xflip=t.augment_xflip), ada
 
 
 def conditioned(D: Callable[..., Tensor], c: Tensor | None) -> Callable[[Tensor], Tensor]:
@@ -206,6 +230,8 @@ class GANTrainer:
         # An extra generator-loss term, fake batch → (term, diagnostic): the private mean-image anchor
         # (privacy.moments) installs one; None trains G on the adversarial loss alone.
         self.g_extra_loss: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+        self.augment, self.ada = build_augmentation(cfg)
+        self._real_signs: Tensor | None = None  # Σ sign(D(real)) of the latest D step, for ADA
 
         self.step = 0  # generator steps
         self.d_step = 0  # discriminator steps
@@ -243,6 +269,23 @@ class GANTrainer:
 
     def _uniform(self, *shape: int) -> Tensor:
         return torch.rand(*shape, device=self.device, generator=self.rng)
+
+    def augmented(self, x: Tensor, role: int) -> Tensor:
+        """``x`` as D sees it: through ``self.augment`` (unchanged when there is none or p = 0), with the
+        transforms drawn for this D step and ``role`` (AUG_REAL, AUG_FAKE, AUG_G, AUG_R1)."""
+        if self.augment is None or self.augment.p == 0:
+            return x
+        seq = np.random.SeedSequence([self.cfg.run.seed, _AUGMENT_SALT, self.d_step, role])
+        gen = torch.Generator(device=self.device).manual_seed(int(seq.generate_state(1, np.uint64)[0]) & (2**63 - 1))
+        return self.augment(x, generator=gen)
+
+    def _adapt_p(self) -> None:
+        """ADA: account the D step's Σ sign(D(real)) per expected batch (train.batch_size: adaptive p is refused
+        under DP, whose realised Poisson batch sizes must not steer anything) and set the pipe's p."""
+        if self.ada is None or self._real_signs is None:
+            return
+        self.augment.p = self.ada.accumulate(float(self._real_signs), self.cfg.train.batch_size)
+        self._real_signs = None
 
     def set_label_source(self, source: LabelDistribution) -> None:
         """Where generated batches' labels come from (a conditional model needs one before its first step)."""
@@ -304,6 +347,8 @@ class GANTrainer:
         t = self.cfg.train
         with self._autocast():
             logits = D(real).float()
+        if self.ada is not None:
+            self._real_signs = logits.detach().sign().sum()
         terms = losses.d_real_terms(self.loss, logits, t.drift)
         if self.use_gp:
             if fake is None:
@@ -321,10 +366,11 @@ class GANTrainer:
         return losses.d_fake_terms(self.loss, logits)
 
     def d_reg_loss(self, D: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
-        """Lazy R1 per sample, (B,): γ/2 · ‖∇D(x)‖² · interval (the interval makes up for running it rarely)."""
+        """Lazy R1 per sample, (B,): γ/2 · ‖∇D(x)‖² · interval (the interval makes up for running it rarely); x is
+        the un-augmented image, D sees it augmented."""
         t = self.cfg.train
         with self._autocast():
-            penalty = losses.r1_penalty(D, real)
+            penalty = losses.r1_penalty(lambda x: D(self.augmented(x, AUG_R1)), real)
         return penalty * (t.r1_gamma / 2 * t.r1_interval)
 
     # ------------------------------------------------------------------ the step
@@ -349,7 +395,9 @@ class GANTrainer:
             last = i == t.d_steps_per_g - 1
             with torch.set_grad_enabled(last):
                 fake, ws = self.generate(t.batch_size, fake_c)
-            out.update(self.d_update.step(self, real, fake.detach(), real_c=real_c, fake_c=fake_c))
+            out.update(self.d_update.step(self, self.augmented(real, AUG_REAL), self.augmented(fake.detach(), AUG_FAKE),
+                                          real_c=real_c, fake_c=fake_c))
+            self._adapt_p()
             self.d_step += 1
             self.images_seen += int(real.shape[0])
             if self.use_r1 and self.d_step % t.r1_interval == 0:
@@ -360,7 +408,7 @@ class GANTrainer:
         try:
             self.opt_g.zero_grad(set_to_none=True)
             with self._autocast():
-                logits = conditioned(self.D, fake_c)(fake).float()
+                logits = conditioned(self.D, fake_c)(self.augmented(fake, AUG_G)).float()
             g_loss = losses.g_terms(self.loss, logits).mean()
             total = g_loss
             if self.g_extra_loss is not None:
@@ -378,9 +426,18 @@ class GANTrainer:
 
         self._update_ema()
         self._sync_stage()
+        out.update(self._augment_stats())
         names = list(out)
         values = torch.stack([v.float() for v in out.values()]).tolist()  # one device sync for all numbers
         return dict(zip(names, values))
+
+    def _augment_stats(self) -> dict[str, Tensor]:
+        if self.augment is None:
+            return {}
+        stats = {"augment_p": self.augment.p}
+        if self.ada is not None and self.ada.r_t is not None:
+            stats["ada_rt"] = self.ada.r_t
+        return {k: torch.tensor(v, device=self.device) for k, v in stats.items()}
 
     def _path_length_step(self) -> Tensor:
         t = self.cfg.train
@@ -456,6 +513,7 @@ class GANTrainer:
             "counters": self.counters(),
             "rng": self.rng.get_state(),
             **({"label_rng": self.label_rng.get_state()} if self.conditional else {}),
+            **({"ada": self.ada.state_dict()} if self.ada is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -468,6 +526,11 @@ class GANTrainer:
         self.rng.set_state(state["rng"])
         if self.conditional:
             self.label_rng.set_state(state["label_rng"])
+        if self.ada is not None:
+            # A checkpoint of a run without ADA starts p where the configuration says.
+            if "ada" in state:
+                self.ada.load_state_dict(state["ada"])
+            self.augment.p = self.ada.p
 
     def counters(self) -> dict[str, float | int]:
         res, alpha = self.stage if self.stage is not None else (self.resolution, 1.0)
