@@ -20,6 +20,7 @@ from torch import Tensor
 from medsyngan.config import Config
 from medsyngan.data.loader import BatchLoader
 from medsyngan.data.prepared import PreparedDataset
+from medsyngan.errors import UserError
 from medsyngan.federated.aggregation import delta
 from medsyngan.federated.plan import derive_seed
 from medsyngan.training.generate import generate_images
@@ -110,12 +111,22 @@ class Hospital:
         discriminator Opacus can make private. Raises UserError naming the problem."""
         self._batches()
 
-    def train_round(self, global_state: Mapping[str, Tensor], steps: int) -> RoundResult:
-        """K local generator steps from the global networks; returns Δ of the shared networks and round metrics."""
+    def train_round(self, global_state: Mapping[str, Tensor], steps: int,
+                    growth: tuple[int, int, float] | None = None) -> RoundResult:
+        """K local generator steps from the global networks; returns Δ of the shared networks and round metrics.
+
+        ``growth`` (a growing model): the server's (image count, stage resolution, alpha) at the round's start; the
+        hospital trains from that count, so that its stage and fade-in are every other hospital's."""
         next_real = self._batches()
         if self.dp is not None:
             self.dp.check_budget(steps * self.cfg.train.d_steps_per_g)
         self.trainer.load_model_state(global_state)
+        if growth is not None:
+            self.trainer.set_images_seen(growth[0])
+            if self.trainer.stage != tuple(growth[1:]):
+                raise UserError(f"the server's stage ({growth[1]} px, alpha {growth[2]:g}) is not what this hospital's "
+                                f"schedule gives for {growth[0]} images ({self.trainer.stage}); run the same "
+                                "MedSynGAN version as the aggregator")
         reference = {k: v.detach().clone() for k, v in global_state.items()}
         hooks = self._proximal_hooks(reference) if self.cfg.federated.strategy == "fedprox" else []
         start = time.perf_counter()
@@ -134,6 +145,8 @@ class Hospital:
         images = self.trainer.images_seen - images_before
         metrics = {f"{k}": v / steps for k, v in sums.items()}
         metrics.update(train_seconds=seconds, img_per_s=images / max(seconds, 1e-9), images=float(images))
+        if self.trainer.stage is not None:
+            metrics.update(stage_resolution=float(self.trainer.stage[0]), alpha=self.trainer.stage[1])
         if self.dp is not None:
             metrics.update(self.dp.metrics(), dp_steps=float(self.dp.steps), noise_multiplier=self.dp.noise_multiplier,
                            sample_rate=self.dp.sample_rate, delta=self.dp.delta,
@@ -166,7 +179,7 @@ class Hospital:
         """Metrics of the global generator against this hospital's held-out images; only scalars leave."""
         if self.holdout is None or len(self.holdout) == 0:
             return {}
-        self.trainer.load_model_state(generator_state)
+        self.trainer.load_model_state(generator_state, keep_stage=True)
         fake = generate_images(self.trainer.G, count, seed=derive_seed("evaluate", self.hospital_id) % 2**31)
         result = dict(evaluate_fn(fake, np.asarray(self.holdout.images)))
         result["holdout_images"] = float(len(self.holdout))

@@ -111,7 +111,7 @@ def evaluation_row(round_: int, replies: list[EvaluationReply]) -> dict[str, Any
 def save_round_grid(cfg: Config, generator: Mapping[str, torch.Tensor], path: Path) -> None:
     """The server's sample grid of the global generator from the run's fixed latents."""
     trainer = GANTrainer(cfg, device="cpu")
-    trainer.load_model_state(generator)
+    trainer.load_model_state(generator, keep_stage=True)
     save_sample_grid(trainer, fixed_latents(trainer.G.z_dim, cfg.run.seed), path)
 
 

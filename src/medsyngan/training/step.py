@@ -13,7 +13,9 @@ How other code uses it
 
 Federated code keeps one trainer per hospital (or rebuilds it and calls ``load_state_dict`` with the persisted
 ``state_dict()``) so that optimizer moments survive across rounds. ``trainer.images_seen`` / ``trainer.kimg``
-count real images shown to D by this trainer (the ProGAN schedule follows them).
+count the real images D is meant to see: the configured batch per D step, never a batch's realised size (under
+DP-SGD that size is private). ProGAN's growth schedule (:mod:`medsyngan.training.schedule`) follows this count;
+in a federation the server sets it at the start of every round (:meth:`GANTrainer.set_images_seen`).
 
 Differential privacy takes over the discriminator update only: it replaces ``trainer.d_update`` (a
 :class:`DiscriminatorUpdate`) by an implementation that computes per-sample gradients of
@@ -35,41 +37,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medsyngan.config import Config
-from medsyngan.runtime import select_device
+from medsyngan.runtime import bf16_pays, select_device
 from medsyngan.training import losses
+from medsyngan.training.schedule import GrowthSchedule
 
 MODEL_PARTS = ("G", "D", "G_ema")
 # The trainer's own latent/noise RNG is seeded apart from the weight-initialization RNG.
 _RNG_SALT = 0x6D7367
 
 
-def progan_stage(kimg: float, kimg_per_phase: float, final_resolution: int, start_resolution: int = 4) -> tuple[int, float]:
-    """ProGAN schedule: (stage resolution, fade-in alpha) after ``kimg`` thousand images.
-
-    Phase 0 trains the start resolution; then every doubling has a fade-in phase (alpha 0 → 1, linear in images)
-    followed by a stable phase (alpha 1), each ``kimg_per_phase`` long; the final resolution stays stable forever.
-    """
-    phase = int(kimg // kimg_per_phase)
-    if phase == 0:
-        return start_resolution, 1.0
-    doublings = (phase - 1) // 2 + 1
-    resolution = start_resolution * 2**doublings
-    if resolution > final_resolution:
-        return final_resolution, 1.0
-    fading = (phase - 1) % 2 == 0
-    alpha = (kimg - phase * kimg_per_phase) / kimg_per_phase if fading else 1.0
-    return resolution, float(alpha)
+# Families whose training step measured faster with channels-last tensors on a CPU (benchmarks/bench_families.py
+# --variants; figures in docs/results.md#speed).
+CHANNELS_LAST_ON_CPU: frozenset[str] = frozenset()
 
 
-def _use_channels_last(device: torch.device) -> bool:
-    # Tensor cores and cuDNN want NHWC; on CPU (oneDNN) NCHW measured as fast or faster for these small nets.
-    return device.type == "cuda"
-
-
-def _fast_bf16(device: torch.device) -> bool:
-    # bf16 pays where the hardware multiplies in it: CUDA tensor cores, or Intel AMX tiles through oneDNN (2.2x a
-    # DCGAN-64 step on this project's Xeon; without AMX, CPU bf16 is emulated and slower than float32).
-    return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())
+def _use_channels_last(device: torch.device, arch: str, setting: str) -> bool:
+    if setting != "auto":
+        return setting == "on"
+    # Tensor cores and cuDNN want NHWC; on a CPU (oneDNN) it depends on the family.
+    return device.type == "cuda" or (device.type == "cpu" and arch in CHANNELS_LAST_ON_CPU)
 
 
 def _freeze_all_but_last(net: nn.Module, trainable: int) -> None:
@@ -77,6 +63,11 @@ def _freeze_all_but_last(net: nn.Module, trainable: int) -> None:
     layers = [m for m in net.modules() if any(True for _ in m.parameters(recurse=False))]
     for layer in layers[:-trainable]:
         layer.requires_grad_(False)
+
+
+def _reset_moments(optimizer: torch.optim.Optimizer) -> None:
+    """Forget Adam's moments and step counts (its bias correction starts again); parameters are untouched."""
+    optimizer.state.clear()
 
 
 def _adam(params: Iterable[Tensor], lr: float, betas: tuple[float, float], eps: float,
@@ -144,7 +135,7 @@ class GANTrainer:
                 from medsyngan.models.registry import build_discriminator, build_generator
             G = generator if generator is not None else build_generator(cfg.model)
             D = discriminator if discriminator is not None else build_discriminator(cfg.model)
-        self.channels_last = _use_channels_last(self.device)
+        self.channels_last = _use_channels_last(self.device, cfg.model.arch, t.channels_last)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.G = G.to(self.device, memory_format=fmt).train()
         self.D = D.to(self.device, memory_format=fmt).train()
@@ -157,7 +148,7 @@ class GANTrainer:
             # the algorithm are unchanged (state_dict keys too: see unwrap).
             self.G, self.D = torch.compile(self.G), torch.compile(self.D)
         self.autocast_dtype = torch.bfloat16 if (
-            t.amp == "bf16" or (t.amp == "auto" and _fast_bf16(self.device))
+            t.amp == "bf16" or (t.amp == "auto" and bf16_pays(self.device))
         ) else None
 
         style = self.arch == "stylegan2"
@@ -165,7 +156,8 @@ class GANTrainer:
         self.use_r1 = style and t.r1_gamma > 0
         self.use_pl = style and t.pl_weight > 0
         self.mixing_p = t.style_mixing_p if style else 0.0
-        self.progressive = hasattr(self.G, "set_stage")
+        self.growth = GrowthSchedule.of(cfg)
+        self.progressive = self.growth is not None
 
         betas = (t.beta1, t.beta2)
         self.opt_g = _adam(self.G.parameters(), t.lr_g, betas, t.adam_eps, t.pl_interval if self.use_pl else None)
@@ -193,15 +185,33 @@ class GANTrainer:
     def resolution(self) -> int:
         return int(self.G.resolution)
 
+    @property
+    def batch_size(self) -> int:
+        """The configured D batch at the current stage: what each D step adds to ``images_seen``."""
+        if self.growth is None or self.stage is None:
+            return self.cfg.train.batch_size
+        return self.growth.batch(self.stage[0])
+
+    def set_images_seen(self, images: int) -> None:
+        """Continue from the count ``images`` (a federation's server sets it at every round), at its stage."""
+        self.images_seen = int(images)
+        self._sync_stage()
+
     def _sync_stage(self) -> None:
-        if not self.progressive:
+        if self.growth is None:
             return
-        stage = progan_stage(self.kimg, self.cfg.train.kimg_per_phase, self.resolution)
-        if stage != self.stage:
-            for net in (self.G, self.D, self.G_ema):
-                if net is not None:
-                    net.set_stage(*stage)
-            self.stage = stage
+        stage = self.growth.stage(self.images_seen)
+        if stage == self.stage:
+            return
+        if self.stage is not None and (stage[0] != self.stage[0] or (stage[1] == 1.0) != (self.stage[1] == 1.0)):
+            # New layers fade in, or the fade-in ends: fresh Adam moments for both networks, as the reference resets
+            # its optimizers whenever the level of detail crosses an integer (reset_opt_for_new_lod, Karras et al.).
+            _reset_moments(self.opt_g)
+            _reset_moments(self.opt_d)
+        for net in (self.G, self.D, self.G_ema):
+            if net is not None:
+                net.set_stage(*stage)
+        self.stage = stage
 
     # ------------------------------------------------------------------ building blocks
     def _autocast(self):
@@ -290,14 +300,16 @@ class GANTrainer:
         t = self.cfg.train
         out: dict[str, Tensor] = {}
         fake = None
+        batch = self.batch_size
+        draws = batch // t.batch_size  # a ProGAN stage's larger batch is drawn as several loader batches
         for i in range(t.d_steps_per_g):
-            real = self.prepare_real(next_real())
+            real = self.prepare_real(next_real() if draws == 1 else torch.cat([next_real() for _ in range(draws)]))
             last = i == t.d_steps_per_g - 1
             with torch.set_grad_enabled(last):
-                fake, ws = self.generate(t.batch_size)
+                fake, ws = self.generate(batch)
             out.update(self.d_update.step(self, real, fake.detach()))
             self.d_step += 1
-            self.images_seen += int(real.shape[0])
+            self.images_seen += batch
             if self.use_r1 and self.d_step % t.r1_interval == 0:
                 out.update(self.d_update.regularize(self, real))
 
@@ -344,7 +356,7 @@ class GANTrainer:
         if self.G_ema is None:
             return
         t = self.cfg.train
-        beta = losses.ema_beta(t.batch_size, t.ema_kimg, self.images_seen, t.ema_rampup)
+        beta = losses.ema_beta(self.batch_size, t.ema_kimg, self.images_seen, t.ema_rampup)
         ema_params, params = list(self.G_ema.parameters()), list(self.G.parameters())
         torch._foreach_lerp_(ema_params, params, 1.0 - beta)
         for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
@@ -373,8 +385,14 @@ class GANTrainer:
         nets = self.networks()
         return {f"{part}.{name}" for part in parts for name, _ in unwrap(nets[part]).named_parameters()}
 
-    def load_model_state(self, state: Mapping[str, Tensor]) -> None:
-        """Load prefixed state (any subset of G/D/G_ema); each network present must match exactly."""
+    def load_model_state(self, state: Mapping[str, Tensor], *, keep_stage: bool = False) -> None:
+        """Load prefixed state (any subset of G/D/G_ema); each network present must match exactly, except that a
+        ProGAN state may leave out its stage buffers.
+
+        A ProGAN trainer's stage follows its schedule count (``images_seen``), whatever stage the state carries;
+        with ``keep_stage`` it takes the stage of the state's G instead: a generator to sample from, such as a
+        federation's global one, whose stage the server set. Training from there returns to the count's stage.
+        """
         nets = self.networks()
         grouped: dict[str, dict[str, Tensor]] = {}
         for key, value in state.items():
@@ -385,9 +403,14 @@ class GANTrainer:
         for part, sub in grouped.items():
             if part in nets:
                 unwrap(nets[part]).load_state_dict(sub)
-        # ProGAN networks carry their stage as buffers; the schedule (images seen) stays the authority.
         self.stage = None
-        self._sync_stage()
+        if keep_stage and self.progressive and "stage_res" in grouped.get("G", {}):
+            g = grouped["G"]
+            self.stage = (int(g["stage_res"]), float(g["stage_alpha"]))
+            for net in nets.values():
+                net.set_stage(*self.stage)
+        else:
+            self._sync_stage()
         if "G_ema" not in grouped and "G" in grouped and self.G_ema is not None and not self.step:
             # A fresh trainer given only G starts its EMA from that G, not from its own random init.
             self.G_ema.load_state_dict(unwrap(self.G).state_dict())
@@ -404,12 +427,13 @@ class GANTrainer:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
+        # Counters first: reaching the saved stage resets Adam (as growth does) before the saved moments load.
+        self.set_counters(state["counters"])
         self.load_model_state(state["models"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         if self.pl_reg is not None and state.get("pl_mean") is not None:
             self.pl_reg.pl_mean.copy_(state["pl_mean"])
-        self.set_counters(state["counters"])
         self.rng.set_state(state["rng"])
 
     def counters(self) -> dict[str, float | int]:

@@ -137,12 +137,14 @@ def _check_before_start(cfg: Config) -> None:
     from medsyngan.federated.update_codec import check_settings
     from medsyngan.models.registry import check_model_section
     from medsyngan.training.checkpoint import checkpoint_key
+    from medsyngan.training.schedule import check_run_length
 
     f = cfg.federated
     if f.quorum > f.hospitals:
         raise UserError(f"federated.quorum ({f.quorum}) exceeds federated.hospitals ({f.hospitals})")
     check_settings(cfg.privacy)
     check_model_section(cfg.model)
+    check_run_length(cfg)
     checkpoint_key(cfg)
 
 
