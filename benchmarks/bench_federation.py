@@ -57,7 +57,8 @@ def measure(hospitals: int, round_seconds: float, rounds: int, private: bool, wo
             f"federated.client_cpus={cores}", "federated.eval_every=1000", "eval.num_samples=16",
             f"data.phantom_patients={max(600, 200 * hospitals)}", "run.seed=1", "data.seed=1"]
     if not private:
-        base += ["privacy.dp=false", "privacy.secagg=false", "privacy.encrypt=false", "privacy.quantize_bits=0"]
+        base += ["privacy.dp=false", "privacy.secagg=false", "privacy.encrypt=false", "privacy.quantize_bits=0",
+                 "hospital.dp_required=false", "hospital.secagg_required=false", "hospital.encrypt_required=false"]
     cfg = load_config("federated-dcgan64", base)
     step = _step_seconds(cfg)
     local_steps = max(1, math.ceil(round_seconds / step))

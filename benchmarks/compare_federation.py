@@ -47,6 +47,8 @@ def base(quick: bool) -> list[str]:
         # Privacy mechanisms are varied one at a time below; DP is left out so its noise does not mask them.
         "privacy.dp=false", "privacy.secagg=false", "privacy.encrypt=false", "privacy.quantize_bits=0",
         "privacy.update_clip=0",
+        # The hospitals' policy must allow every variant, the plain one included.
+        "hospital.dp_required=false", "hospital.secagg_required=false", "hospital.encrypt_required=false",
     ]
 
 

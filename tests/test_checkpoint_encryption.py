@@ -1,5 +1,6 @@
 """Checkpoints encrypted at rest (privacy.checkpoint_key): nothing readable on disk, exact round trip and resume,
-one-line errors for a missing, wrong or absent key and for altered files, and the CLI end to end."""
+one-line errors for a missing, wrong or absent key, for altered files and for files of another run, step or
+hospital, and the CLI end to end."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -121,7 +123,7 @@ def test_missing_wrong_key_and_altered_files_are_one_line_errors(tmp_path, cfg, 
     assert load_checkpoint(lone, key).meta["step"] == 1
     # ... but a sealed file of another role does not pass for weights.
     shutil.copy(folder / META_FILE, lone)
-    assert "does not decrypt" in error(lone, key)
+    assert "is refused: encrypted file is the checkpoint/meta.json" in error(lone, key)
 
     for name, expected in ((WEIGHTS_FILE, "corrupt or incomplete"), (STATE_FILE, "corrupt or incomplete"),
                            (META_FILE, "wrong key file, or the file was altered")):
@@ -212,3 +214,79 @@ def test_federated_server_checkpoints_are_sealed_and_resume(tmp_path, cfg, key_f
         load_server_state(run, os.urandom(32))
     with pytest.raises(UserError, match="is encrypted; pass --key FILE"):
         load_server_state(run)
+
+
+def _sealed_run(tmp_path, name, cfg) -> RunDir:
+    from medsyngan.workflows.centralized import train_centralized
+
+    run = RunDir(tmp_path / name).create(cfg)
+    train_centralized(cfg, run)
+    return run
+
+
+def test_a_checkpoint_folder_from_another_run_under_the_same_key_is_refused(tmp_path, cfg):
+    """Attack: a sealed checkpoint folder of another run (same key file) put in place of this run's."""
+    mine, theirs = _sealed_run(tmp_path, "mine", cfg), _sealed_run(tmp_path, "theirs", cfg)
+    target = mine.checkpoints / "step-000006"
+    shutil.rmtree(target)
+    shutil.copytree(theirs.checkpoints / "step-000006", target)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(mine.root)
+    message = str(info.value)
+    assert "\n" not in message and "is refused" in message
+    assert f"run {theirs.run_id()}" in message and f"run {mine.run_id()}" in message
+
+
+def test_a_checkpoint_folder_of_another_step_is_refused(tmp_path, cfg):
+    """Attack: an older step's sealed folder renamed to the newest step (a rollback of optimizer and DP state)."""
+    run = _sealed_run(tmp_path, "run", cfg)
+    newest = run.checkpoints / "step-000006"
+    shutil.rmtree(newest)
+    shutil.copytree(run.checkpoints / "step-000003", newest)
+    with pytest.raises(UserError, match=r"is refused: encrypted file is the checkpoint/meta\.json of run \w+, "
+                                        r"step 3, not the checkpoint/meta\.json of run \w+, step 6"):
+        load_checkpoint(run.root)
+    assert load_checkpoint(run.checkpoints / "step-000003").meta["step"] == 3  # in its own place it still opens
+
+
+class _State:
+    """What persist/restore need of a hospital: its state as a dict, and a configuration without DP (so that
+    restore asks for no privacy ledger)."""
+
+    def __init__(self, value: int):
+        self.state, self.privacy_floor = {"value": torch.full((64,), float(value))}, None
+        self.cfg = SimpleNamespace(privacy=SimpleNamespace(dp=False))
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+@pytest.mark.parametrize("swap", ["another round", "another run", "another hospital"])
+def test_sealed_hospital_state_of_another_round_run_or_hospital_is_refused(tmp_path, key_file, swap):
+    """Attack: a hospital's sealed round state replaced by its state of another round, of another run, or by
+    another hospital's state (all under the same simulation key)."""
+    from medsyngan.federated.client import node_identity, persist, restore, state_file
+    from medsyngan.federated.protocol import Job
+
+    def identity(run_id: str, hospital: int):
+        node = {"hospital-id": hospital, "data-path": "unused", "state-dir": str(tmp_path / run_id),
+                "state-key": str(key_file), "aggregator-public": "unused"}
+        return node_identity(node, Job(config="", run_id=run_id))
+
+    mine = identity("run-a", 0)
+    for round_ in (1, 2):
+        persist(_State(round_), mine, round_)
+    back = _State(0)
+    restore(back, mine, 2, None)
+    assert torch.equal(back.state["value"], torch.full((64,), 2.0))
+
+    source = {"another round": (mine, 1), "another run": (identity("run-b", 0), 2),
+              "another hospital": (identity("run-a", 1), 2)}[swap]
+    persist(_State(9), *source)
+    shutil.copy(state_file(*source), state_file(mine, 2))
+    with pytest.raises(UserError) as info:
+        restore(_State(0), mine, 2, None)
+    assert "\n" not in str(info.value) and "hospital-0/state of run run-a, step 2" in str(info.value)

@@ -127,10 +127,12 @@ def test_the_summary_keeps_metric_names_whole_at_80_columns(tmp_path):
     runs = [RunOutcome(name, label, RunDir(tmp_path / name), load_config("demo"), 12.0, dict(metrics))
             for name, label in (("federated", "federated"), ("centralized", "centralized, no privacy"),
                                 ("public", "public phantoms only"))]
-    hospitals = [{"hospital": 0, "images": 90, "rounds": 3, "epsilon": 0.99, "bytes_sent": 2_500_000}]
+    hospitals = [{"hospital": 0, "images": 90, "rounds": 3, "epsilon": 0.99, "epsilon_add_remove": 0.55,
+                  "unit": "patient", "bytes_sent": 2_500_000}]
     buffer = io.StringIO()
     print_summary(runs, hospitals, 60.0, tmp_path / "report.html", Console(file=buffer, width=80))
     text = buffer.getvalue()
     assert max(map(len, text.splitlines())) <= 80
     for name in metrics:
         assert name in text, name
+    assert "0.990 (0.550)" in text and "replace-one patient (add/remove-one)" in " ".join(text.split())

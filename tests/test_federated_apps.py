@@ -55,9 +55,17 @@ def test_server_setup_resolves_a_preset_for_flwr_run(tmp_path, medsyngan_cache):
     assert setup.cfg.model.ngf == 8 and (run / "config.toml").is_file() and (run / "partition.csv").is_file()
     # A simulation on one machine makes its own aggregator key when updates are encrypted.
     assert setup.cfg.privacy.encrypt and setup.identity_key == str(run / "keys" / "aggregator_x25519.key")
-    deployed = federation.server_setup({"overrides": " ".join(TINY), "run-dir": str(tmp_path / "d"),
-                                        "mode": "deployment"})
+    deployment = {"overrides": " ".join(TINY), "run-dir": str(tmp_path / "d"), "mode": "deployment"}
+    with pytest.raises(UserError, match=r"^a deployment needs manifest="):
+        federation.server_setup(deployment)
+    from medsyngan.federated.hospital_keys import add_hospital, hospital_init
+    from medsyngan.federated.pki import init_pki
+
+    pki = init_pki(tmp_path / "pki", "localhost")
+    add_hospital(pki, 0, hospital_init(tmp_path / "hospital-0", 0).auth_pub)
+    deployed = federation.server_setup({**deployment, "manifest": str(pki.manifest)})
     assert deployed.job.partition is None and deployed.identity_key is None
+    assert deployed.hospital_keys.by_fingerprint and set(deployed.hospital_keys.by_fingerprint.values()) == {0}
 
 
 def test_the_follower_passes_on_whole_new_lines(tmp_path):

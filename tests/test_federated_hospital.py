@@ -71,7 +71,7 @@ def test_round_state_on_disk_is_sealed_with_the_hospital_key(data, tmp_path):
 
     generate_key_file(tmp_path / "state.key")
     node = {"hospital-id": 0, "data-path": "unused", "state-dir": str(tmp_path / "state"),
-            "state-key": str(tmp_path / "state.key")}
+            "state-key": str(tmp_path / "state.key"), "aggregator-public": "unused"}
     job = Job(config="", run_id="r")
     identity = node_identity(node, job)
     first, _ = _hospital(data)
@@ -113,8 +113,8 @@ def test_mean_image_is_released_once_against_the_global_model_it_trains_from(dat
 
     seen = []
     real_mean = moments.generator_mean
-    monkeypatch.setattr(moments, "generator_mean", lambda G, size, seed=0: seen.append(
-        {k: v.clone() for k, v in G.named_parameters()}) or real_mean(G, size, seed))
+    monkeypatch.setattr(moments, "generator_mean", lambda G, size, seed=0, labels=None: seen.append(
+        {k: v.clone() for k, v in G.named_parameters()}) or real_mean(G, size, seed, labels))
     hospital, cfg = _hospital(data, "privacy.dp=true", "privacy.target_epsilon=10", "privacy.mean_image_size=4",
                               "federated.rounds=2", "federated.local_steps=2")
     hospital.check_ready()  # the DP session exists before any global model has arrived

@@ -1,14 +1,16 @@
 """A federated ProGAN grows on the server's schedule: the round instruction carries the stage, every hospital trains
-it in lockstep (under DP too, whatever size its Poisson batches have), the stage is never averaged or quantized, and
-the server's checkpoints and sample grids are at the resolution reached."""
+it in lockstep (under DP too, whatever size its Poisson batches have; a class-conditional model too), the stage is
+never averaged or quantized, and the server's checkpoints and sample grids are at the resolution reached."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from medsyngan.config import load_config
+from medsyngan.data.labels import LabelLayout
 from medsyngan.federated import protocol as p
 from medsyngan.federated.client_app import make_client_app
 from medsyngan.federated.server import RoundDriver
@@ -38,9 +40,14 @@ def _run(tmp_path, overrides: list[str]) -> RunDir:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("private", [False, True], ids=["secure 8-bit", "DP-SGD, secure 8-bit"])
-def test_a_federated_progan_reaches_64_px_with_every_hospital_in_lockstep(tmp_path, medsyngan_cache, private):
-    overrides = ["privacy.dp=true", "privacy.target_epsilon=8"] if private else ["privacy.dp=false"]
+@pytest.mark.parametrize("private, conditional", [(False, False), (True, False), (True, True)],
+                         ids=["secure 8-bit", "DP-SGD, secure 8-bit", "conditional, DP-SGD, secure 8-bit"])
+def test_a_federated_progan_reaches_64_px_with_every_hospital_in_lockstep(tmp_path, medsyngan_cache, private,
+                                                                           conditional):
+    overrides = (["privacy.dp=true", "privacy.target_epsilon=8", "hospital.max_epsilon=8"] if private
+                 else ["privacy.dp=false", "hospital.dp_required=false"])
+    if conditional:
+        overrides.append("model.condition=['findings', 'view']")
     run_dir = _run(tmp_path, overrides)
     cfg = run_dir.load_config()
     schedule = GrowthSchedule.of(cfg)
@@ -63,7 +70,10 @@ def test_a_federated_progan_reaches_64_px_with_every_hospital_in_lockstep(tmp_pa
     for part in ("G", "D", "G_ema"):
         assert int(ckpt.tensors[f"{part}.stage_res"]) == 64 and float(ckpt.tensors[f"{part}.stage_alpha"]) == 1.0
     G, _ = load_generator(run_dir.root)
-    assert generate_images(G, 2, seed=0).shape == (2, 64, 64)
+    # A federation's conditional G records no label frequencies (each hospital drew its own): labels are given.
+    labels = torch.from_numpy(LabelLayout.of(cfg.model.condition).encode(["Effusion"], "PA")) if conditional else None
+    assert (getattr(G, "c_dim", 0) > 0) == conditional
+    assert generate_images(G, 2, seed=0, labels=labels).shape == (2, 64, 64)
     grid = Image.open(sorted(run_dir.samples.glob("round-*.png"))[-1])
     assert grid.size == (8 * (64 + 2) + 2,) * 2  # 8 × 8 images of 64 px, 2 px apart
 
@@ -76,7 +86,7 @@ def test_the_round_instruction_carries_the_stage_and_the_server_does_not_average
     with pytest.raises(p.MalformedMessage, match="growth.alpha"):
         p.RoundInstruction.from_record({**instruction.to_record(), "growth.alpha": "half"})
 
-    cfg = load_config("federated-dcgan64", [*PROGAN, "privacy.dp=false"])
+    cfg = load_config("federated-dcgan64", [*PROGAN, "privacy.dp=false", "hospital.dp_required=false"])
     run_dir = RunDir(tmp_path / "run").create(cfg)
     driver = RoundDriver(cfg, run_dir, prepare_job(cfg, run_dir, resume=False, simulation=True), False,
                          simulation_identity_key(cfg, run_dir))
@@ -90,7 +100,7 @@ def test_a_hospital_whose_schedule_disagrees_with_the_server_refuses_the_round(t
     from medsyngan.errors import UserError
     from medsyngan.federated.hospital import Hospital
 
-    cfg = load_config("federated-dcgan64", [*PROGAN, "privacy.dp=false"])
+    cfg = load_config("federated-dcgan64", [*PROGAN, "privacy.dp=false", "hospital.dp_required=false"])
     data = load_training_data(cfg)
     hospital = Hospital(cfg, 0, data.subset(np.arange(8)))
     weights = {k: v for k, v in hospital.trainer.model_state(("G", "D")).items() if "stage_" not in k}

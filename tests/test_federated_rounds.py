@@ -23,7 +23,7 @@ from medsyngan.workflows.federation import prepare_job, simulation_identity_key
 from test_fixed_seed_weights import COMMON, FEDERATED, assert_matches, fingerprint
 
 # The configuration of the recorded federated run in test_fixed_seed_weights.py.
-RECORDED = COMMON + ["privacy.dp=false", "federated.rounds=2", "federated.local_steps=2", "federated.eval_every=2",
+RECORDED = COMMON + ["privacy.dp=false", "hospital.dp_required=false", "federated.rounds=2", "federated.local_steps=2", "federated.eval_every=2",
                      "federated.holdout_fraction=0", "train.batch_size=4"]
 
 
@@ -76,7 +76,8 @@ def test_secure_encrypted_rounds_in_one_process_give_the_recorded_weights(tmp_pa
     assert [r["hospitals_replied"] for r in rows] == [[0, 1, 2], [0, 1, 2]]
 
 
-TINY = COMMON + ["privacy.dp=false", "privacy.secagg=false", "federated.rounds=1", "federated.local_steps=1",
+TINY = COMMON + ["privacy.dp=false", "privacy.secagg=false", "hospital.dp_required=false",
+                 "hospital.secagg_required=false", "federated.rounds=1", "federated.local_steps=1",
                  "federated.holdout_fraction=0", "federated.quorum=2", "federated.round_retries=0"]
 
 

@@ -86,7 +86,7 @@ def test_label_skew_federation_with_the_default_privacy_completes(tmp_path, meds
 
 # DP noise comes from a secret seed drawn per run, so two separate runs differ by design; everything else
 # (secure aggregation, quantization, encryption) is exercised by the exact-resume test.
-DETERMINISTIC = ["federated.rounds=3", "privacy.dp=false"]
+DETERMINISTIC = ["federated.rounds=3", "privacy.dp=false", "hospital.dp_required=false"]
 
 
 def test_killed_federation_resumes_to_the_same_weights(tmp_path, medsyngan_cache):
@@ -117,7 +117,7 @@ def test_killed_federation_resumes_to_the_same_weights(tmp_path, medsyngan_cache
 
 def test_sigterm_stops_the_federation_and_every_process_it_started(tmp_path, medsyngan_cache):
     run = tmp_path / "terminated"
-    proc = _train(run, "federated.rounds=50", "privacy.dp=false")
+    proc = _train(run, "federated.rounds=50", "privacy.dp=false", "hospital.dp_required=false")
     deadline = time.monotonic() + 300
     while not (run / "metrics.jsonl").is_file():
         assert proc.poll() is None, proc.communicate()[0][-3000:]

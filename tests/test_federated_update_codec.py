@@ -104,3 +104,25 @@ def test_secure_aggregation_without_quantization_is_refused():
 
     with pytest.raises(UserError, match="quantize_bits"):
         update_codec.check_settings(PrivacySection(secagg=True))
+
+
+@pytest.mark.parametrize("round_", [1, 2])
+def test_client_level_dp_updates_of_a_full_size_model_quantize_within_the_clip(round_):
+    """Client-level DP + secure aggregation + 8 bits (the federated preset with client_dp): an update of millions
+    of coordinates clipped to C must quantize to one whose norm is still ≤ C (the noise is calibrated to it). At a
+    shared scale of C/127 per coordinate (round 1) or of the previous, noise-dominated mean (round 2), stochastic
+    rounding alone added many times C² and the hospital died in round 1."""
+    privacy = PrivacySection(quantize_bits=8, secagg=True, client_dp=True, client_clip=1.0, client_noise=1.0)
+    gen = np.random.default_rng(0)
+    layout = {"G.w": np.zeros((1000, 1500), np.float32), "D.w": np.zeros(500_000, np.float32)}
+    previous = None
+    if round_ == 2:  # the server's noisy mean of 3 hospitals: N(0, (σC/3)²) per coordinate
+        previous = {k: gen.normal(0, 1 / 3, v.shape).astype(np.float32) for k, v in layout.items()}
+    scales = update_codec.shared_scales(privacy, layout, previous, adam_bound=0.01)
+    update = {k: torch.from_numpy(gen.normal(0, 1e-3, v.shape).astype(np.float32)) for k, v in layout.items()}
+    ring = update_codec.secagg_ring_bits(8, 3)
+    encoded = update_codec.encode_update(update, 100, privacy, seed=1, hospital=0, round_=round_, scales=scales,
+                                         ring_bits=ring, masker=lambda vector: vector)
+    values = codec.from_ring(codec.unpack_ring(encoded.payload, ring), ring)
+    sent = codec.dequantize_values(values, codec.Layout.of(layout), scales)
+    assert 0.9 < codec.update_norm(sent) <= privacy.client_clip

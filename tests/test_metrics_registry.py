@@ -10,6 +10,7 @@ import torch
 
 from medsyngan.errors import UserError
 from medsyngan.metrics import evaluate, fid, registry
+from medsyngan.metrics.classifier import ClassifierSettings
 from medsyngan.metrics.context import Features, MetricContext, MetricOptions, MetricResult, NotApplicable
 from medsyngan.metrics.definitions import definition
 from medsyngan.metrics.evaluate import Evaluation, evaluate_snapshots
@@ -17,6 +18,7 @@ from medsyngan.metrics.features import RandomExtractor
 from medsyngan.metrics.images import read_image_folder
 from medsyngan.metrics.pixel import NearestNeighbours
 from medsyngan.metrics.registry import METRICS, Metric, get_metric, parse_metrics, register_metric
+from medsyngan.metrics.reidentification import VerifierSettings
 
 N = 16
 FPRS = ("1e-2", "1e-3")
@@ -29,7 +31,16 @@ EXPECTED_KEYS = {
     "msssim": {"msssim_div_fake", "msssim_div_real"},
     "privacy": {"dcr_ratio_pixel", "dcr_median_synth_pixel", "dcr_median_holdout_pixel", "dcr_ratio_random",
                 "mia_ganleaks_pixel_auc", "mia_logan_auc", "dp_epsilon", "dp_delta", "mia_bound_auc",
+                "mia_ganleaks_pixel_auc_reference",
                 *(f"mia_{a}_tpr_fpr{f}" for a in ("ganleaks_pixel", "logan", "bound") for f in FPRS)},
+    "utility": {f"auroc_{k}{b}" for b in ("", "_lo", "_hi") for k in (
+        *(f"{kind}_{label}" for kind in (f"synth{N}_64", f"real{N}_64", f"dp{N}_64_eps1")
+          for label in ("view_pa", "nodule", "mean")),
+        f"gap_real_synth{N}_64_mean", f"gap_dp_synth{N}_64_eps1_mean", f"augment{N}_64_nodule",
+        f"augment{N}_64_rare_mean", f"real{N}_64_rare_mean", f"gap_real_augment{N}_64_rare_mean")},
+    "detectability": {f"c2st_auroc{N}_64", f"c2st_auroc{N}_64_lo", f"c2st_auroc{N}_64_hi"},
+    "reidentification": {"reid_synth_rate_fmr5e-2", "reid_holdout_rate_fmr5e-2", "reid_synth_max_score",
+                         "reid_verifier_auc"},
     "ppl": {"ppl_zfull100_64_lpips"},
     "ppl_randomfeat": {"ppl_zfull100_64_randomfeat"},
 }
@@ -65,6 +76,24 @@ def _context(images, **kwargs) -> MetricContext:
     return MetricContext(**{**sets, **kwargs})
 
 
+def _labelled_context(images, name: str) -> MetricContext:
+    """:func:`_context` with what the classifier metrics need, at sizes that train in a second: labels (the second
+    one rare on the training films), public verifier films of 8 patients, a reference generator's samples."""
+    real_labels = np.stack([np.arange(N) % 2, np.arange(N) < 4], axis=1).astype(float)
+    train_labels = np.stack([np.arange(N) % 2, np.arange(N) == 0], axis=1).astype(float)
+    options = MetricOptions(ppl_samples=100, bootstrap=50, utility_min_patients=2, reid_false_match_rate=0.05,
+                            classifier=ClassifierSettings(width=4, epochs=1, batch_size=4, min_steps=5),
+                            dp_classifier=ClassifierSettings(width=4, epochs=1, batch_size=4, min_steps=5),
+                            verifier=VerifierSettings(width=4, embedding=8, steps=5, patients=4))
+    extra = dict(fake_labels=real_labels, real_labels=real_labels, train_labels=train_labels,
+                 label_names=("view_pa", "nodule"), verifier_images=images[3 * N : 4 * N],
+                 verifier_patients=np.repeat(np.arange(N // 2), 2), reference_fake=images[4 * N : 5 * N],
+                 options=options)
+    if name == "reidentification":  # the audit refuses held-out patients that trained; two films per patient
+        extra.update(train_patients=np.arange(100, 100 + N), real_patients=np.arange(N) // 2)
+    return _context(images, **extra)
+
+
 def test_the_expected_keys_cover_every_registered_metric():
     assert set(EXPECTED_KEYS) == set(METRICS)
 
@@ -72,7 +101,7 @@ def test_the_expected_keys_cover_every_registered_metric():
 @pytest.mark.parametrize("name", list(EXPECTED_KEYS))
 def test_each_metric_runs_alone_and_returns_defined_protocol_keys(name, images, medsyngan_cache, monkeypatch):
     monkeypatch.setattr(registry, "load_lpips", lambda device: MeanSquare())
-    result = METRICS[name](_context(images))
+    result = METRICS[name](_labelled_context(images, name))
     assert isinstance(result, MetricResult)
     assert set(result.values) == EXPECTED_KEYS[name]
     assert all(math.isfinite(v) for v in result.values.values()), result.values
@@ -133,7 +162,8 @@ def test_a_metric_declares_the_labels_it_needs(images):
     metric = Metric("label_share", positive_share, needs=("real_labels",))
     ev = Evaluation()
     ev.run(metric, _context(images))
-    assert ev.skipped == {"label_share": "needs real labels"} and ev.not_applicable == {"label_share"}
+    assert ev.skipped == {"label_share": "needs the labels of the real evaluation films"}
+    assert ev.not_applicable == {"label_share"}
     labels = np.zeros((N, 3))
     labels[:4, 0] = 1
     ev.run(metric, _context(images, real_labels=labels))

@@ -12,9 +12,6 @@ from medsyngan.privacy.crypto import (
     HospitalSession,
     IntegrityError,
     UpdateReceiver,
-    decrypt_at_rest,
-    encrypt_at_rest,
-    generate_key_file,
     load_identity_key,
     load_key_file,
     load_public_key,
@@ -178,26 +175,6 @@ def test_identity_key_files(tmp_path):
     assert load_public_key(tmp_path / "aggregator.pub").public_bytes_raw() == key.public_key().public_bytes_raw()
     with pytest.raises(UserError, match="refusing to overwrite"):
         write_identity_key(tmp_path / "aggregator.key")
-
-
-def test_checkpoint_encryption_at_rest(tmp_path):
-    path = tmp_path / "ckpt.key"
-    generate_key_file(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    key = load_key_file(path)
-    assert len(key) == 32
-    sealed = encrypt_at_rest(PAYLOAD, key, "checkpoint")
-    assert PAYLOAD not in sealed
-    assert decrypt_at_rest(sealed, key, "checkpoint") == PAYLOAD
-    with pytest.raises(IntegrityError) as info:
-        decrypt_at_rest(sealed, os.urandom(32), "checkpoint")
-    assert info.value.reason == "wrong-key"
-    with pytest.raises(IntegrityError):
-        decrypt_at_rest(_flip(encrypt_at_rest(PAYLOAD, key, "checkpoint"), 40), key, "checkpoint")
-    with pytest.raises(IntegrityError):
-        decrypt_at_rest(encrypt_at_rest(PAYLOAD, key, "checkpoint"), key, "accountant")
-    with pytest.raises(UserError, match="refusing to overwrite"):
-        generate_key_file(path)
 
 
 @pytest.mark.parametrize("size", [0, 16, 31, 33, 64])

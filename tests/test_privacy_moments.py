@@ -31,28 +31,34 @@ def test_release_is_the_mean_of_clipped_deviations_plus_calibrated_noise():
     exact = release_mean_image(images, patients, 4, clip=100.0, noise_multiplier=0.0, reference=reference,
                                generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(exact, means.mean(0))
-    # Adding one unit, however far from the reference, moves the released sum by at most clip · k.
-    outlier = np.concatenate([images, np.full((2, SIZE, SIZE), 255, dtype=np.uint8)])
-    with_it = release_mean_image(outlier, np.append(patients, ["x", "x"]), 4, 0.05, 0.0, reference,
-                                 torch.Generator().manual_seed(0))
-    without = release_mean_image(images, patients, 4, 0.05, 0.0, reference, torch.Generator().manual_seed(0))
-    assert (with_it * 21 - without * 20).norm() <= 0.05 * 4 + 1e-5
+    # Replacing one unit by another, however far apart, moves the released sum by at most 2 · clip · k (and
+    # nearly that for opposite extremes): the replace-one sensitivity the accountant charges for.
+    white, black = (np.full((2, SIZE, SIZE), v, dtype=np.uint8) for v in (255, 0))
+    sums = [release_mean_image(np.concatenate([images, x]), np.append(patients, ["x", "x"]), 4, 0.05, 0.0,
+                               reference, torch.Generator().manual_seed(0)) * 21 for x in (white, black)]
+    assert 1.9 * 0.05 * 4 <= (sums[0] - sums[1]).norm() <= 2 * 0.05 * 4 + 1e-5
     # Noise: N(0, (σ · clip · k)²) on the sum of 20 units, i.e. σ · clip · k / 20 on the mean.
     draws = torch.stack([release_mean_image(images, patients, 4, 100.0, 2.0, reference,
                                             torch.Generator().manual_seed(s)) - exact for s in range(200)])
     assert draws.std().item() == pytest.approx(2.0 * 100.0 * 4 / 20, rel=0.1)
 
 
-def test_release_is_accounted_once_and_a_resume_reuses_it():
+def test_release_is_charged_when_made_and_a_resume_reuses_it():
     cfg = _cfg("privacy.dp=true", "privacy.target_epsilon=10", "privacy.mean_image_size=4",
                "privacy.mean_image_noise=2")
     images, patients = _images(), np.array([f"p{i // 2}" for i in range(60)])
     trainer = GANTrainer(cfg, device="cpu")
     session = enable_dp_from(cfg, trainer, images, patients, planned_steps=6, seed=5)
-    release = session.accountant.history[0]
-    assert release == (2.0, 1.0, 1) and session.steps == 0
+    written = []
+    session.attach_ledger(lambda state: written.append(json.loads(json.dumps(state))), "ledger")
+    assert session.accountant.history == [] and session.releases == 0
     stats = [trainer.train_step(session.next_real) for _ in range(3)]
-    assert session.steps == 3 and session.accountant.history[1:] == [(session.noise_multiplier, session.sample_rate, 3)]
+    # The release was charged and written before it was computed, then written again with its target.
+    at_release = next(w for w in written if w["releases"] == 1)
+    assert at_release["mean_image"] is None and [2.0, 1.0, 1] in at_release["accountant"]["history"]
+    assert written[-1]["mean_image"] is not None
+    assert session.releases == 1 and session.steps == 3
+    assert session.accountant.history.count((2.0, 1.0, 1)) == 1 and session.accountant.steps == 4
     assert session.steps_left() == 3  # the release does not eat into the calibrated plan
     assert all(np.isfinite(s["g_extra"]) for s in stats)
     assert session.epsilon()["reported"] <= 10.0
@@ -63,13 +69,12 @@ def test_release_is_accounted_once_and_a_resume_reuses_it():
     resumed = enable_dp_from(cfg, again, images, patients, state=state, seed=99)  # another secret: must not matter
     again.train_step(resumed.next_real)
     torch.testing.assert_close(resumed.release.target, target, rtol=0, atol=0)
-    assert resumed.accountant.history[0] == release and resumed.steps == 4
+    assert resumed.releases == 1 and resumed.steps == 4
 
 
 def test_anchor_gradient_is_that_of_the_squared_mean_gap():
     target = torch.full((4, 4), 0.3)
-    anchor = MeanImageRelease(_images(4), None, 4, 1.0, 1.0, weight=1.0, generator=torch.nn.Identity(),
-                              noise_seed=lambda: 0)
+    anchor = MeanImageRelease(_images(4), None, 4, 1.0, 1.0, weight=1.0, generator=torch.nn.Identity())
     anchor.target = target
     fake = torch.randn(8, 1, SIZE, SIZE, requires_grad=True)
     term, gap = anchor(fake)
@@ -84,8 +89,7 @@ def test_anchor_rewards_shrinking_variety_a_tenth_as_much_as_the_squared_batch_m
     # collapsing. Averaged over many batches, the squared batch mean pushes s down; the anchor only through the
     # current batch's weight in its running mean.
     target = torch.zeros(4, 4)
-    anchor = MeanImageRelease(_images(4), None, 4, 1.0, 1.0, weight=1.0, generator=torch.nn.Identity(),
-                              noise_seed=lambda: 0)
+    anchor = MeanImageRelease(_images(4), None, 4, 1.0, 1.0, weight=1.0, generator=torch.nn.Identity())
     anchor.target = target
     gen = torch.Generator().manual_seed(0)
     spread = torch.tensor(1.0, requires_grad=True)

@@ -153,7 +153,7 @@ def test_a_stage_batch_is_drawn_as_several_loader_batches():
     trainer = GANTrainer(tiny("train.kimg_per_phase=0.024", "train.batch_by_resolution={4 = 12, 8 = 8}"))
     drawn, fakes = [], []
     original = trainer.generate
-    trainer.generate = lambda n: (fakes.append(n), original(n))[1]
+    trainer.generate = lambda n, c=None: (fakes.append(n), original(n, c))[1]
     source = batches(16)
 
     def next_real():

@@ -20,8 +20,8 @@ runs small (few patients, tiny networks, one or two steps or rounds), replace `m
 it runs, and move fixed ports to free ones. Every substitution must apply somewhere, so the table cannot rot
 either.
 
-Blocks that start a long-running server (`flower-superlink`, `flower-supernode`: "in its own terminal" in the
-deployment guide) are started in the background in their own session, and the next block runs once the server
+Blocks that start a long-running server (`flower-superlink`, `medsyngan hospital start`: "in its own terminal" in
+the deployment guide) are started in the background in their own session, and the next block runs once the server
 says it is ready, as a reader would wait for it. Every process they started is stopped before a block that runs a
 federation of its own (STOP_SERVERS_BEFORE) and at the end of the document, and the test fails if one survives.
 After each block, EXPECTED_OUTPUTS checks that it produced what the document says it produces (`flwr run` exits
@@ -87,6 +87,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
     (r"^(python scripts/deploy/federation\.py rehearse .*)$", r"\1 --set eval.num_samples=32",
      "fewer images for the rehearsal's final evaluation"),
     (r"^flwr run \. ", "flwr run {repo} ", "the Flower app is the repository, not the scratch folder"),
+    (r"--app \. ", "--app {repo} ", "the Flower app signed is the repository, not the scratch folder"),
     (r"(?<![\w/])scripts/deploy/federation\.py", "{repo}/scripts/deploy/federation.py",
      "the launch script lives in the repository"),
 ] + [(rf"\b{port}\b", f"{{port{port}}}", "a free port instead of a fixed one") for port in PORTS]
@@ -94,7 +95,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
 # Long-running servers: started in the background, ready when their log matches.
 SERVERS = {
     "flower-superlink": re.compile(r"Uvicorn running on https?://"),
-    "flower-supernode": re.compile(r"SuperNode ID: \d+"),
+    "medsyngan hospital start": re.compile(r"SuperNode ID: \d+"),
 }
 
 # A block that starts a federation of its own: the servers of the manual steps are stopped before it, as a reader
@@ -386,4 +387,4 @@ def run_document(ws: Workspace, doc: str) -> None:
 def test_every_command_of_the_document_runs(doc, workspace):
     if doc not in workspace.outcome:
         run_document(workspace, doc)
-    assert workspace.outcome[doc], f"{doc}'s commands failed earlier in this session"
+    assert workspace.outcome[doc], f"{doc}'s commands failed earlier in this test run"

@@ -179,11 +179,11 @@ def test_discriminator_update_is_replaceable_and_counted():
             self.steps = 0
             self.real_shapes = []
 
-        def step(self, trainer, real, fake):
+        def step(self, trainer, real, fake, real_c=None, fake_c=None):
             self.steps += 1
             per_sample = trainer.d_real_loss(trainer.D, real, fake)
             self.real_shapes.append(tuple(per_sample.shape))
-            out = super().step(trainer, real, fake)
+            out = super().step(trainer, real, fake, real_c, fake_c)
             self.grads = [p.grad.clone() for p in trainer.D.parameters()]
             return out
 

@@ -1,18 +1,18 @@
 #!/usr/bin/env python
-"""Launch a MedSynGAN federation on Flower's Deployment Engine (see "Deploy across hospitals" in README.md).
+"""Launch a MedSynGAN federation on Flower's Deployment Engine (docs/deployment.md).
 
 Each step is one subcommand, run where it belongs:
 
-    aggregator machine   federation.py superlink --pki PKI --state DIR [--host 0.0.0.0 --port 9093]
-    aggregator machine   federation.py register  --pki PKI --superlink HOST:PORT
-    hospital K           federation.py supernode --hospital-dir hospital-K --hospital-id K --superlink HOST:PORT \
-                                                  --data-path PREPARED_DIR
-    aggregator machine   federation.py run       --superlink HOST:PORT --ca PKI/ca.crt --run-dir runs/fed \
-                                                  [--preset federated-dcgan64] [--set section.key=value ...]
-    one machine          federation.py rehearse  --pki PKI --data DIR0 DIR1 DIR2 --work DIR [--set ...]
+    aggregator machine   federation.py superlink     --pki PKI --state DIR [--host 127.0.0.1 --port 9092]
+    aggregator machine   federation.py proxy-config  --pki PKI --operator OPERATOR_IP > superlink-nginx.conf
+    aggregator machine   federation.py register      --pki PKI --superlink HOST:PORT
+    hospital K           medsyngan hospital start    --hospital-dir DIR --superlink HOST:PORT --data-path DIR --home DIR
+    aggregator machine   federation.py run           --pki PKI --superlink HOST:PORT --run-dir runs/fed [--set ...]
+    one machine          federation.py rehearse      --pki PKI --hospitals DIR... --data DIR... --work DIR [--set ...]
 
-`superlink` and `supernode` print the Flower command they run and then become it (Ctrl-C stops it and the
-processes it started); `rehearse` runs a whole federation on loopback and stops everything at the end.
+`superlink` and `run` print the Flower command they run and then become it (Ctrl-C stops it and the processes it
+started); `run` first signs the app and its run config with the federation's key, which every hospital checks;
+`rehearse` runs a whole federation on loopback and stops everything at the end.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from pathlib import Path
 
 from medsyngan.errors import UserError
 from medsyngan.federated import deploy, processes
-from medsyngan.federated.pki import Pki
+from medsyngan.federated.pki import Pki, read_manifest
+from medsyngan.federated.superlink_routes import nginx_config
+from medsyngan.sealed import ensure_key_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,6 +47,14 @@ def cmd_superlink(args: argparse.Namespace) -> None:
     _exec(deploy.superlink_command(pki.ca_cert, pki.server_cert, pki.server_key, args.host, args.port, database), args.state)
 
 
+def cmd_proxy_config(args: argparse.Namespace) -> None:
+    pki = Pki(args.pki)
+    deploy.require_files(ca_certificate=pki.ca_cert, superlink_certificate=pki.server_cert, superlink_key=pki.server_key)
+    server_name = args.server_name or read_manifest(pki.manifest)["host"]
+    print(nginx_config(args.listen, args.upstream_port, server_name, str(pki.server_cert.resolve()),
+                       str(pki.server_key.resolve()), str(pki.ca_cert.resolve()), args.operator), end="")
+
+
 def cmd_register(args: argparse.Namespace) -> None:
     pki = Pki(args.pki)
     deploy.probe_superlink(args.superlink, pki.ca_cert)
@@ -55,24 +65,17 @@ def cmd_register(args: argparse.Namespace) -> None:
         print(f"{name}: registered as SuperNode {node_id}")
 
 
-def cmd_supernode(args: argparse.Namespace) -> None:
-    ca, key = args.hospital_dir / "ca.crt", args.hospital_dir / "auth.key"
-    deploy.require_files(ca_certificate=ca, hospital_private_key=key)
-    if not args.data_path.is_dir():
-        raise UserError(f"data path {args.data_path} is not a folder; give the hospital's prepared dataset (medsyngan data prepare)")
-    deploy.probe_superlink(args.superlink, ca)
-    args.flwr_home.mkdir(parents=True, exist_ok=True)
-    pinned = args.hospital_dir / "aggregator_x25519.pub"
-    cmd = deploy.supernode_command(args.superlink, ca, key, args.hospital_id, args.data_path.resolve(), args.port,
-                                   args.state_dir.resolve() if args.state_dir else None,
-                                   pinned.resolve() if pinned.is_file() else None)
-    _exec(cmd, args.flwr_home)
+def _signed_config(args: argparse.Namespace, pki: Pki, run_dir: Path) -> dict[str, object]:
+    config = deploy.medsyngan_run_config(args.preset, args.set or [], run_dir, pki.manifest, args.resume,
+                                         pki.aggregator_key)
+    return deploy.signed_run_config(config, args.signing_key or pki.federation_key, args.app)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    deploy.probe_superlink(args.superlink, args.ca)
-    deploy.write_connection(args.flwr_home, args.superlink, args.ca)
-    config = deploy.medsyngan_run_config(args.preset, args.set or [], args.run_dir, args.resume, args.aggregator_key)
+    pki = Pki(args.pki)
+    deploy.probe_superlink(args.superlink, pki.ca_cert)
+    deploy.write_connection(args.flwr_home, args.superlink, pki.ca_cert)
+    config = _signed_config(args, pki, args.run_dir)
     cmd = [processes.executable("flwr"), "run", str(args.app.resolve()), deploy.CONNECTION, "--stream",
            "--run-config", deploy.run_config_arg(config)]
     _exec(cmd, args.flwr_home)
@@ -80,6 +83,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_rehearse(args: argparse.Namespace) -> None:
     """The whole federation on this machine, each piece a separate process, as the test runs it."""
+    if len(args.hospitals) != len(args.data):
+        raise UserError(f"{len(args.hospitals)} hospital folders but {len(args.data)} datasets; give one of each per hospital")
     pki = Pki(args.pki)
     work = args.work.resolve()
     procs: list[processes.ManagedProcess] = []
@@ -90,17 +95,17 @@ def cmd_rehearse(args: argparse.Namespace) -> None:
         print(f"SuperLink on {address} (log {procs[0].log_path})", flush=True)
         cli_home = work / "cli"
         deploy.write_connection(cli_home, address, pki.ca_cert)
-        ids = deploy.register_hospitals(cli_home, {f"hospital-{k}": pki.hospital_pub(k) for k in range(len(args.data))})
+        ids = deploy.register_hospitals(cli_home, {f"hospital-{k}": pki.hospital_pub(k) for k in pki.hospitals()})
         print("registered: " + ", ".join(f"{n} = {i}" for n, i in ids.items()), flush=True)
-        nodes = [
-            deploy.start_supernode(work, address, pki.ca_cert, pki.hospital_key(k), k, Path(d).resolve(),
-                                   runtime_port=processes.free_port(), state_dir=work / "hospital-state",
-                                   aggregator_public=pki.hospital_dir(k) / "aggregator_x25519.pub")
-            for k, d in enumerate(args.data)
-        ]
+        # Each rehearsed hospital seals its state (and its DP seeds) with a key of its own.
+        keys = [work / "keys" / f"hospital-{k}-state.key" for k in range(len(args.hospitals))]
+        for key in keys:
+            ensure_key_file(key, "a rehearsed hospital's state")
+        nodes = [deploy.start_hospital(work, f"hospital-{k}", folder, address, data, runtime_port=processes.free_port(),
+                                       state_dir=work / "hospital-state", state_key=keys[k])
+                 for k, (folder, data) in enumerate(zip(args.hospitals, args.data))]
         procs += nodes
-        config = deploy.medsyngan_run_config(args.preset, args.set or [], work / "run", aggregator_key=pki.aggregator_key)
-        run = deploy.start_run(cli_home, args.app, work / "flwr-run.log", config)
+        run = deploy.start_run(cli_home, args.app, work / "flwr-run.log", _signed_config(args, pki, work / "run"))
         procs.append(run)
         for node in nodes:
             print(f"{node.name}: SuperNode {deploy.wait_supernode(node)} (log {node.log_path})", flush=True)
@@ -128,10 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("superlink", help="start the SuperLink (TLS, SuperNode authentication)")
     p.add_argument("--pki", type=Path, required=True, help="folder from `medsyngan pki init`")
     p.add_argument("--state", type=Path, required=True, help="SuperLink home: installed apps, optional state.db")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
-    p.add_argument("--port", type=int, default=9093, help="the one HTTPS port for Fleet, Control and Runtime APIs")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default loopback: publish it through the proxy of proxy-config)")
+    p.add_argument("--port", type=int, default=9092, help="the one HTTPS port of the Fleet, Control and Runtime APIs")
     p.add_argument("--persist", action="store_true", help="keep registrations and runs in STATE/state.db across restarts")
     p.set_defaults(fn=cmd_superlink)
+
+    p = sub.add_parser("proxy-config", help="print an nginx server block that publishes only the Fleet and Control APIs")
+    p.add_argument("--pki", type=Path, required=True)
+    p.add_argument("--listen", default="0.0.0.0:9093", help="the public address:port hospitals dial")
+    p.add_argument("--upstream-port", type=int, default=9092, help="the SuperLink's port on 127.0.0.1")
+    p.add_argument("--server-name", help="the SuperLink's host name (default: the one in the PKI)")
+    p.add_argument("--operator", action="append", required=True, metavar="ADDRESS",
+                   help="IP address or CIDR range allowed to use the Control API (repeatable)")
+    p.set_defaults(fn=cmd_proxy_config)
 
     p = sub.add_parser("register", help="register hospitals' public keys with the SuperLink")
     p.add_argument("--pki", type=Path, required=True)
@@ -140,30 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flwr-home", type=Path, default=home, help="where the flwr CLI keeps config.toml")
     p.set_defaults(fn=cmd_register)
 
-    p = sub.add_parser("supernode", help="start one hospital's SuperNode")
-    p.add_argument("--hospital-dir", type=Path, required=True, help="the hospital-K folder shipped from the PKI")
-    p.add_argument("--hospital-id", type=int, required=True)
-    p.add_argument("--superlink", required=True)
-    p.add_argument("--data-path", type=Path, required=True, help="the hospital's prepared dataset")
-    p.add_argument("--state-dir", type=Path, help="where the hospital keeps its training state across rounds")
-    p.add_argument("--port", type=int, default=9094, help="local Runtime API port of this SuperNode")
-    p.add_argument("--flwr-home", type=Path, default=home)
-    p.set_defaults(fn=cmd_supernode)
-
     for name, fn in (("run", cmd_run), ("rehearse", cmd_rehearse)):
-        p = sub.add_parser(name, help="submit the run with flwr run" if name == "run" else "whole federation on loopback")
+        p = sub.add_parser(name, help="sign the app and run config, submit the run" if name == "run"
+                           else "whole federation on loopback")
+        p.add_argument("--pki", type=Path, required=True, help="folder from `medsyngan pki init`")
         p.add_argument("--app", type=Path, default=REPO, help="the Flower app (default: this repository)")
         p.add_argument("--preset", default="federated-dcgan64")
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="configuration override (repeatable)")
+        p.add_argument("--signing-key", type=Path, help="the federation's app-signing key (default: PKI/federation_app.key)")
+        p.add_argument("--resume", action="store_true")
         if name == "run":
             p.add_argument("--superlink", required=True)
-            p.add_argument("--ca", type=Path, required=True, help="the federation's ca.crt")
             p.add_argument("--run-dir", type=Path, required=True, help="run directory on the aggregator's machine")
-            p.add_argument("--resume", action="store_true")
-            p.add_argument("--aggregator-key", type=Path, help="PKI/aggregator_x25519.key (needed with privacy.encrypt)")
             p.add_argument("--flwr-home", type=Path, default=home)
         else:
-            p.add_argument("--pki", type=Path, required=True)
+            p.add_argument("--hospitals", type=Path, nargs="+", required=True,
+                           help="each hospital's folder (pki hospital-init, with the trust/ files), in the order of --data")
             p.add_argument("--data", type=Path, nargs="+", required=True, help="one prepared dataset per hospital")
             p.add_argument("--work", type=Path, required=True, help="folder for logs, state and the run")
         p.set_defaults(fn=fn)

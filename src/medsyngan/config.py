@@ -74,7 +74,9 @@ class DataSection(Section):
 
 
 class ModelSection(Section):
-    arch: Literal["dcgan", "progan", "stylegan2"] = Field("dcgan", description="Generator/discriminator family.")
+    arch: Literal["dcgan", "progan", "stylegan2", "stylegan3"] = Field(
+        "dcgan", description="Generator/discriminator family."
+    )
     resolution: int = Field(64, description="Output side in pixels (a power of two).")
     z_dim: int = Field(100, ge=1, description="Latent dimension.")
     dp_compatible: bool = Field(
@@ -84,10 +86,29 @@ class ModelSection(Section):
     )
     ngf: int = Field(64, ge=1, description="DCGAN generator width (feature maps at the last layer).")
     ndf: int = Field(64, ge=1, description="DCGAN discriminator width (feature maps at the first layer).")
-    fmap_base: int = Field(4096, ge=16, description="ProGAN/StyleGAN2 channel budget: channels = base / res.")
-    fmap_max: int = Field(256, ge=8, description="ProGAN/StyleGAN2 cap on channels per layer.")
-    w_dim: int = Field(256, ge=1, description="StyleGAN2 intermediate latent dimension.")
-    mapping_layers: int = Field(2, ge=1, description="StyleGAN2 mapping network depth.")
+    fmap_base: int = Field(
+        4096, ge=16, description="ProGAN/StyleGAN2/StyleGAN3 channel budget: channels = base / res (StyleGAN3's "
+        "generator: base / (2 · layer cutoff), which is base / res at its last layers)."
+    )
+    fmap_max: int = Field(256, ge=8, description="ProGAN/StyleGAN2/StyleGAN3 cap on channels per layer.")
+    w_dim: int = Field(256, ge=1, description="StyleGAN2/StyleGAN3 intermediate latent dimension.")
+    mapping_layers: int = Field(2, ge=1, description="StyleGAN2/StyleGAN3 mapping network depth.")
+    sg3_config: Literal["t", "r"] = Field(
+        "t", description="StyleGAN3 config: 't' translation equivariant (3x3 convolutions); 'r' rotation "
+        "equivariant too (1x1 convolutions, radially symmetric filters, generator fmap_base and fmap_max doubled)."
+    )
+    sg3_layers: int = Field(
+        14, ge=3, description="StyleGAN3 synthesis layers between the Fourier-feature input and toRGB (NVlabs: 14)."
+    )
+    sg3_magnitude_ema_beta: float = Field(
+        0.999, ge=0, lt=1, description="StyleGAN3 decay of each layer's running input magnitude (NVlabs' training "
+        "uses 0.5 ** (batch / 20000), 0.9989 at batch 32)."
+    )
+    condition: list[Literal["findings", "view", "sex", "age"]] = Field(
+        default_factory=list,
+        description="Label groups G and D are conditioned on (medsyngan.data.labels: the 14 NIH findings, view "
+        "PA/AP, sex, age band); empty: an unconditional model.",
+    )
 
 
 class TrainSection(Section):
@@ -150,6 +171,15 @@ class TrainSection(Section):
         description="Start from the G/D weights of this checkpoint or run directory (same architecture and size), "
         "e.g. a model trained on public phantoms; optimizer state and counters start fresh. Empty: random init.",
     )
+    label_source: Literal["data", "public"] = Field(
+        "data", description="Conditional models: where generated images' labels are drawn from. 'data': the "
+        "training data's label frequencies (under privacy.dp released once with Gaussian noise, part of target ε); "
+        "'public': the label frequencies of a public NIH metadata table (train.label_table), at no privacy cost."
+    )
+    label_table: str = Field(
+        "", description="NIH Data_Entry CSV whose label frequencies train.label_source = 'public' uses (public "
+        "metadata of the whole release); empty: the shared NIH sample's. Every hospital reads it."
+    )
 
 
 class FederatedSection(Section):
@@ -187,7 +217,10 @@ class FederatedSection(Section):
 
 class PrivacySection(Section):
     dp: bool = Field(False, description="Patient-level DP-SGD on each hospital's discriminator (Opacus).")
-    target_epsilon: float = Field(1.0, gt=0, description="ε over the whole run, per hospital.")
+    target_epsilon: float = Field(
+        1.0, gt=0, description="ε over the whole run, per hospital, replace-one (a hospital's hospital.max_epsilon "
+        "caps it)."
+    )
     delta: float = Field(0.0, ge=0, lt=1, description="δ; 0 means min(1e-5, 1 / (2 · privacy units)).")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
     clip_fake: bool = Field(
@@ -206,6 +239,10 @@ class PrivacySection(Section):
         "the [-1, 1] scale (the L2 bound is this × k)."
     )
     mean_image_weight: float = Field(1.0, ge=0, description="Weight of the mean-image term in G's loss.")
+    label_noise: float = Field(
+        5.0, gt=0, description="Conditional models with train.label_source = 'data': noise multiplier σ of the "
+        "one-off Gaussian release of each hospital's label counts (privacy.label_release); part of target_epsilon."
+    )
     client_dp: bool = Field(False, description="DP-FedAvg: clip each hospital's update, noise the aggregate.")
     client_clip: float = Field(1.0, gt=0, description="Client-level DP clipping norm.")
     client_noise: float = Field(1.0, ge=0, description="Client-level DP noise multiplier.")
@@ -220,13 +257,37 @@ class PrivacySection(Section):
     )
     checkpoint_key: str = Field(
         "", description="Key file (32 bytes, from `medsyngan privacy keygen`) that encrypts the run's checkpoints "
-        "at rest (AES-256-GCM); `medsyngan train` stores it as an absolute path. Empty: checkpoints in plaintext."
+        "at rest (AES-256-GCM); `medsyngan train` stores it as an absolute path. Empty: checkpoints in plaintext, "
+        "except a DP run's secret seed, sealed under the run's own key file RUN/keys/checkpoint.key."
     )
 
     @property
     def release_noise(self) -> float:
         """σ of the one-off mean-image release that target_epsilon also pays for (0: none)."""
         return self.mean_image_noise if self.mean_image_size else 0.0
+
+
+class HospitalSection(Section):
+    """A hospital's own privacy policy (``medsyngan.federated.policy``). A deployed hospital reads it from the TOML
+    file named in its ``--node-config policy=PATH``, never from the aggregator; in a simulation this section is the
+    policy of every virtual hospital."""
+
+    dp_required: bool = Field(True, description="Refuse to train without patient-level DP-SGD (privacy.dp).")
+    max_epsilon: float = Field(
+        1.0, gt=0, description="Largest ε this hospital spends over the run (replace-one). It calibrates for the "
+        "smaller of this and privacy.target_epsilon, and stops training when its ledger would pass it."
+    )
+    max_delta: float = Field(1e-5, gt=0, lt=1, description="Largest δ this hospital accepts.")
+    min_noise_multiplier: float = Field(
+        0.0, ge=0, description="Smallest DP-SGD noise multiplier σ it trains with, whatever the calibration gives."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Refuse a per-sample clipping norm above this.")
+    encrypt_required: bool = Field(True, description="Refuse to send updates that are not encrypted end to end.")
+    secagg_required: bool = Field(True, description="Refuse to send updates outside secure aggregation.")
+    unit: Literal["patient", "image"] = Field(
+        "patient", description="The privacy unit it protects at least: 'patient' refuses image-level DP."
+    )
+    max_rounds: int = Field(0, ge=0, description="Refuse rounds past this number (0: no limit).")
 
 
 class EvalSection(Section):
@@ -243,6 +304,7 @@ class Config(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     federated: FederatedSection = Field(default_factory=FederatedSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    hospital: HospitalSection = Field(default_factory=HospitalSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
@@ -263,6 +325,8 @@ class Config(Section):
                 f"({self.model.resolution}); use a side of at most the image's"
             )
         self._check_batch_by_resolution()
+        if len(set(self.model.condition)) != len(self.model.condition):
+            raise ValueError(f"model.condition lists a group twice ({self.model.condition}); name each once")
         if self.federated.enabled and self.federated.quorum > self.federated.hospitals:
             raise ValueError(
                 f"federated.quorum ({self.federated.quorum}) exceeds federated.hospitals "

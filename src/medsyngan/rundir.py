@@ -4,6 +4,7 @@ Layout::
 
     RUN_DIR/
       config.toml     the resolved configuration, with its format version (older versions are migrated on reading)
+      run_id          a random id made when the run starts, kept across resumes: bound into every sealed file
       checkpoints/    model + optimizer + RNG state, written atomically
       metrics.jsonl   one JSON object per logged step / round
       samples/        sample grids from fixed latents
@@ -18,6 +19,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +138,25 @@ class RunDir:
             folder.mkdir(parents=True, exist_ok=True)
         if not resume:
             atomic_write_text(self.config_path, config.to_toml())
+            self.new_run_id()
         setup_logging(self.log_path)
         return self
+
+    @property
+    def run_id_path(self) -> Path:
+        return self.root / "run_id"
+
+    def run_id(self) -> str:
+        """The run's id (made on first use when the run has none yet); stable across resumes."""
+        if self.run_id_path.is_file():
+            return self.run_id_path.read_text().strip()
+        return self.new_run_id()
+
+    def new_run_id(self) -> str:
+        """A fresh id for a run that starts here (a resume keeps the old one)."""
+        run_id = uuid.uuid4().hex
+        atomic_write_text(self.run_id_path, run_id + "\n")
+        return run_id
 
     def load_config(self) -> Config:
         if not self.config_path.is_file():

@@ -19,9 +19,9 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from medsyngan.cli import config_cmd, data, demo, evaluate, pki, privacy, train
+    from medsyngan.cli import config_cmd, data, demo, evaluate, export, hospital, pki, privacy, train
 
-    for module in (data, train, evaluate, privacy, pki, demo, config_cmd):
+    for module in (data, train, evaluate, export, privacy, pki, hospital, demo, config_cmd):
         module.register(app)
 
 

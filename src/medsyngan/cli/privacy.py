@@ -1,4 +1,7 @@
-"""`medsyngan privacy`: ε for a DP-SGD setting, the noise for a target ε, or the plan of a run's configuration."""
+"""`medsyngan privacy`: ε for a DP-SGD setting, the noise for a target ε, or the plan of a run's configuration.
+
+Every ε is printed with its neighbouring relation: the reported one is replace-one (``privacy.accounting`` says
+why), the add/remove-one figure of Opacus stands beside it."""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 def _single(noise_multiplier: float | None, target_epsilon: float | None, sample_rate: float | None,
             steps: int | None, delta: float) -> None:
-    from medsyngan.privacy.accounting import PrivacyAccountant, calibrate_noise, epsilon_of
+    from medsyngan.privacy.accounting import ADD_REMOVE, RELATION, calibrate_noise, epsilons, validate
 
     if sample_rate is None or steps is None:
         raise UserError("give --sample-rate and --steps (or --config FILE for a run's configuration)")
@@ -42,19 +45,19 @@ def _single(noise_multiplier: float | None, target_epsilon: float | None, sample
     if steps < 1:
         raise UserError(f"--steps {steps}: the number of private steps must be at least 1")
     if target_epsilon is not None:
-        sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, "max")
+        sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps)
+        title = f"σ for ε ≤ {target_epsilon:g} ({RELATION}), δ = {delta:g}, q = {sample_rate:g}, {steps} steps"
         rows = [["noise multiplier σ", f"{sigma:.4f}"]]
-        rows += [[f"ε ({m.upper()}) at this σ", _fmt(epsilon_of([(sigma, sample_rate, steps)], delta, m))]
-                 for m in ("rdp", "prv")]
-        _print_table(f"σ for ε ≤ {target_epsilon:g}, δ = {delta:g}, q = {sample_rate:g}, {steps} steps",
-                     ["", "value"], rows)
-        return
-    acc = PrivacyAccountant(sample_rate, noise_multiplier, delta)
-    acc.step(steps)
-    eps = acc.epsilon()
-    _print_table(f"ε after {steps} steps, σ = {noise_multiplier:g}, q = {sample_rate:g}, δ = {delta:g}",
-                 ["accountant", "ε"], [["RDP", _fmt(eps["rdp"])], ["PRV", _fmt(eps["prv"])],
-                                       ["reported (max)", _fmt(eps["reported"])]])
+    else:
+        sigma = noise_multiplier
+        title = f"ε after {steps} steps, σ = {noise_multiplier:g}, q = {sample_rate:g}, δ = {delta:g}"
+        rows = []
+
+    validate(sample_rate, sigma, delta)
+    eps = epsilons([(sigma, sample_rate, steps)], delta)
+    rows += [[f"ε {RELATION} (reported; dp-accounting PLD)", _fmt(eps["replace_one"])],
+             [f"ε {ADD_REMOVE} (Opacus RDP)", _fmt(eps["rdp"])], [f"ε {ADD_REMOVE} (Opacus PRV)", _fmt(eps["prv"])]]
+    _print_table(title, ["", "value"], rows)
 
 
 def _hospital_units(cfg) -> list[tuple[str, int, int]]:
@@ -86,37 +89,50 @@ def _hospital_units(cfg) -> list[tuple[str, int, int]]:
 
 def _from_config(config: str, overrides: list[str]) -> None:
     from medsyngan.config import load_config
-    from medsyngan.privacy.accounting import client_level_accountant, plan_dp, planned_private_steps, resolve_unit
+    from medsyngan.data.labels import describe_source
+    from medsyngan.federated.policy import effective_privacy
+    from medsyngan.privacy.accounting import (ADD_REMOVE, RELATION, client_level_accountant, describe, plan_dp,
+                                              planned_private_steps, resolve_unit)
+    from medsyngan.privacy.label_release import label_release_planned, one_off_noise
 
     cfg = load_config(config, overrides)
     p = cfg.privacy
+    min_noise = 0.0
+    if cfg.federated.enabled:  # each virtual hospital plans under its policy: the smaller ε and δ, at least its σ
+        p, min_noise = effective_privacy(cfg.hospital, p), cfg.hospital.min_noise_multiplier
     steps = planned_private_steps(cfg)
-    rows = []
+    release_noise = one_off_noise(p, label_release_planned(cfg))
+    rows, lines = [], []
     for name, patients, images in _hospital_units(cfg):
         unit = resolve_unit(p.unit, patients, images)
         units = patients if unit == "patient" else images
         plan = plan_dp(units, cfg.train.batch_size, steps, p.target_epsilon, p.delta, unit, where=name,
-                       release_noise=p.release_noise)
-        eps = plan.accountant()
-        eps.step(plan.steps)
-        e = eps.epsilon()
+                       release_noise=release_noise, min_noise=min_noise)
+        e = plan.epsilon()
         rows.append([name, unit, str(units), f"{plan.sample_rate:.4g}", str(plan.steps), f"{plan.delta:.3g}",
-                     f"{plan.noise_multiplier:.4f}", _fmt(e["rdp"]), _fmt(e["prv"])])
+                     f"{plan.noise_multiplier:.4f}", _fmt(e["reported"]), _fmt(e["add_remove"])])
+        lines.append(f"{name}: {describe(e, unit)}")
     if not p.dp:
         typer.echo("note: privacy.dp is off in this configuration; the figures apply once it is switched on")
     if p.mean_image_size:
         typer.echo(f"ε includes each hospital's one-off {p.mean_image_size}×{p.mean_image_size} mean-image release "
                    f"(Gaussian, σ = {p.mean_image_noise:g}); σ below is DP-SGD's")
-    _print_table(f"DP-SGD plan: target ε = {p.target_epsilon:g} per hospital over the whole run",
-                 ["training set", "unit", "units", "q", "steps", "δ", "σ", "ε RDP", "ε PRV"], rows)
+    if cfg.model.condition:
+        typer.echo(f"generated labels ({', '.join(cfg.model.condition)}): "
+                   f"{describe_source(cfg.train.label_source, cfg.train.label_table, True, p.label_noise)}")
+    _print_table(f"DP-SGD plan: target ε = {p.target_epsilon:g} per hospital over the whole run ({RELATION})",
+                 ["training set", "unit", "units", "q", "steps", "δ", "σ", f"ε {RELATION}", f"ε {ADD_REMOVE}"], rows)
+    for line in lines:
+        typer.echo(line)
     if cfg.federated.enabled and p.client_dp:
-        acc = client_level_accountant(cfg.federated.fraction, p.client_noise, cfg.federated.hospitals)
+        acc = client_level_accountant(p.client_noise, cfg.federated.hospitals)
         acc.step(cfg.federated.rounds)
         e = acc.epsilon()
         _print_table(
-            "client-level DP-FedAvg (unit = hospital)", ["q", "rounds", "δ", "σ", "ε RDP", "ε PRV"],
-            [[f"{cfg.federated.fraction:g}", str(cfg.federated.rounds), f"{acc.delta:.3g}", f"{p.client_noise:g}",
-              _fmt(e["rdp"]), _fmt(e["prv"])]],
+            "client-level DP-FedAvg (unit = hospital, q = 1: participants are drawn from the public run seed)",
+            ["rounds", "δ", "σ", f"ε {RELATION}", f"ε {ADD_REMOVE}"],
+            [[str(cfg.federated.rounds), f"{acc.delta:.3g}", f"{p.client_noise:g}", _fmt(e["reported"]),
+              _fmt(e["add_remove"])]],
         )
 
 
@@ -138,7 +154,8 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None,
         set_: SetOption = None,
     ) -> None:
-        """Print ε (RDP and PRV) for σ, q, T, δ; or σ for a target ε; or, with --config, a plan per hospital."""
+        """Print ε (replace-one, and add/remove-one beside it) for σ, q, T, δ; or σ for a target ε; or, with
+        --config, a plan per hospital."""
         if ctx.invoked_subcommand:
             return
         if config is not None:

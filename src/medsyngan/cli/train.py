@@ -89,11 +89,18 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option("--seed", help="Latent seed.")] = 0,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
         key: KeyOption = None,
+        label: Annotated[Optional[list[str]], typer.Option(
+            "--label", help="Conditional models: a finding (repeat, or 'A|B', for several; 'No Finding': none).")] = None,
+        view: Annotated[Optional[str], typer.Option("--view", help="Conditional models: PA or AP.")] = None,
+        sex: Annotated[Optional[str], typer.Option("--sex", help="Conditional models: F or M.")] = None,
+        age: Annotated[Optional[str], typer.Option("--age", help="Conditional models: age band 0-17, 18-39, 40-59, 60+.")] = None,
     ) -> None:
-        """Generate synthetic images (PNG, or DICOM marked SYNTHETIC) from a trained generator."""
+        """Generate synthetic images (PNG, or DICOM marked SYNTHETIC) from a trained generator; a conditional model
+        generates the labels asked for (the others drawn from the frequencies it was trained with)."""
         from medsyngan.rundir import console
         from medsyngan.runtime import select_device
-        from medsyngan.training.generate import generate_images, load_generator, write_dicom, write_png
+        from medsyngan.training.generate import (generate_images, label_layout, load_generator, request_labels,
+                                                 write_dicom, write_png)
 
         if (run is None) == (checkpoint is None):
             raise UserError("pass exactly one of --run RUN_DIR or --checkpoint FILE")
@@ -101,8 +108,21 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--format must be png or dicom, not '{fmt}'")
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        if count < 1:
+            raise UserError(f"--count must be at least 1, got {count}")
         device = select_device("auto")
         G, meta = load_generator(run if run is not None else checkpoint, device, read_key(key))
-        images = generate_images(G, count, seed, truncation, batch_size, device)
-        paths = write_png(images, out) if fmt == "png" else write_dicom(images, out, meta)
-        console.print(f"wrote {len(paths)} {fmt} images ({images.shape[1]} px) to {out} from {meta['checkpoint']}")
+        layout = label_layout(G)
+        fixed = layout.request(label, view, sex, age)
+        labels = request_labels(G, count, seed, fixed) if layout.groups else None
+        images = generate_images(G, count, seed, truncation, batch_size, device, labels=labels)
+        decoded = [layout.decode(c) for c in labels] if labels is not None else None
+        paths = (write_png(images, out, labels=decoded) if fmt == "png"
+                 else write_dicom(images, out, meta, labels=decoded))
+        asked = ""
+        if fixed and decoded is not None:
+            chosen = {g: v for g, v in decoded[0].items() if g in fixed}
+            asked = " for " + ", ".join(("|".join(v) or "No Finding") if g == "findings" else v
+                                        for g, v in chosen.items())
+        console.print(f"wrote {len(paths)} {fmt} images ({images.shape[1]} px){asked} to {out} from "
+                      f"{meta['checkpoint']}")

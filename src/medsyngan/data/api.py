@@ -14,7 +14,7 @@ import numpy as np
 from medsyngan.config import Config
 from medsyngan.data.phantoms import PHANTOM_VERSION, write_phantoms
 from medsyngan.data.prepare import PrepareSettings, prepare
-from medsyngan.data.prepared import FORMAT_VERSION, MANIFEST_FILE, PreparedDataset
+from medsyngan.data.prepared import DEMOGRAPHIC_COLUMNS, FORMAT_VERSION, INDEX_COLUMNS, MANIFEST_FILE, PreparedDataset
 from medsyngan.errors import UserError
 from medsyngan.runtime import cache_dir
 
@@ -23,8 +23,8 @@ log = logging.getLogger("medsyngan")
 
 def phantom_key(patients: int, images_per_patient: int, size: int, seed: int) -> str:
     blob = json.dumps(
-        {"phantoms": PHANTOM_VERSION, "format": FORMAT_VERSION, "patients": patients,
-         "images_per_patient": images_per_patient, "size": size, "seed": seed},
+        {"phantoms": PHANTOM_VERSION, "format": FORMAT_VERSION, "index": INDEX_COLUMNS + DEMOGRAPHIC_COLUMNS,
+         "patients": patients, "images_per_patient": images_per_patient, "size": size, "seed": seed},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""What a source holds before preparation: one row per image (file, patient, labels, view, split)."""
+"""What a source holds before preparation: one row per image (file, patient, labels, view, sex, age, split)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ class Catalogue:
     views: np.ndarray                # str, '' when unknown
     splits: np.ndarray               # 'train_val' | 'test'
     kind: str                        # 'nih' | 'folder'
+    sexes: np.ndarray                # str, 'M' | 'F' | '' (unknown)
+    ages: np.ndarray                 # int, years; -1 when unknown
 
     def __len__(self) -> int:
         return len(self.names)
@@ -28,19 +30,19 @@ class Catalogue:
         return Catalogue(
             root=self.root, names=[self.names[i] for i in idx], paths=[self.paths[i] for i in idx],
             patients=self.patients[idx], labels=[self.labels[i] for i in idx], views=self.views[idx],
-            splits=self.splits[idx], kind=self.kind,
+            splits=self.splits[idx], kind=self.kind, sexes=self.sexes[idx], ages=self.ages[idx],
         )
 
     def fingerprint(self) -> str:
         """Hash of the metadata and of each file's size and modification time (cheap, catches replaced files)."""
         h = hashlib.sha256()
-        for name, path, patient, labels, view, split in zip(
-            self.names, self.paths, self.patients, self.labels, self.views, self.splits
+        for name, path, patient, labels, view, split, sex, age in zip(
+            self.names, self.paths, self.patients, self.labels, self.views, self.splits, self.sexes, self.ages
         ):
             if path is not None and path.is_file():
                 st = path.stat()
                 stamp = f"{st.st_size}:{st.st_mtime_ns}"
             else:
                 stamp = "absent"
-            h.update(f"{name}\t{path}\t{patient}\t{'|'.join(labels)}\t{view}\t{split}\t{stamp}\n".encode())
+            h.update(f"{name}\t{path}\t{patient}\t{'|'.join(labels)}\t{view}\t{split}\t{sex}\t{age}\t{stamp}\n".encode())
         return h.hexdigest()

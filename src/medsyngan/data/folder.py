@@ -1,7 +1,8 @@
 """Reader for any folder of chest X-rays (PNG, JPEG, DICOM, searched recursively), with an optional CSV.
 
 The CSV needs a column ``image`` (file name or path relative to the folder) and may have ``patient``,
-``labels`` (``|``-separated, ``No Finding`` or empty for none), ``view`` and ``split`` (``train_val``/``test``).
+``labels`` (``|``-separated, ``No Finding`` or empty for none), ``view``, ``sex`` (M/F), ``age`` (years) and
+``split`` (``train_val``/``test``); a missing or unreadable sex or age is unknown.
 Without a CSV, or without a ``patient`` column, each image is its own patient — patient-level privacy and
 patient-disjoint partitions then hold per image, which the reader says in the log.
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 from medsyngan.data.catalogue import Catalogue
 from medsyngan.data.imageio import IMAGE_SUFFIXES
-from medsyngan.data.prepared import parse_labels
+from medsyngan.data.prepared import UNKNOWN_AGE, normalize_sex, parse_age, parse_labels
 from medsyngan.errors import UserError
 
 log = logging.getLogger("medsyngan")
@@ -46,6 +47,7 @@ def read_folder(root: str | Path, labels_csv: str | Path | None = None) -> Catal
             root=root, names=names, paths=list(by_rel.values()), patients=np.asarray(names, dtype=str),
             labels=[()] * len(names), views=np.full(len(names), "", dtype=str),
             splits=np.full(len(names), "train_val", dtype=str), kind="folder",
+            sexes=np.full(len(names), "", dtype=str), ages=np.full(len(names), UNKNOWN_AGE, dtype=np.int64),
         )
 
     csv_path = Path(labels_csv)
@@ -57,13 +59,15 @@ def read_folder(root: str | Path, labels_csv: str | Path | None = None) -> Catal
     labels: list[tuple[str, ...]] = []
     views: list[str] = []
     splits: list[str] = []
+    sexes: list[str] = []
+    ages: list[int] = []
     with open(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
         columns = set(reader.fieldnames or ())
         if "image" not in columns:
             raise UserError(
                 f"{csv_path}: no 'image' column (found {sorted(columns)}); add columns "
-                "image[,patient,labels,view,split]"
+                "image[,patient,labels,view,sex,age,split]"
             )
         if "patient" not in columns:
             log.info("%s: no 'patient' column; every image is its own patient", csv_path)
@@ -84,10 +88,13 @@ def read_folder(root: str | Path, labels_csv: str | Path | None = None) -> Catal
             patients.append((row.get("patient") or "").strip() or name)
             labels.append(parse_labels(row.get("labels") or ""))
             views.append((row.get("view") or "").strip())
+            sexes.append(normalize_sex(row.get("sex") or ""))
+            ages.append(parse_age(row.get("age") or ""))
             splits.append(split)
     if len(set(names)) != len(names):
         raise UserError(f"{csv_path}: an image is listed twice; remove the duplicate rows")
     return Catalogue(
         root=root, names=names, paths=paths, patients=np.asarray(patients, dtype=str), labels=labels,
         views=np.asarray(views, dtype=str), splits=np.asarray(splits, dtype=str), kind="folder",
+        sexes=np.asarray(sexes, dtype=str), ages=np.asarray(ages, dtype=np.int64),
     )

@@ -4,6 +4,8 @@ The images are copied once into RAM as a (N, S·S) uint8 array; a batch is one g
 conversion to float in [-1, 1] (on the device when it is a GPU).
 Each epoch's order is a permutation derived from (seed, epoch) alone, so the whole state is
 (epoch, position, augmentation RNG) and a resumed run sees exactly the batches the first run would have.
+With ``labels`` (one float vector per image, :mod:`medsyngan.data.labels`) a batch is (images, labels), the
+labels of the same rows; without, the images alone.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class BatchLoader:
-    """Infinite iterator of (B, 1, S, S) float32 batches in [-1, 1] on ``device``."""
+    """Infinite iterator of (B, 1, S, S) float32 batches in [-1, 1] on ``device`` (with ``labels``: pairs of such a
+    batch and its (B, c_dim) float32 labels)."""
 
     def __init__(
         self,
@@ -33,9 +36,12 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         augment: AugmentSection | None = None,
         drop_last: bool = True,
+        labels: np.ndarray | None = None,
     ):
         if images.ndim != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N, S, S], got {images.dtype} {images.shape}")
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(labels)} label vectors for {len(images)} images")
         n = images.shape[0]
         if n == 0:
             raise UserError("the training set is empty; check the dataset path, --split/--views filters or partition")
@@ -49,6 +55,7 @@ class BatchLoader:
         self.augment = augment if is_active(augment) else None
         # A private writable copy in RAM: random row gathers from a memmap would hit the disk.
         self._data = np.array(images, dtype=np.uint8, copy=True).reshape(n, -1)
+        self._labels = None if labels is None else torch.from_numpy(np.asarray(labels, np.float32).reshape(n, -1))
         self._aug_gen = torch.Generator().manual_seed(seed)
         self.epoch, self.position = 0, 0
         self._perm = epoch_permutation(n, seed, 0)
@@ -56,7 +63,7 @@ class BatchLoader:
     def __iter__(self) -> "BatchLoader":
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         end = self.position + self.batch_size
         if end > self.n and (self.drop_last or self.position >= self.n):
             self.epoch += 1
@@ -76,7 +83,9 @@ class BatchLoader:
         x = x.view(-1, 1, self.size, self.size)
         if self.augment is not None:
             x = augment_batch(x, self.augment, self._aug_gen)
-        return x
+        if self._labels is None:
+            return x
+        return x, self._labels[torch.from_numpy(idx)].to(self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -12,18 +12,20 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medsyngan.data.catalogue import Catalogue
-from medsyngan.data.prepared import parse_labels
+from medsyngan.data.prepared import UNKNOWN_AGE, normalize_sex, parse_age, parse_labels
 from medsyngan.errors import UserError
 
 log = logging.getLogger("medsyngan")
 
 CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "View Position")
+DEMOGRAPHIC_COLUMNS = ("Patient Gender", "Patient Age")
 
 
 def find_metadata(root: Path) -> Path | None:
@@ -52,12 +54,22 @@ def image_folders(root: Path, images_dir: Path | None) -> list[Path]:
     return flat
 
 
-def read_metadata(csv_path: Path) -> tuple[list[str], list[str], list[tuple[str, ...]], list[str]]:
-    """Image names, patient ids, labels and view positions of every row of a Data_Entry CSV."""
-    names: list[str] = []
-    patients: list[str] = []
-    labels: list[tuple[str, ...]] = []
-    views: list[str] = []
+@dataclass
+class NihMetadata:
+    """Every row of a Data_Entry CSV: image names, patient ids, findings, view, sex ('M'/'F'/'') and age in years
+    (-1 when unknown)."""
+
+    names: list[str] = field(default_factory=list)
+    patients: list[str] = field(default_factory=list)
+    labels: list[tuple[str, ...]] = field(default_factory=list)
+    views: list[str] = field(default_factory=list)
+    sexes: list[str] = field(default_factory=list)
+    ages: list[int] = field(default_factory=list)
+
+
+def read_metadata(csv_path: Path) -> NihMetadata:
+    """The rows of a Data_Entry CSV; ``Patient Gender`` and ``Patient Age`` are optional (unknown when absent)."""
+    meta = NihMetadata()
     try:
         with open(csv_path, newline="") as fh:
             reader = csv.reader(fh)
@@ -69,19 +81,22 @@ def read_metadata(csv_path: Path) -> tuple[list[str], list[str], list[tuple[str,
                     f"({', '.join(REQUIRED_COLUMNS)}, ...)"
                 )
             i_name, i_lab, i_pat, i_view = (header.index(c) for c in REQUIRED_COLUMNS)
-            width = max(i_name, i_lab, i_pat, i_view)
+            i_sex, i_age = (header.index(c) if c in header else None for c in DEMOGRAPHIC_COLUMNS)
+            width = max(i for i in (i_name, i_lab, i_pat, i_view, i_sex, i_age) if i is not None)
             for line_no, row in enumerate(reader, start=2):
                 if not row:
                     continue
                 if len(row) <= width:
                     raise UserError(f"{csv_path}:{line_no}: row has {len(row)} fields; fix or remove the row")
-                names.append(row[i_name].strip())
-                patients.append(row[i_pat].strip())
-                labels.append(parse_labels(row[i_lab]))
-                views.append(row[i_view].strip())
+                meta.names.append(row[i_name].strip())
+                meta.patients.append(row[i_pat].strip())
+                meta.labels.append(parse_labels(row[i_lab]))
+                meta.views.append(row[i_view].strip())
+                meta.sexes.append(normalize_sex(row[i_sex]) if i_sex is not None else "")
+                meta.ages.append(parse_age(row[i_age]) if i_age is not None else UNKNOWN_AGE)
     except UnicodeDecodeError:
         raise UserError(f"{csv_path}: not a text CSV; point --source at the NIH folder") from None
-    return names, patients, labels, views
+    return meta
 
 
 def _read_list(path: Path) -> set[str] | None:
@@ -95,7 +110,8 @@ def read_nih(root: str | Path, images_dir: str | Path | None = None) -> Catalogu
     csv_path = find_metadata(root)
     if csv_path is None:
         raise UserError(f"{root}: no {' or '.join(CSV_NAMES)}; point --source at the unpacked NIH folder")
-    names, patients, labels, views = read_metadata(csv_path)
+    meta = read_metadata(csv_path)
+    names = meta.names
     if len(set(names)) != len(names):
         raise UserError(f"{csv_path}: an 'Image Index' appears twice; remove the duplicate rows")
 
@@ -117,6 +133,7 @@ def read_nih(root: str | Path, images_dir: str | Path | None = None) -> Catalogu
         assert train_val is not None
         splits = ["train_val" if n in train_val else "test" for n in names]
     return Catalogue(
-        root=root, names=names, paths=paths, patients=np.asarray(patients, dtype=str), labels=labels,
-        views=np.asarray(views, dtype=str), splits=np.asarray(splits, dtype=str), kind="nih",
+        root=root, names=names, paths=paths, patients=np.asarray(meta.patients, dtype=str), labels=meta.labels,
+        views=np.asarray(meta.views, dtype=str), splits=np.asarray(splits, dtype=str), kind="nih",
+        sexes=np.asarray(meta.sexes, dtype=str), ages=np.asarray(meta.ages, dtype=np.int64),
     )

@@ -190,7 +190,8 @@ def prepare(
             raise UserError(f"{cat.root}: none of the {len(cat)} selected images could be read; see {SKIPPED_FILE}")
         final = cat.select(np.isin(np.arange(len(cat)), kept))
         (tmp / INDEX_FILE).write_text(
-            index_csv_text(final.names, final.patients, final.labels, final.views, final.splits)
+            index_csv_text(final.names, final.patients, final.labels, final.views, final.splits, final.sexes,
+                           final.ages)
         )
         if skipped:
             (tmp / SKIPPED_FILE).write_text(_csv_text(("image", "reason"), skipped))

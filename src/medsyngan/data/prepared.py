@@ -4,17 +4,19 @@ Layout of a prepared dataset directory::
 
     DIR/
       images.u8       N × S × S uint8, C order, no header (memory-mapped for training)
-      index.csv       image,patient,labels,view,split  — one row per image, in the order of images.u8
+      index.csv       image,patient,labels,view,split,sex,age  — one row per image, in the order of images.u8
       manifest.json   format, count, size, settings, inputs hash, skipped files
 
 ``labels`` in the index is ``|``-separated like the NIH release, with ``No Finding`` for an image without
-findings; in memory an image without findings has the empty tuple.
+findings; in memory an image without findings has the empty tuple. ``sex`` is M, F or empty and ``age`` whole
+years or empty (unknown); an index written before these columns existed opens with every sex and age unknown.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +30,9 @@ IMAGES_FILE = "images.u8"
 INDEX_FILE = "index.csv"
 MANIFEST_FILE = "manifest.json"
 INDEX_COLUMNS = ("image", "patient", "labels", "view", "split")
+DEMOGRAPHIC_COLUMNS = ("sex", "age")  # optional when reading
 NO_FINDING = "No Finding"
+UNKNOWN_AGE = -1
 
 
 def parse_labels(text: str) -> tuple[str, ...]:
@@ -41,9 +45,26 @@ def format_labels(labels: Sequence[str]) -> str:
     return "|".join(labels) if labels else NO_FINDING
 
 
+def normalize_sex(text: str) -> str:
+    """'M'/'F' from the spellings found in metadata (m, male, F, female, ...); '' when unknown."""
+    value = text.strip().upper()
+    return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}.get(value, "")
+
+
+def parse_age(text: str) -> int:
+    """Age in whole years from NIH ('57', '057Y', '010M', '003D') or plain metadata; UNKNOWN_AGE when unreadable."""
+    match = re.fullmatch(r"\s*(\d{1,3})\s*([YyMmWwDd]?)\s*", text or "")
+    if match is None:
+        return UNKNOWN_AGE
+    number, unit = int(match.group(1)), match.group(2).upper()
+    years = number if unit in ("", "Y") else 0  # months, weeks, days: an infant
+    return years if years <= 130 else UNKNOWN_AGE
+
+
 @dataclass
 class PreparedDataset:
-    """Images (uint8 [N,S,S]) plus per-image patient, labels, view and split.
+    """Images (uint8 [N,S,S]) plus per-image patient, labels, view, split, sex ('M'/'F'/'') and age (years, -1
+    when unknown).
 
     ``subset`` keeps the parent's memmap and an index array; ``images`` of a subset is a memmap slice when
     the indices are a contiguous run, and otherwise the selected rows are read once, on first access.
@@ -57,9 +78,18 @@ class PreparedDataset:
     views: np.ndarray
     splits: np.ndarray
     manifest: dict[str, Any] = field(default_factory=dict)
+    sexes: np.ndarray | None = None  # None: all unknown
+    ages: np.ndarray | None = None
     _base: np.ndarray | None = field(default=None, repr=False)
     _rows: np.ndarray | None = field(default=None, repr=False)
     _images: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.image_names)
+        if self.sexes is None:
+            self.sexes = np.full(n, "", dtype=str)
+        if self.ages is None:
+            self.ages = np.full(n, UNKNOWN_AGE, dtype=np.int64)
 
     @classmethod
     def open(cls, path: str | Path) -> "PreparedDataset":
@@ -81,7 +111,7 @@ class PreparedDataset:
                 f"{root}: prepared with format {manifest.get('format')}, this version reads {FORMAT_VERSION}; "
                 "re-run `medsyngan data prepare`"
             )
-        names, patients, labels, views, splits = _read_index(root / INDEX_FILE)
+        names, patients, labels, views, splits, sexes, ages = _read_index(root / INDEX_FILE)
         if len(names) != count:
             raise UserError(
                 f"{root / INDEX_FILE}: {len(names)} rows but the manifest says {count}; re-run `medsyngan data prepare`"
@@ -100,6 +130,7 @@ class PreparedDataset:
         return cls(
             root=root, size=size, image_names=names, patients=np.asarray(patients, dtype=str), labels=labels,
             views=np.asarray(views, dtype=str), splits=np.asarray(splits, dtype=str), manifest=manifest,
+            sexes=np.asarray(sexes, dtype=str), ages=np.asarray(ages, dtype=np.int64),
             _base=images, _rows=None, _images=images,
         )
 
@@ -126,11 +157,13 @@ class PreparedDataset:
         return PreparedDataset(
             root=self.root, size=self.size, image_names=[self.image_names[i] for i in idx],
             patients=self.patients[idx], labels=[self.labels[i] for i in idx], views=self.views[idx],
-            splits=self.splits[idx], manifest=self.manifest, _base=self._base, _rows=base_rows, _images=None,
+            splits=self.splits[idx], manifest=self.manifest, sexes=self.sexes[idx], ages=self.ages[idx],
+            _base=self._base, _rows=base_rows, _images=None,
         )
 
 
-def _read_index(path: Path) -> tuple[list[str], list[str], list[tuple[str, ...]], list[str], list[str]]:
+def _read_index(path: Path) -> tuple[list[str], list[str], list[tuple[str, ...]], list[str], list[str], list[str],
+                                     list[int]]:
     if not path.is_file():
         raise UserError(f"{path}: index missing; re-run `medsyngan data prepare`")
     names: list[str] = []
@@ -138,29 +171,36 @@ def _read_index(path: Path) -> tuple[list[str], list[str], list[tuple[str, ...]]
     labels: list[tuple[str, ...]] = []
     views: list[str] = []
     splits: list[str] = []
+    sexes: list[str] = []
+    ages: list[int] = []
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         missing = set(INDEX_COLUMNS) - set(reader.fieldnames or ())
         if missing:
             raise UserError(f"{path}: missing columns {sorted(missing)}; re-run `medsyngan data prepare`")
-        for row in reader:
+        for line_no, row in enumerate(reader, start=2):
             names.append(row["image"])
             patients.append(row["patient"])
             labels.append(parse_labels(row["labels"]))
             views.append(row["view"])
             splits.append(row["split"])
-    return names, patients, labels, views, splits
+            sexes.append(row.get("sex") or "")
+            age = (row.get("age") or "").strip()
+            if age and not age.isdigit():
+                raise UserError(f"{path}:{line_no}: age '{age}' is not whole years; re-run `medsyngan data prepare`")
+            ages.append(int(age) if age else UNKNOWN_AGE)
+    return names, patients, labels, views, splits, sexes, ages
 
 
 def index_csv_text(
     names: Sequence[str], patients: Sequence[str], labels: Sequence[Sequence[str]], views: Sequence[str],
-    splits: Sequence[str],
+    splits: Sequence[str], sexes: Sequence[str], ages: Sequence[int],
 ) -> str:
     import io
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(INDEX_COLUMNS)
-    for row in zip(names, patients, labels, views, splits):
-        writer.writerow((row[0], row[1], format_labels(row[2]), row[3], row[4]))
+    writer.writerow(INDEX_COLUMNS + DEMOGRAPHIC_COLUMNS)
+    for row in zip(names, patients, labels, views, splits, sexes, ages):
+        writer.writerow((row[0], row[1], format_labels(row[2]), row[3], row[4], row[5], row[6] if row[6] >= 0 else ""))
     return buf.getvalue()

@@ -18,7 +18,10 @@ from flwr.clientapp import ClientApp
 from medsyngan.errors import UserError
 from medsyngan.federated import protocol as p
 from medsyngan.federated import update_codec
-from medsyngan.federated.client import HospitalRuntime, NodeIdentity, node_identity, persist, restore
+from medsyngan.federated.client import (HospitalRuntime, NodeIdentity, cached_reply, instruction_digest, keep_reply,
+                                        node_identity, persist, restore)
+from medsyngan.federated.policy import PolicyRefusal
+from medsyngan.privacy.accounting import BudgetExceeded
 from medsyngan.federated.hospital import EvaluateFn, Hospital
 from medsyngan.federated.records import join_state, record_to_state, split_state, state_to_record
 from medsyngan.federated.transport import seal_update, tensors_hash
@@ -36,7 +39,9 @@ SECAGG_STATE = "secagg"
 
 def _answer_user_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
     """A problem the hospital can name (bad data path, missing state, a malformed instruction) goes back as a
-    one-line error reply, which the server logs and counts as a missing hospital, instead of a remote traceback."""
+    one-line error reply, which the server logs and counts as a missing hospital, instead of a remote traceback;
+    a refusal by the hospital's policy or its ledger (its ε spent) carries its own code, so that the server
+    counts it as a refusal."""
 
     @functools.wraps(handler)
     def wrapped(message: Message, context: Context) -> Message:
@@ -44,7 +49,8 @@ def _answer_user_errors(handler: Callable[[Message, Context], Message]) -> Calla
             return handler(message, context)
         except (UserError, SecAggAbort, p.MalformedMessage) as exc:
             log.error("%s", exc)
-            return Message(Error(code=USER_ERROR_CODE, reason=str(exc)), reply_to=message)
+            code = p.REFUSAL_CODE if isinstance(exc, (PolicyRefusal, BudgetExceeded)) else USER_ERROR_CODE
+            return Message(Error(code=code, reason=str(exc)), reply_to=message)
 
     return wrapped
 
@@ -90,8 +96,10 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
     runtime = HospitalRuntime()
 
     def hospital_for(instruction: p.Instruction, context: Context) -> tuple[NodeIdentity, Hospital]:
+        """This node's hospital, once its policy has accepted the instruction (PolicyRefusal otherwise)."""
         identity = node_identity(context.node_config, instruction.job)
-        return identity, runtime.hospital(identity, instruction.job)
+        round_ = instruction.round.round if instruction.round is not None else None
+        return identity, runtime.hospital(identity, instruction.job, round_)
 
     @app.query("hello")
     @_answer_user_errors
@@ -106,7 +114,7 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
     def secagg_advertise(message: Message, context: Context) -> Message:
         instruction = p.Instruction.from_record(message.content)
         round_ = instruction.require_round()
-        identity = node_identity(context.node_config, instruction.job)
+        identity, _ = hospital_for(instruction, context)
         client = SecAggClient(identity.hospital_id + 1, round_.require("secagg").secagg_config())
         _keep_secagg_client(context, round_, client)
         return p.reply(message, p.KeyAdvertReply(client.advertise()))
@@ -131,6 +139,10 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
         instruction = p.Instruction.from_record(message.content)
         round_, global_state = instruction.require_round(), instruction.require_weights()
         identity, hospital = hospital_for(instruction, context)
+        digest = instruction_digest(instruction)
+        kept = cached_reply(identity, digest)
+        if kept is not None:  # an exact repeat: the same reply, nothing computed, nothing charged
+            return p.reply(message, p.TrainReply(*kept))
         cfg = hospital.cfg
         client = _secagg_client(context, round_) if cfg.privacy.secagg else None
         restore(hospital, identity, round_.resume_round, _in_memory(context))
@@ -152,6 +164,7 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
                                   identity.aggregator_public)
         _keep_in_memory(context, round_.round, persist(hospital, identity, round_.round))
         metrics = {**result.metrics, **encoded.stats, "num_examples": result.num_examples, "weight": encoded.weight}
+        keep_reply(identity, digest, payload, metrics)
         return p.reply(message, p.TrainReply(payload, metrics))
 
     @app.evaluate()

@@ -17,14 +17,15 @@ from medsyngan.privacy.codec import add_client_dp_noise
 class ClientLevelDP:
     """Updates arrive clipped to C by each hospital (so this works under secure aggregation too); the server adds
     N(0, σ²C²) to their sum and divides by the round's planned number of participants, fixed before anyone
-    replies. Its accountant (unit = hospital, one step per round) lives in the server checkpoint and only grows."""
+    replies. Its accountant (unit = hospital, one step per round at q = 1: participants are drawn from the public
+    run seed, so no amplification by sampling is claimed; replace-one, like every ε here) lives in the server
+    checkpoint and only grows."""
 
     def __init__(self, cfg: Config, state: ServerState):
         self.privacy = cfg.privacy
         self.state = state
         if state.client_dp is None:
-            accountant = client_level_accountant(cfg.federated.fraction, cfg.privacy.client_noise,
-                                                 cfg.federated.hospitals, cfg.privacy.delta)
+            accountant = client_level_accountant(cfg.privacy.client_noise, cfg.federated.hospitals, cfg.privacy.delta)
             state.client_dp = {"accountant": accountant.state_dict(), "seed": secrets.randbits(63)}
         self.accountant = PrivacyAccountant.from_state_dict(state.client_dp["accountant"])
 
@@ -38,4 +39,4 @@ class ClientLevelDP:
 
     def metrics(self) -> dict[str, float]:
         eps = self.accountant.epsilon()
-        return {"client_epsilon": eps["reported"], "client_epsilon_rdp": eps["rdp"], "client_epsilon_prv": eps["prv"]}
+        return {"client_epsilon": eps["reported"], "client_epsilon_add_remove": eps["add_remove"]}

@@ -1,16 +1,18 @@
-"""Launching a real Flower 1.42 federation: SuperLink, hospital registration, SuperNodes and `flwr run`.
+"""Launching a real Flower 1.42 federation: SuperLink, hospital registration, hospitals' nodes and `flwr run`.
 
 Used by `scripts/deploy/*` and by the loopback integration test, so that what the guide documents is what the
 test runs. Flower 1.42 serves the Fleet, Control and Runtime APIs of the SuperLink over one HTTPS port
-(`--host/--port`); SuperNode authentication is `--enable-supernode-auth` plus `flwr supernode register` of each
-hospital's public key over the Control API; the `flwr` CLI finds the SuperLink through a named connection in
-`$FLWR_HOME/config.toml` (never through `[tool.flwr.federations]`, which `flwr run` would migrate by rewriting
-the app's pyproject.toml).
+(`--host/--port`; which path is which: :mod:`~medsyngan.federated.superlink_routes`); SuperNode authentication is
+`--enable-supernode-auth` plus `flwr supernode register` of each hospital's public key over the Control API; the
+`flwr` CLI finds the SuperLink through a named connection in `$FLWR_HOME/config.toml` (never through
+`[tool.flwr.federations]`, which `flwr run` would migrate by rewriting the app's pyproject.toml). A hospital's node
+is `medsyngan hospital start` (:mod:`~medsyngan.federated.hospital_node`): a SuperNode that runs only bundles
+signed with the federation's key, and a run is submitted with its signature (:mod:`~medsyngan.federated.app_signing`).
 
 Every process is started in its own session and stopped with everything it spawned
 (:mod:`~medsyngan.federated.processes`): the SuperLink starts a SuperExec in a *separate* session (which then
-starts `flwr-serverapp`), and each SuperNode starts a SuperExec that starts `flwr-clientapp`, so killing one
-process group is not enough.
+starts `flwr-serverapp`), and each hospital's node starts a SuperNode and one ClientApp process per task, so
+killing one process group is not enough.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from medsyngan.errors import UserError
 from medsyngan.federated.processes import ManagedProcess, executable, flower_env, start_process, stop_all
@@ -33,11 +37,11 @@ _READY_SUPERNODE = re.compile(r"SuperNode ID: (\d+)")
 _SUPERNODE_REFUSED = re.compile(r"Failed to activate SuperNode|Exit Code: 305")
 
 
-def require_files(**paths: Path) -> None:
-    """One-line error for the first missing file, before anything starts."""
+def require_files(hint: str = "create it with `medsyngan pki init` or fix the path", **paths: Path) -> None:
+    """One-line error for the first missing file, before anything starts; ``hint`` says where it comes from."""
     for what, path in paths.items():
         if not Path(path).is_file():
-            raise UserError(f"{what.replace('_', ' ')} {path} not found; create it with `medsyngan pki init` or fix the path")
+            raise UserError(f"{what.replace('_', ' ')} {path} not found; {hint}")
 
 
 # --- SuperLink -----------------------------------------------------------------------------------------------
@@ -160,54 +164,53 @@ def register_hospitals(
     return node_ids
 
 
-# --- SuperNodes ------------------------------------------------------------------------------------------------
+# --- hospitals' nodes -------------------------------------------------------------------------------------------
 
 
-def node_config(
-    hospital_id: int, data_path: Path | str, state_dir: Path | str | None = None,
-    aggregator_public: Path | str | None = None,
-) -> str:
-    """The `--node-config` string the ClientApp reads: `hospital-id`, `data-path`, and optionally `state-dir` and
-    `aggregator-public` (the aggregator's X25519 key pinned by `pki init`, for end-to-end update encryption).
-    Paths are made absolute (the ClientApp runs in the SuperNode's home folder). Flower splits the string on
-    spaces and reads each value as TOML, so paths go in TOML literal strings (single quotes, no escapes)."""
+def node_config(hospital_id: int, data_path: Path | str, **paths: Path | str | None) -> str:
+    """The `--node-config` string the ClientApp reads: `hospital-id`, `data-path`, and the optional files and
+    folders in ``paths`` (``state_dir`` → `state-dir`, ``state_key``, ``aggregator_public``: the aggregator's
+    X25519 key the hospital pins, ``policy``: its privacy policy file). Paths are made absolute (the ClientApp runs in another folder). Flower splits
+    the string on spaces and reads each value as TOML, so paths go in TOML literal strings (single quotes)."""
     text = f"hospital-id={int(hospital_id)}"
-    for key, path in (("data-path", data_path), ("state-dir", state_dir), ("aggregator-public", aggregator_public)):
+    for key, path in (("data_path", data_path), *paths.items()):
         if path is None:
             continue
+        name = key.replace("_", "-")
         if "'" in str(path):
-            raise UserError(f"{key} {str(path)!r} contains a single quote, which --node-config cannot carry; rename it")
-        text += f" {key}='{Path(path).resolve()}'"
+            raise UserError(f"{name} {str(path)!r} contains a single quote, which --node-config cannot carry; rename it")
+        text += f" {name}='{Path(path).resolve()}'"
     return text
 
 
-def supernode_command(
-    superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str, runtime_port: int,
-    state_dir: Path | str | None = None, aggregator_public: Path | str | None = None,
-) -> list[str]:
-    return [
-        executable("flower-supernode"),
-        "--superlink", superlink,
-        "--root-certificates", str(Path(ca_cert).resolve()),
-        "--auth-supernode-private-key", str(Path(auth_key).resolve()),
-        "--node-config", node_config(hospital_id, data_path, state_dir, aggregator_public),
-        "--port", str(runtime_port),
-    ]
+def hospital_command(hospital_dir: Path, superlink: str, data_path: Path | str, home: Path, runtime_port: int,
+                     state_dir: Path | str | None = None, state_key: Path | str | None = None,
+                     policy: Path | str | None = None) -> list[str]:
+    """`medsyngan hospital start …`: the hospital's SuperNode with its verifying SuperExec."""
+    cmd = [sys.executable, "-m", "medsyngan.cli", "hospital", "start", "--hospital-dir", str(Path(hospital_dir).resolve()),
+           "--superlink", superlink, "--data-path", str(Path(data_path).resolve()), "--home", str(Path(home).resolve()),
+           "--port", str(runtime_port)]
+    for option, path in (("--state-dir", state_dir), ("--state-key", state_key), ("--policy", policy)):
+        if path is not None:
+            cmd += [option, str(Path(path).resolve())]
+    return cmd
 
 
-def start_supernode(
-    run_dir: Path, superlink: str, ca_cert: Path, auth_key: Path, hospital_id: int, data_path: Path | str,
-    *, runtime_port: int = 9094, state_dir: Path | str | None = None, aggregator_public: Path | str | None = None,
-    probe_timeout: float = 10.0,
+def start_hospital(
+    run_dir: Path, name: str, hospital_dir: Path, superlink: str, data_path: Path | str, *,
+    runtime_port: int = 9094, state_dir: Path | str | None = None, state_key: Path | str | None = None,
+    policy: Path | str | None = None, probe_timeout: float = 10.0,
 ) -> ManagedProcess:
-    """Start one hospital's SuperNode once its SuperLink answers (does not wait for activation: see
-    `wait_supernode`)."""
-    require_files(ca_certificate=ca_cert, hospital_private_key=auth_key)
-    probe_superlink(superlink, ca_cert, probe_timeout)
-    home = run_dir / f"hospital-{hospital_id}"
+    """Start one hospital's node (`medsyngan hospital start`) in ``run_dir/name`` once its SuperLink answers;
+    does not wait for activation (see `wait_supernode`)."""
+    from medsyngan.federated.hospital_keys import HospitalDir
+
+    probe_superlink(superlink, HospitalDir(Path(hospital_dir)).ca_cert, probe_timeout)
+    home = run_dir / name
     home.mkdir(parents=True, exist_ok=True)
-    cmd = supernode_command(superlink, ca_cert, auth_key, hospital_id, data_path, runtime_port, state_dir, aggregator_public)
-    return start_process(f"supernode-{hospital_id}", cmd, home / "supernode.log", flower_env(home), cwd=home)
+    cmd = hospital_command(hospital_dir, superlink, data_path, home / "flwr", runtime_port, state_dir, state_key,
+                           policy)
+    return start_process(name, cmd, home / "supernode.log", flower_env(home / "flwr"), cwd=home)
 
 
 def wait_supernode(proc: ManagedProcess, timeout: float = 60.0) -> int:
@@ -243,23 +246,36 @@ def start_run(flwr_home: Path, app_dir: Path, log_path: Path, run_config: dict[s
 
 
 def medsyngan_run_config(
-    preset: str, overrides: list[str], run_dir: Path, resume: bool = False, aggregator_key: Path | None = None
+    preset: str, overrides: list[str], run_dir: Path, manifest: Path, resume: bool = False,
+    aggregator_key: Path | None = None,
 ) -> dict[str, object]:
     """The run config of MedSynGAN's own Flower app (`[tool.flwr.app.config]` in pyproject.toml) for a real
-    deployment: the aggregator writes `run_dir` on the SuperLink's machine and, when the configuration encrypts
-    updates, reads `aggregator_key` there; each hospital brings its data-path. The configuration is resolved here
-    first, so that a bad preset or override is a one-line error before anything is submitted."""
+    deployment: the aggregator writes `run_dir` on the SuperLink's machine, maps each SuperNode to its hospital
+    through the PKI's `manifest`, and, when the configuration encrypts updates, reads `aggregator_key` there; each
+    hospital brings its data-path. The configuration is resolved here first, so that a bad preset or override is
+    a one-line error before anything is submitted. Sign it with `signed_run_config` before `flwr run`."""
     from medsyngan.config import load_config
+    from medsyngan.federated.hospital_keys import HospitalKeys
 
     for item in overrides:
         if any(c in item for c in " '\""):
             raise UserError(f"override {item!r} must be section.key=value without spaces or quotes")
     cfg = load_config(preset, overrides)
+    HospitalKeys.from_manifest(manifest)
     config: dict[str, object] = {"config": preset, "overrides": " ".join(overrides),
-                                 "run-dir": str(Path(run_dir).resolve()), "resume": resume, "mode": "deployment"}
+                                 "run-dir": str(Path(run_dir).resolve()), "resume": resume, "mode": "deployment",
+                                 "manifest": str(Path(manifest).resolve())}
     if cfg.privacy.encrypt:
         if aggregator_key is None:
             raise UserError("privacy.encrypt is on: give the aggregator's key (aggregator_x25519.key from `medsyngan pki init`)")
         require_files(aggregator_key=aggregator_key)
         config["aggregator-key"] = str(Path(aggregator_key).resolve())
     return config
+
+
+def signed_run_config(config: dict[str, Any], signing_key: Path, app_dir: Path) -> dict[str, Any]:
+    """``config`` with the federation's `app-signature` over the app in ``app_dir`` and ``config`` itself: sign
+    right before `flwr run`, from the same folder, since any change to the app's files changes its bundle."""
+    from medsyngan.federated.app_signing import SIGNATURE_KEY, sign_app
+
+    return {**config, SIGNATURE_KEY: sign_app(signing_key, app_dir, config)}

@@ -5,6 +5,14 @@ K generator steps with the same :class:`~medsyngan.training.step.GANTrainer` ste
 Δ = local − global for the shared networks. Its optimizer moments, data-loader position, RNG and (when D is kept
 local) its discriminator persist across rounds through :meth:`Hospital.state_dict`, which the Flower client keeps
 in ``context.state`` and on the hospital's own disk.
+
+Its DP session is not part of that state: it lives in the hospital's ledger (:class:`Ledger`), which only grows. A
+round charges its planned private steps to the ledger before the first of them runs and settles after the last,
+so a hospital brought back to an older round's state keeps every step and release it ever paid for.
+
+A conditional model's real batches carry the hospital's labels, and its generated labels come from the source the
+federation's configuration (the server's plan) names: the public table every hospital reads, or the hospital's own
+label frequencies — under DP released once by the hospital itself (kept in its DP ledger), otherwise used as they are.
 """
 
 from __future__ import annotations
@@ -12,12 +20,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from medsyngan.config import Config
+from medsyngan.config import Config, HospitalSection
+from medsyngan.data.labels import plain_label_source, training_labels
 from medsyngan.data.loader import BatchLoader
 from medsyngan.data.prepared import PreparedDataset
 from medsyngan.errors import UserError
@@ -36,12 +46,27 @@ def shared_parts(cfg: Config) -> tuple[str, ...]:
     return ("G", "D") if cfg.federated.share_discriminator else ("G",)
 
 
-def hospital_config(cfg: Config, hospital: int) -> Config:
-    """The configuration a hospital trains with: its own seed stream, and no local EMA (the server keeps one)."""
+def hospital_config(cfg: Config, hospital: int, policy: HospitalSection | None = None) -> Config:
+    """The configuration a hospital trains with: its own seed stream, no local EMA (the server keeps one), and the
+    privacy its policy allows (:func:`~medsyngan.federated.policy.effective_privacy`)."""
+    from medsyngan.federated.policy import effective_privacy
+
     local = cfg.model_copy(deep=True)
     local.run.seed = derive_seed(cfg.run.seed, "hospital", hospital) % 2**31
     local.train.ema_kimg = 0.0
+    if policy is not None:
+        local.privacy = effective_privacy(policy, cfg.privacy)
     return local
+
+
+class Ledger(Protocol):
+    """Where a hospital's DP session is kept: read once when the session is built, written at every charge."""
+
+    name: str
+
+    def read(self) -> dict | None: ...
+
+    def write(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -61,22 +86,27 @@ class Hospital:
         train: PreparedDataset,
         holdout: PreparedDataset | None = None,
         device: torch.device | str | None = None,
+        policy: HospitalSection | None = None,
     ):
         self.cfg = cfg
         self.hospital_id = hospital_id
         self.train_set = train
         self.holdout = holdout
-        local = hospital_config(cfg, hospital_id)
+        self.policy = policy
+        local = hospital_config(cfg, hospital_id, policy)
         self.trainer = GANTrainer(local, device=device)
+        self.labels = training_labels(cfg, train, f"hospital {hospital_id}'s training set")
         self.loader = BatchLoader(
             train.images, cfg.train.batch_size, seed=local.run.seed, device=self.trainer.device,
-            augment=cfg.data.augment,
+            augment=cfg.data.augment, labels=self.labels,
         )
+        if self.trainer.conditional and not cfg.privacy.dp:
+            self.trainer.set_label_source(plain_label_source(cfg, self.labels))
         self.rounds_done = 0
         self.local_cfg = local
         self.dp = None
-        self._dp_state: dict | None = None
-        self.privacy_floor: dict | None = None  # accountant state the DP session must never fall below
+        self._dp_state: dict | None = None  # a DP session carried in state_dict(), when there is no ledger
+        self.ledger: Ledger | None = None
 
     @property
     def num_examples(self) -> int:
@@ -88,8 +118,9 @@ class Hospital:
 
     def _batches(self):
         """Where real batches come from: the shuffled loader, or under DP the Poisson patient sampler (which also
-        replaces the discriminator update). The DP session is built once, from persisted state when there is
-        one, so σ is calibrated only at the hospital's very first round and the accountant is never reset."""
+        replaces the discriminator update). The DP session is built once, from the ledger (or the state) when
+        there is one, so σ is calibrated only at the hospital's very first round and the accountant is never
+        reset."""
         if not self.cfg.privacy.dp:
             return self.loader.__next__
         if self.dp is None:
@@ -97,13 +128,13 @@ class Hospital:
             from medsyngan.privacy.dp import enable_dp
 
             local = self.local_cfg
+            state = self.ledger.read() if self.ledger is not None else self._dp_state
+            min_noise = self.policy.min_noise_multiplier if self.policy is not None else 0.0
             self.dp = enable_dp(self.trainer, np.asarray(self.train_set.images), self.train_set.patients,
                                 local.privacy, batch_size=local.train.batch_size,
                                 planned_steps=planned_private_steps(local), augment=local.data.augment,
-                                state=self._dp_state)
-            floor = self.privacy_floor
-            if floor is not None and sum(n for _, _, n in floor["history"]) > self.dp.accountant.steps:
-                self.dp.accountant.load_state_dict(floor)
+                                state=state, min_noise=min_noise, labels=self.labels,
+                                ledger=(self.ledger.write, self.ledger.name) if self.ledger is not None else None)
         return self.dp.next_real
 
     def check_ready(self) -> None:
@@ -118,8 +149,6 @@ class Hospital:
         ``growth`` (a growing model): the server's (image count, stage resolution, alpha) at the round's start; the
         hospital trains from that count, so that its stage and fade-in are every other hospital's."""
         next_real = self._batches()
-        if self.dp is not None:
-            self.dp.check_budget(steps * self.cfg.train.d_steps_per_g)
         self.trainer.load_model_state(global_state)
         if growth is not None:
             self.trainer.set_images_seen(growth[0])
@@ -128,6 +157,8 @@ class Hospital:
                                 f"schedule gives for {growth[0]} images ({self.trainer.stage}); run the same "
                                 "MedSynGAN version as the aggregator")
         reference = {k: v.detach().clone() for k, v in global_state.items()}
+        if self.dp is not None:  # charged and written to the ledger before any private step runs
+            self.dp.reserve(steps * self.cfg.train.d_steps_per_g)
         hooks = self._proximal_hooks(reference) if self.cfg.federated.strategy == "fedprox" else []
         start = time.perf_counter()
         sums: dict[str, float] = {}
@@ -139,6 +170,8 @@ class Hospital:
         finally:
             for hook in hooks:
                 hook.remove()
+            if self.dp is not None:
+                self.dp.settle()
         seconds = time.perf_counter() - start
         local = {k: v for k, v in self.trainer.model_state(shared_parts(self.cfg)).items() if k in global_state}
         self.rounds_done += 1
@@ -148,7 +181,8 @@ class Hospital:
         if self.trainer.stage is not None:
             metrics.update(stage_resolution=float(self.trainer.stage[0]), alpha=self.trainer.stage[1])
         if self.dp is not None:
-            metrics.update(self.dp.metrics(), dp_steps=float(self.dp.steps), noise_multiplier=self.dp.noise_multiplier,
+            metrics.update(self.dp.metrics(), dp_steps=float(self.dp.steps), dp_releases=float(self.dp.releases),
+                           noise_multiplier=self.dp.noise_multiplier,
                            sample_rate=self.dp.sample_rate, delta=self.dp.delta,
                            patient_level=float(self.dp.unit == "patient"))
         return RoundResult(update=delta(local, reference), num_examples=self.num_examples, metrics=metrics)
@@ -179,14 +213,23 @@ class Hospital:
         """Metrics of the global generator against this hospital's held-out images; only scalars leave."""
         if self.holdout is None or len(self.holdout) == 0:
             return {}
+        if self.trainer.conditional and self.trainer.label_source is None:
+            self._batches()  # under DP the label source is the hospital's release, read back with its DP state
         self.trainer.load_model_state(generator_state, keep_stage=True)
-        fake = generate_images(self.trainer.G, count, seed=derive_seed("evaluate", self.hospital_id) % 2**31)
+        seed = derive_seed("evaluate", self.hospital_id) % 2**31
+        labels = None
+        if self.trainer.label_source is not None:
+            labels = self.trainer.label_source.sample(count, torch.Generator().manual_seed(seed))
+        fake = generate_images(self.trainer.G, count, seed=seed, labels=labels)
         result = dict(evaluate_fn(fake, np.asarray(self.holdout.images)))
         result["holdout_images"] = float(len(self.holdout))
         return result
 
     def state_dict(self) -> dict:
-        dp = self.dp.state_dict() if self.dp is not None else self._dp_state
+        """Trainer, loader and round counter; the DP session too when it has no ledger to live in."""
+        dp = None
+        if self.ledger is None:
+            dp = self.dp.state_dict() if self.dp is not None else self._dp_state
         return {"trainer": self.trainer.state_dict(), "loader": self.loader.state_dict(), "rounds": self.rounds_done,
                 "dp": dp}
 

@@ -1,20 +1,17 @@
-"""The federation's keys and certificates: `medsyngan pki init`.
+"""The operator's keys and certificates: `medsyngan pki init`, on the aggregator's machine.
 
-One directory holds everything a deployment needs::
-
-    DIR/
+    PKI/
       ca.crt, ca.key                      the federation's CA (signs the SuperLink certificate)
       superlink.crt, superlink.key        the SuperLink's TLS certificate (HOST in its SAN)
-      aggregator_x25519.key / .pub        the aggregator's X25519 identity (raw 32 bytes; .pub is pinned
-                                          at every hospital for end-to-end update encryption)
-      hospitals/hospital-K/
-        auth.key, auth.pub                SuperNode authentication key pair (ECDSA P-384, OpenSSH format)
-        ca.crt, aggregator_x25519.pub     copies of what the hospital must trust (ship this folder only)
-      manifest.json                       what was made, with fingerprints
+      aggregator_x25519.key / .pub        the aggregator's X25519 identity (raw 32 bytes), for end-to-end encryption
+      federation_app.key / .pub           the federation's Ed25519 key that signs app bundles (`pki sign-app`)
+      trust/                              what every hospital pins: ca.crt, aggregator_x25519.pub, federation_app.pub
+      hospitals/hospital-K.pub            hospital K's SuperNode public key, added by `pki add-hospital`
+      manifest.json                       what was made and which SuperNode key is which hospital, with fingerprints
 
-Flower 1.42 reads the SuperNode key with `load_ssh_private_key` and `flwr supernode register` reads the
-public key with `load_ssh_public_key`, accepting only NIST curves: hence P-384 in OpenSSH encoding.
-Private keys are created 0600 from the start (never chmod'ed afterwards, so no other user can ever open them).
+No hospital's private key is made here: each hospital makes its own (:mod:`~medsyngan.federated.hospital_keys`)
+and only its public half reaches the operator. Private keys are created 0600 from the start (never chmod'ed
+afterwards, so no other user can ever open them).
 """
 
 from __future__ import annotations
@@ -25,12 +22,14 @@ import ipaddress
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medsyngan.errors import UserError
@@ -41,9 +40,11 @@ SERVER_CERT = "superlink.crt"
 SERVER_KEY = "superlink.key"
 AGGREGATOR_KEY = "aggregator_x25519.key"
 AGGREGATOR_PUB = "aggregator_x25519.pub"
+FEDERATION_KEY = "federation_app.key"
+FEDERATION_PUB = "federation_app.pub"
+TRUST_DIR = "trust"
+TRUSTED_FILES = (CA_CERT, AGGREGATOR_PUB, FEDERATION_PUB)
 HOSPITALS_DIR = "hospitals"
-HOSPITAL_KEY = "auth.key"
-HOSPITAL_PUB = "auth.pub"
 MANIFEST = "manifest.json"
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -77,22 +78,27 @@ class Pki:
     def aggregator_pub(self) -> Path:
         return self.root / AGGREGATOR_PUB
 
-    def hospital_dir(self, hospital: int) -> Path:
-        return self.root / HOSPITALS_DIR / f"hospital-{hospital}"
+    @property
+    def federation_key(self) -> Path:
+        return self.root / FEDERATION_KEY
 
-    def hospital_key(self, hospital: int) -> Path:
-        return self.hospital_dir(hospital) / HOSPITAL_KEY
+    @property
+    def trust_dir(self) -> Path:
+        return self.root / TRUST_DIR
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
 
     def hospital_pub(self, hospital: int) -> Path:
-        return self.hospital_dir(hospital) / HOSPITAL_PUB
+        return self.root / HOSPITALS_DIR / f"hospital-{hospital}.pub"
 
     def hospitals(self) -> list[int]:
-        """Hospital ids found in the manifest, in order."""
-        manifest = json.loads((self.root / MANIFEST).read_text())
-        return [h["id"] for h in manifest["hospitals"]]
+        """Hospital ids added to the manifest, in order."""
+        return sorted(int(h["id"]) for h in read_manifest(self.manifest)["hospitals"])
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Create a private file readable only by its owner: O_EXCL so an existing file (or a planted symlink)
     is never written through, and the mode is set at creation so there is no window where others can read."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -100,7 +106,7 @@ def _write_private(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-def _write_public(path: Path, data: bytes) -> None:
+def write_public(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
@@ -135,7 +141,7 @@ def _validate_host(host: str) -> None:
         raise UserError(f"--host {host!r} is neither an IP address nor a DNS name; give the SuperLink's address")
 
 
-def _fingerprint(data: bytes) -> str:
+def fingerprint(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -201,15 +207,14 @@ def _make_server_cert(
     return key, cert
 
 
-def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _pem_private(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def init_pki(out: Path, host: str, hospitals: int, force: bool = False) -> Pki:
-    """Create a complete PKI under `out`; refuses to touch an existing non-empty directory unless `force`."""
+def init_pki(out: Path, host: str, force: bool = False) -> Pki:
+    """Create the operator's PKI under `out` (no hospital keys: each hospital makes its own and the operator adds
+    the public half with `add_hospital`); refuses to touch an existing non-empty directory unless `force`."""
     out = Path(out)
-    if hospitals < 1:
-        raise UserError(f"--hospitals {hospitals}: a federation needs at least 1 hospital")
     _validate_host(host)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory; choose another --out")
@@ -220,74 +225,90 @@ def init_pki(out: Path, host: str, hospitals: int, force: bool = False) -> Pki:
             shutil.rmtree(out)
         else:
             raise UserError(f"{out} is not empty and has no {MANIFEST}: refusing to delete it even with --force")
+    build_atomically(out, lambda tmp: _populate(tmp, host))
+    return Pki(out)
 
-    # Build everything in a sibling folder, then rename: an interrupted run never leaves a half-made PKI.
+
+def build_atomically(out: Path, populate: Callable[[Path], None]) -> None:
+    """Build in a sibling folder, then rename: an interrupted run never leaves a half-made key folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     os.mkdir(tmp, 0o700)
     try:
-        _populate(tmp, host, hospitals)
+        populate(tmp)
         os.replace(tmp, out)  # rename(2) also replaces an empty directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Pki(out)
 
 
-def _populate(root: Path, host: str, hospitals: int) -> None:
+def _populate(root: Path, host: str) -> None:
     now = dt.datetime.now(dt.timezone.utc)
     ca_key, ca_cert = _make_ca(now)
     server_key, server_cert = _make_server_cert(host, ca_key, ca_cert, now)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
 
-    _write_public(root / CA_CERT, ca_pem)
-    _write_private(root / CA_KEY, _pem_private(ca_key))
-    _write_public(root / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(root / SERVER_KEY, _pem_private(server_key))
+    write_public(root / CA_CERT, ca_pem)
+    write_private(root / CA_KEY, _pem_private(ca_key))
+    write_public(root / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM))
+    write_private(root / SERVER_KEY, _pem_private(server_key))
 
     agg = x25519.X25519PrivateKey.generate()
-    agg_pub = agg.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    _write_private(
-        root / AGGREGATOR_KEY,
-        agg.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()),
-    )
-    _write_public(root / AGGREGATOR_PUB, agg_pub)
+    agg_pub = agg.public_key().public_bytes_raw()
+    write_private(root / AGGREGATOR_KEY, agg.private_bytes_raw())
+    write_public(root / AGGREGATOR_PUB, agg_pub)
 
-    pki = Pki(root)
-    hospital_rows = []
-    for k in range(hospitals):
-        hdir = pki.hospital_dir(k)
-        hdir.mkdir(parents=True, mode=0o700)
-        key = ec.generate_private_key(ec.SECP384R1())
-        pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        pub += f" medsyngan-hospital-{k}\n".encode()
-        _write_private(
-            hdir / HOSPITAL_KEY,
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
-        )
-        _write_public(hdir / HOSPITAL_PUB, pub)
-        _write_public(hdir / CA_CERT, ca_pem)
-        _write_public(hdir / AGGREGATOR_PUB, agg_pub)
-        hospital_rows.append(
-            {"id": k, "dir": str(hdir.relative_to(root)), "public_key": str((hdir / HOSPITAL_PUB).relative_to(root)),
-             "public_key_fingerprint": _fingerprint(pub.split()[1])}
-        )
+    signing = ed25519.Ed25519PrivateKey.generate()
+    signing_pub = signing.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    write_private(root / FEDERATION_KEY, _pem_private(signing))
+    write_public(root / FEDERATION_PUB, signing_pub + b" medsyngan-federation\n")
+
+    os.mkdir(root / TRUST_DIR, 0o755)
+    for name in TRUSTED_FILES:
+        write_public(root / TRUST_DIR / name, (root / name).read_bytes())
+    os.mkdir(root / HOSPITALS_DIR, 0o755)
 
     manifest = {
         "created": now.isoformat(timespec="seconds"),
         "host": host,
-        "ca": {"cert": CA_CERT, "key": CA_KEY, "fingerprint": _fingerprint(ca_cert.public_bytes(serialization.Encoding.DER))},
+        "ca": {"cert": CA_CERT, "key": CA_KEY, "fingerprint": fingerprint(ca_cert.public_bytes(serialization.Encoding.DER))},
         "superlink": {
             "cert": SERVER_CERT,
             "key": SERVER_KEY,
             "san": [str(getattr(n, "value", n)) for n in _san_entries(host)],
             "not_after": server_cert.not_valid_after_utc.isoformat(timespec="seconds"),
         },
-        "aggregator": {"private_key": AGGREGATOR_KEY, "public_key": AGGREGATOR_PUB, "fingerprint": _fingerprint(agg_pub)},
-        "hospitals": hospital_rows,
-        "private_files": [CA_KEY, SERVER_KEY, AGGREGATOR_KEY]
-        + [str(pki.hospital_key(k).relative_to(root)) for k in range(hospitals)],
+        "aggregator": {"private_key": AGGREGATOR_KEY, "public_key": AGGREGATOR_PUB, "fingerprint": fingerprint(agg_pub)},
+        "federation_app_key": {"private_key": FEDERATION_KEY, "public_key": FEDERATION_PUB,
+                               "fingerprint": fingerprint(signing.public_key().public_bytes_raw())},
+        "trust": [f"{TRUST_DIR}/{name}" for name in TRUSTED_FILES],
+        "hospitals": [],
+        "private_files": [CA_KEY, SERVER_KEY, AGGREGATOR_KEY, FEDERATION_KEY],
     }
-    _write_public(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_public(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def load_openssh_public_key(path: Path, what: str, hint: str):
+    """The public key in an OpenSSH-format file; a one-line error naming ``what`` and ``hint`` (where the right
+    file comes from) for a missing or unreadable one."""
+    try:
+        return serialization.load_ssh_public_key(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found; {hint}") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise UserError(f"{path} is not an OpenSSH public key ({exc}); {hint}") from None
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest's content; a one-line error for a missing or damaged one."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+        if not isinstance(manifest.get("hospitals"), list):
+            raise ValueError("no hospitals list")
+        return manifest
+    except FileNotFoundError:
+        raise UserError(f"PKI manifest {path} not found; create the PKI with `medsyngan pki init`") from None
+    except (ValueError, AttributeError) as exc:
+        raise UserError(f"PKI manifest {path} is damaged ({exc}); restore it or make the PKI again") from None

@@ -41,6 +41,8 @@ SECAGG_SHARE = "query.secagg_share"
 SECAGG_UNMASK = "query.secagg_unmask"
 TRAIN = "train"
 EVALUATE = "evaluate"
+#: The error code of a hospital's reply when its own privacy policy refuses the instruction.
+REFUSAL_CODE = 4003
 
 
 class MalformedMessage(ValueError):

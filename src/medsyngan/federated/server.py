@@ -26,6 +26,7 @@ from medsyngan.federated import round_log, update_codec
 from medsyngan.federated.aggregation import ServerOptimizer, mean_of
 from medsyngan.federated.client_dp import ClientLevelDP
 from medsyngan.federated.hospital import shared_parts
+from medsyngan.federated.hospital_keys import HospitalKeys
 from medsyngan.federated.plan import participants
 from medsyngan.federated.records import record_bytes
 from medsyngan.federated.round_log import RoundOutcome, RoundTraffic
@@ -44,11 +45,11 @@ NODE_WAIT_S = 120.0
 Reply = TypeVar("Reply")
 
 
-def wait_for_nodes(grid: Grid, wanted: int, quorum: int, timeout: float) -> list[int]:
-    """Node ids once ``wanted`` nodes are connected; after ``timeout`` settle for a quorum or fail clearly."""
+def wait_for_nodes(eligible: Callable[[], list[int]], wanted: int, quorum: int, timeout: float) -> list[int]:
+    """The ``eligible`` node ids once there are ``wanted``; after ``timeout`` settle for a quorum or fail clearly."""
     deadline = time.monotonic() + timeout
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = eligible()
         if len(nodes) >= wanted:
             return nodes
         if time.monotonic() > deadline:
@@ -65,8 +66,12 @@ def wait_for_nodes(grid: Grid, wanted: int, quorum: int, timeout: float) -> list
 class RoundDriver:
     """One federation from the server's side: ``job`` is the static part of every instruction."""
 
-    def __init__(self, cfg: Config, run_dir: RunDir, job: p.Job, resume: bool, identity_key: str | None = None):
+    def __init__(self, cfg: Config, run_dir: RunDir, job: p.Job, resume: bool, identity_key: str | None = None,
+                 hospital_keys: HospitalKeys | None = None):
         self.cfg = cfg
+        self.hospital_keys = hospital_keys
+        self.node_hospital: dict[int, int] = {}  # deployment: node id → hospital, from the node's authenticated key
+        self.unmapped: set[int] = set()
         self.run_dir = run_dir
         self.checkpoint_key = checkpoint_key(cfg)  # a missing key file fails before any round
         update_codec.check_settings(cfg.privacy)
@@ -82,12 +87,29 @@ class RoundDriver:
         self.optimizer.load_state_dict(self.state.optimizer_state)
         self.roster: dict[int, int] = {}  # hospital → node id
         self.weights: dict[int, int] = {}  # hospital → training images
+        self.refusals: dict[int, str] = {}  # hospital → why its policy refused the latest instruction it refused
         self.start = time.time()
 
     # ------------------------------------------------------------------ set-up
+    def eligible_nodes(self, grid: Grid) -> list[int]:
+        """The connected nodes that may get work. In a deployment, only those whose key (the one Flower
+        authenticated them with) the manifest names as one of this run's hospitals; in a simulation, all."""
+        if self.hospital_keys is None:
+            return sorted(grid.get_node_ids())
+        self.node_hospital = {}
+        for node in grid.get_nodes():
+            hospital = self.hospital_keys.hospital_of(node.public_key)
+            if hospital is not None and hospital < self.cfg.federated.hospitals:
+                self.node_hospital[node.node_id] = hospital
+            elif node.node_id not in self.unmapped:
+                self.unmapped.add(node.node_id)
+                log.warning("node %d: its key is no hospital of this run in the PKI manifest; it gets no work",
+                            node.node_id)
+        return sorted(self.node_hospital)
+
     def hello(self, grid: Grid) -> None:
         f = self.cfg.federated
-        nodes = wait_for_nodes(grid, f.hospitals, f.quorum, NODE_WAIT_S)
+        nodes = wait_for_nodes(lambda: self.eligible_nodes(grid), f.hospitals, f.quorum, NODE_WAIT_S)
         messages = [Message(p.Instruction(self.job).to_record(), dst_node_id=n, message_type=p.HELLO) for n in nodes]
         ready, errors = [], []
         for reply in grid.send_and_receive(messages, timeout=f.round_timeout_s):
@@ -101,6 +123,11 @@ class RoundDriver:
         for error in errors:
             log.error("hospital refused to start: %s", error)
         for node, hello in ready:
+            registered = self.node_hospital.get(node, hello.hospital)
+            if hello.hospital != registered:
+                log.error("node %d claims hospital %d but its key is hospital %d's in the PKI manifest; it gets no "
+                          "work", node, hello.hospital, registered)
+                continue
             if hello.hospital in self.roster:
                 raise UserError(f"two nodes both claim hospital {hello.hospital}; give each SuperNode its own hospital-id")
             if not 0 <= hello.hospital < f.hospitals:
@@ -111,7 +138,8 @@ class RoundDriver:
             self.roster[hello.hospital] = node
             self.weights[hello.hospital] = hello.train_images
         if len(self.roster) < f.quorum:
-            reason = errors[0].split(": ", 1)[-1] if errors else "no replies within federated.round_timeout_s"
+            reason = ("; ".join(e.split(": ", 1)[-1] for e in errors) if errors
+                      else "no replies within federated.round_timeout_s")
             raise UserError(f"only {len(self.roster)} of {f.hospitals} hospitals ready (quorum {f.quorum}): {reason}")
         log.info("hospitals ready: %s", ", ".join(f"{h} ({self.weights[h]} images)" for h in sorted(self.roster)))
 
@@ -129,8 +157,9 @@ class RoundDriver:
             else:
                 saved = (f"the run stopped after round {self.state.round} with a saved checkpoint — fix the hospitals "
                          "and resume with --resume") if self.state.round else "no round completed"
+                refused = "".join(f"; {reason}" for reason in sorted(set(self.refusals.values())))
                 raise UserError(f"round {round_} missed its quorum of {f.quorum} hospitals "
-                                f"{f.round_retries + 1} time(s); {saved}")
+                                f"{f.round_retries + 1} time(s){refused}; {saved}")
             self.finish_round(round_, outcome)
             if round_ % f.eval_every == 0 or round_ == f.rounds:
                 self.evaluate(grid, round_)
@@ -163,7 +192,11 @@ class RoundDriver:
             if hospital is None:
                 continue
             if reply.has_error():
-                log.warning("round %d (%s): hospital %d: %s", round_, stage, hospital, reply.error.reason)
+                if reply.error.code == p.REFUSAL_CODE:
+                    log.error("round %d (%s): %s", round_, stage, reply.error.reason)
+                    self.refusals[hospital] = reply.error.reason
+                else:
+                    log.warning("round %d (%s): hospital %d: %s", round_, stage, hospital, reply.error.reason)
                 continue
             traffic.count(traffic.received, hospital, record_bytes(reply.content))
             try:

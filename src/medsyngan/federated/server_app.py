@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from medsyngan.config import Config
 from medsyngan.errors import UserError
+from medsyngan.federated.hospital_keys import HospitalKeys
 from medsyngan.federated.protocol import Job
 from medsyngan.rundir import RunDir
 
@@ -32,6 +33,7 @@ class ServerSetup:
     job: Job
     resume: bool
     identity_key: str | None  # the aggregator's X25519 identity key file, when updates are encrypted
+    hospital_keys: HospitalKeys | None = None  # deployment: which SuperNode key is which hospital
 
 
 def make_server_app(setup: Callable[[Mapping[str, Any]], ServerSetup]) -> ServerApp:
@@ -44,7 +46,7 @@ def make_server_app(setup: Callable[[Mapping[str, Any]], ServerSetup]) -> Server
 
         try:
             run = setup(context.run_config)
-            RoundDriver(run.cfg, run.run_dir, run.job, run.resume, run.identity_key).run(grid)
+            RoundDriver(run.cfg, run.run_dir, run.job, run.resume, run.identity_key, run.hospital_keys).run(grid)
         except UserError as exc:
             # One line in run.log and the run's log; Flower then records the run as failed, with this reason.
             log.error("federation stopped: %s", exc)

@@ -1,8 +1,8 @@
 """The aggregator's state after each round, and its checkpoint: what a killed federation resumes from.
 
 A round's checkpoint is written in the training checkpoint format, so that `generate` and `evaluate` read it as
-they read a centralized run; the server optimizer's moments, the client-level DP noise seed and the previous mean
-update ride in the training-state file.
+they read a centralized run; the server optimizer's moments and the previous mean update ride in the
+training-state file, the client-level DP noise seed in the sealed secret file (never in plaintext).
 
 A growing model (ProGAN) has its schedule here: ``schedule_images`` is the public count that sets the stage and
 fade-in of the next round (:mod:`medsyngan.training.schedule`), and the global networks' stage buffers hold the stage
@@ -21,7 +21,7 @@ from medsyngan.config import Config
 from medsyngan.errors import UserError
 from medsyngan.models.progan import is_stage_key
 from medsyngan.rundir import RunDir
-from medsyngan.training.checkpoint import load_checkpoint, save_checkpoint_files
+from medsyngan.training.checkpoint import load_checkpoint, run_secret_key, save_checkpoint_files
 from medsyngan.training.pretrained import pretrained_state
 from medsyngan.training.schedule import GrowthSchedule
 from medsyngan.training.step import GANTrainer
@@ -111,11 +111,15 @@ def save_server_state(run_dir: RunDir, state: ServerState, cfg: Config, key: byt
         meta["stage_resolution"], meta["alpha"] = stage
     if state.client_dp is not None:
         meta["client_dp_accountant"] = state.client_dp["accountant"]
-    # The noise seed is secret (predictable noise protects nothing); it stays in the training-state file.
-    private = {"server_optimizer": state.optimizer_state, "client_dp_seed": (state.client_dp or {}).get("seed"),
-               "previous_mean": state.previous_mean}
+    private = {"server_optimizer": state.optimizer_state, "previous_mean": state.previous_mean}
+    # Beside the accountant, client-level DP keeps its noise seed: secret (predictable noise protects nothing), so
+    # sealed, with the run's own key if need be.
+    secret = None
+    if state.client_dp is not None:
+        secret = {"client_dp": {k: v for k, v in state.client_dp.items() if k != "accountant"}}
     return save_checkpoint_files(run_dir.checkpoints, round_name(state.round), tensors, meta, private, keep=0,
-                                 key=key)
+                                 key=key, secret=secret,
+                                 secret_key=run_secret_key(run_dir.root, key) if secret is not None else None)
 
 
 def load_server_state(run_dir: RunDir, key: bytes | None = None) -> ServerState:
@@ -128,7 +132,7 @@ def load_server_state(run_dir: RunDir, key: bytes | None = None) -> ServerState:
     private = ckpt.training_state()
     client_dp = None
     if "client_dp_accountant" in ckpt.meta:
-        client_dp = {"accountant": ckpt.meta["client_dp_accountant"], "seed": private["client_dp_seed"]}
+        client_dp = {"accountant": ckpt.meta["client_dp_accountant"], **ckpt.secret()["client_dp"]}
     return ServerState(
         round=int(ckpt.meta["round"]),
         global_state={k: v for k, v in ckpt.tensors.items() if not k.startswith("G_ema.")},

@@ -15,6 +15,7 @@ weights must be integers applied before masking, so the sum is exact in the ring
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from medsyngan.federated.plan import derive_seed
 from medsyngan.privacy import codec
 
 State = dict[str, torch.Tensor]
+#: Under client-level DP, a shared quantization range of this many times the RMS of an update at the clip norm.
+CLIENT_DP_RANGE = 4.0
 
 
 def check_settings(privacy: PrivacySection) -> None:
@@ -126,13 +129,24 @@ def shared_scales(
     4× headroom. In round 1 nothing public describes an update yet; the clipping bound is used when one is set,
     else ``adam_bound``: Adam moves a weight by about lr per step, so K local steps move it by at most ≈ K·lr.
     Coordinates beyond the range are clamped, which only shrinks an update (counted per hospital).
+
+    Under client-level DP no scale exceeds :data:`CLIENT_DP_RANGE` × C/√d (d coordinates) over the code range:
+    stochastic rounding adds about d·s²/4 to an update's squared norm, and at C/qmax per coordinate (the bound) or
+    at the previous mean's range (mostly the server's noise) that is many times C², so no redraw of the rounding
+    could keep the quantized update within the clip its noise is calibrated for. At this cap it adds at most
+    (CLIENT_DP_RANGE/qmax)²·C²/4.
     """
     bits = privacy.quantize_bits
-    if previous_mean is not None:
-        return codec.scales_from_reference(previous_mean, bits)
-    clip = privacy.client_clip if privacy.client_dp else privacy.update_clip
     layout = codec.Layout.of(layout_reference)
-    return codec.scales_from_bound(layout, clip if clip > 0 else adam_bound, bits)
+    if previous_mean is not None:
+        scales = codec.scales_from_reference(previous_mean, bits)
+    else:
+        clip = privacy.client_clip if privacy.client_dp else privacy.update_clip
+        scales = codec.scales_from_bound(layout, clip if clip > 0 else adam_bound, bits)
+    if privacy.client_dp:
+        cap = codec.scales_from_bound(layout, CLIENT_DP_RANGE * privacy.client_clip / math.sqrt(layout.size), bits)
+        scales = np.minimum(scales, cap)
+    return scales
 
 
 def read_masked(payload: bytes, ring_bits: int, length: int) -> np.ndarray:

@@ -15,8 +15,11 @@ import numpy as np
 import torch
 
 from medsyngan.errors import UserError
+from medsyngan.metrics.classifier import ClassifierSettings
 from medsyngan.metrics.features import FeatureExtractor, cached_features, extract, make_extractor
 from medsyngan.metrics.images import check_same_resolution
+from medsyngan.metrics.private_classifier import DP_CLASSIFIER
+from medsyngan.metrics.reidentification import FALSE_MATCH_RATE, WORST, VerifierSettings
 
 SETS = ("fake", "real", "train")
 
@@ -98,6 +101,15 @@ class MetricOptions:
     msssim_pairs: int = 1000
     ppl_samples: int = 2000
     batch_size: int = 64
+    bootstrap: int = 1000  # patient resamples behind every AUROC interval
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)  # utility's classifiers
+    dp_classifier: ClassifierSettings = DP_CLASSIFIER  # utility's DP-SGD baseline
+    utility_min_patients: int = 5  # positive and negative evaluation patients a label needs to be scored
+    utility_rare_prevalence: float = 0.10  # a finding on fewer of the training films is rare
+    utility_epsilon: float | None = None  # the DP classifier's ε; None: the run's ε, else 1
+    verifier: VerifierSettings = field(default_factory=VerifierSettings)
+    reid_false_match_rate: float = FALSE_MATCH_RATE
+    reid_worst: int = WORST  # worst-case synthetic films kept for the report
 
 
 @dataclass
@@ -106,10 +118,14 @@ class MetricContext:
 
     ``fake``: synthetic images; ``real``: real images the model did not train on (the reference distribution
     and the privacy audit's non-members); ``train``: the training images (memorization and membership
-    references). ``*_patients``: a patient id per image; ``*_labels``: a label vector per image ([N, C], e.g.
-    multi-hot findings), for metrics that train classifiers on the sets. A metric names the fields it cannot
-    do without in its registration (``needs``); a field left None makes it not applicable. ``features``
-    defaults to the random network on the CPU.
+    references). ``*_patients``: a patient id per image; ``*_labels``: a label vector per image ([N, C] binary,
+    NaN = unknown; :func:`medsyngan.metrics.utility.binary_targets` builds them), for metrics that train
+    classifiers on the sets, with ``label_names`` naming the C columns. ``verifier_images`` /
+    ``verifier_patients``: public films with patient ids, none of a training patient, for the re-identification
+    verifier. ``reference_fake``: samples of a reference generator of the same architecture trained on public
+    data only, attacked beside ``fake`` so that distribution shift is not read as leakage. A metric names the
+    fields it cannot do without in its registration (``needs``); a field left None makes it not applicable.
+    ``features`` defaults to the random network on the CPU.
     """
 
     fake: np.ndarray
@@ -120,6 +136,10 @@ class MetricContext:
     fake_labels: np.ndarray | None = None
     real_labels: np.ndarray | None = None
     train_labels: np.ndarray | None = None
+    label_names: tuple[str, ...] | None = None
+    verifier_images: np.ndarray | None = None
+    verifier_patients: np.ndarray | None = None
+    reference_fake: np.ndarray | None = None
     features: Features = field(default_factory=Features)
     generator: torch.nn.Module | None = None
     discriminator: torch.nn.Module | None = None
@@ -133,13 +153,20 @@ class MetricContext:
         for role, images in (("synthetic", self.fake), ("real", self.real)):
             if len(images) == 0:
                 raise UserError(f"the {role} set is empty; give at least one image")
-        check_same_resolution(synthetic=self.fake, real=self.real, train=self.train)
+        check_same_resolution(synthetic=self.fake, real=self.real, train=self.train, verifier=self.verifier_images,
+                              reference=self.reference_fake)
         for name in SETS:
             images, labels = getattr(self, name), getattr(self, f"{name}_labels")
             if labels is not None and (images is None or len(labels) != len(images)):
                 have = 0 if images is None else len(images)
                 raise UserError(f"{name}_labels has {len(labels)} rows for {have} {name} images; give one label "
                                 "vector per image")
+            if labels is not None and self.label_names is not None and np.shape(labels)[-1] != len(self.label_names):
+                raise UserError(f"{name}_labels has {np.shape(labels)[-1]} columns for {len(self.label_names)} "
+                                "label names; give one name per label column")
+        if (self.verifier_images is None) != (self.verifier_patients is None) or (
+                self.verifier_images is not None and len(self.verifier_images) != len(self.verifier_patients)):
+            raise UserError("give the verifier's public films together with one patient id per film")
 
     @property
     def resolution(self) -> int:
@@ -166,6 +193,12 @@ class MetricContext:
 NEED_HINTS = {
     "train": "the training images (--train)",
     "generator": "a generator (--run or --checkpoint), not a folder of images",
+    "fake_labels": "the labels of the synthetic films (a conditional generator's requested labels)",
+    "real_labels": "the labels of the real evaluation films",
+    "label_names": "the names of the label columns",
+    "real_patients": "a patient id per real evaluation film",
+    "train_patients": "a patient id per training film",
+    "verifier_images": "public films with patient ids for the re-identification verifier (e.g. the COVID-19 CXR set)",
 }
 
 

@@ -38,6 +38,45 @@ DEFINITIONS: tuple[tuple[str, str], ...] = (
      "means synthetic images sit closer to training images than unseen real ones (memorization)."),
     (r"^dcr_median_synth", "Median distance from a synthetic image to its nearest training image."),
     (r"^dcr_median_holdout", "Median distance from a holdout image to its nearest training image."),
+    (r"^(auroc|c2st)_.*_lo$", "Lower end of the 95 % bootstrap interval (real patients resampled) of the figure "
+     "named without _lo."),
+    (r"^(auroc|c2st)_.*_hi$", "Upper end of the 95 % bootstrap interval (real patients resampled) of the figure "
+     "named without _hi."),
+    (r"^auroc_gap_real_synth", "Mean AUROC of the synthetic-trained classifier minus the real-trained one's, on the "
+     "real evaluation patients; near 0 means the synthetic films teach what the real ones do."),
+    (r"^auroc_gap_dp_synth", "Mean AUROC of the synthetic-trained classifier minus that of one trained on the real "
+     "films with patient-level DP-SGD at the stated ε: above 0, the generator beats releasing a DP classifier."),
+    (r"^auroc_gap_real_augment", "Mean AUROC over the rare findings with the rare findings' synthetic films added "
+     "to the real training films, minus without them."),
+    (r"^auroc_real.*_rare_mean$", "Mean AUROC over the rare findings of the classifier trained on the real "
+     "training films."),
+    (r"^auroc_augment.*_rare_mean$", "Mean AUROC over the rare findings of the classifier trained on the real films "
+     "plus the synthetic films of rare findings."),
+    (r"^auroc_augment", "AUROC on real evaluation patients for this rare finding, classifier trained on the real "
+     "films plus the synthetic films of rare findings."),
+    (r"^auroc_synth.*_mean$", "Mean over the scored labels of the AUROC on real evaluation patients of a small CNN "
+     "trained on the synthetic films only (train synthetic, test real)."),
+    (r"^auroc_real.*_mean$", "Mean over the scored labels of the AUROC of the same CNN trained on the real training "
+     "films: the reference for the synthetic-trained one."),
+    (r"^auroc_dp.*_mean$", "Mean over the scored labels of the AUROC of the same CNN trained on the real training "
+     "films with patient-level DP-SGD at the stated ε: the baseline a DP generator must beat."),
+    (r"^auroc_synth", "AUROC on real evaluation patients for this label, small CNN trained on the synthetic films "
+     "only."),
+    (r"^auroc_real", "AUROC on real evaluation patients for this label, small CNN trained on the real training films."),
+    (r"^auroc_dp", "AUROC on real evaluation patients for this label, small CNN trained on the real training films "
+     "with patient-level DP-SGD at the stated ε."),
+    (r"^c2st_auroc", "Classifier two-sample test: AUROC of a small CNN telling held-out synthetic films from real "
+     "ones; 0.5 = indistinguishable, 1 = every synthetic film recognised."),
+    (r"^reid_synth_rate", "Share of synthetic films that a patient-verification network matches to some training "
+     "patient at the stated false-match rate; should not exceed reid_holdout_rate."),
+    (r"^reid_holdout_rate", "Share of held-out real films (no training patient's) matched to some training patient "
+     "at the same threshold: the rate strangers reach."),
+    (r"^reid_synth_max_score", "Highest verifier score (cosine, 1 = identical) of a synthetic film against a "
+     "training film."),
+    (r"^reid_verifier_auc", "The verifier's AUC on same- against different-patient pairs of held-out films; near "
+     "0.5 the re-identification audit sees nothing."),
+    (r"^mia_.*_auc_reference$", "The same attack's AUC against a reference generator of the same architecture that "
+     "never saw the members: what distribution shift alone gives."),
     (r"^mia_bound_auc", "Largest AUC any membership test can reach against an (ε, δ)-DP training run."),
     (r"^mia_bound_tpr", "Largest TPR at that FPR allowed by (ε, δ)-DP: min(e^ε·FPR+δ, 1−e^−ε(1−δ−FPR))."),
     (r"^mia_.*_auc$", "Membership-inference ROC AUC, training (members) vs holdout (non-members); 0.5 = chance."),

@@ -97,6 +97,13 @@ def evaluate(
     delta: float | None = None,
     real_patients: np.ndarray | None = None,
     train_patients: np.ndarray | None = None,
+    fake_labels: np.ndarray | None = None,
+    real_labels: np.ndarray | None = None,
+    train_labels: np.ndarray | None = None,
+    label_names: tuple[str, ...] | None = None,
+    verifier_images: np.ndarray | None = None,
+    verifier_patients: np.ndarray | None = None,
+    reference_fake: np.ndarray | None = None,
     nn_threshold: float = 0.95,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
@@ -108,11 +115,15 @@ def evaluate(
 ) -> Evaluation:
     """Images are uint8 [N, S, S] at one resolution. ``generator`` enables PPL, ``discriminator`` the LOGAN
     attack, ``epsilon``/``delta`` the DP bound beside the attacks; ``*_patients`` check that the holdout is
-    patient-disjoint from the training set."""
+    patient-disjoint from the training set. ``*_labels`` ([N, C] per set) with ``label_names`` enable
+    utility; ``verifier_images``/``verifier_patients`` the re-identification audit; ``reference_fake`` the
+    reference generator's membership attack (see :class:`MetricContext`)."""
     names = parse_metrics(metrics)
     ctx = MetricContext(
         np.asarray(fake_u8), np.asarray(real_u8), None if train_u8 is None else np.asarray(train_u8),
         real_patients=real_patients, train_patients=train_patients,
+        fake_labels=fake_labels, real_labels=real_labels, train_labels=train_labels, label_names=label_names,
+        verifier_images=verifier_images, verifier_patients=verifier_patients, reference_fake=reference_fake,
         features=Features(feature_extractor, device, batch_size), generator=generator, discriminator=discriminator,
         epsilon=epsilon, delta=delta, seed=seed, device=device,
         options=MetricOptions(nn_threshold=nn_threshold, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,

@@ -5,8 +5,8 @@ protocol (``fd500_64_random``, ``precision500_64_random_k3``, ``mia_ganleaks_pix
 :mod:`medsyngan.metrics.definitions`). :func:`medsyngan.metrics.evaluate` runs the requested ones in
 registration order. To add one::
 
-    @register_metric("utility", needs=("fake_labels", "real_labels"))
-    def utility(ctx: MetricContext) -> MetricResult:
+    @register_metric("sharpness", needs=("fake_labels",))
+    def sharpness(ctx: MetricContext) -> MetricResult:
         ...
 
 ``needs`` names :class:`MetricContext` fields that must be given; when one is None the metric is recorded as
@@ -25,6 +25,9 @@ import numpy as np
 from medsyngan.errors import UserError
 from medsyngan.metrics import fid, pixel, ppl, prdc, privacy_audit
 from medsyngan.metrics.context import SETS, MetricContext, MetricResult, NotApplicable, protocol_tag
+from medsyngan.metrics.detectability import two_sample_test
+from medsyngan.metrics.reidentification import reidentification_audit
+from medsyngan.metrics.utility import DEFAULT_EPSILON, UtilitySettings, utility_audit
 from medsyngan.metrics.features import RandomExtractor
 from medsyngan.metrics.lpips import load_lpips
 
@@ -184,6 +187,14 @@ def privacy(ctx: MetricContext) -> MetricResult:
     for attack in audit.attacks:
         values[f"mia_{attack.name}_auc"] = attack.auc
         values.update({f"mia_{attack.name}_tpr_fpr{fpr_tag(f)}": attack.tpr_at(f) for f in privacy_audit.LOW_FPRS})
+    if ctx.reference_fake is not None:
+        # the same members and non-members against a generator that never saw the members: what the attack
+        # reaches from the distribution shift between training and holdout patients alone
+        reference = privacy_audit.gan_leaks(px["train"], px["real"], privacy_audit.pixel_vectors(ctx.reference_fake),
+                                            ctx.seed)
+        reference.name = "ganleaks_pixel_reference"
+        audit.attacks.append(reference)
+        values["mia_ganleaks_pixel_auc_reference"] = reference.auc
     if ctx.epsilon is not None:
         values.update(_dp_bound(ctx.epsilon, 0.0 if ctx.delta is None else ctx.delta))
     return MetricResult(values, protocol, audit)
@@ -196,6 +207,39 @@ def _dp_bound(epsilon: float, delta: float) -> dict[str, float]:
     for f in privacy_audit.LOW_FPRS:
         values[f"mia_bound_tpr_fpr{fpr_tag(f)}"] = float(privacy_audit.dp_tpr_bound(f, epsilon, delta))
     return values
+
+
+@register_metric("utility", needs=("fake_labels", "real_labels", "real_patients", "label_names"))
+def train_synthetic_test_real(ctx: MetricContext) -> MetricResult:
+    """AUROC on the real evaluation patients of classifiers trained on the synthetic films, on the real training
+    films, on those with patient-level DP-SGD, and on real plus rare-finding synthetic films (utility.py)."""
+    assert ctx.fake_labels is not None and ctx.real_labels is not None and ctx.label_names is not None
+    o = ctx.options
+    epsilon = o.utility_epsilon or (ctx.epsilon if ctx.epsilon and np.isfinite(ctx.epsilon) else DEFAULT_EPSILON)
+    settings = UtilitySettings(o.classifier, o.dp_classifier, o.bootstrap, o.utility_min_patients,
+                               o.utility_rare_prevalence, epsilon)
+    result = utility_audit(ctx.fake, ctx.fake_labels, ctx.real, ctx.real_labels, ctx.real_patients, ctx.label_names,
+                           ctx.train, ctx.train_labels, ctx.train_patients, settings, ctx.seed)
+    return MetricResult(result.values(), result.protocol(), result)
+
+
+@register_metric("detectability")
+def classifier_two_sample_test(ctx: MetricContext) -> MetricResult:
+    """AUROC of a small CNN telling held-out synthetic films from real ones (0.5 = indistinguishable)."""
+    result = two_sample_test(ctx.real, ctx.fake, ctx.real_patients, bootstrap=ctx.options.bootstrap, seed=ctx.seed)
+    return MetricResult(result.values(), {}, result)
+
+
+@register_metric("reidentification", needs=("train", "train_patients", "real_patients", "verifier_images"))
+def reidentification(ctx: MetricContext) -> MetricResult:
+    """Share of synthetic films a patient verifier matches to a training patient, beside the share of held-out
+    real films it does (reidentification.py)."""
+    assert ctx.train is not None and ctx.train_patients is not None and ctx.real_patients is not None
+    o = ctx.options
+    result = reidentification_audit(ctx.fake, ctx.train, ctx.train_patients, ctx.real, ctx.real_patients,
+                                     ctx.verifier_images, ctx.verifier_patients, o.verifier, o.reid_false_match_rate,
+                                     o.reid_worst, ctx.seed)
+    return MetricResult(result.values(fpr_tag(o.reid_false_match_rate)), result.protocol(), result)
 
 
 @register_metric("ppl", needs=("generator",), default=False)

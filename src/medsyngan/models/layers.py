@@ -1,5 +1,5 @@
-"""Building blocks shared by ProGAN and StyleGAN2: equalized learning rate, pixel norm, minibatch-stddev, FIR
-resampling and modulated convolution.
+"""Building blocks shared by the networks: equalized learning rate, pixel norm, minibatch-stddev, FIR resampling,
+modulated convolution (ProGAN, StyleGAN2, StyleGAN3), and the check of a conditional network's label batch.
 
 Equalized learning rate (Karras et al. 2018): parameters are stored N(0, 1) and scaled at run time by
 ``gain * lr_mul / sqrt(fan_in)``, so that Adam's per-parameter step size acts the same on every layer. The scaled
@@ -21,6 +21,14 @@ SQRT2 = math.sqrt(2.0)
 def channels(resolution: int, fmap_base: int, fmap_max: int) -> int:
     """Feature maps at a resolution: ``fmap_base / resolution``, capped at ``fmap_max``, at least 1."""
     return max(1, min(fmap_base // resolution, fmap_max))
+
+
+def label_batch(c: torch.Tensor | None, like: torch.Tensor, c_dim: int) -> torch.Tensor:
+    """The label batch (B, c_dim) of a conditional network, checked against the batch ``like`` it goes with."""
+    if c is None or c.shape != (like.shape[0], c_dim):
+        got = "none" if c is None else tuple(c.shape)
+        raise ValueError(f"a conditional network needs labels of shape ({like.shape[0]}, {c_dim}), got {got}")
+    return c.to(like.dtype)
 
 
 def lrelu(x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
@@ -143,6 +151,7 @@ def modulated_conv2d(
     up: bool = False,
     resample_filter: torch.Tensor | None = None,
     fused: bool = True,
+    padding: int | None = None,
 ) -> torch.Tensor:
     """StyleGAN2's modulated convolution (Karras et al. 2020, eqs. 1–3).
 
@@ -151,12 +160,14 @@ def modulated_conv2d(
     AdaIN's instance normalisation. ``fused`` runs all samples as one grouped convolution (groups = batch) with
     per-sample weights; otherwise it scales the activations before and after a shared-weight convolution, which is
     mathematically identical and often faster on GPUs during training. ``up`` doubles the resolution with a
-    stride-2 transposed convolution followed by the FIR low-pass.
+    stride-2 transposed convolution followed by the FIR low-pass. ``padding`` (default ``k // 2``, same size) applies
+    without ``up``; StyleGAN3 uses ``k - 1``, a full convolution that grows the map by ``k - 1``.
 
     x: (B, C, H, W); weight: (O, C, k, k); styles: (B, C).
     """
     b, c, h, w = x.shape
     o, _, k, _ = weight.shape
+    pad = k // 2 if padding is None else padding
     wb = weight[None] * styles[:, None, :, None, None]  # (B, O, C, k, k)
     dcoefs = (wb.square().sum(dim=(2, 3, 4)) + 1e-8).rsqrt() if demodulate else None  # (B, O)
     if fused:
@@ -166,14 +177,14 @@ def modulated_conv2d(
         if up:
             y = F.conv_transpose2d(xg, wb.transpose(1, 2).reshape(b * c, o, k, k), stride=2, groups=b)
         else:
-            y = F.conv2d(xg, wb.reshape(b * o, c, k, k), padding=k // 2, groups=b)
+            y = F.conv2d(xg, wb.reshape(b * o, c, k, k), padding=pad, groups=b)
         y = y.reshape(b, o, *y.shape[2:])
     else:
         xs = x * styles[:, :, None, None]
         if up:
             y = F.conv_transpose2d(xs, weight.transpose(0, 1), stride=2)
         else:
-            y = F.conv2d(xs, weight, padding=k // 2)
+            y = F.conv2d(xs, weight, padding=pad)
         if dcoefs is not None:
             y = y * dcoefs[:, :, None, None]
     if up:
@@ -182,3 +193,48 @@ def modulated_conv2d(
         assert resample_filter is not None
         y = fir_blur(y, resample_filter, pad=(k - 1) // 2, gain=4.0)
     return y
+
+
+def _two_pass(f: torch.Tensor, x: torch.Tensor, two_pass: bool | None) -> bool:
+    # cuDNN's depthwise kernels run two 1-D passes of a separable filter faster than its 2-D outer product, and
+    # in NCHW (1.6-2x on an H200); oneDNN on CPU is the other way round (2x on the project's 2-core CPU).
+    return f.ndim == 1 and (x.is_cuda if two_pass is None else two_pass)
+
+
+def fir_interpolate(
+    x: torch.Tensor, f: torch.Tensor, up: int, padding: tuple[int, int, int, int], gain: float = 1.0,
+    two_pass: bool | None = None,
+) -> torch.Tensor:
+    """Upsample ×``up`` by zero insertion, pad by ``padding`` = (left, right, top, bottom) (negative: crop) and
+    filter with the symmetric low-pass ``f``: (T,) along both axes or (T, T); ``gain`` on top of the ``up ** 2``
+    that keeps the mean. ``two_pass`` (None: on CUDA) filters a (T,) filter in two 1-D passes, else as one 2-D one.
+
+    A transposed convolution of stride ``up`` gives the same samples without multiplying the inserted zeros; the
+    padding then picks the window of its output: output o of the padded signal is sample o + T - 1 - pad_before
+    of the transposed convolution (outside it, zeros).
+    """
+    c, h, w = x.shape[1:]
+    t = f.shape[0]
+    if _two_pass(f, x, two_pass):
+        f = f * (up * math.sqrt(gain))
+        x = F.conv_transpose2d(x.contiguous(), _depthwise(f[None, :], x), stride=(1, up), groups=c)
+        x = F.conv_transpose2d(x, _depthwise(f[:, None], x), stride=(up, 1), groups=c)
+    else:
+        f = torch.outer(f, f) if f.ndim == 1 else f
+        x = F.conv_transpose2d(x, _depthwise(f * (gain * up * up), x), stride=up, groups=c)
+    left, right, top, bottom = padding
+    out_w, out_h = w * up + left + right - t + 1, h * up + top + bottom - t + 1
+    sx, sy = t - 1 - left, t - 1 - top
+    return F.pad(x, (-sx, sx + out_w - x.shape[3], -sy, sy + out_h - x.shape[2]))
+
+
+def fir_decimate(x: torch.Tensor, f: torch.Tensor, down: int, two_pass: bool | None = None) -> torch.Tensor:
+    """Filter with the symmetric low-pass ``f`` ((T,) along both axes, or (T, T)) without padding, keeping every
+    ``down``-th sample: a strided convolution, so the dropped samples are never computed. ``two_pass`` as for
+    :func:`fir_interpolate`."""
+    c = x.shape[1]
+    if _two_pass(f, x, two_pass):
+        x = F.conv2d(x.contiguous(), _depthwise(f[None, :], x), stride=(1, down), groups=c)
+        return F.conv2d(x, _depthwise(f[:, None], x), stride=(down, 1), groups=c)
+    f = torch.outer(f, f) if f.ndim == 1 else f
+    return F.conv2d(x, _depthwise(f, x), stride=down, groups=c)

@@ -17,6 +17,11 @@ at resolution r are ``min(fmap_base / r, fmap_max)``.
 DP-compatible discriminator (``dp_compatible=True``): the minibatch-stddev feature map is left out (it is the one
 place where samples of a batch meet; D has no BatchNorm), so D's last convolution takes one channel fewer.
 Everything else is per-sample already; activations are out of place.
+
+Class-conditional networks (``c_dim > 0``, a label vector of :mod:`medsyngan.data.labels`): G concatenates an
+equalized linear embedding of the labels (``LABEL_EMBED`` features, pixel-normed on its own like z) to the
+pixel-normed latent; D is a projection discriminator (Miyato & Koyama 2018): the logit gains ⟨E c, h⟩ / √ch, h
+the features after D's dense layer. Both embeddings belong to every stage. With ``c_dim = 0`` nothing is added.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsyngan.models.layers import SQRT2, EqualizedConv2d, EqualizedLinear, MinibatchStdDev, PixelNorm, channels, lrelu
+from medsyngan.models.layers import (SQRT2, EqualizedConv2d, EqualizedLinear, MinibatchStdDev, PixelNorm, channels,
+                                     label_batch, lrelu)
 
 SUPPORTED_RESOLUTIONS = tuple(2**k for k in range(3, 11))  # 8 ... 1024
+LABEL_EMBED = 32  # at least the 22 components of the largest label vector
 STAGE_BUFFERS = ("stage_res", "stage_alpha")
 
 
@@ -107,17 +114,23 @@ class _GBlock(nn.Module):
 
 
 class _GInput(nn.Module):
-    """Latent -> 4x4: pixel-normed z, a dense layer (gain sqrt(2)/4 as in the official code), a 3x3 conv."""
+    """Latent -> 4x4: pixel-normed z (and embedded labels), a dense layer (gain sqrt(2)/4 as in the official code),
+    a 3x3 conv."""
 
-    def __init__(self, z_dim: int, ch: int):
+    def __init__(self, z_dim: int, ch: int, c_dim: int = 0):
         super().__init__()
         self.ch = ch
-        self.dense = EqualizedLinear(z_dim, ch * 16, gain=SQRT2 / 4)
+        embed = LABEL_EMBED if c_dim else 0
+        self.dense = EqualizedLinear(z_dim + embed, ch * 16, gain=SQRT2 / 4)
         self.conv = EqualizedConv2d(ch, ch, 3, gain=SQRT2)
         self.norm = PixelNorm()
+        self.embed = EqualizedLinear(c_dim, embed, bias=False) if c_dim else None
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm(z[:, :, None, None])[:, :, 0, 0]
+        if self.embed is not None:
+            y = self.embed(label_batch(c, z, self.embed.weight.shape[1]))
+            x = torch.cat([x, self.norm(y[:, :, None, None])[:, :, 0, 0]], dim=1)
         x = self.norm(lrelu(self.dense(x).reshape(-1, self.ch, 4, 4)))
         return self.norm(lrelu(self.conv(x)))
 
@@ -131,16 +144,18 @@ class ProGANGenerator(_Staged):
         fmap_base, fmap_max: channels at resolution r are ``min(fmap_base / r, fmap_max)``; the paper's networks
             are fmap_base=16384, fmap_max=512.
         nc: image channels.
+        c_dim: length of the label vector (0: unconditional).
     """
 
     def __init__(
-        self, resolution: int = 256, z_dim: int = 512, fmap_base: int = 4096, fmap_max: int = 256, nc: int = 1
+        self, resolution: int = 256, z_dim: int = 512, fmap_base: int = 4096, fmap_max: int = 256, nc: int = 1,
+        c_dim: int = 0,
     ):
         super().__init__()
-        self.resolution, self.z_dim = resolution, z_dim
+        self.resolution, self.z_dim, self.c_dim = resolution, z_dim, c_dim
         res = _check(resolution)
         ch = {r: channels(r, fmap_base, fmap_max) for r in res}
-        self.blocks = nn.ModuleDict({"4": _GInput(z_dim, ch[4])})
+        self.blocks = nn.ModuleDict({"4": _GInput(z_dim, ch[4], c_dim)})
         for r in res[1:]:
             self.blocks[str(r)] = _GBlock(ch[r // 2], ch[r])
         self.to_rgb = nn.ModuleDict({str(r): EqualizedConv2d(ch[r], nc, 1, gain=1.0) for r in res})
@@ -150,9 +165,9 @@ class ProGANGenerator(_Staged):
         used = [self.blocks[str(r)] for r in _octaves(stage)] + [self.to_rgb[str(stage)]]
         return used + ([self.to_rgb[str(stage // 2)]] if stage > 4 else [])
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         stage = self.stage_resolution
-        x = self.blocks["4"](z)
+        x = self.blocks["4"](z, c)
         prev = x
         r = 4
         while r < stage:
@@ -179,21 +194,26 @@ class _DBlock(nn.Module):
 
 
 class _DOutput(nn.Module):
-    """4x4 -> logit: [minibatch-stddev], 3x3 conv, dense, dense to one output (gain 1)."""
+    """4x4 -> logit: [minibatch-stddev], 3x3 conv, dense, dense to one output (gain 1) [+ the label projection]."""
 
-    def __init__(self, ch: int, mbstd: bool, mbstd_group: int):
+    def __init__(self, ch: int, mbstd: bool, mbstd_group: int, c_dim: int = 0):
         super().__init__()
         self.mbstd = MinibatchStdDev(mbstd_group) if mbstd else None
         self.conv = EqualizedConv2d(ch + int(mbstd), ch, 3, gain=SQRT2)
         self.dense = EqualizedLinear(ch * 16, ch, gain=SQRT2)
         self.out = EqualizedLinear(ch, 1, gain=1.0)
+        self.embed = EqualizedLinear(c_dim, ch, bias=False) if c_dim else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         if self.mbstd is not None:
             x = self.mbstd(x)
         x = lrelu(self.conv(x))
         x = lrelu(self.dense(x.flatten(1)))
-        return self.out(x).reshape(-1)
+        logit = self.out(x).reshape(-1)
+        if self.embed is None:
+            return logit
+        e = self.embed(label_batch(c, x, self.embed.weight.shape[1]))
+        return logit + (e * x).sum(dim=1) / math.sqrt(x.shape[1])
 
 
 class ProGANDiscriminator(_Staged):
@@ -205,26 +225,27 @@ class ProGANDiscriminator(_Staged):
         nc: image channels.
         mbstd_group: minibatch-stddev group size (paper: 4).
         dp_compatible: leave out minibatch-stddev (see the module docstring).
+        c_dim: length of the label vector (0: unconditional).
     """
 
     def __init__(
         self, resolution: int = 256, fmap_base: int = 4096, fmap_max: int = 256, nc: int = 1, mbstd_group: int = 4,
-        dp_compatible: bool = False,
+        dp_compatible: bool = False, c_dim: int = 0,
     ):
         super().__init__()
-        self.resolution, self.dp_compatible = resolution, dp_compatible
+        self.resolution, self.dp_compatible, self.c_dim = resolution, dp_compatible, c_dim
         res = _check(resolution)
         ch = {r: channels(r, fmap_base, fmap_max) for r in res}
         self.from_rgb = nn.ModuleDict({str(r): EqualizedConv2d(nc, ch[r], 1, gain=SQRT2) for r in res})
         self.blocks = nn.ModuleDict({str(r): _DBlock(ch[r], ch[r // 2]) for r in res[1:]})
-        self.output = _DOutput(ch[4], mbstd=not dp_compatible, mbstd_group=mbstd_group)
+        self.output = _DOutput(ch[4], mbstd=not dp_compatible, mbstd_group=mbstd_group, c_dim=c_dim)
         self._init_stage()
 
     def _stage_modules(self, stage: int) -> list[nn.Module]:
         used = [self.blocks[str(r)] for r in _octaves(stage)[1:]] + [self.from_rgb[str(stage)], self.output]
         return used + ([self.from_rgb[str(stage // 2)]] if stage > 4 else [])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         stage = self.stage_resolution
         if x.shape[-1] != stage or x.shape[-2] != stage:
             raise ValueError(f"ProGAN D at stage {stage} px got images of {tuple(x.shape[-2:])}")
@@ -237,4 +258,4 @@ class ProGANDiscriminator(_Staged):
             while r > 4:
                 h = self.blocks[str(r)](h)
                 r //= 2
-        return self.output(h)
+        return self.output(h, c)

@@ -25,6 +25,13 @@ that only the main latents drive ``w_avg``, as NVlabs does).
 DP-compatible discriminator (``dp_compatible=True``): minibatch-stddev is left out (the epilogue convolution takes
 one channel fewer); the residual D has no normalisation layers and its activations are out of place, so nothing
 else mixes samples. The generator is unchanged (DP-SGD applies to D only).
+
+Class-conditional networks (``c_dim > 0``, a label vector of :mod:`medsyngan.data.labels`), as NVlabs does: the
+mapping network embeds c with a fully connected layer (``w_dim`` features, learning rate 1), normalises it to unit
+second moment like z and maps the concatenation [z, embed(c)]; the discriminator maps c alone through a mapping
+network of its own (no z, no w_avg) to ``cmap`` (the channels at 4x4), its last layer outputs ``cmap`` features
+instead of one, and the logit is the projection ⟨out(x), cmap(c)⟩ / √cmap. StyleGAN3 shares this mapping network.
+With ``c_dim = 0`` nothing is added.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from medsyngan.models.layers import (
     fir_downsample,
     fir_filter,
     fir_upsample,
+    label_batch,
     lrelu,
     modulated_conv2d,
 )
@@ -61,34 +69,44 @@ def _octaves(resolution: int) -> list[int]:
 
 
 class MappingNetwork(nn.Module):
-    """z (B, z_dim) -> ws (B, num_ws, w_dim).
+    """z (B, z_dim) [and labels c (B, c_dim)] -> ws (B, num_ws, w_dim), or (B, w_dim) when ``num_ws`` is None.
 
     Args:
-        z_dim, w_dim: latent sizes.
-        num_ws: copies of w to broadcast (one per synthesis layer input).
+        z_dim, w_dim: latent sizes (z_dim may be 0 for a mapping of labels alone: the conditional D's).
+        num_ws: copies of w to broadcast (one per synthesis layer input); None returns w itself.
         num_layers: depth (NVlabs: 8 at 1024 px; 2 is enough at 64–256 px, as in their low-resolution configs).
         lr_mul: learning-rate multiplier of every layer (0.01).
-        w_avg_beta: decay of the running mean of w used for truncation.
+        w_avg_beta: decay of the running mean of w used for truncation; None: no running mean (the D's mapping).
+        c_dim: length of the label vector (0: unconditional); the labels are embedded to ``w_dim`` features.
     """
 
     def __init__(
-        self, z_dim: int, w_dim: int, num_ws: int, num_layers: int = 2, lr_mul: float = 0.01,
-        w_avg_beta: float = 0.995,
+        self, z_dim: int, w_dim: int, num_ws: int | None, num_layers: int = 2, lr_mul: float = 0.01,
+        w_avg_beta: float | None = 0.995, c_dim: int = 0,
     ):
         super().__init__()
-        self.z_dim, self.w_dim, self.num_ws, self.w_avg_beta = z_dim, w_dim, num_ws, w_avg_beta
-        sizes = [z_dim] + [w_dim] * num_layers
+        self.z_dim, self.w_dim, self.num_ws, self.w_avg_beta, self.c_dim = z_dim, w_dim, num_ws, w_avg_beta, c_dim
+        embed = w_dim if c_dim else 0
+        sizes = [z_dim + embed] + [w_dim] * num_layers
         self.layers = nn.ModuleList(EqualizedLinear(a, b, lr_mul=lr_mul) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.register_buffer("w_avg", torch.zeros(w_dim))
+        if w_avg_beta is not None:
+            self.register_buffer("w_avg", torch.zeros(w_dim))
+        if c_dim:
+            self.embed = EqualizedLinear(c_dim, embed)
 
     def forward(
         self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
-        update_w_avg: bool | None = None,
+        update_w_avg: bool | None = None, c: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``update_w_avg`` defaults to ``self.training``: the running mean follows training, not sampling."""
-        x = z * (z.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
+        parts = [_normalize(z)] if self.z_dim else []
+        if self.c_dim:
+            parts.append(_normalize(self.embed(label_batch(c, z, self.c_dim))))
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         for layer in self.layers:
             x = lrelu(layer(x), SQRT2)
+        if self.w_avg_beta is None:
+            return x
         if self.training if update_w_avg is None else update_w_avg:
             with torch.no_grad():
                 self.w_avg.copy_(x.detach().float().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
@@ -98,6 +116,11 @@ class MappingNetwork(nn.Module):
             cut = self.num_ws if truncation_cutoff is None else truncation_cutoff
             ws = torch.cat([avg.lerp(ws[:, :cut], truncation_psi), ws[:, cut:]], dim=1)
         return ws
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """Unit second moment per sample (StyleGAN's normalisation of z and of the embedded labels)."""
+    return x * (x.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
 
 
 class SynthesisLayer(nn.Module):
@@ -215,24 +238,25 @@ class StyleGAN2Generator(nn.Module):
         fused_modconv: True: modulated convolutions as one grouped convolution with per-sample weights; False:
             activations scaled around a shared-weight convolution (same result, see ``layers.modulated_conv2d``);
             None (default): grouped in eval mode, shared-weight in training mode, as NVlabs does.
+        c_dim: length of the label vector (0: unconditional), given to ``mapping`` and ``forward`` as ``c``.
     """
 
     def __init__(
         self, resolution: int = 256, z_dim: int = 512, w_dim: int = 256, mapping_layers: int = 2,
         fmap_base: int = 4096, fmap_max: int = 256, nc: int = 1, mapping_lr_mul: float = 0.01,
-        w_avg_beta: float = 0.995, fused_modconv: bool | None = None,
+        w_avg_beta: float = 0.995, fused_modconv: bool | None = None, c_dim: int = 0,
     ):
         super().__init__()
-        self.resolution, self.z_dim, self.w_dim = resolution, z_dim, w_dim
+        self.resolution, self.z_dim, self.w_dim, self.c_dim = resolution, z_dim, w_dim, c_dim
         self.synthesis = SynthesisNetwork(resolution, w_dim, fmap_base, fmap_max, nc, fused_modconv)
         self.num_ws = self.synthesis.num_ws
-        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, mapping_layers, mapping_lr_mul, w_avg_beta)
+        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, mapping_layers, mapping_lr_mul, w_avg_beta, c_dim)
 
     def forward(
         self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
-        noise_mode: NoiseMode = "random",
+        noise_mode: NoiseMode = "random", c: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.synthesis(self.mapping(z, truncation_psi, truncation_cutoff), noise_mode)
+        return self.synthesis(self.mapping(z, truncation_psi, truncation_cutoff, c=c), noise_mode)
 
 
 class _DBlock(nn.Module):
@@ -260,14 +284,16 @@ class StyleGAN2Discriminator(nn.Module):
         nc: image channels.
         mbstd_group: minibatch-stddev group size (4).
         dp_compatible: leave out minibatch-stddev (see the module docstring).
+        c_dim: length of the label vector (0: unconditional).
+        mapping_layers: depth of the label mapping of a conditional D.
     """
 
     def __init__(
         self, resolution: int = 256, fmap_base: int = 4096, fmap_max: int = 256, nc: int = 1, mbstd_group: int = 4,
-        dp_compatible: bool = False,
+        dp_compatible: bool = False, c_dim: int = 0, mapping_layers: int = 2,
     ):
         super().__init__()
-        self.resolution, self.dp_compatible = resolution, dp_compatible
+        self.resolution, self.dp_compatible, self.c_dim = resolution, dp_compatible, c_dim
         res = _octaves(resolution)
         ch = {r: channels(r, fmap_base, fmap_max) for r in res}
         self.fromrgb = EqualizedConv2d(nc, ch[resolution], 1)
@@ -275,12 +301,19 @@ class StyleGAN2Discriminator(nn.Module):
         self.mbstd = None if dp_compatible else MinibatchStdDev(mbstd_group)
         self.conv = EqualizedConv2d(ch[4] + int(not dp_compatible), ch[4], 3)
         self.fc = EqualizedLinear(ch[4] * 16, ch[4])
-        self.out = EqualizedLinear(ch[4], 1)
+        self.cmap_dim = ch[4] if c_dim else 1
+        self.out = EqualizedLinear(ch[4], self.cmap_dim)
+        if c_dim:
+            self.mapping = MappingNetwork(0, self.cmap_dim, None, mapping_layers, w_avg_beta=None, c_dim=c_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        cmap = self.mapping(x, c=c) if self.c_dim else None
         x = self.blocks(lrelu(self.fromrgb(x), SQRT2))
         if self.mbstd is not None:
             x = self.mbstd(x)
         x = lrelu(self.conv(x), SQRT2)
         x = lrelu(self.fc(x.flatten(1)), SQRT2)
-        return self.out(x).reshape(-1)
+        x = self.out(x)
+        if cmap is None:
+            return x.reshape(-1)
+        return (x * cmap).sum(dim=1) / math.sqrt(self.cmap_dim)

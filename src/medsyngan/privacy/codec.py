@@ -306,8 +306,8 @@ def add_client_dp_noise(total: Update, clip: float, noise_multiplier: float,
                         rng: np.random.Generator) -> dict[str, np.ndarray]:
     """DP-FedAvg's Gaussian mechanism: N(0, (σ·C)²) on every coordinate of the SUM of clipped updates.
 
-    The sensitivity of a sum of updates each clipped to C is C (adding or removing one hospital), so this noise
-    gives the client-level guarantee that :func:`~medsyngan.privacy.accounting.client_level_accountant` counts.
+    Replacing one hospital moves a sum of updates each clipped to C by at most 2C, the replace-one sensitivity
+    that :func:`~medsyngan.privacy.accounting.client_level_accountant` counts for this noise.
     Divide by the number of hospitals after adding it, not before; weights must not depend on a hospital's data
     size, or the sensitivity grows with the largest weight.
     """

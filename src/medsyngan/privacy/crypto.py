@@ -47,6 +47,7 @@ from medsyngan.errors import UserError
 from medsyngan.rundir import atomic_write_bytes
 from medsyngan.sealed import (  # noqa: F401 - the at-rest names are re-exported
     KEY_BYTES,
+    Binding,
     IntegrityError,
     decrypt_at_rest,
     encrypt_at_rest,

@@ -7,11 +7,15 @@
                         planned_steps=steps, augment=cfg.data.augment)   # validates D, calibrates σ, installs
     for _ in range(n):
         stats = trainer.train_step(session.next_real)        # Poisson batch of patients → one private D step each
-        row = {**stats, **session.metrics()}                 # epsilon, epsilon_rdp, epsilon_prv
-    persistent["dp"] = session.state_dict()                  # JSON; keep with the trainer state and in checkpoints
+        row = {**stats, **session.metrics()}                 # epsilon (replace-one), epsilon_add_remove
+    persistent["dp"] = session.state_dict()                  # JSON; a checkpoint's, or a hospital's ledger
     # next round / resume: no recalibration, no reset
     session = enable_dp(trainer, images, patients, cfg.privacy, batch_size=cfg.train.batch_size,
                         planned_steps=steps, augment=cfg.data.augment, state=persistent["dp"])
+
+A conditional model also passes ``labels`` (N, c_dim), its training images' label vectors: the sampler returns
+them with the images, and the generated batches' labels come from the public table or from the hospital's private
+release of its label frequencies (:mod:`medsyngan.privacy.label_release`, part of target ε).
 
 The session is a :class:`~medsyngan.privacy.session.DPSession` (re-exported here); what it makes private and why
 is in :mod:`medsyngan.privacy.session`, the per-sample gradient engines are in :mod:`medsyngan.privacy.engines`.
@@ -27,12 +31,14 @@ import numpy as np
 import torch
 
 from medsyngan.config import AugmentSection, PrivacySection
+from medsyngan.data.labels import plain_label_source
 from medsyngan.errors import UserError
-from medsyngan.privacy.accounting import PrivacyAccountant, plan_dp, resolve_unit
+from medsyngan.privacy.accounting import PrivacyAccountant, epsilon_of, plan_dp, resolve_unit
 from medsyngan.privacy.engines import validate_discriminator
+from medsyngan.privacy.label_release import LabelRelease, label_release_planned, one_off_noise
 from medsyngan.privacy.moments import MeanImageRelease
 from medsyngan.privacy.sampling import PoissonUnitSampler
-from medsyngan.privacy.session import RELEASE_STREAM, DPSession, PrivateDiscriminatorUpdate, stream_seed
+from medsyngan.privacy.session import DPSession, LedgerWriter, PrivateDiscriminatorUpdate
 from medsyngan.training.step import GANTrainer
 
 __all__ = ["DPSession", "enable_dp", "privacy_unit"]
@@ -44,7 +50,8 @@ def privacy_unit(requested: str, images: int, patients: Sequence[str] | np.ndarr
     if not has_ids:
         if requested == "patient":
             raise UserError(
-                "privacy.unit = 'patient' but the dataset has no patient ids; set privacy.unit=image or auto"
+                "patient-level DP but the dataset has no patient ids; set privacy.unit=image or auto (in a "
+                "federation also the hospitals' policy: hospital.unit=image)"
             )
         return "image", images
     n_patients = len(np.unique(np.asarray(patients, dtype=str)))
@@ -54,7 +61,9 @@ def privacy_unit(requested: str, images: int, patients: Sequence[str] | np.ndarr
 
 def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] | np.ndarray | None,
               privacy: PrivacySection, *, batch_size: int, planned_steps: int, augment: AugmentSection | None = None,
-              state: dict[str, Any] | None = None, seed: int | None = None, engine: str = "auto") -> DPSession:
+              state: dict[str, Any] | None = None, seed: int | None = None, engine: str = "auto",
+              min_noise: float = 0.0, labels: np.ndarray | None = None,
+              ledger: tuple[LedgerWriter, str] | None = None) -> DPSession:
     """Make ``trainer``'s discriminator update DP-SGD and return the session.
 
     ``images``: (N, S, S) uint8 of this hospital; ``patients``: patient id per image or None. ``batch_size`` is the
@@ -66,7 +75,9 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
 
     With ``state`` (a previous ``DPSession.state_dict()``) σ, the plan, the seed and the accountant history come
     from it and nothing is recalibrated. ``seed`` fixes the secret sampling/noise seed (tests); default: drawn from
-    the OS. ``engine``: 'auto', 'ghost', 'vmap' or 'loop' (:mod:`medsyngan.privacy.engines`).
+    the OS. ``engine``: 'auto', 'ghost', 'vmap' or 'loop' (:mod:`medsyngan.privacy.engines`). ``min_noise``: the
+    smallest σ the caller accepts (a hospital policy's ``min_noise_multiplier``). ``ledger``: (write, name) of the
+    store that keeps the session across rounds (a federated hospital's), attached before any release is charged.
 
     Raises :class:`~medsyngan.errors.UserError` for a model Opacus cannot make private (naming the layer), lazy R1,
     a sampling rate above 1, a δ not below 1/units, or a target ε that the planned steps cannot meet.
@@ -77,7 +88,12 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
     probe_gen = torch.Generator(device=trainer.device).manual_seed(0)
     probe = torch.rand(2, 1, trainer.resolution, trainer.resolution, generator=probe_gen, device=trainer.device)
     probe = trainer.prepare_real(probe * 2 - 1)
-    validate_discriminator(trainer.D, probe)
+    if trainer.conditional and (labels is None or len(labels) != len(images)):
+        raise UserError("a conditional model under DP needs one label vector per training image")
+    probe_c = torch.zeros(2, trainer.label_layout.dim, device=trainer.device) if trainer.conditional else None
+    validate_discriminator(trainer.D, probe, probe_c)
+    release_labels = trainer.conditional and label_release_planned(trainer.cfg)
+    release_noise = one_off_noise(privacy, release_labels)
 
     unit, units = privacy_unit(privacy.unit, len(images), patients)
     secret = seed if seed is not None else secrets.randbits(63)
@@ -86,21 +102,33 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
         guaranteed = 0  # taken from the state
     else:
         plan = plan_dp(units, batch_size, planned_steps, privacy.target_epsilon, privacy.delta, unit,
-                       release_noise=privacy.release_noise)
+                       release_noise=release_noise, min_noise=min_noise)
         accountant = plan.accountant()
-        within = accountant.epsilon_after(planned_steps)["reported"] <= privacy.target_epsilon
+        within = epsilon_of(plan.history(), plan.delta) <= privacy.target_epsilon
         guaranteed = planned_steps if within else 0
-    sampler = PoissonUnitSampler(images, patients if unit == "patient" else None, batch_size, unit,
-                                 secret, trainer.device, augment)
+    unit_ids = patients if unit == "patient" else None
+    sampler = PoissonUnitSampler(images, unit_ids, batch_size, unit, secret, trainer.device, augment,
+                                 labels=labels if trainer.conditional else None)
+    label_release = None
+    if release_labels:
+        label_release = LabelRelease(labels, unit_ids, trainer.label_layout, privacy.label_noise)
+    elif trainer.conditional:
+        trainer.set_label_source(plain_label_source(trainer.cfg, labels))
     release = None
     if privacy.mean_image_size:
-        release = MeanImageRelease(images, patients if unit == "patient" else None, privacy.mean_image_size,
-                                   privacy.mean_image_clip, privacy.mean_image_noise, privacy.mean_image_weight,
-                                   trainer.G, lambda: stream_seed(sampler.seed, RELEASE_STREAM))
+        release = MeanImageRelease(images, unit_ids, privacy.mean_image_size, privacy.mean_image_clip,
+                                   privacy.mean_image_noise, privacy.mean_image_weight, trainer.G,
+                                   reference_labels=_reference_labels(trainer) if trainer.conditional else None)
     session = DPSession(trainer, sampler, accountant, privacy.target_epsilon, privacy.max_grad_norm, guaranteed,
-                        planned_steps, engine, clip_fake=privacy.clip_fake, release=release)
+                        planned_steps, engine, clip_fake=privacy.clip_fake, release=release, labels=label_release)
     if state is not None:
         session.load_state_dict(state)
+    if ledger is not None:
+        session.attach_ledger(*ledger)
+    if label_release is not None:
+        # After a saved release is read back: a resumed run reuses the published frequencies instead of charging
+        # and drawing new ones.
+        trainer.set_label_source(label_release.distribution())
     if isinstance(trainer.d_update, PrivateDiscriminatorUpdate):
         trainer.d_update.engine.remove()  # a session rebuilt on the same trainer (next round): drop the old hooks
     trainer.d_update = session.update
@@ -108,3 +136,11 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
     # sensitivity bound that ε rests on must hold exactly, not to 3 significant digits.
     trainer.autocast_dtype = None
     return session
+
+
+def _reference_labels(trainer: GANTrainer):
+    """Labels of the mean-image release's public reference images: the label source at a fixed seed."""
+    def draw(n: int) -> torch.Tensor:
+        assert trainer.label_source is not None
+        return trainer.label_source.sample(n, torch.Generator().manual_seed(0))
+    return draw

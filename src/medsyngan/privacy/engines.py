@@ -4,7 +4,8 @@ An engine computes, for one private D update, the clipped real-sample gradient s
 gradient in one call::
 
     engine = make_engine(trainer, "auto")            # UserError for an engine the loss cannot use
-    grads, fake_loss = engine.gradients(trainer, real, fake, clip, expected, fake_clip=None)
+    grads, fake_loss = engine.gradients(trainer, real, fake, clip, expected, fake_clip=None, real_c=None,
+                                        fake_c=None)  # the batches' labels, for a conditional D
     # grads: {parameter: Σ_i clip_C(∇ real loss_i) / expected + ∇ mean fake loss}, before noise
     engine.remove()                                  # drop its hooks when another engine replaces it
 
@@ -37,17 +38,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medsyngan.errors import UserError
-from medsyngan.training.step import GANTrainer
+from medsyngan.training.step import GANTrainer, conditioned
 
 ENGINES = ("auto", "ghost", "vmap", "loop")
 
 
 # ====================================================================== model checks
-def validate_discriminator(D: nn.Module, probe: Tensor) -> None:
+def validate_discriminator(D: nn.Module, probe: Tensor, probe_c: Tensor | None = None) -> None:
     """One-line UserError when D cannot be trained with per-sample clipping; names the offending layer.
 
     Opacus' validators catch known layers (BatchNorm, ...); the probe catches any other layer that mixes samples
-    (e.g. minibatch-stddev): changing sample 1 must leave sample 0's output unchanged.
+    (e.g. minibatch-stddev): changing sample 1 (and its labels ``probe_c``, for a conditional D) must leave
+    sample 0's output unchanged.
     """
     from opacus.utils.module_utils import trainable_modules
     from opacus.validators import ModuleValidator
@@ -63,9 +65,12 @@ def validate_discriminator(D: nn.Module, probe: Tensor) -> None:
             )
     with torch.no_grad():
         x = probe[:2].clone()
-        base = D(x)
+        c = None if probe_c is None else probe_c[:2].clone()
+        base = conditioned(D, c)(x)
         x[1] = -x[1]
-        if not torch.allclose(D(x)[0], base[0], rtol=1e-4, atol=1e-5):
+        if c is not None:
+            c[1] = 1.0 - c[1]
+        if not torch.allclose(conditioned(D, c)(x)[0], base[0], rtol=1e-4, atol=1e-5):
             raise UserError(
                 f"the discriminator ({type(D).__name__}) mixes the samples of a batch (e.g. minibatch-stddev or "
                 "BatchNorm), so per-sample gradients do not exist; set model.dp_compatible=true"
@@ -267,15 +272,17 @@ class GhostEngine:
             h.remove()
 
     def gradients(self, trainer: GANTrainer, real: Tensor, fake: Tensor, clip: float, expected: float,
-                  fake_clip: float | None = None) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
+                  fake_clip: float | None = None, real_c: Tensor | None = None,
+                  fake_c: Tensor | None = None) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
         n, m = real.shape[0], fake.shape[0]
         x = torch.cat([real, fake]) if n else fake
+        c = None if fake_c is None else (torch.cat([real_c, fake_c]) if n else fake_c)
         for rule in self.rules:
             rule.per_sample = None
         self._records, self._capturing = {}, True
         try:
             with trainer._autocast():
-                logits = self.D(x)
+                logits = conditioned(self.D, c)(x)
         finally:
             self._capturing = False
         records = self._records
@@ -342,28 +349,29 @@ class _SeparateFakeEngine:
         pass
 
     def real_sums(self, trainer: GANTrainer, params: list[nn.Parameter], names: list[str], real: Tensor,
-                  fake: Tensor, clip: float) -> list[Tensor]:
+                  fake: Tensor, clip: float, real_c: Tensor | None) -> list[Tensor]:
         raise NotImplementedError
 
     def fake_sums(self, trainer: GANTrainer, params: list[nn.Parameter], names: list[str], fake: Tensor,
-                  clip: float) -> list[Tensor]:
+                  clip: float, fake_c: Tensor | None) -> list[Tensor]:
         raise NotImplementedError
 
     def gradients(self, trainer: GANTrainer, real: Tensor, fake: Tensor, clip: float, expected: float,
-                  fake_clip: float | None = None) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
+                  fake_clip: float | None = None, real_c: Tensor | None = None,
+                  fake_c: Tensor | None = None) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
         named = [(k, p) for k, p in self.D.named_parameters() if p.requires_grad]
         names, params = [k for k, _ in named], [p for _, p in named]
         if fake_clip is None:
-            fake_loss = trainer.d_fake_loss(self.D, fake).mean()
+            fake_loss = trainer.d_fake_loss(conditioned(self.D, fake_c), fake).mean()
             fake_grads = torch.autograd.grad(fake_loss, params, allow_unused=True)
             grads = {p: (g if g is not None else torch.zeros_like(p)) for p, g in zip(params, fake_grads)}
         else:
             with torch.no_grad():
-                fake_loss = trainer.d_fake_loss(self.D, fake).mean()
-            sums = self.fake_sums(trainer, params, names, fake, fake_clip)
+                fake_loss = trainer.d_fake_loss(conditioned(self.D, fake_c), fake).mean()
+            sums = self.fake_sums(trainer, params, names, fake, fake_clip, fake_c)
             grads = {p: s / fake.shape[0] for p, s in zip(params, sums)}
         if real.shape[0]:
-            for p, s in zip(params, self.real_sums(trainer, params, names, real, fake, clip)):
+            for p, s in zip(params, self.real_sums(trainer, params, names, real, fake, clip, real_c)):
                 grads[p] = grads[p] + s / expected
         return grads, fake_loss.detach()
 
@@ -373,24 +381,27 @@ class VmapEngine(_SeparateFakeEngine):
 
     name = "vmap"
 
-    def _sums(self, params, names, batch: Tensor, loss_of: Callable, clip: float) -> list[Tensor]:
+    def _sums(self, params, names, batch: Tensor, labels: Tensor | None, loss_of: Callable,
+              clip: float) -> list[Tensor]:
         from torch.func import functional_call, grad, vmap
 
         buffers = dict(self.D.named_buffers())
         values = {k: p.detach() for k, p in zip(names, params)}
 
-        def loss_one(p: dict[str, Tensor], x: Tensor) -> Tensor:
-            D = lambda y: functional_call(self.D, (p, buffers), (y,))  # noqa: E731
+        def loss_one(p: dict[str, Tensor], x: Tensor, c: Tensor | None) -> Tensor:
+            extra = () if c is None else (c.unsqueeze(0),)
+            D = lambda y: functional_call(self.D, (p, buffers), (y, *extra))  # noqa: E731
             return loss_of(D, x.unsqueeze(0))[0]
 
-        per_sample = vmap(grad(loss_one), in_dims=(None, 0))(values, batch)
+        in_dims = (None, 0, None if labels is None else 0)
+        per_sample = vmap(grad(loss_one), in_dims=in_dims)(values, batch, labels)
         return _clipped_sum([per_sample[k] for k in names], clip)
 
-    def real_sums(self, trainer, params, names, real, fake, clip):
-        return self._sums(params, names, real, trainer.d_real_loss, clip)
+    def real_sums(self, trainer, params, names, real, fake, clip, real_c):
+        return self._sums(params, names, real, real_c, trainer.d_real_loss, clip)
 
-    def fake_sums(self, trainer, params, names, fake, clip):
-        return self._sums(params, names, fake, trainer.d_fake_loss, clip)
+    def fake_sums(self, trainer, params, names, fake, clip, fake_c):
+        return self._sums(params, names, fake, fake_c, trainer.d_fake_loss, clip)
 
 
 class LoopEngine(_SeparateFakeEngine):
@@ -408,13 +419,18 @@ class LoopEngine(_SeparateFakeEngine):
                 s.add_(c)
         return sums
 
-    def real_sums(self, trainer, params, names, real, fake, clip):
+    def real_sums(self, trainer, params, names, real, fake, clip, real_c):
         m = fake.shape[0]
-        return self._sums(params, real.shape[0],
-                          lambda i: trainer.d_real_loss(self.D, real[i:i + 1], fake[i % m:i % m + 1])[0], clip)
+        return self._sums(params, real.shape[0], lambda i: trainer.d_real_loss(
+            conditioned(self.D, _row(real_c, i)), real[i:i + 1], fake[i % m:i % m + 1])[0], clip)
 
-    def fake_sums(self, trainer, params, names, fake, clip):
-        return self._sums(params, fake.shape[0], lambda i: trainer.d_fake_loss(self.D, fake[i:i + 1])[0], clip)
+    def fake_sums(self, trainer, params, names, fake, clip, fake_c):
+        return self._sums(params, fake.shape[0], lambda i: trainer.d_fake_loss(
+            conditioned(self.D, _row(fake_c, i)), fake[i:i + 1])[0], clip)
+
+
+def _row(c: Tensor | None, i: int) -> Tensor | None:
+    return None if c is None else c[i:i + 1]
 
 
 def make_engine(trainer: GANTrainer, engine: str = "auto") -> GhostEngine | VmapEngine | LoopEngine:

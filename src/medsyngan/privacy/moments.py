@@ -18,10 +18,13 @@ The release (:func:`release_mean_image`)
   does not depend on k); the sum over units gets N(0, (σ · clip · k)²) per coordinate; dividing by the number of
   units (treated as public, as DP-SGD's sampling rate q = batch / units already is) and adding the reference back
   gives the target.
-- Adding or removing a unit moves the sum by at most ``clip · k``: one Gaussian mechanism with noise multiplier σ,
-  i.e. one accountant entry (σ, q = 1, 1 step) composed with the DP-SGD steps (``accounting.plan_dp``).
-- It happens once per hospital and run; the target is kept in the hospital's DP state, so later rounds and a
-  resumed run reuse it and spend nothing more.
+- Replacing one unit by another moves the sum by at most 2 · ``clip · k``: one Gaussian mechanism with noise
+  multiplier σ under the replace-one relation (``accounting``: dp-accounting's REPLACE shift of ± clip · k), i.e. one
+  accountant entry (σ, q = 1, 1 step) composed with the DP-SGD steps, and paid from the same budget
+  (``accounting.plan_dp``).
+- It happens once per hospital and run; the target is kept in the hospital's ledger, so later rounds and a
+  resumed run reuse it and spend nothing more. A release that began and was lost (a crash before the target
+  reached the ledger) is never repeated with the same noise: the next attempt draws its own and is charged again.
 
 The anchor (:class:`MeanImageRelease` as a loss term)
 ----------------------------------------------------
@@ -83,15 +86,16 @@ def release_mean_image(images: np.ndarray, patients: Sequence[str] | np.ndarray 
 
 
 @torch.no_grad()
-def generator_mean(G: torch.nn.Module, size: int, seed: int = 0) -> Tensor:
-    """The k×k mean of ``REFERENCE_SAMPLES`` images of G (in eval mode, so BatchNorm statistics do not move)."""
+def generator_mean(G: torch.nn.Module, size: int, seed: int = 0, labels: Tensor | None = None) -> Tensor:
+    """The k×k mean of ``REFERENCE_SAMPLES`` images of G (in eval mode, so BatchNorm statistics do not move);
+    ``labels`` (REFERENCE_SAMPLES, c_dim) for a conditional G."""
     device = next(G.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn(REFERENCE_SAMPLES, G.z_dim, generator=gen, device=device)
     was_training = G.training
     G.eval()
     try:
-        return lowres_mean(G(z), size).cpu()
+        return lowres_mean(G(z) if labels is None else G(z, c=labels.to(device)), size).cpu()
     finally:
         G.train(was_training)
 
@@ -101,15 +105,17 @@ class MeanImageRelease:
 
     The release happens at the first generator step, not when the session is built: only then does G hold the
     weights it trains from (a federated hospital receives the global model with its first round), and its mean
-    image is the reference. The noise seed comes from ``noise_seed()``, derived from the hospital's persisted
-    secret, so a release repeated after a crash repeats the same numbers instead of publishing a second draw.
-    The accountant is charged for it up front, in the plan (``accounting.DPPlan.accountant``).
+    image is the reference. ``begin()`` charges the release and returns the seed of its noise (the session's,
+    written to the ledger before anything is computed); ``finished()`` records the target once it exists.
     """
 
     def __init__(self, images: np.ndarray, patients: Sequence[str] | np.ndarray | None, size: int, clip: float,
                  noise_multiplier: float, weight: float, generator: torch.nn.Module,
-                 noise_seed: Callable[[], int]):
-        self.images, self.patients, self.generator, self.noise_seed = images, patients, generator, noise_seed
+                 reference_labels: Callable[[int], Tensor] | None = None):
+        self.images, self.patients, self.generator = images, patients, generator
+        self.reference_labels = reference_labels  # n → labels of the reference images, for a conditional G
+        self.begin: Callable[[], int] | None = None
+        self.finished: Callable[[], None] = lambda: None
         self.size, self.clip = int(size), float(clip)
         self.noise_multiplier, self.weight = float(noise_multiplier), float(weight)
         self.target: Tensor | None = None
@@ -117,9 +123,14 @@ class MeanImageRelease:
 
     def release(self) -> Tensor:
         if self.target is None:
-            noise = torch.Generator().manual_seed(self.noise_seed())
+            if self.begin is None:
+                raise RuntimeError("the mean-image release has no session to charge it")
+            noise = torch.Generator().manual_seed(self.begin())
+            labels = self.reference_labels(REFERENCE_SAMPLES) if self.reference_labels is not None else None
+            reference = generator_mean(self.generator, self.size, labels=labels)
             self.target = release_mean_image(self.images, self.patients, self.size, self.clip,
-                                             self.noise_multiplier, generator_mean(self.generator, self.size), noise)
+                                             self.noise_multiplier, reference, noise)
+            self.finished()
         return self.target
 
     def __call__(self, fake: Tensor) -> tuple[Tensor, Tensor]:

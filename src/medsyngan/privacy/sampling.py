@@ -7,6 +7,9 @@ accountant's sampling rate is the patient rate, whatever the number of images pe
 
 Batches are variable in size, possibly empty; an empty batch is still a private step (noise only) and still counts.
 
+With ``labels`` (one float vector per image, for a conditional model) a batch is (images, labels) of the same rows:
+a sampled patient's image comes with its own labels, which enter D only inside that sample's clipped loss.
+
 The random stream of batch t is derived from (seed, t) alone, so the sampler's whole state is (seed, draws) and a
 resumed run draws exactly the batches the uninterrupted one would have. The seed must stay secret to the hospital:
 amplification by subsampling assumes the adversary does not know who was sampled (see ``session.py``).
@@ -32,7 +35,8 @@ def _stream(seed: int, index: int, purpose: int) -> np.random.Generator:
 
 
 class PoissonUnitSampler:
-    """Callable real-batch source for ``GANTrainer.train_step``: (B, 1, S, S) float32 in [-1, 1], B random.
+    """Callable real-batch source for ``GANTrainer.train_step``: (B, 1, S, S) float32 in [-1, 1], B random (with
+    ``labels``: the pair of that batch and its (B, c_dim) labels).
 
     Args:
         images: (N, S, S) uint8 training images.
@@ -43,10 +47,12 @@ class PoissonUnitSampler:
         device: where batches go.
         augment: optional data augmentation (data-independent randomness, applied per image, so it is part of
             the per-sample computation and costs no privacy).
+        labels: (N, c_dim) label vectors of the images, or None.
     """
 
     def __init__(self, images: np.ndarray, patients: Sequence[str] | np.ndarray | None, expected_batch: int,
-                 unit: str, seed: int, device: torch.device | str = "cpu", augment: AugmentSection | None = None):
+                 unit: str, seed: int, device: torch.device | str = "cpu", augment: AugmentSection | None = None,
+                 labels: np.ndarray | None = None):
         if images.ndim != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N, S, S], got {images.dtype} {images.shape}")
         if len(images) == 0:
@@ -55,6 +61,9 @@ class PoissonUnitSampler:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
         n, self.size = images.shape[0], images.shape[1]
         self._data = torch.from_numpy(np.ascontiguousarray(images).reshape(n, -1))
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{len(labels)} label vectors for {n} images")
+        self._labels = None if labels is None else torch.from_numpy(np.asarray(labels, np.float32).reshape(n, -1))
         if unit == "patient":
             if patients is None or len(patients) != n:
                 raise ValueError("patient-level sampling needs one patient id per image")
@@ -86,16 +95,18 @@ class PoissonUnitSampler:
         pick = np.floor(rng.random(len(chosen)) * self._counts[chosen]).astype(np.int64)
         return self._order[self._starts[chosen] + pick]
 
-    def __call__(self) -> torch.Tensor:
-        idx = self.indices(self.draws)
+    def __call__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self.indices(self.draws))
         t = self.draws
         self.draws += 1
-        rows = torch.index_select(self._data, 0, torch.from_numpy(idx))
+        rows = torch.index_select(self._data, 0, idx)
         x = rows.to(self.device).to(torch.float32).mul_(2.0 / 255.0).sub_(1.0).view(-1, 1, self.size, self.size)
         if self.augment is not None and len(x):
             gen = torch.Generator().manual_seed(int(_stream(self.seed, t, 1).integers(2**63)))
             x = augment_batch(x, self.augment, gen)
-        return x
+        if self._labels is None:
+            return x
+        return x, torch.index_select(self._labels, 0, idx).to(self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "draws": self.draws, "units": self.units, "unit": self.unit}

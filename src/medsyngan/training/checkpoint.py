@@ -7,27 +7,29 @@ Layout::
         model.safetensors   G., D., G_ema. tensors; the safetensors header also carries the metadata JSON, so this
                             one file is enough for `medsyngan generate --checkpoint FILE`
         train_state.pt      optimizer moments, path-length mean, the trainer's RNG (torch.save, weights_only-safe)
+        secret.bin          (DP runs) the secret seed and position of the DP sampling and noise streams, always
+                            sealed: see :func:`run_secret_key`
         meta.json           architecture, resolution, configuration TOML, step, kimg, ProGAN stage, RNG states of
-                            torch/numpy/python, the data loader's state, and SHA-256 of the two files above
+                            torch/numpy/python, the data loader's state, the public part of the DP state (accountant
+                            history, σ, q: ε is readable), and SHA-256 of the files above
       latest                the name of the newest complete folder
 
 A folder is assembled under a hidden temporary name and renamed into place, then ``latest`` is replaced: a crash
 at any moment leaves the previous checkpoint intact and pointed to. Only the newest ``keep`` folders are kept.
 
-Encryption at rest (``privacy.checkpoint_key``): the three files are sealed with AES-256-GCM under the run's key
-file (:mod:`medsyngan.sealed`), each bound to its role, so nothing of the weights, optimizer moments, RNG or
-accountant state is readable on disk. ``latest`` (a folder name) stays plain. Readers recognise sealed files by
-their header and take the key from the caller (``--key FILE``) or from the ``config.toml`` of the run the
-checkpoint belongs to.
+Encryption at rest (``privacy.checkpoint_key``): every file is sealed with AES-256-GCM under the run's key file
+(:mod:`medsyngan.sealed`), bound to the run id (``RUN/run_id``), the step (or round) and its role, so nothing of
+the weights, optimizer moments, RNG or accountant state is readable on disk, and a file from another run, step or
+role is refused. ``latest`` (a folder name) stays plain. Readers recognise sealed files by their header and take
+the key from the caller (``--key FILE``), from the ``config.toml`` of the run the checkpoint belongs to, or from
+that run's own key file (``RUN/keys/checkpoint.key``).
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -36,81 +38,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from medsyngan.config import Config, config_from_toml_text
 from medsyngan.errors import UserError
 from medsyngan.rundir import RunDir, atomic_write_text, sha256_file
-from medsyngan.sealed import IntegrityError, decrypt_at_rest, encrypt_at_rest, is_encrypted, load_key_file
+from medsyngan.sealed import Binding, encrypt_at_rest, ensure_key_file, load_key_file
+from medsyngan.training.checkpoint_keys import RUN_KEY, KeyRing, role
+from medsyngan.training.state_json import capture_rng, decode_json, encode_json, restore_rng
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
+SECRET_FILE = "secret.bin"
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
+MODEL_CARD_JSON = "model-card.json"  # beside model.safetensors: a model folder written by `medsyngan export`
 _META_KEY = "medsyngan"
 # Centralized runs save step-NNNNNN folders, federated runs round-NNNNN folders; both are snapshots of a run.
 _SNAPSHOT_DIR = re.compile(r"^(?:step|round)-(\d+)$")
-
-
-# ---------------------------------------------------------------------- JSON encoding of tensors and RNG states
-def _encode(value: Any) -> Any:
-    """JSON-safe form of nested dicts/lists holding tensors and numpy arrays (tensors → base64 of raw bytes)."""
-    if isinstance(value, Tensor):
-        t = value.detach().cpu().contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        return {"__tensor__": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                "b64": base64.b64encode(raw).decode()}
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": value.dtype.str, "shape": list(value.shape),
-                "b64": base64.b64encode(np.ascontiguousarray(value).tobytes()).decode()}
-    if isinstance(value, dict):
-        return {str(k): _encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, dict):
-        if "__tensor__" in value:
-            dtype = getattr(torch, value["__tensor__"])
-            raw = bytearray(base64.b64decode(value["b64"]))
-            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-            return flat.view(dtype).reshape(value["shape"]).clone()
-        if "__ndarray__" in value:
-            arr = np.frombuffer(base64.b64decode(value["b64"]), dtype=np.dtype(value["__ndarray__"]))
-            return arr.reshape(value["shape"]).copy()
-        return {k: _decode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value
-
-
-def capture_rng() -> dict[str, Any]:
-    """The global RNG states of torch (CPU and CUDA), numpy and python, JSON-safe."""
-    state: dict[str, Any] = {
-        "torch": _encode(torch.get_rng_state()),
-        "numpy": _encode(list(np.random.get_state())),
-        "python": _encode(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [_encode(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(_decode(state["torch"]))
-    name, keys, pos, has_gauss, cached = _decode(state["numpy"])
-    np.random.set_state((name, keys, int(pos), int(has_gauss), float(cached)))
-    version, internal, gauss = _decode(state["python"])
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_decode(s) for s in state["cuda"]])
 
 
 # ---------------------------------------------------------------------- keys
@@ -121,18 +68,61 @@ def checkpoint_key(cfg: Config) -> bytes | None:
     return load_key_file(cfg.privacy.checkpoint_key) if cfg.privacy.checkpoint_key else None
 
 
-def _role(name: str) -> str:
-    """The associated data of a sealed checkpoint file: its role, not its path, so a checkpoint folder can be
-    copied or a lone model.safetensors renamed, but weights cannot be passed off as training state."""
-    return f"checkpoint/{name}"
+def run_secret_key(run_root: Path, key: bytes | None) -> bytes:
+    """The key that seals a run's secrets (the DP sampling and noise seed): ``key`` (the run's
+    ``privacy.checkpoint_key``) when there is one, else the run's own key file ``RUN/keys/checkpoint.key``,
+    created (0600, logged) on first use.
+
+    Why create a key rather than refuse to train: the secret must never be written in plaintext, and a DP run
+    without ``privacy.checkpoint_key`` is the common case (presets, demo, study); refusing would make every one of
+    them a keygen step first, for no gain over a key the run makes itself. The key lies outside ``checkpoints/``,
+    so a checkpoint folder that is copied or shared carries nothing from which the noise can be rebuilt, while
+    its ``meta.json`` still shows ε. It does not protect against whoever holds the whole run directory: for that,
+    keep a ``privacy.checkpoint_key`` elsewhere (then every file is sealed with it).
+    """
+    return key if key is not None else load_key_file(run_key_file(run_root))
+
+
+def run_key_file(run_root: Path) -> Path:
+    """The run's own key file ``RUN/keys/checkpoint.key``, created (0600, logged) on first use."""
+    path = Path(run_root) / RUN_KEY
+    ensure_key_file(path, "this run's DP secrets (the seeds of its sampling and noise) at rest")
+    return path
+
+
+def _snapshot_step(name: str) -> int:
+    match = _SNAPSHOT_DIR.match(name)
+    if match is None:
+        raise ValueError(f"checkpoint folder name {name!r} is not step-NNNNNN or round-NNNNN")
+    return int(match.group(1))
+
+
+def _keyring(target: Path, key: bytes | None) -> KeyRing:
+    """The keys of the checkpoint at ``target`` (a folder, or a file in one), held to the run whose
+    ``checkpoints/`` holds its folder and to the step its folder's name says; a lone file to its role only."""
+    folder = target if target.is_dir() else target.parent
+    if _SNAPSHOT_DIR.match(folder.name) is None:
+        return KeyRing(key, None, None)
+    return KeyRing(key, RunDir(folder.resolve().parent.parent), _snapshot_step(folder.name))
 
 
 # ---------------------------------------------------------------------- writing
 
 
-def _write_synced(path: Path, data: bytes, key: bytes | None = None) -> None:
+def weights_bytes(tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
+    """A safetensors file of ``tensors`` whose header carries what a reader needs of ``meta`` to build the
+    networks (architecture, resolution, configuration, …), so that the weights file alone can be sampled from."""
+    from safetensors.torch import save as st_save
+
+    header = {k: v for k, v in meta.items() if k in ("format", "arch", "resolution", "z_dim", "step", "kimg",
+                                                     "stage_resolution", "alpha", "config_toml", "parts", "labels")}
+    weights = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return st_save(weights, metadata={_META_KEY: json.dumps(header)})
+
+
+def _write_synced(path: Path, data: bytes, key: bytes | None, run_id: str, step: int) -> None:
     if key is not None:
-        data = encrypt_at_rest(data, key, _role(path.name))
+        data = encrypt_at_rest(data, key, Binding(run_id, step, role(path.name)))
     with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -147,33 +137,42 @@ def save_checkpoint_files(
     state: dict[str, Any] | None = None,
     keep: int = 3,
     key: bytes | None = None,
+    secret: dict[str, Any] | None = None,
+    secret_key: bytes | None = None,
 ) -> Path:
-    """Write one checkpoint folder ``checkpoints_dir/name`` atomically and point ``latest`` at it.
+    """Write one checkpoint folder ``checkpoints_dir/name`` (step-NNNNNN or round-NNNNN) atomically and point
+    ``latest`` at it.
 
     ``tensors``: flat name → tensor (saved as safetensors); ``meta``: JSON-safe metadata (tensors inside are encoded);
     ``state``: anything ``torch.load(weights_only=True)`` can read back (optimizer state dicts, counters);
-    ``key``: seal every file with it (:func:`checkpoint_key`); the recorded SHA-256 are those of the sealed bytes.
+    ``key``: seal every file with it (:func:`checkpoint_key`); the recorded SHA-256 are those of the sealed bytes;
+    ``secret``: JSON-safe values that are never written in plaintext, sealed with ``secret_key``
+    (:func:`run_secret_key`). Sealed files are bound to the run id of ``checkpoints_dir``'s parent (the run
+    directory), the step in ``name`` and their role.
     """
-    from safetensors.torch import save as st_save
-
+    if secret is not None and secret_key is None:
+        raise ValueError("a checkpoint's secret is only ever written sealed; pass secret_key")
     checkpoints_dir = Path(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    step = _snapshot_step(name)
+    run_id = RunDir(checkpoints_dir.parent).run_id()
     final = checkpoints_dir / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=checkpoints_dir))
     try:
-        meta = {"format": FORMAT_VERSION, "created": time.time(), **_encode(meta)}
-        header = {k: v for k, v in meta.items() if k in ("format", "arch", "resolution", "z_dim", "step", "kimg",
-                                                         "stage_resolution", "alpha", "config_toml", "parts")}
-        weights = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        _write_synced(tmp / WEIGHTS_FILE, st_save(weights, metadata={_META_KEY: json.dumps(header)}), key)
-        files = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
+        meta = {"format": FORMAT_VERSION, "created": time.time(), **encode_json(meta)}
+        files = {}
+        blobs = {WEIGHTS_FILE: (weights_bytes(tensors, meta), key)}
         if state is not None:
             buf = io.BytesIO()
             torch.save(state, buf)
-            _write_synced(tmp / STATE_FILE, buf.getvalue(), key)
-            files[STATE_FILE] = sha256_file(tmp / STATE_FILE)
+            blobs[STATE_FILE] = (buf.getvalue(), key)
+        if secret is not None:
+            blobs[SECRET_FILE] = (json.dumps(encode_json(secret)).encode(), secret_key)
+        for file_name, (data, file_key) in blobs.items():
+            _write_synced(tmp / file_name, data, file_key, run_id, step)
+            files[file_name] = sha256_file(tmp / file_name)
         meta["files"] = files
-        _write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode(), key)
+        _write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode(), key, run_id, step)
         if final.exists():
             # Re-saving a step (after a resume) replaces the old folder; move it aside first so the rename is atomic.
             stale = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=checkpoints_dir))
@@ -216,9 +215,11 @@ def save_trainer_checkpoint(
     extra_meta: dict[str, Any] | None = None,
     keep: int = 3,
     key: bytes | None = None,
+    secret: dict[str, Any] | None = None,
+    secret_key: bytes | None = None,
 ) -> Path:
     """Checkpoint a :class:`~medsyngan.training.step.GANTrainer` together with global RNG and data-loader state
-    (sealed with ``key`` when given)."""
+    (sealed with ``key`` when given; ``secret`` and ``secret_key`` as in :func:`save_checkpoint_files`)."""
     full = trainer.state_dict()
     counters = full["counters"]
     meta = {
@@ -233,74 +234,43 @@ def save_trainer_checkpoint(
         **(extra_meta or {}),
     }
     state = {k: v for k, v in full.items() if k != "models"}
-    return save_checkpoint_files(checkpoints_dir, step_name(trainer.step), full["models"], meta, state, keep, key)
+    return save_checkpoint_files(checkpoints_dir, step_name(trainer.step), full["models"], meta, state, keep, key,
+                                 secret, secret_key)
 
 
 # ---------------------------------------------------------------------- reading
-class _KeyRing:
-    """Opens the files of one checkpoint: plain ones as they are, sealed ones with the caller's key, else the key
-    file named by the ``config.toml`` of the run the checkpoint lies in (looked up at the first sealed file)."""
-
-    def __init__(self, target: Path, key: bytes | None):
-        self.target = target
-        self._given = [(key, "the key given")] if key is not None else []
-        self._from_run: list[tuple[bytes, str]] | None = None
-        self._run_problem = ""
-
-    def _run_key(self) -> list[tuple[bytes, str]]:
-        folder = next((f for f in self.target.resolve().parents if f.name == "checkpoints"), None)
-        run = RunDir(folder.parent) if folder is not None else None
-        if run is None or not run.config_path.is_file():
-            return []
-        key_file = run.load_config().privacy.checkpoint_key
-        if not key_file:
-            return []
-        where = f"key file {key_file} (privacy.checkpoint_key of {run.config_path})"
-        if not Path(key_file).is_file():
-            self._run_problem = f"; its run names {where}, which is not found here"
-            return []
-        return [(load_key_file(key_file), where)]
-
-    def open(self, file: Path, role: str) -> bytes:
-        blob = file.read_bytes()
-        if not is_encrypted(blob):
-            return blob
-        if self._from_run is None:
-            self._from_run = self._run_key()
-        keys = self._given + self._from_run
-        if not keys:
-            raise UserError(f"checkpoint {file} is encrypted; pass --key FILE, the key file it was written with "
-                            f"(privacy.checkpoint_key of its run){self._run_problem}")
-        for key, _ in keys:
-            try:
-                return decrypt_at_rest(blob, key, _role(role))
-            except IntegrityError as exc:
-                if exc.reason == "malformed":
-                    raise _corrupt(file, exc) from None
-        tried = " or ".join(name for _, name in keys)
-        raise UserError(f"checkpoint {file} does not decrypt with {tried}: wrong key file, or the file was altered; "
-                        f"pass the key file it was written with (--key FILE){self._run_problem}")
-
-
 @dataclass
 class Checkpoint:
-    """A checkpoint found on disk; ``tensors`` and ``meta`` are read eagerly, the training state on demand."""
+    """A checkpoint found on disk; ``tensors`` and ``meta`` are read eagerly, the training state and the secret
+    on demand."""
 
     path: Path  # the folder, or the lone safetensors file
     meta: dict[str, Any]
     tensors: dict[str, Tensor]
-    keys: _KeyRing | None = field(default=None, repr=False)
+    keys: KeyRing | None = field(default=None, repr=False)
 
     def config(self) -> Config:
         return config_from_toml_text(self.meta["config_toml"], f"{self.path} (embedded configuration)")
 
-    def training_state(self) -> dict[str, Any]:
-        file = self.path / STATE_FILE if self.path.is_dir() else None
+    def _read(self, name: str, what: str) -> bytes:
+        file = self.path / name if self.path.is_dir() else None
         if file is None or not file.is_file():
-            raise UserError(f"{self.path}: no {STATE_FILE} (training state); resume needs a full checkpoint folder")
-        keys = self.keys or _KeyRing(self.path, None)
+            raise UserError(f"{self.path}: no {name} ({what}); resume needs a full checkpoint folder")
+        return (self.keys or _keyring(self.path, None)).open(file, name)
+
+    def training_state(self) -> dict[str, Any]:
         try:
-            return torch.load(io.BytesIO(keys.open(file, STATE_FILE)), map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(self._read(STATE_FILE, "training state")), map_location="cpu",
+                              weights_only=True)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+            raise _corrupt(self.path, exc) from None
+
+    def secret(self) -> dict[str, Any]:
+        """What ``save_checkpoint_files`` was given as ``secret`` (e.g. the DP session's seed and sampler)."""
+        try:
+            return decode_json(json.loads(self._read(SECRET_FILE, "the sealed DP secret")))
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
@@ -326,12 +296,15 @@ def _corrupt(path: Path, exc: BaseException) -> UserError:
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
-    """A run dir, its checkpoints/ folder, a step folder or a .safetensors file → the checkpoint to read."""
+    """A run dir, its checkpoints/ folder, a step folder, a model folder written by `medsyngan export` or a
+    .safetensors file → the checkpoint to read."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint path {path} does not exist; pass a run directory or a checkpoint folder/file")
     if path.is_file():
         return path
+    if (path / MODEL_CARD_JSON).is_file() and (path / WEIGHTS_FILE).is_file():
+        return path / WEIGHTS_FILE
     if (path / META_FILE).is_file() or (path / WEIGHTS_FILE).is_file():
         return path
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -362,7 +335,7 @@ def load_checkpoint(path: Path | str, key: bytes | None = None) -> Checkpoint:
     the checkpoint's run names; a missing or wrong key is a UserError naming the file.
     """
     target = resolve_checkpoint(path)
-    keys = _KeyRing(target, key)
+    keys = _keyring(target, key)
     try:
         if target.is_file():
             meta, tensors = _read_weights(keys.open(target, WEIGHTS_FILE))
@@ -397,4 +370,4 @@ def restore_trainer(trainer: Any, ckpt: Checkpoint) -> dict[str, Any] | None:
         ) from None
     restore_rng(ckpt.meta["rng"])
     loader = ckpt.meta.get("loader")
-    return _decode(loader) if loader is not None else None
+    return decode_json(loader) if loader is not None else None

@@ -24,6 +24,15 @@ then adds the gradient of ``trainer.d_fake_loss(D, fake).mean()`` unclipped (gen
 steps ``trainer.opt_d``; it may also swap ``trainer.D`` for a wrapped module (e.g. Opacus' GradSampleModule) with
 the same ``forward``. The generator step never goes through it: D's parameters have ``requires_grad=False``
 during the G step, so no per-sample machinery runs there and D's weight gradients are not computed at all.
+
+Class-conditional models (``model.condition``, :mod:`medsyngan.data.labels`): the real-batch source returns
+``(images, labels)`` instead of images, generated batches draw their labels from ``trainer.label_source`` (set
+with :meth:`GANTrainer.set_label_source` before the first step) through the trainer's own label RNG, and every D
+call takes the batch's labels. A discriminator update receives them as ``real_c`` / ``fake_c`` and evaluates the
+loss functions on ``conditioned(D, c)``, so that sample i's loss still depends on real[i] and its labels only.
+
+This module is longer than the usual 400 lines: the step, its schedule, its conditioning and its state are one
+unit that every training path (centralized, each hospital, DP) shares.
 """
 
 from __future__ import annotations
@@ -37,13 +46,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medsyngan.config import Config
+from medsyngan.data.labels import LabelDistribution, LabelLayout
+from medsyngan.errors import UserError
 from medsyngan.runtime import bf16_pays, select_device
 from medsyngan.training import losses
 from medsyngan.training.schedule import GrowthSchedule
 
 MODEL_PARTS = ("G", "D", "G_ema")
-# The trainer's own latent/noise RNG is seeded apart from the weight-initialization RNG.
+# The trainer's own latent/noise RNG is seeded apart from the weight-initialization RNG, its label RNG apart from both.
 _RNG_SALT = 0x6D7367
+_LABEL_SALT = 0x6C6162
 
 
 # Families whose training step measured faster with channels-last tensors on a CPU (benchmarks/bench_families.py
@@ -79,26 +91,48 @@ def _adam(params: Iterable[Tensor], lr: float, betas: tuple[float, float], eps: 
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
+def conditioned(D: Callable[..., Tensor], c: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """D as a function of images alone: ``D`` itself when there are no labels, else x ↦ D(x, c) (c row i goes with
+    image row i, also for the WGAN-GP interpolates of the real batch)."""
+    return D if c is None else (lambda x: D(x, c))
+
+
+def split_batch(batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """(images, labels or None) of what a real-batch source returned."""
+    return (batch[0], batch[1]) if isinstance(batch, tuple) else (batch, None)
+
+
+def draw_real(next_real: Callable[[], Tensor | tuple[Tensor, Tensor]], draws: int) -> tuple[Tensor, Tensor | None]:
+    """(images, labels or None) of ``draws`` consecutive real batches, concatenated."""
+    if draws == 1:
+        return split_batch(next_real())
+    parts = [split_batch(next_real()) for _ in range(draws)]
+    labels = None if parts[0][1] is None else torch.cat([c for _, c in parts])
+    return torch.cat([x for x, _ in parts]), labels
+
+
 class DiscriminatorUpdate:
     """How one discriminator update turns losses into a parameter step (replaceable, e.g. by DP-SGD).
 
     The default is the ordinary non-private update: one backward of mean(real terms) + mean(fake terms), then an
-    optimizer step. ``regularize`` is the lazy R1 step (StyleGAN2), which touches real images too.
+    optimizer step. ``regularize`` is the lazy R1 step (StyleGAN2), which touches real images too. ``real_c`` and
+    ``fake_c`` are the batches' labels (None for an unconditional model).
     """
 
     private = False
 
-    def step(self, trainer: "GANTrainer", real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+    def step(self, trainer: "GANTrainer", real: Tensor, fake: Tensor, real_c: Tensor | None = None,
+             fake_c: Tensor | None = None) -> dict[str, Tensor]:
         trainer.opt_d.zero_grad(set_to_none=True)
-        real_loss = trainer.d_real_loss(trainer.D, real, fake).mean()
-        fake_loss = trainer.d_fake_loss(trainer.D, fake).mean()
+        real_loss = trainer.d_real_loss(conditioned(trainer.D, real_c), real, fake).mean()
+        fake_loss = trainer.d_fake_loss(conditioned(trainer.D, fake_c), fake).mean()
         (real_loss + fake_loss).backward()
         trainer.opt_d.step()
         return {"d_loss": (real_loss + fake_loss).detach(), "d_real": real_loss.detach(), "d_fake": fake_loss.detach()}
 
-    def regularize(self, trainer: "GANTrainer", real: Tensor) -> dict[str, Tensor]:
+    def regularize(self, trainer: "GANTrainer", real: Tensor, real_c: Tensor | None = None) -> dict[str, Tensor]:
         trainer.opt_d.zero_grad(set_to_none=True)
-        loss = trainer.d_reg_loss(trainer.D, real).mean()
+        loss = trainer.d_reg_loss(conditioned(trainer.D, real_c), real).mean()
         loss.backward()
         trainer.opt_d.step()
         return {"r1": loss.detach()}
@@ -151,7 +185,7 @@ class GANTrainer:
             t.amp == "bf16" or (t.amp == "auto" and bf16_pays(self.device))
         ) else None
 
-        style = self.arch == "stylegan2"
+        self.style_based = style = self.arch in ("stylegan2", "stylegan3")
         self.use_gp = t.loss == "wgan-gp" and t.gp_weight > 0
         self.use_r1 = style and t.r1_gamma > 0
         self.use_pl = style and t.pl_weight > 0
@@ -165,6 +199,10 @@ class GANTrainer:
         self.pl_reg = losses.PathLengthRegularizer().to(self.device) if self.use_pl else None
         self.rng = torch.Generator(device=self.device)
         self.rng.manual_seed(cfg.run.seed ^ _RNG_SALT)
+        self.label_layout = LabelLayout.of(cfg.model.condition)
+        self.conditional = self.label_layout.dim > 0
+        self.label_source: LabelDistribution | None = None
+        self.label_rng = torch.Generator().manual_seed(cfg.run.seed ^ _LABEL_SALT)
         self.d_update = d_update or DiscriminatorUpdate()
         # An extra generator-loss term, fake batch → (term, diagnostic): the private mean-image anchor
         # (privacy.moments) installs one; None trains G on the adversarial loss alone.
@@ -225,20 +263,38 @@ class GANTrainer:
     def _uniform(self, *shape: int) -> Tensor:
         return torch.rand(*shape, device=self.device, generator=self.rng)
 
-    def generate(self, n: int) -> tuple[Tensor, Tensor | None]:
-        """n generated images for training (with style mixing for StyleGAN2) and their ws (None if not style-based)."""
+    def set_label_source(self, source: LabelDistribution) -> None:
+        """Where generated batches' labels come from (a conditional model needs one before its first step)."""
+        if source.layout != self.label_layout:
+            raise UserError(f"label source for groups {list(source.layout.groups)} but model.condition is "
+                            f"{list(self.label_layout.groups)}; use the run's own configuration")
+        self.label_source = source
+
+    def fake_labels(self, n: int) -> Tensor | None:
+        """Labels of n generated images from the label source (None for an unconditional model)."""
+        if not self.conditional:
+            return None
+        if self.label_source is None:
+            raise UserError("a conditional model trains with a label source; train through medsyngan.workflows or "
+                            "call trainer.set_label_source first")
+        return self.label_source.sample(n, self.label_rng).to(self.device)
+
+    def generate(self, n: int, c: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """n generated images for training (style mixing for StyleGAN2/3) and their ws (None if not style-based);
+        ``c``: their labels, for a conditional model."""
         z = self.latents(n)
+        labels = {} if c is None else {"c": c}
         with self._autocast():
-            if self.arch != "stylegan2":
-                return self.G(z), None
-            ws = self.G.mapping(z)
+            if not self.style_based:
+                return self.G(z, **labels), None
+            ws = self.G.mapping(z, **labels)
             if self.mixing_p > 0:
                 # Draw both numbers every time so the RNG stream does not depend on the coin flip.
                 coin, cutoff = self._uniform(2).tolist()
                 z2 = self.latents(n)
                 if coin < self.mixing_p and ws.shape[1] > 1:
                     cut = 1 + int(cutoff * (ws.shape[1] - 1))
-                    ws = torch.cat([ws[:, :cut], self.G.mapping(z2, update_w_avg=False)[:, cut:]], dim=1)
+                    ws = torch.cat([ws[:, :cut], self.G.mapping(z2, update_w_avg=False, **labels)[:, cut:]], dim=1)
             return self.G.synthesis(ws), ws
 
     def prepare_real(self, real: Tensor) -> Tensor:
@@ -291,7 +347,7 @@ class GANTrainer:
         return penalty * (t.r1_gamma / 2 * t.r1_interval)
 
     # ------------------------------------------------------------------ the step
-    def train_step(self, next_real: Callable[[], Tensor]) -> dict[str, float]:
+    def train_step(self, next_real: Callable[[], Tensor | tuple[Tensor, Tensor]]) -> dict[str, float]:
         """``d_steps_per_g`` discriminator steps, then one generator step; returns the step's losses.
 
         The generated batch of the last D step is reused for the G step (as in the textbook DCGAN loop): G runs
@@ -299,26 +355,33 @@ class GANTrainer:
         """
         t = self.cfg.train
         out: dict[str, Tensor] = {}
-        fake = None
+        fake = fake_c = None
         batch = self.batch_size
         draws = batch // t.batch_size  # a ProGAN stage's larger batch is drawn as several loader batches
         for i in range(t.d_steps_per_g):
-            real = self.prepare_real(next_real() if draws == 1 else torch.cat([next_real() for _ in range(draws)]))
+            real, real_c = draw_real(next_real, draws)
+            real = self.prepare_real(real)
+            if self.conditional:
+                if real_c is None:
+                    raise UserError("a conditional model needs labelled real batches; build the loader with labels")
+                real_c, fake_c = real_c.to(self.device), self.fake_labels(batch)
+            else:
+                real_c = None
             last = i == t.d_steps_per_g - 1
             with torch.set_grad_enabled(last):
-                fake, ws = self.generate(batch)
-            out.update(self.d_update.step(self, real, fake.detach()))
+                fake, ws = self.generate(batch, fake_c)
+            out.update(self.d_update.step(self, real, fake.detach(), real_c=real_c, fake_c=fake_c))
             self.d_step += 1
             self.images_seen += batch
             if self.use_r1 and self.d_step % t.r1_interval == 0:
-                out.update(self.d_update.regularize(self, real))
+                out.update(self.d_update.regularize(self, real, real_c=real_c))
 
         for p in self.d_params:
             p.requires_grad_(False)
         try:
             self.opt_g.zero_grad(set_to_none=True)
             with self._autocast():
-                logits = self.D(fake).float()
+                logits = conditioned(self.D, fake_c)(fake).float()
             g_loss = losses.g_terms(self.loss, logits).mean()
             total = g_loss
             if self.g_extra_loss is not None:
@@ -344,7 +407,7 @@ class GANTrainer:
         t = self.cfg.train
         self.opt_g.zero_grad(set_to_none=True)
         n = max(1, t.batch_size // t.pl_batch_shrink)
-        images, ws = self.generate(n)
+        images, ws = self.generate(n, self.fake_labels(n))
         noise = torch.randn(images.shape, device=self.device, generator=self.rng)
         penalty = self.pl_reg(images, ws, noise).mean()
         (penalty * (t.pl_weight * t.pl_interval)).backward()
@@ -424,6 +487,7 @@ class GANTrainer:
             "pl_mean": self.pl_reg.pl_mean.detach().cpu() if self.pl_reg is not None else None,
             "counters": self.counters(),
             "rng": self.rng.get_state(),
+            **({"label_rng": self.label_rng.get_state()} if self.conditional else {}),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -435,6 +499,8 @@ class GANTrainer:
         if self.pl_reg is not None and state.get("pl_mean") is not None:
             self.pl_reg.pl_mean.copy_(state["pl_mean"])
         self.rng.set_state(state["rng"])
+        if self.conditional:
+            self.label_rng.set_state(state["label_rng"])
 
     def counters(self) -> dict[str, float | int]:
         res, alpha = self.stage if self.stage is not None else (self.resolution, 1.0)

@@ -3,6 +3,12 @@
 Stopping: Ctrl-C or SIGTERM asks the loop to stop after the step in progress, then a checkpoint is written and
 the run ends (a second Ctrl-C aborts at once). Stopping between steps, never inside one, is what lets
 ``--resume`` reproduce the uninterrupted run exactly.
+
+DP runs: the DP session's state is split in two. Its public part (accountant history, σ, q, the plan) goes to
+the checkpoint's ``meta.json``, so ε can be read from any checkpoint; the rest — the secret seed of the sampling
+and noise streams and the sampler's position, from which anyone could rebuild which patients were drawn and the
+noise added to D — goes only to the sealed ``secret.bin``, under ``privacy.checkpoint_key`` or the run's own key
+file (:func:`~medsyngan.training.checkpoint.run_secret_key` says why the run makes one rather than refusing).
 """
 
 from __future__ import annotations
@@ -16,17 +22,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from medsyngan.config import Config
 from medsyngan.errors import UserError
 from medsyngan.rundir import RunDir, log, progress
 from medsyngan.runtime import configure_threads, seed_everything
-from medsyngan.training.checkpoint import checkpoint_key, load_checkpoint, restore_trainer, save_trainer_checkpoint
+from medsyngan.training.checkpoint import (
+    checkpoint_key,
+    load_checkpoint,
+    restore_trainer,
+    run_secret_key,
+    save_trainer_checkpoint,
+)
 from medsyngan.training.generate import fixed_latents, save_sample_grid
 from medsyngan.training.pretrained import pretrained_state
 from medsyngan.training.schedule import check_run_length
 from medsyngan.training.step import GANTrainer
+
+# The parts of a DP session's state that may be read without a key; everything else (the seed of the secret
+# streams, the sampler's position, and whatever the session keeps beside them) is sealed.
+DP_PUBLIC_STATE = ("version", "accountant", "target_epsilon", "max_grad_norm", "guaranteed_steps", "planned_steps",
+                   "mean_image", "labels")
+
+
+def split_dp_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(public, secret) parts of a ``DPSession.state_dict()``; ``{**public, **secret}`` is the whole state."""
+    public = {k: v for k, v in state.items() if k in DP_PUBLIC_STATE}
+    return public, {k: v for k, v in state.items() if k not in DP_PUBLIC_STATE}
+
 
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between steps; a second SIGINT raises KeyboardInterrupt."""
@@ -67,6 +90,7 @@ def _check_data(cfg: Config, images: np.ndarray, source: str) -> None:
 def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
     """Train on one machine until ``cfg.train.steps`` generator steps; returns a summary of the run."""
     from medsyngan.data.api import load_training_data
+    from medsyngan.data.labels import describe_source, plain_label_source, training_labels
     from medsyngan.data.loader import BatchLoader
     from medsyngan.models.registry import check_model_section
 
@@ -79,13 +103,18 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
     ckpt = load_checkpoint(run_dir.checkpoints, key) if resume else None
     if ckpt is not None:
         ckpt.check_matches(cfg)
+    # Read before the run's key file could be made: a resumed run whose key is lost stops here.
+    dp_state = {**ckpt.meta["dp"], **ckpt.secret()["dp"]} if ckpt is not None and "dp" in ckpt.meta else None
+    secret_key = run_secret_key(run_dir.root, key) if cfg.privacy.dp else None
 
     data = load_training_data(cfg)
     _check_data(cfg, data.images, cfg.data.path or cfg.data.source)
+    labels = training_labels(cfg, data)
     trainer = GANTrainer(cfg)
     if ckpt is None and t.init_from:
         trainer.load_model_state(pretrained_state(cfg))
-    loader = BatchLoader(data.images, t.batch_size, cfg.run.seed, device=trainer.device, augment=cfg.data.augment)
+    loader = BatchLoader(data.images, t.batch_size, cfg.run.seed, device=trainer.device, augment=cfg.data.augment,
+                         labels=labels)
     latents = fixed_latents(trainer.G.z_dim, cfg.run.seed)
 
     if ckpt is not None:
@@ -102,8 +131,13 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
         from medsyngan.privacy.dp import enable_dp
 
         dp = enable_dp(trainer, data.images, data.patients, cfg.privacy, batch_size=t.batch_size,
-                       planned_steps=planned_private_steps(cfg), augment=cfg.data.augment,
-                       state=ckpt.meta.get("dp") if ckpt else None)
+                       planned_steps=planned_private_steps(cfg), augment=cfg.data.augment, state=dp_state,
+                       labels=labels)
+    elif trainer.conditional:
+        trainer.set_label_source(plain_label_source(cfg, labels))
+    if trainer.conditional:
+        log.info("generated labels: %s", describe_source(t.label_source, t.label_table, cfg.privacy.dp,
+                                                           cfg.privacy.label_noise))
     next_real = dp.next_real if dp is not None else loader.__next__
     log.info(
         "training %s at %d px on %s in %s: %d images, batch %d, %d steps",
@@ -112,9 +146,14 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
     )
 
     def checkpoint() -> Path:
-        dp_meta = {"dp": dp.state_dict()} if dp is not None else None
-        return save_trainer_checkpoint(run_dir.checkpoints, trainer, cfg, loader.state_dict(), extra_meta=dp_meta,
-                                       key=key)
+        meta = {"labels": trainer.label_source.to_json()} if trainer.label_source is not None else {}
+        if dp is None:
+            return save_trainer_checkpoint(run_dir.checkpoints, trainer, cfg, loader.state_dict(), extra_meta=meta,
+                                           key=key)
+        public, secret = split_dp_state(dp.state_dict())
+        return save_trainer_checkpoint(run_dir.checkpoints, trainer, cfg, loader.state_dict(),
+                                       extra_meta={**meta, "dp": public}, key=key, secret={"dp": secret},
+                                       secret_key=secret_key)
 
     stop = StopRequest()
     last_time, last_images = time.perf_counter(), trainer.images_seen
@@ -134,7 +173,7 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
                 if trainer.stage is not None:
                     row["stage_resolution"], row["alpha"] = trainer.stage
                 if dp is not None:
-                    row.update(dp.metrics())  # epsilon (the larger), epsilon_rdp, epsilon_prv
+                    row.update(dp.metrics())  # epsilon (replace-one), epsilon_add_remove
                 run_dir.append_metrics(row)
             if step % t.sample_every == 0 or step == t.steps:
                 save_sample_grid(trainer, latents, run_dir.samples / f"step-{step:06d}.png")

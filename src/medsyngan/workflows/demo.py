@@ -134,11 +134,16 @@ def print_summary(runs: list[RunOutcome], hospitals: list[dict[str, Any]], wall_
                   out: Console = console) -> None:
     from rich.table import Table
 
-    per = Table(title="hospitals (federated, private)")
+    units = sorted({h.get("unit", "patient") for h in hospitals if h["epsilon"] is not None}) or ["patient"]
+    per = Table(title="hospitals (federated, private)",
+                caption=f"ε from each hospital's ledger: replace-one {'/'.join(units)} (add/remove-one)")
     for column in ("hospital", "training images", "rounds", "ε spent", "bytes sent"):
         per.add_column(column, justify="right")
     for h in hospitals:
-        eps = "—" if h["epsilon"] is None else f"{h['epsilon']:.3f}"
+        eps = "—"
+        if h["epsilon"] is not None:
+            beside = h.get("epsilon_add_remove")
+            eps = f"{h['epsilon']:.3f}" + (f" ({beside:.3f})" if beside is not None else "")
         per.add_row(str(h["hospital"]), str(h["images"]), str(h["rounds"]), eps, f"{h['bytes_sent'] / 1e6:.2f} MB")
     out.print(per)
 

@@ -137,7 +137,8 @@ def load_attack_discriminator(checkpoint: Path, device: torch.device | str = "cp
 
 
 def hospital_table(run_dir: RunDir) -> list[dict[str, Any]]:
-    """Per hospital of a federated run: training images, ε spent (the last round it trained in), bytes it sent."""
+    """Per hospital of a federated run: training images, ε spent as its own ledger reported it in the last round it
+    trained in (replace-one, with the add/remove-one figure and the unit), bytes it sent."""
     table: dict[str, dict[str, Any]] = {}
     for row in run_dir.read_metrics():
         for hospital, stats in row.get("hospital", {}).items():
@@ -145,6 +146,9 @@ def hospital_table(run_dir: RunDir) -> list[dict[str, Any]]:
                                                 "bytes_sent": 0, "rounds": 0})
             entry["images"] = int(stats.get("num_examples", 0))
             entry["epsilon"] = stats.get("epsilon", entry["epsilon"])
+            if "epsilon" in stats:
+                entry["epsilon_add_remove"] = stats.get("epsilon_add_remove")
+                entry["unit"] = "patient" if stats.get("patient_level") else "image"
             entry["bytes_sent"] += int(stats.get("bytes_received_from", 0))
             entry["rounds"] += 1
     return [table[k] for k in sorted(table, key=int)]

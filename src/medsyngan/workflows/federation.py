@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ APP_CONFIG: dict[str, Any] = {
     "resume": False,
     "mode": "simulation",  # simulation: the server prepares data and partition; deployment: hospitals bring theirs
     "aggregator-key": "",  # the aggregator's X25519 identity key file (needed when updates are encrypted)
+    "manifest": "",  # deployment: the PKI manifest, which SuperNode key is which hospital
+    "app-signature": "",  # deployment: the federation's signature of the app and this run config (pki sign-app)
     "job": "",  # a job file prepared by `medsyngan train`; when set, config, overrides and mode are not read
 }
 PARTITION_FILE = "partition.csv"
@@ -49,16 +50,6 @@ def hospital_metrics(fake_u8: np.ndarray, holdout_u8: np.ndarray) -> Mapping[str
     from medsyngan.metrics import evaluate_images
 
     return evaluate_images(fake_u8, holdout_u8, metrics=["fd", "kid"], kid_subset_size=min(100, len(holdout_u8)))
-
-
-def _run_id(run_dir: RunDir, resume: bool) -> str:
-    """A stable id per run directory: HKDF salts and hospital state folders key on it across resumes."""
-    path = run_dir.root / "run_id"
-    if resume and path.is_file():
-        return path.read_text().strip()
-    run_id = uuid.uuid4().hex
-    atomic_write_text(path, run_id + "\n")
-    return run_id
 
 
 def _partition(cfg: Config, run_dir: RunDir) -> Path:
@@ -88,12 +79,20 @@ def _partition(cfg: Config, run_dir: RunDir) -> Path:
 def prepare_job(cfg: Config, run_dir: RunDir, resume: bool, simulation: bool) -> Job:
     """The static part of every instruction. In simulation the virtual hospitals share this machine: the server
     names their partition, and they keep their round state in the run directory, sealed with the run's
-    checkpoint key."""
-    run_id = _run_id(run_dir, resume)
+    checkpoint key, or in a DP run without one with the run's own key file (their state holds the DP seed)."""
+    from medsyngan.training.checkpoint import run_key_file
+
+    if simulation:
+        from medsyngan.federated.policy import check_simulation
+
+        check_simulation(cfg)  # the virtual hospitals' policy is cfg.hospital: refuse a disagreement up front
+    # Stable across resumes: HKDF salts, hospital state folders and sealed files key on it.
+    run_id = run_dir.run_id() if resume else run_dir.new_run_id()
     if not simulation:
         return Job(config=cfg.to_toml(), run_id=run_id)
+    state_key = cfg.privacy.checkpoint_key or (str(run_key_file(run_dir.root).resolve()) if cfg.privacy.dp else None)
     return Job(config=cfg.to_toml(), run_id=run_id, partition=str(_partition(cfg, run_dir)),
-               state_dir=str(run_dir.root / "hospitals"), state_key=cfg.privacy.checkpoint_key)
+               state_dir=str(run_dir.root / "hospitals"), state_key=state_key)
 
 
 def simulation_identity_key(cfg: Config, run_dir: RunDir) -> str | None:
@@ -123,13 +122,21 @@ def server_setup(run_config: Mapping[str, Any]) -> ServerSetup:
             raise UserError(f"cannot read the job file {path} ({exc}); start the run with `medsyngan train`") from None
         setup_logging(run_dir.log_path)
         return ServerSetup(config_from_toml_text(job.config, str(path)), run_dir, job, resume, identity_key)
+    simulation = str(settings["mode"]) == "simulation"
+    hospital_keys = None
+    if not simulation:
+        from medsyngan.federated.hospital_keys import HospitalKeys
+
+        if not settings["manifest"]:
+            raise UserError("a deployment needs manifest='PKI/manifest.json' in the run config: it says which "
+                            "SuperNode key is which hospital")
+        hospital_keys = HospitalKeys.from_manifest(str(settings["manifest"]))
     cfg = run_dir.load_config() if resume else load_config(str(settings["config"]), str(settings["overrides"]).split())
     run_dir.create(cfg, resume=resume)
-    simulation = str(settings["mode"]) == "simulation"
     job = prepare_job(cfg, run_dir, resume, simulation)
     if simulation and identity_key is None:
         identity_key = simulation_identity_key(cfg, run_dir)
-    return ServerSetup(cfg, run_dir, job, resume, identity_key)
+    return ServerSetup(cfg, run_dir, job, resume, identity_key, hospital_keys)
 
 
 def _check_before_start(cfg: Config) -> None:

@@ -29,7 +29,7 @@ def write_subset(ds, rows: np.ndarray, out: Path, role: str, origin: dict[str, A
     from medsyngan.data.prepared import IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, index_csv_text
 
     sub = ds.subset(rows)
-    index = index_csv_text(sub.image_names, sub.patients, sub.labels, sub.views, sub.splits)
+    index = index_csv_text(sub.image_names, sub.patients, sub.labels, sub.views, sub.splits, sub.sexes, sub.ages)
     manifest = dict(ds.manifest, count=len(sub), key=f"{ds.manifest.get('key', '')}:{role}",
                     study_subset={"role": role, **origin})
     manifest_text = json.dumps(manifest, indent=2) + "\n"
