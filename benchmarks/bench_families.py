@@ -12,7 +12,10 @@ For every family the model registry builds, at 64 and 128 px, the benchmark time
 each in float32 (``train.amp = "off"``) and in bf16 autocast (``"bf16"``), together with the textbook DCGAN-64
 (``dcgan64``) in the same precision. The variants of one group (a family, a size, a width) and the DCGAN-64
 reference are timed in interleaved repetitions and the medians reported, so that the load of a shared machine hits
-them alike; "× DCGAN-64" is the ratio to that reference within the group. Layouts and compilation follow
+them alike; "× DCGAN-64" is the ratio to that reference within the group. Two clocks: images per wall-clock second
+(what a user waits for, on a machine nobody else is using) and images per CPU second of this process (the work a
+step takes; other processes do not inflate it, so with ``--threads 1``, where no thread waits for another, it
+compares variants on a loaded machine too). Layouts and compilation follow
 ``train.channels_last = "auto"`` and ``train.compile = false``; ``--variants`` adds channels-last on and off and
 torch.compile for every family at 64 px, in the precision ``train.amp = "auto"`` picks.
 
@@ -20,14 +23,16 @@ A repetition is ``REP_STEPS`` generator steps (one lazy path-length step of Styl
 every 16 D steps); the networks see random images of the right shape, so data loading is not timed. ProGAN is timed
 at its final stage (the resolution itself, stable), its most expensive; earlier stages are cheaper per image.
 
-Run: ``python benchmarks/bench_families.py [--quick] [--variants] [--only stylegan2 ...]``; ``make bench`` runs it
-(``benchmarks/run_all.py``) without ``--variants``.
+Run: ``python benchmarks/bench_families.py [--quick] [--variants] [--threads N] [--widths preset dcgan]
+[--only stylegan2 ...]``; ``make bench`` runs it (``benchmarks/run_all.py``) with torch's threads, without
+``--variants``.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -85,22 +90,25 @@ class Timed:
         self.images = self.trainer.batch_size * cfg.train.d_steps_per_g
         self.precision = "bf16" if self.trainer.autocast_dtype is not None else "fp32"
 
-    def run(self, steps: int) -> float:
-        start = time.perf_counter()
+    def run(self, steps: int) -> tuple[float, float]:
+        """Wall-clock and CPU seconds (all of this process's threads) of ``steps`` training steps."""
+        wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             self.trainer.train_step(self.next_real)
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def interleaved(variants: dict[str, Timed], reps: int, steps: int, warmup: int = 1) -> dict[str, float]:
-    """Median images/s of each variant over ``reps`` repetitions that alternate between the variants."""
+def interleaved(variants: dict[str, Timed], reps: int, steps: int, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Median images per wall-clock second (``wall``) and per CPU second (``cpu``) of each variant over ``reps``
+    repetitions that alternate between the variants."""
     for timed in variants.values():
         timed.run(warmup)
-    rates: dict[str, list[float]] = {name: [] for name in variants}
+    rates: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in variants}
     for _ in range(reps):
         for name, timed in variants.items():
-            rates[name].append(timed.images * steps / timed.run(steps))
-    return {name: statistics.median(values) for name, values in rates.items()}
+            for clock, seconds in zip(("wall", "cpu"), timed.run(steps)):
+                rates[name][clock].append(timed.images * steps / seconds)
+    return {name: {clock: statistics.median(v) for clock, v in clocks.items()} for name, clocks in rates.items()}
 
 
 def families(only: list[str] | None = None) -> list[str]:
@@ -108,7 +116,8 @@ def families(only: list[str] | None = None) -> list[str]:
 
 
 def bench_group(arch: str, resolution: int, width: str, reps: int, steps: int) -> dict[str, float | str]:
-    """fp32 and bf16 images/s of one family, size and width, and their ratios to DCGAN-64 timed alongside."""
+    """fp32 and bf16 images per second (wall clock and CPU) of one family, size and width, and their ratios to
+    DCGAN-64 timed alongside."""
     preset, overrides = family_preset(arch, resolution)
     if width == "dcgan":
         overrides = overrides + dcgan_width(arch, resolution)
@@ -117,13 +126,16 @@ def bench_group(arch: str, resolution: int, width: str, reps: int, steps: int) -
         variants[f"family {amp}"] = Timed(preset, [*overrides, f"train.amp={amp}"])
         variants[f"reference {amp}"] = Timed(REFERENCE, [f"train.amp={amp}"])
     rates = interleaved(variants, reps, steps)
-    fp32, bf16 = rates["family off"], rates["family bf16"]
-    return {"preset": preset, "batch": variants["family off"].images, "fp32": fp32, "bf16": bf16,
-            "bf16_speedup": bf16 / fp32, "fp32_vs_dcgan64": fp32 / rates["reference off"],
-            "bf16_vs_dcgan64": bf16 / rates["reference bf16"]}
+    row: dict[str, float | str] = {"preset": preset, "batch": variants["family off"].images}
+    for precision, amp in (("fp32", "off"), ("bf16", "bf16")):
+        family, reference = rates[f"family {amp}"], rates[f"reference {amp}"]
+        row.update({precision: family["wall"], f"{precision}_cpu": family["cpu"],
+                    f"{precision}_vs_dcgan64": family["wall"] / reference["wall"],
+                    f"{precision}_cpu_vs_dcgan64": family["cpu"] / reference["cpu"]})
+    return row
 
 
-def bench_variants(arch: str, reps: int, steps: int) -> dict[str, float]:
+def bench_variants(arch: str, reps: int, steps: int) -> dict[str, float | str]:
     """Images/s of a family's 64-px preset with channels-last off and on, and compiled, in the precision auto picks
     (compilation time excluded: it is reported apart)."""
     preset, overrides = family_preset(arch, 64)
@@ -133,53 +145,68 @@ def bench_variants(arch: str, reps: int, steps: int) -> dict[str, float]:
     variants["compiled"].run(2)  # compiles the D and G steps
     compile_s = time.perf_counter() - start
     rates = interleaved(variants, reps, steps)
-    return {"precision": variants["off"].precision, "nchw": rates["off"], "channels_last": rates["on"],
-            "compiled": rates["compiled"], "compile_s": compile_s}
+    out: dict[str, float | str] = {"precision": variants["off"].precision, "compile_s": compile_s}
+    for name, label in (("off", "nchw"), ("on", "channels_last"), ("compiled", "compiled")):
+        out.update({label: rates[name]["wall"], f"{label}_cpu": rates[name]["cpu"]})
+    return out
+
+
+COLUMNS = ["family", "px", "width", "preset", "batch", "fp32", "bf16", "fp32_cpu", "bf16_cpu", "fp32_vs_dcgan64",
+           "bf16_vs_dcgan64", "fp32_cpu_vs_dcgan64", "bf16_cpu_vs_dcgan64"]
+HEADERS = ["family", "px", "width", "preset", "batch", "fp32 img/s", "bf16 img/s", "fp32 img/CPU-s",
+           "bf16 img/CPU-s", "fp32 × DCGAN-64", "bf16 × DCGAN-64", "fp32 × DCGAN-64 (CPU)", "bf16 × DCGAN-64 (CPU)"]
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| family | px | width | preset | batch | fp32 img/s | bf16 img/s | bf16 ÷ fp32 | fp32 × DCGAN-64 | "
-             "bf16 × DCGAN-64 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['family']} | {r['px']} | {r['width']} | {r['preset']} | {r['batch']} | {r['fp32']:.1f} | "
-                     f"{r['bf16']:.1f} | {r['bf16_speedup']:.2f} | {r['fp32_vs_dcgan64']:.2f} | "
-                     f"{r['bf16_vs_dcgan64']:.2f} |")
+    def cell(value: object) -> str:
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def run(quick: bool = False, variants: bool = False, only: list[str] | None = None) -> dict:
-    reps, steps = (3, 2) if quick else (5, REP_STEPS)
+def run(quick: bool = False, variants: bool = False, only: list[str] | None = None,
+        widths: tuple[str, ...] = ("preset", "dcgan")) -> dict:
+    reps = 3 if quick else 5
     torch.manual_seed(0)
+    print(f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows, figures = [], {}
-    for arch, resolution, width in itertools.product(families(only), RESOLUTIONS, ("preset", "dcgan")):
+    for arch, resolution, width in itertools.product(families(only), RESOLUTIONS, widths):
         if resolution not in SUPPORTED_RESOLUTIONS[arch]:
             continue
-        row = {"family": arch, "px": resolution, "width": width, **bench_group(arch, resolution, width, reps, steps)}
+        row = {"family": arch, "px": resolution, "width": width,
+               **bench_group(arch, resolution, width, reps, REP_STEPS)}
         rows.append(row)
         print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
         key = f"{arch}-{resolution} {width} width"
-        figures.update({f"{key} fp32 img/s": round(row["fp32"], 2), f"{key} bf16 img/s": round(row["bf16"], 2),
-                        f"{key} fp32 × dcgan64": round(row["fp32_vs_dcgan64"], 3),
-                        f"{key} bf16 × dcgan64": round(row["bf16_vs_dcgan64"], 3)})
+        figures.update({f"{key} {c}": round(v, 3) if isinstance(v, float) else v
+                        for c, v in row.items() if c not in ("family", "px", "width")})
     print(table(rows), flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at end", flush=True)
     if variants:
         for arch in families(only):
-            measured = bench_variants(arch, reps, steps)
-            print(f"{arch}-64 ({measured['precision']}): NCHW {measured['nchw']:.1f} img/s, channels-last "
-                  f"{measured['channels_last']:.1f}, compiled {measured['compiled']:.1f} "
-                  f"(compilation {measured['compile_s']:.0f} s)", flush=True)
-            figures.update({f"{arch}-64 {k}": (round(v, 2) if isinstance(v, float) else v)
+            measured = bench_variants(arch, reps, REP_STEPS)
+            print(f"{arch}-64 ({measured['precision']}): NCHW {measured['nchw']:.1f} img/s "
+                  f"({measured['nchw_cpu']:.1f}/CPU-s), channels-last {measured['channels_last']:.1f} "
+                  f"({measured['channels_last_cpu']:.1f}), compiled {measured['compiled']:.1f} "
+                  f"({measured['compiled_cpu']:.1f}), compilation {measured['compile_s']:.0f} s", flush=True)
+            figures.update({f"{arch}-64 {k}": (round(v, 3) if isinstance(v, float) else v)
                             for k, v in measured.items()})
     return figures
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 repetitions of 2 steps instead of 5 of 4")
+    parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5")
     parser.add_argument("--variants", action="store_true", help="also channels-last and torch.compile at 64 px")
     parser.add_argument("--only", nargs="*", help="families to run (default: all)")
+    parser.add_argument("--widths", nargs="*", default=["preset", "dcgan"], choices=["preset", "dcgan"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
-    run(args.quick, args.variants, args.only)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args.quick, args.variants, args.only, tuple(args.widths))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Message types (Flower's ``message_type``), instruction → reply:
 
 A record that lacks a field or holds the wrong type raises :class:`MalformedMessage`, one line naming what is
 wrong: the server counts that hospital as missing for the stage, a hospital answers with an error reply.
+
+Every message type lives in this one module, longer than most, so that the wire format is read and changed in one
+place.
 """
 
 from __future__ import annotations

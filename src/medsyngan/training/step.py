@@ -1,5 +1,9 @@
 """The one GAN training step, shared by centralized training, every federated hospital, benchmarks and the demo.
 
+The module is longer than most because the trainer's parts (per-sample D losses, the DP hook point, the G step and
+its regularizers, precision, the growth stage, state exchange) touch the same networks and counters and are read
+together; the growth schedule itself is :mod:`medsyngan.training.schedule`.
+
 How other code uses it
 ----------------------
 ::
