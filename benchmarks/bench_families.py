@@ -23,8 +23,8 @@ A repetition is ``REP_STEPS`` generator steps (one lazy path-length step of Styl
 every 16 D steps); the networks see random images of the right shape, so data loading is not timed. ProGAN is timed
 at its final stage (the resolution itself, stable), its most expensive; earlier stages are cheaper per image.
 
-Run: ``python benchmarks/bench_families.py [--quick] [--variants] [--threads N] [--widths preset dcgan]
-[--only stylegan2 ...]``; ``make bench`` runs it (``benchmarks/run_all.py``) with torch's threads, without
+Run: ``python benchmarks/bench_families.py [--quick] [--reps N] [--steps N] [--variants] [--threads N]
+[--widths preset dcgan] [--only stylegan2 ...]``; ``make bench`` runs it (``benchmarks/run_all.py``) with torch's threads, without
 ``--variants``.
 """
 
@@ -167,8 +167,8 @@ def table(rows: list[dict]) -> str:
 
 
 def run(quick: bool = False, variants: bool = False, only: list[str] | None = None,
-        widths: tuple[str, ...] = ("preset", "dcgan")) -> dict:
-    reps = 3 if quick else 5
+        widths: tuple[str, ...] = ("preset", "dcgan"), reps: int | None = None, steps: int = REP_STEPS) -> dict:
+    reps = reps or (3 if quick else 5)
     torch.manual_seed(0)
     print(f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows, figures = [], {}
@@ -176,7 +176,7 @@ def run(quick: bool = False, variants: bool = False, only: list[str] | None = No
         if resolution not in SUPPORTED_RESOLUTIONS[arch]:
             continue
         row = {"family": arch, "px": resolution, "width": width,
-               **bench_group(arch, resolution, width, reps, REP_STEPS)}
+               **bench_group(arch, resolution, width, reps, steps)}
         rows.append(row)
         print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
         key = f"{arch}-{resolution} {width} width"
@@ -186,7 +186,7 @@ def run(quick: bool = False, variants: bool = False, only: list[str] | None = No
     print(f"load average {os.getloadavg()[0]:.1f} at end", flush=True)
     if variants:
         for arch in families(only):
-            measured = bench_variants(arch, reps, REP_STEPS)
+            measured = bench_variants(arch, reps, steps)
             print(f"{arch}-64 ({measured['precision']}): NCHW {measured['nchw']:.1f} img/s "
                   f"({measured['nchw_cpu']:.1f}/CPU-s), channels-last {measured['channels_last']:.1f} "
                   f"({measured['channels_last_cpu']:.1f}), compiled {measured['compiled']:.1f} "
@@ -199,6 +199,8 @@ def run(quick: bool = False, variants: bool = False, only: list[str] | None = No
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5")
+    parser.add_argument("--reps", type=int, help="repetitions of every variant (default 5, --quick 3)")
+    parser.add_argument("--steps", type=int, default=REP_STEPS, help=f"generator steps per repetition ({REP_STEPS})")
     parser.add_argument("--variants", action="store_true", help="also channels-last and torch.compile at 64 px")
     parser.add_argument("--only", nargs="*", help="families to run (default: all)")
     parser.add_argument("--widths", nargs="*", default=["preset", "dcgan"], choices=["preset", "dcgan"])
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(args.quick, args.variants, args.only, tuple(args.widths))
+    run(args.quick, args.variants, args.only, tuple(args.widths), args.reps, args.steps)
 
 
 if __name__ == "__main__":

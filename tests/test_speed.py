@@ -45,7 +45,7 @@ def test_the_probe_decides_and_is_measured_once_per_machine(probe_cache, monkeyp
     assert runtime.bf16_pays(cpu) is verdict and runtime.bf16_pays(cpu) is verdict
     assert len(calls) == 1
     saved = json.loads(probe_cache.read_text())
-    key = f"{runtime.cpu_model()} | torch {torch.__version__} | cpu"
+    key = f"{runtime.cpu_model()} | torch {torch.__version__} | cpu | {runtime.PROBE_METHOD}"
     assert saved[key]["bf16"] is verdict and saved[key]["fp32_ms"] == fp32 * 1e3
     # Another process on the same machine reads the verdict instead of measuring again.
     monkeypatch.setattr(runtime, "_verdicts", {})
@@ -55,7 +55,8 @@ def test_the_probe_decides_and_is_measured_once_per_machine(probe_cache, monkeyp
 def test_another_torch_version_or_a_damaged_file_measures_again(probe_cache, monkeypatch):
     calls: list = []
     monkeypatch.setattr(runtime, "measure_bf16_speedup", _measured(2.0, 1.0, calls))
-    probe_cache.write_text(json.dumps({f"{runtime.cpu_model()} | torch 0.1 | cpu": {"bf16": False}}))
+    probe_cache.write_text(json.dumps({f"{runtime.cpu_model()} | torch 0.1 | cpu | {runtime.PROBE_METHOD}":
+                                       {"bf16": False}}))
     assert runtime.bf16_pays(torch.device("cpu")) and len(calls) == 1
     assert len(json.loads(probe_cache.read_text())) == 2  # the other version's verdict is kept
     monkeypatch.setattr(runtime, "_verdicts", {})
@@ -69,9 +70,18 @@ def test_cuda_always_takes_bf16_without_measuring(probe_cache, monkeypatch):
     assert not probe_cache.exists()
 
 
-def test_the_probe_times_both_precisions():
+def test_the_probe_times_both_precisions_on_one_thread_and_restores_the_threads(monkeypatch):
+    threads, seen = torch.get_num_threads(), []
+    original = runtime._conv_seconds
+
+    def conv_seconds(dtype, reps=3):
+        seen.append(torch.get_num_threads())
+        return original(dtype, reps)
+
+    monkeypatch.setattr(runtime, "_conv_seconds", conv_seconds)
     fp32, bf16 = runtime.measure_bf16_speedup(rounds=1)
     assert fp32 > 0 and bf16 > 0
+    assert set(seen) == {1} and torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("pays", [True, False])
@@ -105,7 +115,7 @@ def test_channels_last_setting(setting, expected):
 
 def test_channels_last_auto_is_on_for_cuda_and_the_measured_families_on_a_cpu():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for arch in ("dcgan", "progan", "stylegan2"):
+    for arch in ("dcgan", "progan", "stylegan2", "stylegan3"):
         assert step._use_channels_last(cuda, arch, "auto")
         assert step._use_channels_last(cpu, arch, "auto") is (arch in step.CHANNELS_LAST_ON_CPU)
 
@@ -128,3 +138,12 @@ def test_the_family_benchmark_finds_a_preset_for_every_family_and_size():
     from medsyngan.models.layers import channels
 
     assert [channels(r, 32 * 64, 512) for r in (4, 8, 16, 32)] == [512, 256, 128, 64]
+
+
+def test_make_bench_runs_the_family_benchmark_and_skips_scripts_run_by_hand():
+    spec = importlib.util.spec_from_file_location("run_all", REPO / "benchmarks" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    found = {p.stem: p for p in run_all.discover(None)}
+    assert callable(run_all.load(found["bench_families"]).run)
+    assert not hasattr(run_all.load(found["bench_gpu"]), "run")  # needs CUDA: run by hand, skipped with a note

@@ -62,33 +62,45 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+# Part of the cache key: a verdict of an earlier way of measuring (wall clock on all threads, which a loaded
+# machine's thread contention decided) is measured again.
+PROBE_METHOD = "one-thread CPU time"
+
+
 def _probe_key(device: torch.device) -> str:
-    return f"{cpu_model()} | torch {torch.__version__} | {device.type}"
+    return f"{cpu_model()} | torch {torch.__version__} | {device.type} | {PROBE_METHOD}"
 
 
 def _conv_seconds(dtype: torch.dtype | None, reps: int = 3) -> float:
-    """Seconds of one forward+backward of a 3x3 convolution of DCGAN's middle layers' size, in ``dtype`` autocast
-    (None: float32)."""
+    """CPU seconds of this thread for one forward+backward of a 3x3 convolution of DCGAN's middle layers' size, in
+    ``dtype`` autocast (None: float32); the caller runs torch on this one thread."""
     gen = torch.Generator().manual_seed(0)
     conv = torch.nn.Conv2d(64, 64, 3, padding=1)
     x = torch.randn(8, 64, 32, 32, generator=gen, requires_grad=True)
-    start = time.perf_counter()
+    start = time.thread_time()
     for _ in range(reps):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             y = conv(x)
         y.float().square().mean().backward()
-    return (time.perf_counter() - start) / reps
+    return (time.thread_time() - start) / reps
 
 
 def measure_bf16_speedup(rounds: int = 5) -> tuple[float, float]:
-    """(float32, bf16) seconds of the probe convolution on this CPU: medians of interleaved rounds after a warm-up,
-    so that the noise of a shared machine hits both alike."""
-    for dtype in (None, torch.bfloat16):
-        _conv_seconds(dtype, reps=1)
-    fp32, bf16 = [], []
-    for _ in range(rounds):
-        fp32.append(_conv_seconds(None))
-        bf16.append(_conv_seconds(torch.bfloat16))
+    """(float32, bf16) seconds of the probe convolution on one core of this CPU: medians of interleaved rounds after
+    a warm-up. It times one thread's CPU time, not the wall clock: what bf16 changes is the arithmetic of a core, and
+    on a loaded machine the wall clock of several threads measures how long they wait for each other (a 2-core
+    machine under load once timed bf16 at half float32's speed that way, at 1.8x it one thread at a time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for dtype in (None, torch.bfloat16):
+            _conv_seconds(dtype, reps=1)
+        fp32, bf16 = [], []
+        for _ in range(rounds):
+            fp32.append(_conv_seconds(None))
+            bf16.append(_conv_seconds(torch.bfloat16))
+    finally:
+        torch.set_num_threads(threads)
     return statistics.median(fp32), statistics.median(bf16)
 
 
