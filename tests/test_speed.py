@@ -120,15 +120,15 @@ def test_channels_last_auto_is_on_for_cuda_and_the_measured_families_on_a_cpu():
         assert step._use_channels_last(cpu, arch, "auto") is (arch in step.CHANNELS_LAST_ON_CPU)
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_families", REPO / "benchmarks" / "bench_families.py")
+def _benchmark(name: str = "bench_families"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_the_family_benchmark_finds_a_preset_for_every_family_and_size():
-    bench = _bench()
+    bench = _benchmark()
     for arch in bench.families():
         for resolution in bench.RESOLUTIONS:
             preset, overrides = bench.family_preset(arch, resolution)
@@ -141,9 +141,7 @@ def test_the_family_benchmark_finds_a_preset_for_every_family_and_size():
 
 
 def test_make_bench_runs_the_family_benchmark_and_skips_scripts_run_by_hand():
-    spec = importlib.util.spec_from_file_location("run_all", REPO / "benchmarks" / "run_all.py")
-    run_all = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_all)
+    run_all = _benchmark("run_all")
     found = {p.stem: p for p in run_all.discover(None)}
     assert callable(run_all.load(found["bench_families"]).run)
     assert not hasattr(run_all.load(found["bench_gpu"]), "run")  # needs CUDA: run by hand, skipped with a note
