@@ -92,6 +92,15 @@ def test_auto_precision_follows_the_probe_and_explicit_settings_do_not(monkeypat
     assert GANTrainer(load_config(None, [*TINY, "train.amp=bf16"])).autocast_dtype == torch.bfloat16
 
 
+def test_auto_keeps_float32_on_a_cpu_for_families_that_measured_slower_in_bf16(monkeypatch):
+    monkeypatch.setattr(step, "bf16_pays", lambda device: True)
+    tiny_sg3 = load_config("stylegan3-64", ["run.device=cpu", "model.fmap_base=64", "model.fmap_max=8",
+                                            "model.sg3_layers=4", "train.batch_size=4"])
+    assert "stylegan3" in step.BF16_SLOWER_ON_CPU
+    assert GANTrainer(tiny_sg3).autocast_dtype is None
+    assert GANTrainer(load_config(None, TINY)).autocast_dtype == torch.bfloat16
+
+
 def test_dp_sgd_trains_in_float32_whatever_the_probe_says(monkeypatch):
     from medsyngan.privacy.dp import enable_dp
 

@@ -65,6 +65,9 @@ _LABEL_SALT = 0x6C6162
 # Families whose training step measured faster with channels-last tensors on a CPU (benchmarks/bench_families.py
 # --variants; figures in docs/results.md#speed).
 CHANNELS_LAST_ON_CPU: frozenset[str] = frozenset()
+# Families whose training step measured slower in bf16 than in float32 on a CPU where the probe finds bf16 faster:
+# StyleGAN3's filtered activations (0.45 against 1.19 images/s a core at 64 px; docs/results.md#speed).
+BF16_SLOWER_ON_CPU: frozenset[str] = frozenset({"stylegan3"})
 
 
 def _use_channels_last(device: torch.device, arch: str, setting: str) -> bool:
@@ -186,7 +189,8 @@ class GANTrainer:
             # the algorithm are unchanged (state_dict keys too: see unwrap).
             self.G, self.D = torch.compile(self.G), torch.compile(self.D)
         self.autocast_dtype = torch.bfloat16 if (
-            t.amp == "bf16" or (t.amp == "auto" and bf16_pays(self.device))
+            t.amp == "bf16" or (t.amp == "auto" and bf16_pays(self.device)
+                                and not (self.device.type == "cpu" and self.arch in BF16_SLOWER_ON_CPU))
         ) else None
 
         self.style_based = style = self.arch in ("stylegan2", "stylegan3")
