@@ -1,8 +1,9 @@
 """`make bench`: every benchmark of the project in one run, written as markdown and JSON with the machine.
 
-Each ``benchmarks/bench_<name>.py``, and ``benchmarks/attacks.py`` (the adversarial harness's table of attacks
-and the figure "attacks tried / refused"), exposes ``run(quick: bool) -> dict`` of figures (each compares against a
-reference measured in the same run). Results go to ``benchmarks/results/results.{md,json}``; a benchmark that
+Each ``benchmarks/bench_<name>.py`` that exposes ``run(quick: bool) -> dict`` of figures (each compares against a
+reference measured in the same run), and ``benchmarks/attacks.py`` (the adversarial harness's table of attacks and
+the figure "attacks tried / refused"), is part of it; one without (``bench_gpu.py``, which needs CUDA) is a script
+run by hand, skipped with a note. Results go to ``benchmarks/results/results.{md,json}``; a benchmark that
 fails is recorded with its error and the others still run.
 """
 
@@ -85,7 +86,11 @@ def main() -> int:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         try:
-            figures = load(path).run(args.quick)
+            module = load(path)
+            if not hasattr(module, "run"):
+                print("   a script run by hand (no run(quick)); see its docstring", flush=True)
+                continue
+            figures = module.run(args.quick)
             results["benchmarks"][name] = {"figures": figures, "seconds": time.perf_counter() - start}
             for key, value in figures.items():
                 print(f"   {key}: {value}", flush=True)

@@ -233,7 +233,7 @@ def test_adaptive_p_is_refused_by_the_dp_session():
 def test_the_families_study_pairs_every_family_with_its_ada_row_at_one_budget(tmp_path):
     from pathlib import Path
 
-    from medsyngan.training.step import progan_stage
+    from medsyngan.training.schedule import GrowthSchedule, check_run_length
     from medsyngan.workflows.experiment import Workspace, load_experiment
     from medsyngan.workflows.recipes import planned_images
 
@@ -250,7 +250,8 @@ def test_the_families_study_pairs_every_family_with_its_ada_row_at_one_budget(tm
             same = cfg.train.model_copy(update={k: getattr(plain.train, k) for k in augment_fields})
             assert cfg.model == plain.model and same == plain.train, row
     progan = plans["progan"]
-    assert progan_stage(budget.images_through_d / 1000, progan.train.kimg_per_phase, 64) == (64, 1.0)
+    check_run_length(progan)  # the budget reaches the final resolution
+    assert GrowthSchedule.of(progan).stage(budget.images_through_d) == (64, 1.0)
 
 
 @pytest.mark.slow

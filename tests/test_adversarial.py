@@ -32,12 +32,12 @@ import test_privacy_secagg
 import test_sealed
 from medsyngan.config import load_config
 from medsyngan.data.api import phantom_dataset
-from medsyngan.federated import advert_signing
+from medsyngan.federated import advert_signing, hospital_keys
 from medsyngan.federated import protocol as p
 from medsyngan.federated.client import HospitalRuntime, node_identity
 from medsyngan.federated.client_app import make_client_app
 from medsyngan.federated.hospital import shared_parts
-from medsyngan.federated.hospital_keys import key_fingerprint
+from medsyngan.federated.pki import key_fingerprint
 from medsyngan.federated.records import record_to_state, state_to_record
 from medsyngan.federated.server import RoundDriver
 from medsyngan.federated.transport import tensors_hash
@@ -98,7 +98,7 @@ class DeployedHospital:
         (root / "policy.toml").write_text(policy)
         # The federation's keys as `pki` makes them: hospitals 0–2 each with its SuperNode key, a signed roster.
         self.keys = root / "keys"
-        self.roster = advert_signing.simulation_keys(self.keys, 3)
+        self.roster = hospital_keys.simulation_keys(self.keys, 3)
         self.node_config = {"hospital-id": 0, "data-path": str(data.root), "state-dir": str(root / "state"),
                             "state-key": str(root / "state.key"), "aggregator-public": str(root / "aggregator.pub"),
                             "policy": str(root / "policy.toml"), "auth-key": str(self.auth_key(0)),

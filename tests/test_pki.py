@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 
 from medsyngan.errors import UserError
 from medsyngan.federated.app_signing import load_federation_public
-from medsyngan.federated.hospital_keys import HospitalKeys, add_hospital, hospital_init, key_fingerprint
+from medsyngan.federated.hospital_keys import HospitalKeys, add_hospital, hospital_init
+from medsyngan.federated.pki import key_fingerprint
 from medsyngan.federated.pki import init_pki
 
 

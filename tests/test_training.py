@@ -1,5 +1,6 @@
 """The GAN step: losses against independent formulas, the textbook DCGAN iteration, D improvement on a fixed batch,
-EMA arithmetic, lazy-regularization settings, the ProGAN schedule, model-state exchange and the DP hook point."""
+EMA arithmetic, lazy-regularization settings, model-state exchange and the DP hook point (ProGAN's schedule:
+test_progan.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from medsyngan.config import load_config
 from medsyngan.training import losses
-from medsyngan.training.step import DiscriminatorUpdate, GANTrainer, progan_stage
+from medsyngan.training.step import DiscriminatorUpdate, GANTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,33 +154,6 @@ def test_stylegan2_regularizers_run_on_schedule():
     assert [("r1" in s) for s in seen] == [False, True, False, True, False, True]
     assert [("pl" in s) for s in seen] == [False, False, True, False, False, True]
     assert float(trainer.pl_reg.pl_mean) > 0
-
-
-# --- ProGAN schedule -----------------------------------------------------------------------------------------
-
-
-def test_progan_schedule_by_hand():
-    k = 10.0
-    assert progan_stage(0, k, 64) == (4, 1.0)
-    assert progan_stage(9.9, k, 64) == (4, 1.0)
-    assert progan_stage(10, k, 64) == (8, 0.0)
-    assert progan_stage(12.5, k, 64) == (8, 0.25)
-    assert progan_stage(20, k, 64) == (8, 1.0)
-    assert progan_stage(35, k, 64) == (16, 0.5)
-    assert progan_stage(10_000, k, 64) == (64, 1.0)
-
-
-def test_progan_trainer_grows_at_the_scheduled_kimg():
-    # 4 images per step and 0.008 kimg per phase: 2 steps per phase.
-    trainer = GANTrainer(tiny_cfg("progan", "train.kimg_per_phase=0.008"))
-    stages = []
-    for _ in range(8):
-        trainer.train_step(batches(16))
-        stages.append((trainer.G.stage_resolution, round(trainer.G.alpha, 3), trainer.D.stage_resolution))
-    assert stages == [(4, 1.0, 4), (8, 0.0, 8), (8, 0.5, 8), (8, 1.0, 8), (8, 1.0, 8), (16, 0.0, 16),
-                      (16, 0.5, 16), (16, 1.0, 16)]
-    # Reals follow the stage: downsampled to 16 px at full resolution, a blend during fade-in.
-    assert trainer.prepare_real(torch.zeros(2, 1, 16, 16)).shape == (2, 1, 16, 16)
 
 
 # --- state exchange and the DP hook point ----------------------------------------------------------------------

@@ -133,12 +133,27 @@ class TrainSection(Section):
     )
     adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     pl_batch_shrink: int = Field(2, ge=1, description="StyleGAN2 path-length regularization runs on batch / N.")
-    kimg_per_phase: float = Field(60.0, gt=0, description="ProGAN: thousands of images per fade-in and per stable phase.")
+    kimg_per_phase: float = Field(
+        600.0, gt=0, description="ProGAN: thousands of real images per fade-in and per stable phase (the paper's 600); "
+        "a run needs train.steps to cover 1 + 2 × doublings phases and is refused when it stops short."
+    )
+    batch_by_resolution: dict[int, int] = Field(
+        default_factory=dict,
+        description="ProGAN: the D batch at each stage resolution, e.g. {4 = 64, 8 = 64, 16 = 32}; a resolution not "
+        "listed trains at train.batch_size. Each must be a multiple of train.batch_size (it is drawn as that many "
+        "batches). Not with privacy.dp: DP-SGD's sampling rate is planned for one batch size.",
+    )
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
     sample_every: int = Field(500, ge=1, description="Steps between sample grids.")
     log_every: int = Field(50, ge=1, description="Steps between metrics.jsonl rows.")
     amp: Literal["auto", "off", "bf16"] = Field(
-        "auto", description="bf16 autocast; 'auto': on CUDA and on CPUs with AMX (Intel Sapphire Rapids and later)."
+        "auto", description="bf16 autocast; 'auto': on CUDA, and on a CPU where a short fp32-vs-bf16 convolution "
+        "benchmark at first use finds bf16 faster (cached per CPU model and torch version in the cache folder). DP-SGD "
+        "always trains D in float32.",
+    )
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="Channels-last (NHWC) tensors for G, D and real batches; 'auto': on CUDA, on a CPU "
+        "only for the families where it measured faster (docs/results.md#speed).",
     )
     compile: bool = Field(
         False,
@@ -332,6 +347,7 @@ class Config(Section):
                 f"privacy.mean_image_size ({self.privacy.mean_image_size}) exceeds model.resolution "
                 f"({self.model.resolution}); use a side of at most the image's"
             )
+        self._check_batch_by_resolution()
         if len(set(self.model.condition)) != len(self.model.condition):
             raise ValueError(f"model.condition lists a group twice ({self.model.condition}); name each once")
         self._check_augment()
@@ -356,6 +372,25 @@ class Config(Section):
             where = "privacy.dp" if self.privacy.dp else "federated runs"
             raise ValueError(f"adaptive augmentation (train.ada_target = {t.ada_target}) is refused with {where}; "
                              "set train.ada_target=0 and a fixed train.augment_p (e.g. 0.2)")
+
+    def _check_batch_by_resolution(self) -> None:
+        t, batches = self.train, self.train.batch_by_resolution
+        if not batches:
+            return
+        if self.model.arch != "progan":
+            raise ValueError("train.batch_by_resolution sets ProGAN's batch per stage; remove it for "
+                             f"model.arch = {self.model.arch!r}")
+        stages = [2**k for k in range(2, self.model.resolution.bit_length())]
+        for resolution, batch in sorted(batches.items()):
+            if resolution not in stages:
+                raise ValueError(f"train.batch_by_resolution has {resolution} px, not a stage of a "
+                                 f"{self.model.resolution}-px ProGAN ({', '.join(map(str, stages))})")
+            if batch < 1 or batch % t.batch_size:
+                raise ValueError(f"train.batch_by_resolution gives {resolution} px a batch of {batch}, not a multiple "
+                                 f"of train.batch_size ({t.batch_size}); use a multiple or lower train.batch_size")
+        if self.privacy.dp and set(batches.values()) != {t.batch_size}:
+            raise ValueError("train.batch_by_resolution changes the batch, and so DP-SGD's sampling rate, during the "
+                             "run; remove it with privacy.dp = true (every stage then trains at train.batch_size)")
 
     def to_toml(self) -> str:
         return tomli_w.dumps({"version": CONFIG_VERSION, **self.model_dump(mode="json")})
@@ -443,7 +478,8 @@ def schema_markdown() -> str:
     """The configuration reference, generated from the schema so that documentation never drifts from code."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |",
              f"| `version` | int | `{CONFIG_VERSION}` | Version of the file's format. An older file is migrated on "
-             "reading; a file without it is version 1, in which run.seed also seeds the data (data.seed). |"]
+             "reading; a file without it is version 1, in which run.seed also seeds the data (data.seed); up to version 2, "
+             "train.kimg_per_phase defaults to 60. |"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():

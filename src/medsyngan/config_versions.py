@@ -26,12 +26,15 @@ class Migration:
     renamed: dict[str, str] = field(default_factory=dict)  # old key → new key, value kept
     removed: tuple[str, ...] = ()  # settings that no longer exist; dropped
     copied: dict[str, str] = field(default_factory=dict)  # existing key → new key that starts with its value
+    kept_defaults: dict[str, Any] = field(default_factory=dict)  # key → its old default, for a file that omits it
 
 
 # MIGRATIONS[v] upgrades a version-v file to version v + 1; CONFIG_VERSION is the version written today.
 MIGRATIONS: dict[int, Migration] = {
     1: Migration("data.seed takes run.seed, which drew the data (phantoms, partition, held-out patients) before it",
                  copied={"run.seed": "data.seed"}),
+    2: Migration("train.kimg_per_phase defaults to the paper's 600 kimg; a file that does not set it keeps 60",
+                 kept_defaults={"train.kimg_per_phase": 60.0}),
 }
 CONFIG_VERSION = max(MIGRATIONS) + 1
 
@@ -77,6 +80,8 @@ def migrate(tree: dict[str, Any], origin: str) -> dict[str, Any]:
         for source, new in migration.copied.items():
             if found := _locate(tree, source):
                 _put(tree, new, found[0][found[1]])
+        for key, value in migration.kept_defaults.items():
+            _put(tree, key, value)
     if version < CONFIG_VERSION:
         why = "; ".join(MIGRATIONS[step].why for step in range(version, CONFIG_VERSION))
         log.info("%s: configuration version %d read as version %d (%s)", origin, version, CONFIG_VERSION, why)

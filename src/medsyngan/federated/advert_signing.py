@@ -16,7 +16,7 @@ name; replaying a hospital's advert from another round gives it nothing, since i
 
 The roster comes with every instruction (:class:`~medsyngan.federated.protocol.Job`): in a deployment
 `medsyngan pki add-hospital` signs it into the PKI manifest, in a simulation the run makes every key itself
-(:func:`simulation_keys`), as it does the aggregator's.
+(:func:`~medsyngan.federated.hospital_keys.simulation_keys`), as it does the aggregator's.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from medsyngan.errors import UserError
-from medsyngan.federated.hospital_keys import key_fingerprint
+from medsyngan.federated.pki import key_fingerprint
 from medsyngan.federated.policy import PolicyRefusal
 from medsyngan.privacy.secagg import KeyAdvert
 
@@ -155,29 +155,3 @@ def load_roster(value: object, where: str) -> SignedRoster:
     except (ValueError, TypeError) as exc:
         raise UserError(f"the signed hospital roster in {where} is damaged ({exc}); add a hospital with "
                         "`medsyngan pki add-hospital` to sign it again") from None
-
-
-def simulation_keys(folder: Path, hospitals: int) -> SignedRoster:
-    """A simulation's keys, made on first use in ``folder`` (the run's): a federation key and each virtual
-    hospital's SuperNode key as `pki hospital-init` makes them (``hospital-K/auth.key``); returns the signed
-    roster. Virtual hospitals share the run's machine, so they read their key and the federation key from here."""
-    from medsyngan.federated.app_signing import load_signing_key
-    from medsyngan.federated.hospital_keys import HospitalDir, hospital_init
-    from medsyngan.federated.pki import FEDERATION_KEY, FEDERATION_PUB, write_private, write_public
-
-    folder.mkdir(parents=True, exist_ok=True)
-    federation_key, federation_pub = folder / FEDERATION_KEY, folder / FEDERATION_PUB
-    if not federation_key.is_file():
-        write_private(federation_key, ed25519.Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    signing = load_signing_key(federation_key)
-    if not federation_pub.is_file():
-        write_public(federation_pub, signing.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" medsyngan-simulation\n")
-    roster = {}
-    for hospital in range(hospitals):
-        own = HospitalDir(folder / f"hospital-{hospital}")
-        if not own.auth_key.is_file():
-            hospital_init(own.root, hospital)
-        roster[hospital] = own.info()["public_key_fingerprint"]
-    return SignedRoster.sign(signing, roster)

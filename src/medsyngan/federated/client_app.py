@@ -180,7 +180,9 @@ def make_client_app(evaluate_fn: EvaluateFn) -> ClientApp:
         pin = check_pin(identity, cfg, round_.round)
         client = _secagg_client(context, round_) if cfg.privacy.secagg else None
         restore(hospital, identity, round_.resume_round, _in_memory(context))
-        result = hospital.train_round(global_state, cfg.federated.local_steps)
+        growth = round_.growth
+        result = hospital.train_round(global_state, cfg.federated.local_steps,
+                                      None if growth is None else (growth.images, growth.resolution, growth.alpha))
         masking, model_hash = {}, tensors_hash(global_state)
         if client is not None:
             inbox, terms = round_.require("inbox"), round_.require("secagg")

@@ -30,6 +30,7 @@ from medsyngan.config import Config, HospitalSection
 from medsyngan.data.labels import plain_label_source, training_labels
 from medsyngan.data.loader import BatchLoader
 from medsyngan.data.prepared import PreparedDataset
+from medsyngan.errors import UserError
 from medsyngan.federated.aggregation import delta
 from medsyngan.federated.plan import derive_seed
 from medsyngan.training.generate import generate_images
@@ -141,10 +142,20 @@ class Hospital:
         discriminator Opacus can make private. Raises UserError naming the problem."""
         self._batches()
 
-    def train_round(self, global_state: Mapping[str, Tensor], steps: int) -> RoundResult:
-        """K local generator steps from the global networks; returns Δ of the shared networks and round metrics."""
+    def train_round(self, global_state: Mapping[str, Tensor], steps: int,
+                    growth: tuple[int, int, float] | None = None) -> RoundResult:
+        """K local generator steps from the global networks; returns Δ of the shared networks and round metrics.
+
+        ``growth`` (a growing model): the server's (image count, stage resolution, alpha) at the round's start; the
+        hospital trains from that count, so that its stage and fade-in are every other hospital's."""
         next_real = self._batches()
         self.trainer.load_model_state(global_state)
+        if growth is not None:
+            self.trainer.set_images_seen(growth[0])
+            if self.trainer.stage != tuple(growth[1:]):
+                raise UserError(f"the server's stage ({growth[1]} px, alpha {growth[2]:g}) is not what this hospital's "
+                                f"schedule gives for {growth[0]} images ({self.trainer.stage}); run the same "
+                                "MedSynGAN version as the aggregator")
         reference = {k: v.detach().clone() for k, v in global_state.items()}
         if self.dp is not None:  # charged and written to the ledger before any private step runs
             self.dp.reserve(steps * self.cfg.train.d_steps_per_g)
@@ -167,6 +178,8 @@ class Hospital:
         images = self.trainer.images_seen - images_before
         metrics = {f"{k}": v / steps for k, v in sums.items()}
         metrics.update(train_seconds=seconds, img_per_s=images / max(seconds, 1e-9), images=float(images))
+        if self.trainer.stage is not None:
+            metrics.update(stage_resolution=float(self.trainer.stage[0]), alpha=self.trainer.stage[1])
         if self.dp is not None:
             metrics.update(self.dp.metrics(), dp_steps=float(self.dp.steps), dp_releases=float(self.dp.releases),
                            noise_multiplier=self.dp.noise_multiplier,
@@ -202,7 +215,7 @@ class Hospital:
             return {}
         if self.trainer.conditional and self.trainer.label_source is None:
             self._batches()  # under DP the label source is the hospital's release, read back with its DP state
-        self.trainer.load_model_state(generator_state)
+        self.trainer.load_model_state(generator_state, keep_stage=True)
         seed = derive_seed("evaluate", self.hospital_id) % 2**31
         labels = None
         if self.trainer.label_source is not None:

@@ -20,14 +20,19 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from medsyngan.errors import UserError
 from medsyngan.federated.pki import (AGGREGATOR_PUB, CA_CERT, FEDERATION_PUB, Pki, build_atomically, fingerprint,
-                                     load_openssh_public_key, read_manifest, write_private, write_public)
+                                     key_fingerprint, load_openssh_public_key, read_manifest, write_private,
+                                     write_public)
+
+if TYPE_CHECKING:
+    from medsyngan.federated.advert_signing import SignedRoster
 
 HOSPITAL_KEY = "auth.key"
 HOSPITAL_PUB = "auth.pub"
@@ -78,13 +83,6 @@ class HospitalDir:
 
     def hospital_id(self) -> int:
         return int(self.info()["id"])
-
-
-def key_fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
-    """SHA-256 of a SuperNode key's DER SubjectPublicKeyInfo: how the manifest names it and how Flower's node
-    records (PEM of the same structure) are matched to it."""
-    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return fingerprint(der)
 
 
 def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
@@ -199,3 +197,29 @@ class HospitalKeys:
         if not isinstance(key, ec.EllipticCurvePublicKey):
             return None
         return self.by_fingerprint.get(key_fingerprint(key))
+
+
+def simulation_keys(folder: Path, hospitals: int) -> SignedRoster:
+    """A simulation's keys, made on first use in ``folder`` (the run's): a federation key and each virtual
+    hospital's SuperNode key as `pki hospital-init` makes them (``hospital-K/auth.key``); returns the signed
+    roster. Virtual hospitals share the run's machine, so they read their key and the federation key from here."""
+    from medsyngan.federated.advert_signing import SignedRoster
+    from medsyngan.federated.app_signing import load_signing_key
+    from medsyngan.federated.pki import FEDERATION_KEY
+
+    folder.mkdir(parents=True, exist_ok=True)
+    federation_key, federation_pub = folder / FEDERATION_KEY, folder / FEDERATION_PUB
+    if not federation_key.is_file():
+        write_private(federation_key, ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    signing = load_signing_key(federation_key)
+    if not federation_pub.is_file():
+        write_public(federation_pub, signing.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" medsyngan-simulation\n")
+    roster = {}
+    for hospital in range(hospitals):
+        own = HospitalDir(folder / f"hospital-{hospital}")
+        if not own.auth_key.is_file():
+            hospital_init(own.root, hospital)
+        roster[hospital] = own.info()["public_key_fingerprint"]
+    return SignedRoster.sign(signing, roster)

@@ -146,6 +146,13 @@ def fingerprint(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def key_fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
+    """SHA-256 of a SuperNode key's DER SubjectPublicKeyInfo: how the manifest names it and how Flower's node
+    records (PEM of the same structure) are matched to it."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return fingerprint(der)
+
+
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
         [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MedSynGAN federation"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]

@@ -184,6 +184,27 @@ class SecAggTerms:
 
 
 @dataclass(frozen=True)
+class Growth:
+    """Where a growing model (ProGAN) is in its schedule when the round starts: the public image count that drives
+    the schedule, and the stage it gives. Every hospital trains from this count, so all of them run the same stage
+    and fade-in throughout the round."""
+
+    images: int
+    resolution: int
+    alpha: float
+
+    def to_record(self) -> dict[str, Any]:
+        return {"growth.images": self.images, "growth.resolution": self.resolution, "growth.alpha": self.alpha}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "Growth | None":
+        if "growth.images" not in record:
+            return None
+        return cls(_get(record, "growth.images", int), _get(record, "growth.resolution", int),
+                   _get(record, "growth.alpha", float))
+
+
+@dataclass(frozen=True)
 class RoundInstruction:
     """What a hospital needs to know about the round it is asked to work in."""
 
@@ -195,9 +216,12 @@ class RoundInstruction:
     signatures: dict[int, AdvertSignature] | None = None  # share keys: each advert's signature (absent: unsigned)
     inbox: dict[int, bytes] | None = None  # train under secure aggregation: the shares addressed to this hospital
     survivors: tuple[int, ...] | None = None  # unmask: whose masked input the server holds
+    growth: Growth | None = None  # a growing model's schedule position: the stage every hospital trains
 
     def to_record(self) -> ConfigRecord:
         record: dict[str, Any] = {"round": self.round, "resume_round": self.resume_round}
+        if self.growth is not None:
+            record.update(self.growth.to_record())
         if self.round_public is not None:
             record["round_public"] = self.round_public
         if self.secagg is not None:
@@ -234,7 +258,7 @@ class RoundInstruction:
             survivors = tuple(_ints(record, "survivors")) if "survivors" in record else None
             return cls(_get(record, "round", int), _get(record, "resume_round", int),
                        _optional(record, "round_public", bytes), SecAggTerms.from_record(terms) if terms else None,
-                       adverts, signatures, inbox, survivors)
+                       adverts, signatures, inbox, survivors, Growth.from_record(record))
 
     def require(self, field_name: str) -> Any:
         """A field the stage at hand needs (secagg, adverts, inbox, survivors); MalformedMessage without it."""

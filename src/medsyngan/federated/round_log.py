@@ -56,9 +56,10 @@ class RoundOutcome:
 #: counted, and, only when neither DP nor secure aggregation is on, the statistics sealed into its update.
 HOSPITAL_FIELDS = PUBLIC_REPORT + ("relation", "train_images", "weight", "bytes_sent_to", "bytes_received_from")
 #: The fields of a round's row (``time`` is the aggregator's clock, stamped by the run directory); d_loss and g_loss
-#: are means of the hospitals' statistics when they send any; client_* is client-level DP's accountant.
+#: are means of the hospitals' statistics when they send any; client_* is client-level DP's accountant;
+#: stage_resolution and alpha are a growing model's position on the aggregator's own schedule.
 ROUND_FIELDS = ("round", "time", "kimg", "wall_s", "hospitals_replied", "d_loss", "g_loss", "epsilon", "delta",
-                "relation", "hospital", "client_epsilon", "client_epsilon_add_remove")
+                "relation", "hospital", "client_epsilon", "client_epsilon_add_remove", "stage_resolution", "alpha")
 
 
 def log_privacy_choices(cfg: Config) -> None:
@@ -134,7 +135,7 @@ def evaluation_row(round_: int, replies: list[EvaluationReply]) -> dict[str, Any
 def save_round_grid(cfg: Config, generator: Mapping[str, torch.Tensor], path: Path) -> None:
     """The server's sample grid of the global generator from the run's fixed latents."""
     trainer = GANTrainer(cfg, device="cpu")
-    trainer.load_model_state(generator)
+    trainer.load_model_state(generator, keep_stage=True)
     save_sample_grid(trainer, fixed_latents(trainer.G.z_dim, cfg.run.seed), path)
 
 

@@ -33,10 +33,12 @@ from medsyngan.federated.records import record_bytes
 from medsyngan.federated.round_log import RoundOutcome, RoundTraffic
 from medsyngan.federated.server_state import ServerState, load_server_state, round_name, save_server_state
 from medsyngan.federated.transport import AggregatorTransport, tensors_hash
+from medsyngan.models.progan import is_stage_key
 from medsyngan.privacy.crypto import IntegrityError
 from medsyngan.privacy.secagg import SecAggAbort, SecAggConfig, SecAggServer, threshold_for
 from medsyngan.rundir import RunDir
 from medsyngan.training.checkpoint import checkpoint_key
+from medsyngan.training.schedule import check_run_length
 from medsyngan.training.step import GANTrainer
 
 log = logging.getLogger("medsyngan.federated")
@@ -74,6 +76,7 @@ class RoundDriver:
         self.run_dir = run_dir
         self.checkpoint_key = checkpoint_key(cfg)  # a missing key file fails before any round
         update_codec.check_settings(cfg.privacy)
+        check_run_length(cfg)
         self.transport = AggregatorTransport(cfg.privacy, job.run_id, identity_key)
         self.job = dataclasses.replace(job, aggregator_public=self.transport.identity_public)
         if cfg.privacy.secagg and job.roster is None:
@@ -212,16 +215,19 @@ class RoundDriver:
     def instructions(self, round_: int, hospitals: Iterable[int], **terms: Any) -> dict[int, p.RoundInstruction]:
         """Each hospital's instruction for a stage of ``round_`` (it resumes from its own last aggregated round); a
         term given as a function is evaluated per hospital."""
+        stage = self.state.stage()
+        growth = None if stage is None else p.Growth(self.state.schedule_images, *stage)
         return {h: p.RoundInstruction(round_, self.state.last_round.get(h, 0), self.transport.round_public(round_),
-                                      **{k: v(h) if callable(v) else v for k, v in terms.items()})
+                                      growth=growth, **{k: v(h) if callable(v) else v for k, v in terms.items()})
                 for h in hospitals}
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """The tensors a round averages: the shared networks' float weights and statistics. Integer counters
         (BatchNorm's num_batches_tracked) stay out: averaging them means nothing, and their Δ of K steps per round
-        would dominate an update's norm and so its clipping and quantization scale."""
+        would dominate an update's norm and so its clipping and quantization scale. A growing model's stage is the
+        server's to set (the round instruction carries it), not an average."""
         return {k: v for k, v in self.state.global_state.items()
-                if k.split(".", 1)[0] in shared_parts(self.cfg) and v.is_floating_point()}
+                if k.split(".", 1)[0] in shared_parts(self.cfg) and v.is_floating_point() and not is_stage_key(k)}
 
     def play_round(self, grid: Grid, round_: int) -> RoundOutcome | None:
         """One round's exchange; None when fewer than the quorum of usable updates came back."""
@@ -354,11 +360,14 @@ class RoundDriver:
         for hospital in outcome.reports:
             self.state.last_round[hospital] = round_
         self.state.update_ema(images, self.cfg.train.ema_kimg)
+        self.state.advance_growth(self.cfg)
         self.state.optimizer_state = self.optimizer.state_dict()
         save_server_state(self.run_dir, self.state, self.cfg, self.checkpoint_key)
         row = round_log.round_row(round_, outcome, self.state.images_seen, time.time() - self.start,
                                   {h: (self.weights[h], self.roster_weight(h)) for h in outcome.reports},
                                   with_stats=not (self.cfg.privacy.dp or self.cfg.privacy.secagg))
+        if (stage := self.state.stage()) is not None:
+            row["stage_resolution"], row["alpha"] = stage
         if self.client_dp is not None:
             row.update(self.client_dp.metrics())
         self.run_dir.append_metrics(row)

@@ -3,6 +3,10 @@
 A round's checkpoint is written in the training checkpoint format, so that `generate` and `evaluate` read it as
 they read a centralized run; the server optimizer's moments and the previous mean update ride in the
 training-state file, the client-level DP noise seed in the sealed secret file (never in plaintext).
+
+A growing model (ProGAN) has its schedule here: ``schedule_images`` is the public count that sets the stage and
+fade-in of the next round (:mod:`medsyngan.training.schedule`), and the global networks' stage buffers hold the stage
+that count gives, so that the checkpoint and the sample grids are at the resolution the federation has reached.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import torch
 
 from medsyngan.config import Config
 from medsyngan.errors import UserError
+from medsyngan.models.progan import is_stage_key
 from medsyngan.rundir import RunDir
 from medsyngan.training.checkpoint import load_checkpoint, run_secret_key, save_checkpoint_files
 from medsyngan.training.pretrained import pretrained_state
+from medsyngan.training.schedule import GrowthSchedule
 from medsyngan.training.step import GANTrainer
 
 
@@ -33,6 +39,7 @@ class ServerState:
     images_seen: int = 0
     client_dp: dict[str, Any] | None = None  # DP-FedAvg accountant state and the server's secret noise seed
     previous_mean: dict[str, torch.Tensor] | None = None  # last round's mean update: sets SecAgg's shared scales
+    schedule_images: int = 0  # growing models: the public count of the growth schedule at the next round's start
 
     @classmethod
     def initial(cls, cfg: Config) -> "ServerState":
@@ -49,6 +56,24 @@ class ServerState:
         if self.ema_state is not None:
             return {k.replace("G_ema.", "G.", 1): v for k, v in self.ema_state.items()}
         return {k: v for k, v in self.global_state.items() if k.startswith("G.")}
+
+    def stage(self) -> tuple[int, float] | None:
+        """The global networks' (stage resolution, fade-in alpha); None for a model that does not grow."""
+        if "G.stage_res" not in self.global_state:
+            return None
+        return int(self.global_state["G.stage_res"]), float(self.global_state["G.stage_alpha"])
+
+    def advance_growth(self, cfg: Config) -> None:
+        """After a round: move the schedule on by the round's local steps and set every network's stage to it."""
+        schedule = GrowthSchedule.of(cfg)
+        if schedule is None:
+            return
+        self.schedule_images = schedule.advance(self.schedule_images, cfg.federated.local_steps)
+        resolution, alpha = schedule.stage(self.schedule_images)
+        for state in (self.global_state, self.ema_state or {}):
+            for key in [k for k in state if is_stage_key(k)]:
+                value = resolution if key.endswith("stage_res") else alpha
+                state[key] = torch.tensor(value, dtype=state[key].dtype)
 
     def update_ema(self, images: int, ema_kimg: float) -> None:
         """Move the EMA generator towards the global one; half-life in images, as in centralized training,
@@ -80,7 +105,10 @@ def save_server_state(run_dir: RunDir, state: ServerState, cfg: Config, key: byt
         "images_seen": state.images_seen,
         "kimg": state.images_seen / 1000,
         "last_round": {str(k): v for k, v in state.last_round.items()},
+        "schedule_images": state.schedule_images,
     }
+    if (stage := state.stage()) is not None:
+        meta["stage_resolution"], meta["alpha"] = stage
     if state.client_dp is not None:
         meta["client_dp_accountant"] = state.client_dp["accountant"]
     private = {"server_optimizer": state.optimizer_state, "previous_mean": state.previous_mean}
@@ -114,4 +142,5 @@ def load_server_state(run_dir: RunDir, key: bytes | None = None) -> ServerState:
         images_seen=int(ckpt.meta["images_seen"]),
         client_dp=client_dp,
         previous_mean=private.get("previous_mean"),
+        schedule_images=int(ckpt.meta.get("schedule_images", 0)),
     )

@@ -5,7 +5,9 @@ Both networks are built for the target resolution but run at a *stage* resolutio
 output is the blend ``(1 - alpha) * old + alpha * new`` of the previous stage's path (G: upsampled by nearest
 neighbour; D: input average-pooled) and the new block's path. At alpha = 0 the networks compute exactly the previous
 stage's function. At a lower stage G outputs images at the stage resolution and D expects them there; the trainer
-downsamples the real images. The stage and alpha are buffers, so ``state_dict`` (and every checkpoint) carries them.
+downsamples the real images. The stage and alpha are buffers, so ``state_dict`` (and every checkpoint) carries them;
+a state without them (a federation's shared weights, which leave the stage to the round instruction) loads and keeps
+the network's own stage.
 
 Layers follow the paper: equalized learning rate everywhere (He gain sqrt(2), 1 for toRGB and D's output), pixel
 norm after every generator convolution and on the latent, LeakyReLU(0.2), 1x1 toRGB / fromRGB per resolution,
@@ -35,6 +37,12 @@ from medsyngan.models.layers import (SQRT2, EqualizedConv2d, EqualizedLinear, Mi
 
 SUPPORTED_RESOLUTIONS = tuple(2**k for k in range(3, 11))  # 8 ... 1024
 LABEL_EMBED = 32  # at least the 22 components of the largest label vector
+STAGE_BUFFERS = ("stage_res", "stage_alpha")
+
+
+def is_stage_key(key: str) -> bool:
+    """Whether a state key (``G.stage_res``, ``D.stage_alpha``, ...) is a network's stage rather than a weight."""
+    return key.rpartition(".")[2] in STAGE_BUFFERS
 
 
 def _octaves(resolution: int) -> list[int]:
@@ -56,6 +64,11 @@ class _Staged(nn.Module):
     def _init_stage(self) -> None:
         self.register_buffer("stage_res", torch.tensor(self.resolution, dtype=torch.int64))
         self.register_buffer("stage_alpha", torch.tensor(1.0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for name in STAGE_BUFFERS:
+            state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_stage(self, resolution: int, alpha: float = 1.0) -> None:
         """Run at ``resolution`` (a power of two from 4 to the target), the new octave blended in with ``alpha``."""

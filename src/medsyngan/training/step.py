@@ -1,5 +1,9 @@
 """The one GAN training step, shared by centralized training, every federated hospital, benchmarks and the demo.
 
+The module is longer than most because the trainer's parts (per-sample D losses, the DP hook point, the G step and
+its regularizers, precision, the growth stage, state exchange) touch the same networks and counters and are read
+together; the growth schedule itself is :mod:`medsyngan.training.schedule`.
+
 How other code uses it
 ----------------------
 ::
@@ -13,7 +17,9 @@ How other code uses it
 
 Federated code keeps one trainer per hospital (or rebuilds it and calls ``load_state_dict`` with the persisted
 ``state_dict()``) so that optimizer moments survive across rounds. ``trainer.images_seen`` / ``trainer.kimg``
-count real images shown to D by this trainer (the ProGAN schedule follows them).
+count the real images D is meant to see: the configured batch per D step, never a batch's realised size (under
+DP-SGD that size is private). ProGAN's growth schedule (:mod:`medsyngan.training.schedule`) follows this count;
+in a federation the server sets it at the start of every round (:meth:`GANTrainer.set_images_seen`).
 
 Differential privacy takes over the discriminator update only: it replaces ``trainer.d_update`` (a
 :class:`DiscriminatorUpdate`) by an implementation that computes per-sample gradients of
@@ -55,9 +61,10 @@ from torch import Tensor, nn
 from medsyngan.config import Config
 from medsyngan.data.labels import LabelDistribution, LabelLayout
 from medsyngan.errors import UserError
-from medsyngan.runtime import select_device
+from medsyngan.runtime import bf16_pays, select_device
 from medsyngan.training import losses
 from medsyngan.training.ada import AdaptiveP, AugmentPipe, DiffAugment
+from medsyngan.training.schedule import GrowthSchedule
 
 MODEL_PARTS = ("G", "D", "G_ema")
 # The trainer's own latent/noise RNG is seeded apart from the weight-initialization RNG, its label RNG apart from both.
@@ -68,33 +75,19 @@ _AUGMENT_SALT = 0x617567
 AUG_REAL, AUG_FAKE, AUG_G, AUG_R1 = 0, 1, 2, 3
 
 
-def progan_stage(kimg: float, kimg_per_phase: float, final_resolution: int, start_resolution: int = 4) -> tuple[int, float]:
-    """ProGAN schedule: (stage resolution, fade-in alpha) after ``kimg`` thousand images.
-
-    Phase 0 trains the start resolution; then every doubling has a fade-in phase (alpha 0 → 1, linear in images)
-    followed by a stable phase (alpha 1), each ``kimg_per_phase`` long; the final resolution stays stable forever.
-    """
-    phase = int(kimg // kimg_per_phase)
-    if phase == 0:
-        return start_resolution, 1.0
-    doublings = (phase - 1) // 2 + 1
-    resolution = start_resolution * 2**doublings
-    if resolution > final_resolution:
-        return final_resolution, 1.0
-    fading = (phase - 1) % 2 == 0
-    alpha = (kimg - phase * kimg_per_phase) / kimg_per_phase if fading else 1.0
-    return resolution, float(alpha)
+# Families whose training step measured faster with channels-last tensors on a CPU (benchmarks/bench_families.py
+# --variants; figures in docs/results.md#speed).
+CHANNELS_LAST_ON_CPU: frozenset[str] = frozenset()
+# Families whose training step measured slower in bf16 than in float32 on a CPU where the probe finds bf16 faster:
+# StyleGAN3's filtered activations (0.45 against 1.19 images/s a core at 64 px; docs/results.md#speed).
+BF16_SLOWER_ON_CPU: frozenset[str] = frozenset({"stylegan3"})
 
 
-def _use_channels_last(device: torch.device) -> bool:
-    # Tensor cores and cuDNN want NHWC; on CPU (oneDNN) NCHW measured as fast or faster for these small nets.
-    return device.type == "cuda"
-
-
-def _fast_bf16(device: torch.device) -> bool:
-    # bf16 pays where the hardware multiplies in it: CUDA tensor cores, or Intel AMX tiles through oneDNN (2.2x a
-    # DCGAN-64 step on this project's Xeon; without AMX, CPU bf16 is emulated and slower than float32).
-    return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())
+def _use_channels_last(device: torch.device, arch: str, setting: str) -> bool:
+    if setting != "auto":
+        return setting == "on"
+    # Tensor cores and cuDNN want NHWC; on a CPU (oneDNN) it depends on the family.
+    return device.type == "cuda" or (device.type == "cpu" and arch in CHANNELS_LAST_ON_CPU)
 
 
 def _freeze_all_but_last(net: nn.Module, trainable: int) -> None:
@@ -102,6 +95,11 @@ def _freeze_all_but_last(net: nn.Module, trainable: int) -> None:
     layers = [m for m in net.modules() if any(True for _ in m.parameters(recurse=False))]
     for layer in layers[:-trainable]:
         layer.requires_grad_(False)
+
+
+def _reset_moments(optimizer: torch.optim.Optimizer) -> None:
+    """Forget Adam's moments and step counts (its bias correction starts again); parameters are untouched."""
+    optimizer.state.clear()
 
 
 def _adam(params: Iterable[Tensor], lr: float, betas: tuple[float, float], eps: float,
@@ -133,6 +131,15 @@ def conditioned(D: Callable[..., Tensor], c: Tensor | None) -> Callable[[Tensor]
 def split_batch(batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
     """(images, labels or None) of what a real-batch source returned."""
     return (batch[0], batch[1]) if isinstance(batch, tuple) else (batch, None)
+
+
+def draw_real(next_real: Callable[[], Tensor | tuple[Tensor, Tensor]], draws: int) -> tuple[Tensor, Tensor | None]:
+    """(images, labels or None) of ``draws`` consecutive real batches, concatenated."""
+    if draws == 1:
+        return split_batch(next_real())
+    parts = [split_batch(next_real()) for _ in range(draws)]
+    labels = None if parts[0][1] is None else torch.cat([c for _, c in parts])
+    return torch.cat([x for x, _ in parts]), labels
 
 
 class DiscriminatorUpdate:
@@ -193,7 +200,7 @@ class GANTrainer:
                 from medsyngan.models.registry import build_discriminator, build_generator
             G = generator if generator is not None else build_generator(cfg.model)
             D = discriminator if discriminator is not None else build_discriminator(cfg.model)
-        self.channels_last = _use_channels_last(self.device)
+        self.channels_last = _use_channels_last(self.device, cfg.model.arch, t.channels_last)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.G = G.to(self.device, memory_format=fmt).train()
         self.D = D.to(self.device, memory_format=fmt).train()
@@ -206,7 +213,8 @@ class GANTrainer:
             # the algorithm are unchanged (state_dict keys too: see unwrap).
             self.G, self.D = torch.compile(self.G), torch.compile(self.D)
         self.autocast_dtype = torch.bfloat16 if (
-            t.amp == "bf16" or (t.amp == "auto" and _fast_bf16(self.device))
+            t.amp == "bf16" or (t.amp == "auto" and bf16_pays(self.device)
+                                and not (self.device.type == "cpu" and self.arch in BF16_SLOWER_ON_CPU))
         ) else None
 
         self.style_based = style = self.arch in ("stylegan2", "stylegan3")
@@ -214,7 +222,8 @@ class GANTrainer:
         self.use_r1 = style and t.r1_gamma > 0
         self.use_pl = style and t.pl_weight > 0
         self.mixing_p = t.style_mixing_p if style else 0.0
-        self.progressive = hasattr(self.G, "set_stage")
+        self.growth = GrowthSchedule.of(cfg)
+        self.progressive = self.growth is not None
 
         betas = (t.beta1, t.beta2)
         self.opt_g = _adam(self.G.parameters(), t.lr_g, betas, t.adam_eps, t.pl_interval if self.use_pl else None)
@@ -248,15 +257,33 @@ class GANTrainer:
     def resolution(self) -> int:
         return int(self.G.resolution)
 
+    @property
+    def batch_size(self) -> int:
+        """The configured D batch at the current stage: what each D step adds to ``images_seen``."""
+        if self.growth is None or self.stage is None:
+            return self.cfg.train.batch_size
+        return self.growth.batch(self.stage[0])
+
+    def set_images_seen(self, images: int) -> None:
+        """Continue from the count ``images`` (a federation's server sets it at every round), at its stage."""
+        self.images_seen = int(images)
+        self._sync_stage()
+
     def _sync_stage(self) -> None:
-        if not self.progressive:
+        if self.growth is None:
             return
-        stage = progan_stage(self.kimg, self.cfg.train.kimg_per_phase, self.resolution)
-        if stage != self.stage:
-            for net in (self.G, self.D, self.G_ema):
-                if net is not None:
-                    net.set_stage(*stage)
-            self.stage = stage
+        stage = self.growth.stage(self.images_seen)
+        if stage == self.stage:
+            return
+        if self.stage is not None and (stage[0] != self.stage[0] or (stage[1] == 1.0) != (self.stage[1] == 1.0)):
+            # New layers fade in, or the fade-in ends: fresh Adam moments for both networks, as the reference resets
+            # its optimizers whenever the level of detail crosses an integer (reset_opt_for_new_lod, Karras et al.).
+            _reset_moments(self.opt_g)
+            _reset_moments(self.opt_d)
+        for net in (self.G, self.D, self.G_ema):
+            if net is not None:
+                net.set_stage(*stage)
+        self.stage = stage
 
     # ------------------------------------------------------------------ building blocks
     def _autocast(self):
@@ -279,12 +306,12 @@ class GANTrainer:
         gen = torch.Generator(device=self.device).manual_seed(int(seq.generate_state(1, np.uint64)[0]) & (2**63 - 1))
         return self.augment(x, generator=gen)
 
-    def _adapt_p(self) -> None:
-        """ADA: account the D step's Σ sign(D(real)) per expected batch (train.batch_size: adaptive p is refused
-        under DP, whose realised Poisson batch sizes must not steer anything) and set the pipe's p."""
+    def _adapt_p(self, batch: int) -> None:
+        """ADA: account the D step's Σ sign(D(real)) per expected batch (the configured batch of the stage: adaptive
+        p is refused under DP, whose realised Poisson batch sizes must not steer anything) and set the pipe's p."""
         if self.ada is None or self._real_signs is None:
             return
-        self.augment.p = self.ada.accumulate(float(self._real_signs), self.cfg.train.batch_size)
+        self.augment.p = self.ada.accumulate(float(self._real_signs), batch)
         self._real_signs = None
 
     def set_label_source(self, source: LabelDistribution) -> None:
@@ -383,23 +410,25 @@ class GANTrainer:
         t = self.cfg.train
         out: dict[str, Tensor] = {}
         fake = fake_c = None
+        batch = self.batch_size
+        draws = batch // t.batch_size  # a ProGAN stage's larger batch is drawn as several loader batches
         for i in range(t.d_steps_per_g):
-            real, real_c = split_batch(next_real())
+            real, real_c = draw_real(next_real, draws)
             real = self.prepare_real(real)
             if self.conditional:
                 if real_c is None:
                     raise UserError("a conditional model needs labelled real batches; build the loader with labels")
-                real_c, fake_c = real_c.to(self.device), self.fake_labels(t.batch_size)
+                real_c, fake_c = real_c.to(self.device), self.fake_labels(batch)
             else:
                 real_c = None
             last = i == t.d_steps_per_g - 1
             with torch.set_grad_enabled(last):
-                fake, ws = self.generate(t.batch_size, fake_c)
+                fake, ws = self.generate(batch, fake_c)
             out.update(self.d_update.step(self, self.augmented(real, AUG_REAL), self.augmented(fake.detach(), AUG_FAKE),
                                           real_c=real_c, fake_c=fake_c))
-            self._adapt_p()
+            self._adapt_p(batch)
             self.d_step += 1
-            self.images_seen += int(real.shape[0])
+            self.images_seen += batch
             if self.use_r1 and self.d_step % t.r1_interval == 0:
                 out.update(self.d_update.regularize(self, real, real_c=real_c))
 
@@ -455,7 +484,7 @@ class GANTrainer:
         if self.G_ema is None:
             return
         t = self.cfg.train
-        beta = losses.ema_beta(t.batch_size, t.ema_kimg, self.images_seen, t.ema_rampup)
+        beta = losses.ema_beta(self.batch_size, t.ema_kimg, self.images_seen, t.ema_rampup)
         ema_params, params = list(self.G_ema.parameters()), list(self.G.parameters())
         torch._foreach_lerp_(ema_params, params, 1.0 - beta)
         for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
@@ -484,8 +513,14 @@ class GANTrainer:
         nets = self.networks()
         return {f"{part}.{name}" for part in parts for name, _ in unwrap(nets[part]).named_parameters()}
 
-    def load_model_state(self, state: Mapping[str, Tensor]) -> None:
-        """Load prefixed state (any subset of G/D/G_ema); each network present must match exactly."""
+    def load_model_state(self, state: Mapping[str, Tensor], *, keep_stage: bool = False) -> None:
+        """Load prefixed state (any subset of G/D/G_ema); each network present must match exactly, except that a
+        ProGAN state may leave out its stage buffers.
+
+        A ProGAN trainer's stage follows its schedule count (``images_seen``), whatever stage the state carries;
+        with ``keep_stage`` it takes the stage of the state's G instead: a generator to sample from, such as a
+        federation's global one, whose stage the server set. Training from there returns to the count's stage.
+        """
         nets = self.networks()
         grouped: dict[str, dict[str, Tensor]] = {}
         for key, value in state.items():
@@ -496,9 +531,14 @@ class GANTrainer:
         for part, sub in grouped.items():
             if part in nets:
                 unwrap(nets[part]).load_state_dict(sub)
-        # ProGAN networks carry their stage as buffers; the schedule (images seen) stays the authority.
         self.stage = None
-        self._sync_stage()
+        if keep_stage and self.progressive and "stage_res" in grouped.get("G", {}):
+            g = grouped["G"]
+            self.stage = (int(g["stage_res"]), float(g["stage_alpha"]))
+            for net in nets.values():
+                net.set_stage(*self.stage)
+        else:
+            self._sync_stage()
         if "G_ema" not in grouped and "G" in grouped and self.G_ema is not None and not self.step:
             # A fresh trainer given only G starts its EMA from that G, not from its own random init.
             self.G_ema.load_state_dict(unwrap(self.G).state_dict())
@@ -517,12 +557,13 @@ class GANTrainer:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
+        # Counters first: reaching the saved stage resets Adam (as growth does) before the saved moments load.
+        self.set_counters(state["counters"])
         self.load_model_state(state["models"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         if self.pl_reg is not None and state.get("pl_mean") is not None:
             self.pl_reg.pl_mean.copy_(state["pl_mean"])
-        self.set_counters(state["counters"])
         self.rng.set_state(state["rng"])
         if self.conditional:
             self.label_rng.set_state(state["label_rng"])

@@ -36,6 +36,7 @@ from medsyngan.training.checkpoint import (
 )
 from medsyngan.training.generate import fixed_latents, save_sample_grid
 from medsyngan.training.pretrained import pretrained_state
+from medsyngan.training.schedule import check_run_length
 from medsyngan.training.step import GANTrainer
 
 # The parts of a DP session's state that may be read without a key; everything else (the seed of the secret
@@ -97,6 +98,7 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
     seed_everything(cfg.run.seed)
     t = cfg.train
     check_model_section(cfg.model)  # before any data is built for a model that cannot exist
+    check_run_length(cfg)
     key = checkpoint_key(cfg)  # a missing key file fails here, not at the first checkpoint
     ckpt = load_checkpoint(run_dir.checkpoints, key) if resume else None
     if ckpt is not None:
@@ -138,8 +140,9 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
                                                            cfg.privacy.label_noise))
     next_real = dp.next_real if dp is not None else loader.__next__
     log.info(
-        "training %s at %d px on %s: %d images, batch %d, %d steps",
-        cfg.model.arch, cfg.model.resolution, trainer.device, len(data.images), t.batch_size, t.steps,
+        "training %s at %d px on %s in %s: %d images, batch %d, %d steps",
+        cfg.model.arch, cfg.model.resolution, trainer.device,
+        "bf16 autocast" if trainer.autocast_dtype is not None else "float32", len(data.images), t.batch_size, t.steps,
     )
 
     def checkpoint() -> Path:

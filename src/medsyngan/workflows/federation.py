@@ -93,7 +93,7 @@ def prepare_job(cfg: Config, run_dir: RunDir, resume: bool, simulation: bool) ->
     state_key = cfg.privacy.checkpoint_key or (str(run_key_file(run_dir.root).resolve()) if cfg.privacy.dp else None)
     roster = signing_keys = None
     if cfg.privacy.secagg:
-        from medsyngan.federated.advert_signing import simulation_keys
+        from medsyngan.federated.hospital_keys import simulation_keys
 
         # Like the aggregator's key: the federation key and each virtual hospital's, in the run directory.
         folder = (run_dir.root / "keys" / "secagg").resolve()
@@ -157,12 +157,14 @@ def _check_before_start(cfg: Config) -> None:
     from medsyngan.federated.update_codec import check_settings
     from medsyngan.models.registry import check_model_section
     from medsyngan.training.checkpoint import checkpoint_key
+    from medsyngan.training.schedule import check_run_length
 
     f = cfg.federated
     if f.quorum > f.hospitals:
         raise UserError(f"federated.quorum ({f.quorum}) exceeds federated.hospitals ({f.hospitals})")
     check_settings(cfg.privacy)
     check_model_section(cfg.model)
+    check_run_length(cfg)
     checkpoint_key(cfg)
 
 
