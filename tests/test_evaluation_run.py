@@ -83,11 +83,11 @@ def test_hospital_table_sums_each_hospitals_rounds(tmp_path):
     run_dir = RunDir(tmp_path)
     for r, eps in ((1, 0.4), (2, 0.8)):
         run_dir.append_metrics({"round": r, "kimg": 0.5 * r, "hospital": {
-            "0": {"num_examples": 10, "epsilon": eps, "epsilon_add_remove": eps / 2, "patient_level": 1.0,
-                  "bytes_received_from": 100},
-            "1": {"num_examples": 12, "bytes_received_from": 50}}})
+            "0": {"train_images": 10, "epsilon": eps, "epsilon_add_remove": eps / 2, "patient_level": 1.0,
+                  "relation": "replace-one", "delta": 1e-5, "bytes_received_from": 100},
+            "1": {"train_images": 12, "bytes_received_from": 50}}})
     assert hospital_table(run_dir) == [
         {"hospital": 0, "images": 10, "epsilon": 0.8, "epsilon_add_remove": 0.4, "unit": "patient", "bytes_sent": 200,
-         "rounds": 2},
+         "rounds": 2, "relation": "replace-one", "delta": 1e-5},
         {"hospital": 1, "images": 12, "epsilon": None, "bytes_sent": 100, "rounds": 2}]
     assert images_seen(run_dir) == 1000
