@@ -144,6 +144,8 @@ def render_report(
     title: str = "MedSynGAN evaluation", notes: Sequence[str] = (), grid: int = 64,
     comparison: dict[str, dict[str, float]] | None = None,
 ) -> str:
+    from medsyngan.report.audit import audit_section  # it draws on this module's helpers
+
     skipped = "".join(f"<li><code>{html.escape(g)}</code>: {html.escape(r)}</li>" for g, r in ev.skipped.items())
     body = [
         f"<h1>{html.escape(title)}</h1>",
@@ -160,6 +162,7 @@ def render_report(
         "<h2>Protocol</h2>",
         _protocol(ev),
         _nn_section(ev, fake_u8, train_u8),
+        audit_section(ev, fake_u8, train_u8),
         _privacy_section(ev),
         _run_section(run_rows, snapshot_rows),
     ]
