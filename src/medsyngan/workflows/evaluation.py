@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("medsyngan")
 
 LATENT_SEED_OFFSET = 1000
-
-
 UTILITY_METRICS = ("utility", "detectability", "reidentification")
 
 
