@@ -124,8 +124,8 @@ def score_images(images: np.ndarray, train, evaluation, metrics: str, seed: int)
 
 
 def score_phantoms(cfg, train, evaluation) -> dict[str, float]:
-    """FD and KID of a public run's own phantom images against the evaluation set: how close the procedural
-    generator alone comes to real X-rays, before any GAN."""
+    """FD and KID of a public run's own training films (the phantoms, or the public COVID-19 films) against the
+    evaluation set: how close the public data alone come to the hospitals' X-rays, before any GAN."""
     from medsyngan.data.api import load_training_data
 
     phantoms = np.asarray(load_training_data(cfg).images)
@@ -172,8 +172,9 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
                 out / "grids" / f"{name}-s{seed}.png"
             result = {"config": name, "label": exp.book[name].label, "seed": seed, "grid": str(grid),
                       **train_and_score(ws, run, reuse, train, evaluation, exp.study.metrics, grid)}
-            if run.public_data:
-                result["phantom_metrics"] = score_phantoms(run.cfg, train, evaluation)
+            if run.public_data:  # the public films themselves: phantoms, or the COVID-19 films
+                key = "phantom_metrics" if run.cfg.data.source == "phantoms" else "public_film_metrics"
+                result[key] = score_phantoms(run.cfg, train, evaluation)
             results.append(result)
             atomic_write_text(run.folder / RESULT_FILE, json.dumps(result | {"plan": run.plan}, default=str) + "\n")
             print(f"[study] {name} s{seed}: {result['wall_s']:.0f} s, FD {pick(result['metrics'], 'fd'):.4g}",
