@@ -5,8 +5,9 @@ One command reruns the whole study::
     .venv/bin/python benchmarks/study_nih.py [--quick] [--seeds 0 1] [--out runs/study-nih] [--docs docs]
 
 The study is data: ``experiments/nih-64/study.toml`` (the data split, the budget, the rows in order, the seeds,
-the targets), one recipe file per row beside it, and ``tuning.toml`` (named variants of the rows). This script
-runs them:
+the targets), one recipe file per row beside it, and ``tuning.toml`` (named variants of the rows). ``--study DIR``
+runs another study folder the same way (``experiments/nih-64-eps``: the ε sweep, scored with utility). This
+script runs them:
 
 1. Data: the 64-px NIH sample (``../shared/data/nih-chestxray14``, or ``$MEDSYNGAN_NIH_DIR``) is prepared once;
    a fixed fraction of its patients become the evaluation set, the rest the training set — two prepared datasets,
@@ -16,8 +17,10 @@ runs them:
 3. Every run is scored by ``evaluate_run`` against the evaluation patients and the training set; ε spent, bytes
    the hospitals sent and wall time come from the run's own log.
 
-Outputs: ``OUT/study.json`` and ``OUT/study.md`` (with ``--docs DIR`` also ``DIR/results/study.json`` and one
-sample grid PNG per row in ``DIR/results/``). ``run(quick)`` returns the figures for ``make bench``. ``--tune
+Outputs: ``OUT/study.json`` and ``OUT/study.md`` (with ``--docs DIR`` also ``DIR/results/<name>.json`` and one
+sample grid PNG per row in ``DIR/results/``, ``<name>`` being study.toml's ``name``; a study with ``utility = true``
+adds its utility table to study.md, and one with a ``[sweep]`` its plot, ``OUT/<figure>`` and
+``DIR/results/<figure>``). ``run(quick)`` returns the figures for ``make bench``. ``--tune
 [--variant NAME…]`` trains tuning variants (and rows, by name) on a validation split of the training patients and
 writes ``OUT/tuning.json`` / ``OUT/tuning.md`` (validation scores only); ``--collect`` merges tuning folders;
 ``--tune --diagnose`` scores the public model with the tuning-train films' low-order statistics put in place of its
@@ -39,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import run_all  # noqa: E402  (the one machine description of every benchmark)
 from study_tables import fd_by_seed, markdown, pick, summarize, targets, tuning_markdown  # noqa: E402
+from study_utility import per_label_markdown, sweep_png, utility_markdown  # noqa: E402
 
 from medsyngan.data.shared import nih_sample_dir as nih_dir  # noqa: E402
 from medsyngan.workflows.experiment import ExperimentFolder, PlannedRun, Workspace, load_experiment  # noqa: E402
@@ -94,7 +98,7 @@ def train_and_score(ws: Workspace, run: PlannedRun, reuse: bool, train, evaluati
 
     retrain = not (reuse or run.public_data or run.name in ws.exp.dependencies())
     wall = ws.ensure(run, retrain=retrain)
-    scored = evaluate_run(run.folder, evaluation, train, metrics=metrics)
+    scored = evaluate_run(run.folder, evaluation, train, metrics=metrics, utility=ws.exp.study.utility)
     if grid is not None:
         from PIL import Image
 
@@ -120,8 +124,8 @@ def score_images(images: np.ndarray, train, evaluation, metrics: str, seed: int)
 
 
 def score_phantoms(cfg, train, evaluation) -> dict[str, float]:
-    """FD and KID of a public run's own phantom images against the evaluation set: how close the procedural
-    generator alone comes to real X-rays, before any GAN."""
+    """FD and KID of a public run's own training films (the phantoms, or the public COVID-19 films) against the
+    evaluation set: how close the public data alone come to the hospitals' X-rays, before any GAN."""
     from medsyngan.data.api import load_training_data
 
     phantoms = np.asarray(load_training_data(cfg).images)
@@ -145,7 +149,6 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
     if not (nih_dir() / "images-64").is_dir():
         raise UserError(f"{nih_dir()}: NIH sample not found; set MEDSYNGAN_NIH_DIR to the nih-chestxray14 folder")
     exp = load_experiment(experiment)
-    name_of = "study" if Path(experiment).resolve() == EXPERIMENT.resolve() else Path(experiment).name
     budget = (exp.study.quick if quick else exp.study.budget).scaled(scale)
     tag = f"-x{scale}" if scale != 1 else ""
     only = only or (exp.study.quick_rows if quick else None)
@@ -166,12 +169,13 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
                 continue
             if not trainable:
                 continue
-            grid = (docs / "results" / f"{name_of}{tag}-{name}.png") if docs is not None and seed == seeds[0] else \
+            grid = (docs / "results" / f"{exp.study.name}{tag}-{name}.png") if docs is not None and seed == seeds[0] else \
                 out / "grids" / f"{name}-s{seed}.png"
             result = {"config": name, "label": exp.book[name].label, "seed": seed, "grid": str(grid),
                       **train_and_score(ws, run, reuse, train, evaluation, exp.study.metrics, grid)}
-            if run.public_data:
-                result["phantom_metrics"] = score_phantoms(run.cfg, train, evaluation)
+            if run.public_data:  # the public films themselves: phantoms, or the COVID-19 films
+                key = "phantom_metrics" if run.cfg.data.source == "phantoms" else "public_film_metrics"
+                result[key] = score_phantoms(run.cfg, train, evaluation)
             results.append(result)
             atomic_write_text(run.folder / RESULT_FILE, json.dumps(result | {"plan": run.plan}, default=str) + "\n")
             print(f"[study] {name} s{seed}: {result['wall_s']:.0f} s, FD {pick(result['metrics'], 'fd'):.4g}",
@@ -187,11 +191,31 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
     }
     text = json.dumps(report, indent=2, default=str) + "\n"
     atomic_write_text(out / "study.json", text)
-    atomic_write_text(out / "study.md",
-                      markdown(summary, checks) + "\nFD by seed:\n\n" + fd_by_seed(results, exp.study.rows))
+    atomic_write_text(out / "study.md", markdown(summary, checks) + "\nFD by seed:\n\n"
+                      + fd_by_seed(results, exp.study.rows) + utility_tables(exp, results))
     if docs is not None:
-        atomic_write_text(docs / "results" / f"{name_of}{tag}.json", text)
+        atomic_write_text(docs / "results" / f"{exp.study.name}{tag}.json", text)
+    sweep = exp.study.sweep
+    if sweep is not None and results:
+        title = f"{exp.study.name}{tag}: seed {seeds[0]}, {budget.images_through_d} images through D per row"
+        first = [r for r in results if r["seed"] == seeds[0]]
+        for folder in [out, *([docs / "results"] if docs is not None else [])]:
+            sweep_png(first, sweep.rows, sweep.epsilons, folder / sweep.figure.replace(".png", f"{tag}.png"), title)
     return report
+
+
+def utility_tables(exp: ExperimentFolder, results: list[dict[str, Any]]) -> str:
+    """study.md's utility table and each row's per-label AUROC (first seed), for a study scored with utility."""
+    if not exp.study.utility or not results:
+        return ""
+    first = [r for r in results if r["seed"] == results[0]["seed"]]
+    parts = ["\nUtility, detectability and re-identification (seed "
+             f"{results[0]['seed']}; 95 % intervals resample evaluation patients):\n\n",
+             utility_markdown(first, exp.study.rows)]
+    for run in first:
+        if any(k.startswith("auroc_synth") for k in run["metrics"]):
+            parts.append(f"\nPer label, {run['label']}:\n\n{per_label_markdown(run)}")
+    return "".join(parts)
 
 
 def run_tuning(out: Path, seed: int = 0, reuse: bool = False, only: list[str] | None = None,
@@ -276,10 +300,15 @@ def collect_tuning(folders: list[Path]) -> str:
     return tuning_markdown(rows)
 
 
+def default_out(experiment: Path, quick: bool) -> Path:
+    """runs/study-nih[-quick] for the NIH study, runs/study-<folder>[-quick] for another study folder."""
+    name = "study-nih" if Path(experiment).resolve() == EXPERIMENT else f"study-{Path(experiment).name}"
+    return REPO / "runs" / (f"{name}-quick" if quick else name)
+
+
 def run(quick: bool) -> dict:
     """Entry point of ``make bench``: the study's headline figures."""
-    out = REPO / "runs" / ("study-nih-quick" if quick else "study-nih")
-    report = run_study(quick, [0], out)
+    report = run_study(quick, [0], default_out(EXPERIMENT, quick))
     return {"summary": report["summary"], "targets": report["targets"], "study_wall_s": report["study_wall_s"]}
 
 
@@ -288,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized smoke run (study.toml's quick budget)")
+    parser.add_argument("--study", type=Path, default=EXPERIMENT, metavar="DIR",
+                        help="the study folder (default experiments/nih-64; e.g. experiments/nih-64-families, "
+                        "experiments/nih-64-eps)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: study.toml's seeds")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default runs/study-nih[-quick])")
     parser.add_argument("--docs", type=Path, default=None, help="also write study.json and sample grids here")
@@ -296,8 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, default=1, metavar="K",
                         help="K times the budget's images through D for every row")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs whose recipe is unchanged")
-    parser.add_argument("--experiment", type=Path, default=EXPERIMENT,
-                        help="study folder (default experiments/nih-64; e.g. experiments/nih-64-families)")
     parser.add_argument("--tune", action="store_true",
                         help="run tuning variants on a validation split of the training patients instead")
     parser.add_argument("--variant", nargs="+", metavar="NAME",
@@ -308,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --tune: validation FD of the public model with tuning-train's mean image, "
                         "histogram or contrast put in place of its own, and where a mean-image clip would cut")
     args = parser.parse_args(argv)
-    out = args.out or REPO / "runs" / ("study-nih-quick" if args.quick else "study-nih")
+    out = args.out or default_out(args.study, args.quick)
     try:
-        exp = load_experiment(args.experiment)
+        exp = load_experiment(args.study)
         seeds = args.seeds or exp.study.seeds
         for name in [*(args.only or []), *(args.variant or [])]:
             exp.book[name]  # an unknown name fails here, listing the known ones
@@ -324,10 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {value:.3f}")
             return 0
         if args.tune:
-            run_tuning(out, seeds[0], args.reuse, only=args.only, variants=args.variant, experiment=args.experiment)
+            run_tuning(out, seeds[0], args.reuse, only=args.only, variants=args.variant, experiment=args.study)
             print((out / "tuning.md").read_text())
             return 0
-        report = run_study(args.quick, seeds, out, args.docs, args.only, args.reuse, args.scale, args.experiment)
+        report = run_study(args.quick, seeds, out, args.docs, args.only, args.reuse, args.scale, args.study)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

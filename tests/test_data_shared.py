@@ -76,3 +76,20 @@ def test_a_present_sample_is_handed_to_the_tests(pytester, monkeypatch):
     monkeypatch.setenv(shared.NIH_ENV, str(sample))
     monkeypatch.setenv("CI", "true")
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_the_covid_films_are_a_training_source_with_their_patients_views_and_sexes(medsyngan_cache, monkeypatch,
+                                                                                    tmp_path):
+    import numpy as np
+
+    from medsyngan.config import load_config
+    from medsyngan.data.api import load_training_data
+
+    if not (shared.covid_cxr_dir() / "labels.csv").is_file():
+        pytest.skip(f"COVID-19 CXR set not found at {shared.covid_cxr_dir()}")
+    ds = load_training_data(load_config("public-covid64", ["data.size=32", "model.resolution=32"]))
+    assert ds.images.shape == (243, 32, 32) and len(np.unique(ds.patients)) == 71
+    assert set(ds.views) == {"AP", "PA"} and set(ds.sexes) == {"F", "M"}
+    monkeypatch.setenv(shared.SHARED_DATA_ENV, str(tmp_path))
+    with pytest.raises(UserError, match="the COVID-19 CXR set .* is not there; set MEDSYNGAN_SHARED_DATA"):
+        load_training_data(load_config("public-covid64", ["data.size=32", "model.resolution=32"]))

@@ -289,3 +289,132 @@ def test_quick_study_end_to_end(exp, tmp_path):
 
     again = study.run_study(quick=True, seeds=[0], out=tmp_path / "study", reuse=True)  # nothing retrained
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in report["runs"]]
+
+
+# ------------------------------------------------------------------ the ε sweep and the public models of real films
+EPS = REPO / "experiments" / "nih-64-eps"
+
+
+@pytest.fixture(scope="module")
+def eps():
+    from medsyngan.workflows.experiment import load_experiment
+
+    return load_experiment(EPS)
+
+
+def _flat(cfg) -> dict:
+    out = {}
+    for section, values in cfg.model_dump().items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            out[f"{section}.{key}"] = value
+    return out
+
+
+def test_the_sweep_rows_differ_in_epsilon_only_and_keep_the_products_security(eps, tmp_path):
+    ws = _workspace(eps, tmp_path, eps.study.budget)
+    reference = _flat(ws.plan("eps-1", 0).cfg)
+    allowed = {"privacy.target_epsilon", "hospital.max_epsilon", "run.name"}
+    for row, epsilon in zip(eps.study.sweep.rows, eps.study.sweep.epsilons):
+        cfg = ws.plan(row, 0).cfg
+        differs = {k for k, v in _flat(cfg).items() if reference[k] != v}
+        if np.isfinite(epsilon):
+            assert differs <= allowed, (row, differs)
+            assert cfg.privacy.dp and cfg.privacy.target_epsilon == epsilon == cfg.hospital.max_epsilon
+        else:  # no DP-SGD, nothing else changed
+            assert differs <= allowed | {"privacy.dp", "hospital.dp_required"}, differs
+            assert not cfg.privacy.dp and not cfg.hospital.dp_required
+        p = cfg.privacy
+        assert (p.quantize_bits, p.encrypt, p.secagg, cfg.federated.hospitals) == (8, True, True, 3), row
+        assert cfg.train.init_from == str(tmp_path / "runs" / "public-covid-s0")
+        assert cfg.model.condition == ["findings", "view", "sex"]
+    assert ws.plan("eps-1-phantoms", 0).cfg.train.init_from == str(tmp_path / "runs" / "public-s0")
+
+
+def test_the_public_models_read_public_data_only_and_match_the_private_networks(eps, exp, tmp_path):
+    for folder, names in ((eps, ("public-covid", "public")), (exp, ("public-covid",))):
+        ws = _workspace(folder, tmp_path, folder.study.budget)
+        for name in names:
+            run = ws.plan(name, 0)
+            assert run.public_data and run.cfg.data.path == "" and run.cfg.data.source in ("covid-cxr", "phantoms")
+    ws = _workspace(exp, tmp_path, exp.study.budget)
+    private = ws.plan("fed-dp1-secure-warm-covid", 0).cfg
+    assert private.train.init_from == str(tmp_path / "runs" / "public-covid-s0")
+    assert private.model == ws.plan("public-covid", 0).cfg.model  # train.init_from needs the same [model]
+    from medsyngan.config import load_config
+
+    preset = load_config("public-covid64")
+    assert preset.data.source == "covid-cxr" and preset.model == load_config("federated-dcgan64").model
+
+
+def test_every_row_says_what_its_choices_were_made_on(eps, exp):
+    for folder in (eps, exp):
+        for row in folder.study.rows:
+            chosen = folder.book[row].chosen_on
+            assert chosen and all(text.strip() for text in chosen.values()), row
+
+
+def test_a_sweep_needs_one_epsilon_per_row(tmp_path):
+    import shutil
+
+    from medsyngan.errors import UserError
+    from medsyngan.workflows.experiment import load_experiment
+
+    shutil.copytree(EPS, tmp_path / "eps")
+    study_toml = tmp_path / "eps" / "study.toml"
+    study_toml.write_text(study_toml.read_text().replace("epsilons = [0.5, 1.0,", "epsilons = [1.0,"))
+    with pytest.raises(UserError, match="sweep.epsilons has 5 values for 6 rows"):
+        load_experiment(tmp_path / "eps")
+
+
+def _scored(name: str, epsilon: float | None, synth: float) -> dict:
+    metrics = {"fd500_64_random": 3.0 / synth, "c2st_auroc500_64": 1.2 - synth / 2, "c2st_auroc500_64_lo": 0.5,
+               "c2st_auroc500_64_hi": 1.0, "reid_synth_rate_fmr1e-3": 0.01, "reid_holdout_rate_fmr1e-3": 0.02}
+    for kind, tag, value in (("synth", "synth500_64", synth), ("real", "real554_64", 0.8),
+                             ("dp", "dp554_64_eps1", 0.6)):
+        for key in (f"auroc_{tag}_mean", f"auroc_{tag}_view_pa"):
+            metrics |= {key: value, f"{key}_lo": value - 0.1, f"{key}_hi": value + 0.05}
+    metrics["auroc_gap_dp_synth500_64_eps1_mean"] = synth - 0.6
+    return {"config": name, "label": f"row {name}", "seed": 0, "epsilon": epsilon, "metrics": metrics}
+
+
+def test_the_utility_table_and_the_sweep_plot(eps, tmp_path):
+    from study_utility import per_label_markdown, sweep_png, utility_markdown
+
+    rows = eps.study.sweep.rows
+    results = [_scored(row, e if np.isfinite(e) else None, 0.55 + 0.05 * n)
+               for n, (row, e) in enumerate(zip(rows, eps.study.sweep.epsilons))]
+    table = utility_markdown(results, rows).splitlines()
+    assert len(table) == 2 + len(rows)
+    assert table[3].startswith("| row eps-1 | 1 | 0.600 [0.500, 0.650] | 0.800 [0.700, 0.850] | 0.600")
+    assert "| — |" not in table[3]  # every figure of the row found
+    assert per_label_markdown(results[0]).splitlines()[2] == \
+        "| view_pa | 0.550 [0.450, 0.600] | 0.800 [0.700, 0.850] | 0.600 [0.500, 0.650] |"
+    png = sweep_png(results, rows, eps.study.sweep.epsilons, tmp_path / "eps-sweep.png", "test")
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.size[0] > 800
+
+
+@needs_nih
+@pytest.mark.slow
+def test_quick_eps_sweep_end_to_end(eps, tmp_path):
+    study = _study()
+    report = study.run_study(quick=True, seeds=[0], out=tmp_path / "eps", docs=tmp_path / "docs", experiment=EPS)
+    runs = {r["config"]: r for r in report["runs"]}
+    assert list(runs) == eps.study.quick_rows
+    for name, run in runs.items():
+        m = run["metrics"]
+        assert np.isfinite(study.pick(m, "fd")) and 0 <= study.pick(m, "c2st_auroc") <= 1, name
+        synth = study.pick(m, "auroc_synth", "_mean")
+        assert synth is not None and 0 <= synth <= 1, name
+        assert study.pick(m, "auroc_dp", "_mean") is not None and study.pick(m, "auroc_real", "_mean") is not None
+    assert 0 < runs["eps-1"]["epsilon"] <= 1.0 + 1e-6 and runs["eps-inf"]["epsilon"] is None
+    from medsyngan.config import load_config
+
+    public = load_config(tmp_path / "eps" / "runs" / "public-covid-s0" / "config.toml")
+    assert public.data.source == "covid-cxr"
+    assert (tmp_path / "docs" / "results" / "eps-sweep.json").is_file()
+    assert (tmp_path / "docs" / "results" / "eps-sweep.png").is_file() and (tmp_path / "eps" / "eps-sweep.png").is_file()
+    text = (tmp_path / "eps" / "study.md").read_text()
+    assert "synthetic-only AUROC" in text and "Per label" in text

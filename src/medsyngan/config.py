@@ -55,8 +55,10 @@ class AugmentSection(Section):
 
 
 class DataSection(Section):
-    source: Literal["phantoms", "prepared"] = Field(
-        "phantoms", description="'phantoms' builds the embedded procedural set; 'prepared' reads `path`."
+    source: Literal["phantoms", "covid-cxr", "prepared"] = Field(
+        "phantoms", description="'phantoms' builds the embedded procedural set; 'covid-cxr' the public COVID-19 "
+        "chest X-rays of the shared data folder (MEDSYNGAN_SHARED_DATA), prepared once at data.size; 'prepared' "
+        "reads `path`."
     )
     path: str = Field("", description="Prepared dataset directory (from `medsyngan data prepare`).")
     split: Literal["all", "train_val", "test"] = Field(

@@ -35,12 +35,14 @@ def register(app: typer.Typer) -> None:
         ppl_samples: Annotated[int, typer.Option("--ppl-samples", help="Latent pairs for PPL (at least 100).")] = 2000,
         seed: Annotated[Optional[int], typer.Option("--seed", help="Evaluation seed (default: the run's run.seed): random subsets use it, generated latents it + 1000.")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+        utility: Annotated[bool, typer.Option("--utility", help="Also train-synthetic-test-real utility (per-label AUROC beside real-trained and DP-SGD classifiers), detectability and the re-identification audit; needs --run of a class-conditional model and prepared --real/--train sets.")] = False,
         config: ConfigOption = None,
         overrides: SetOption = None,
         key: KeyOption = None,
     ) -> None:
         """Evaluate synthetic images: FD/FID, KID, precision/recall, density/coverage, nearest-neighbour SSIM/PSNR/MSE,
-        MS-SSIM diversity, PPL and a privacy audit; writes metrics.json and a self-contained report.html."""
+        MS-SSIM diversity, detectability, PPL and a privacy audit (with --utility also train-synthetic-test-real
+        utility and re-identification); writes metrics.json and a self-contained report.html."""
         import json
 
         from medsyngan.config import config_from_toml_text, load_config
@@ -57,6 +59,8 @@ def register(app: typer.Typer) -> None:
         sources = [s for s in (run, checkpoint, fake) if s is not None]
         if len(sources) != 1:
             raise UserError("give exactly one of --run RUN_DIR, --checkpoint FILE or --fake DIR")
+        if utility and run is None:
+            raise UserError("--utility scores the labelled films of a conditional run; give --run RUN_DIR")
         setup_logging()
         if run is not None and config is None:
             RunDir(run).load_config()  # a clear error when --run is not a run directory
@@ -81,7 +85,7 @@ def register(app: typer.Typer) -> None:
             scored = evaluate_run(
                 run, real_set, train_set, metrics=metrics, feature_extractor=features, num_samples=count, seed=seed,
                 epsilon=epsilon, delta=delta, nn_threshold=nn_threshold, attack_discriminator=True, msssim_pairs=1000, ppl_samples=ppl_samples,
-                out=out, key=checkpoint_key, device=device, batch_size=batch_size,
+                out=out, key=checkpoint_key, device=device, batch_size=batch_size, utility=utility,
             )
             ev, fake_images, notes = scored.evaluation, scored.images, scored.notes
             epsilon, delta, seed = scored.epsilon, scored.delta, scored.seed

@@ -55,6 +55,25 @@ def phantom_dataset(
     return PreparedDataset.open(prepared)
 
 
+def covid_dataset(size: int, root: Path | None = None, workers: int = 0) -> PreparedDataset:
+    """The public COVID-19 chest X-rays (:func:`~medsyngan.data.shared.covid_cxr_dir`), centre-cropped and resized
+    to ``size`` once under root (default: the cache), with their patient ids, views and sexes; a public source for
+    pretraining and for the re-identification verifier. ``prepare`` keys the result by its inputs, so a changed
+    source folder is prepared again."""
+    from medsyngan.data.shared import covid_cxr_dir
+
+    source = covid_cxr_dir()
+    if not (source / "labels.csv").is_file():
+        raise UserError(f"{source}: the COVID-19 CXR set (labels.csv, images/) is not there; set "
+                        "MEDSYNGAN_SHARED_DATA to the folder that holds covid19-cxr-ml-workgroup/")
+    out = (root or cache_dir() / "covid-cxr") / f"{size}px"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prepare(source, out, PrepareSettings(size=size), labels_csv=source / "labels.csv", workers=workers)
+    return PreparedDataset.open(out)
+
+
 def load_training_data(cfg: Config) -> PreparedDataset:
     data = cfg.data
     if data.size != cfg.model.resolution:
@@ -64,6 +83,8 @@ def load_training_data(cfg: Config) -> PreparedDataset:
     if data.source == "phantoms":
         ds = phantom_dataset(data.phantom_patients, data.phantom_images_per_patient, data.size, data.seed)
         return select_split(ds, data.split, "phantoms")
+    if data.source == "covid-cxr":
+        return select_split(covid_dataset(data.size), data.split, "covid-cxr")
     if not data.path:
         raise UserError("data.source = 'prepared' but data.path is empty; set data.path to a `data prepare` output")
     ds = PreparedDataset.open(data.path)

@@ -18,6 +18,10 @@ class ImageSet:
     images: np.ndarray  # uint8 [N, S, S]
     patients: np.ndarray | None  # patient id per image, when known
     source: str
+    # a prepared dataset's findings (a tuple per image), views and sexes: what utility's classifiers learn
+    labels: list[tuple[str, ...]] | None = None
+    views: np.ndarray | None = None
+    sexes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -64,7 +68,7 @@ def load_image_set(path: str | Path, role: str = "images") -> ImageSet:
         ds = PreparedDataset.open(root)
         if len(ds) == 0:
             raise UserError(f"{role} {root}: the prepared dataset holds no images")
-        return ImageSet(ds.images, np.asarray(ds.patients), str(root))
+        return ImageSet(ds.images, np.asarray(ds.patients), str(root), ds.labels, ds.views, ds.sexes)
     if not root.is_dir():
         raise UserError(f"{role} {root} is not a folder; give a prepared dataset or a folder of images")
     return ImageSet(read_image_folder(root), None, str(root))

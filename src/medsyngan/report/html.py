@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -17,6 +16,7 @@ from medsyngan.metrics.definitions import definition
 from medsyngan.metrics.evaluate import Evaluation
 from medsyngan.metrics.privacy_audit import dp_tpr_bound
 from medsyngan.report import plots
+from medsyngan.report.plots import img_tag
 from medsyngan.rundir import atomic_write_text
 
 NON_CURVE_KEYS = {"time", "step", "kimg", "round", "hospital", "stage", "phase"}
@@ -31,10 +31,6 @@ th{background:#f4f4f4;text-align:left} td.num{text-align:right;font-family:ui-mo
 img{max-width:100%;image-rendering:pixelated} .note{color:#555;font-size:.9em} .flag{color:#b00;font-weight:bold}
 .warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.5em 1em}
 """
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def _fmt(value: float) -> str:
@@ -92,7 +88,7 @@ def _nn_section(ev: Evaluation, fake_u8: np.ndarray, train_u8: np.ndarray | None
         f"<p>For each synthetic image, the training image of highest SSIM. {flagged} of {len(nn.ssim)} synthetic "
         f"images exceed the near-copy threshold SSIM &gt; {ev.nn_threshold:g} (set with <code>--nn-threshold</code>); "
         "red frames mark them. Inspect flagged pairs before releasing a synthetic set.</p>"
-        + _img(panel, "synthetic images closest to a training image")
+        + img_tag(panel, "synthetic images closest to a training image")
         + "<table id='nearest'><tr><th>synthetic #</th><th>nearest train #</th><th>SSIM</th><th>PSNR to NN by MSE (dB)</th><th></th></tr>"
         + rows + "</table>"
     )
@@ -106,12 +102,12 @@ def _privacy_section(ev: Evaluation) -> str:
         parts.append(f"<h3>Distance to the closest training image ({html.escape(space)})</h3>")
         parts.append(f"<p>ratio of medians synthetic/holdout: <b>{d.ratio:.3f}</b> (below 1: closer to training "
                      "images than unseen real images are).</p>")
-        parts.append(_img(plots.dcr_png(d.synthetic_to_train, d.holdout_to_train, space), f"DCR histogram {space}"))
+        parts.append(img_tag(plots.dcr_png(d.synthetic_to_train, d.holdout_to_train, space), f"DCR histogram {space}"))
     if ev.attacks:
         parts.append("<h3>Membership inference</h3><p>Members: training images; non-members: the holdout (--real). "
                      "The dashed line is the largest TPR any attack can reach against the run's (ε, δ)-DP guarantee, "
                      "for its privacy unit.</p>")
-        parts.append(_img(plots.roc_png(ev.attacks, ev.epsilon, ev.delta, dp_tpr_bound), "membership inference ROC"))
+        parts.append(img_tag(plots.roc_png(ev.attacks, ev.epsilon, ev.delta, dp_tpr_bound), "membership inference ROC"))
     return "".join(parts)
 
 
@@ -121,7 +117,7 @@ def _run_section(run_rows: Sequence[dict[str, Any]] | None, snapshot_rows: Seque
         keys = [k for k in snapshot_rows[0] if k not in NON_CURVE_KEYS and isinstance(snapshot_rows[0][k], (int, float))]
         png = plots.curves_png(snapshot_rows, keys, "metrics of saved snapshots")
         if png:
-            parts.append("<h2>Snapshots</h2>" + _img(png, "metrics over snapshots"))
+            parts.append("<h2>Snapshots</h2>" + img_tag(png, "metrics over snapshots"))
     if run_rows:
         numeric: list[str] = []
         for row in run_rows:
@@ -130,11 +126,11 @@ def _run_section(run_rows: Sequence[dict[str, Any]] | None, snapshot_rows: Seque
                     numeric.append(k)
         png = plots.curves_png(run_rows, numeric[:MAX_CURVES], "training log (metrics.jsonl)")
         if png:
-            parts.append("<h2>Training curves</h2>" + _img(png, "training curves"))
+            parts.append("<h2>Training curves</h2>" + img_tag(png, "training curves"))
         eps_rows = [r for r in run_rows if isinstance(r.get("epsilon"), (int, float))]
         png = plots.curves_png(eps_rows, ["epsilon"], "privacy spent", x_keys=("round", "kimg", "step")) if eps_rows else None
         if png:
-            parts.append("<h2>ε per round</h2>" + _img(png, "epsilon per round"))
+            parts.append("<h2>ε per round</h2>" + img_tag(png, "epsilon per round"))
         parts.append(_hospital_epsilons(run_rows))
     return "".join(parts)
 
@@ -159,13 +155,15 @@ def render_report(
     title: str = "MedSynGAN evaluation", notes: Sequence[str] = (), grid: int = 64,
     comparison: dict[str, dict[str, float]] | None = None,
 ) -> str:
+    from medsyngan.report.audit import audit_section  # it draws on this module's helpers
+
     skipped = "".join(f"<li><code>{html.escape(g)}</code>: {html.escape(r)}</li>" for g, r in ev.skipped.items())
     body = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='note'>generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>",
         *(f"<p class='warn'>{html.escape(n)}</p>" for n in notes),
         "<h2>Synthetic samples</h2>",
-        _img(plots.grid_png(np.asarray(fake_u8[:grid]), cols=8), "synthetic sample grid"),
+        img_tag(plots.grid_png(np.asarray(fake_u8[:grid]), cols=8), "synthetic sample grid"),
         *(["<h2>Compared with other runs</h2>", _comparison_table(comparison)] if comparison else []),
         "<h2>Metrics</h2>",
         "<p>Each name carries its protocol: sample count (k = thousand), resolution in pixels, feature network, and k "
@@ -175,6 +173,7 @@ def render_report(
         "<h2>Protocol</h2>",
         _protocol(ev),
         _nn_section(ev, fake_u8, train_u8),
+        audit_section(ev, fake_u8, train_u8),
         _privacy_section(ev),
         _run_section(run_rows, snapshot_rows),
     ]

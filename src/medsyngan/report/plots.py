@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import math
 from collections.abc import Sequence
@@ -126,3 +128,8 @@ def curves_png(
         fig.suptitle(title)
     fig.tight_layout()
     return _png(fig)
+
+
+def img_tag(png: bytes, alt: str) -> str:
+    """An inline <img> of PNG bytes, so that a report is one self-contained file."""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'

@@ -3,6 +3,13 @@
 The latent seed rule: an evaluation at seed ``s`` (by default the run's ``run.seed``) generates from latents
 drawn with seed ``s + 1000`` — never the latents the run drew while training, which its generator has been fitted
 to — and seeds every random subset of the metrics (KID subsets, MS-SSIM pairs, attacks) with ``s``.
+
+``utility=True`` adds what a hospital asks beyond a distance (:data:`UTILITY_METRICS`): train-synthetic-test-real
+utility, the classifier two-sample test and the re-identification audit. The synthetic films of a conditional
+generator are labelled with the labels they were generated from (drawn as ``generate`` draws them, with the same
+latent seed); the real sets' labels are their findings, views and sexes (:func:`label_matrix`); the verifier of
+the re-identification audit trains on the public COVID-19 films at the run's resolution
+(:func:`~medsyngan.data.api.covid_dataset`) and is left out, with its reason, when they are not there.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("medsyngan")
 
 LATENT_SEED_OFFSET = 1000
+UTILITY_METRICS = ("utility", "detectability", "reidentification")
 
 
 class Images(Protocol):
-    """What an image set offers an evaluation: a prepared dataset, or an ImageSet read from a folder."""
+    """What an image set offers an evaluation: a prepared dataset, or an ImageSet read from a folder (a prepared
+    set also offers per-film ``labels`` (findings), ``views`` and ``sexes``, which utility needs)."""
 
     images: np.ndarray
     patients: np.ndarray | None
@@ -37,6 +46,50 @@ class Images(Protocol):
 def latent_seed(seed: int) -> int:
     """The seed of an evaluation's latents (see the module docstring)."""
     return seed + LATENT_SEED_OFFSET
+
+
+def label_matrix(images: Images, role: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """Utility's label names and [N, C] matrix (view, sex, any finding, each NIH finding) of a real set."""
+    from medsyngan.metrics.utility import binary_targets
+
+    findings = getattr(images, "labels", None)
+    if findings is None:
+        raise UserError(f"--utility needs the labels of the {role} films: give a prepared dataset (from `medsyngan "
+                        "data prepare`), not a folder of images")
+    return binary_targets(findings, getattr(images, "views", None), getattr(images, "sexes", None))
+
+
+def generated_labels(G: torch.nn.Module, count: int, seed: int) -> tuple[torch.Tensor, tuple[str, ...], np.ndarray]:
+    """The labels a conditional generator's ``count`` evaluation films are generated from (as
+    :func:`~medsyngan.training.generate.generate_images` draws them at ``seed``), and the same as utility's names
+    and matrix; a group the model is not conditioned on is unknown (NaN) there."""
+    from medsyngan.metrics.utility import binary_targets
+    from medsyngan.training.generate import label_layout, request_labels
+
+    layout = label_layout(G)
+    if not layout.groups:
+        raise UserError("--utility trains classifiers on labelled synthetic films: it needs a class-conditional "
+                        "model (train with model.condition = [\"findings\", \"view\", \"sex\"])")
+    labels = request_labels(G, count, seed)
+    decoded = [layout.decode(v) for v in labels.numpy()]
+    names, matrix = binary_targets([d.get("findings", ()) for d in decoded], [d.get("view", "") for d in decoded],
+                                   [d.get("sex", "") for d in decoded])
+    if "findings" not in layout.groups:
+        matrix[:, names.index("any_finding"):] = np.nan
+    return labels, names, matrix
+
+
+def public_verifier_films(resolution: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The public COVID-19 films and patient ids at ``resolution`` for the re-identification verifier, or
+    (None, None) with the reason logged when they are not there (the audit is then reported as not computed)."""
+    from medsyngan.data.api import covid_dataset
+
+    try:
+        public = covid_dataset(resolution)
+    except UserError as exc:
+        log.warning("re-identification verifier: %s", exc)
+        return None, None
+    return np.asarray(public.images), np.array([f"covid:{p}" for p in public.patients])
 
 
 @dataclass
@@ -73,6 +126,7 @@ def evaluate_run(
     key: bytes | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 64,
+    utility: bool = False,
 ) -> RunEvaluation:
     """Score a run's generator (its EMA when the run kept one) against ``real`` (images it never trained on) and
     ``train`` (its training images, for the memorization and membership audits); write ``metrics.json`` to
@@ -80,7 +134,8 @@ def evaluate_run(
 
     Defaults come from the run's configuration: ``eval.metrics``, ``eval.feature_extractor``,
     ``eval.num_samples``, ``eval.nn_threshold``, and ``run.seed`` as the evaluation seed; ε and δ from its
-    metrics log. ``attack_discriminator`` adds the LOGAN attack with the run's discriminator."""
+    metrics log. ``attack_discriminator`` adds the LOGAN attack with the run's discriminator; ``utility`` the
+    metrics of :data:`UTILITY_METRICS` (see the module docstring)."""
     from medsyngan.metrics import evaluate
     from medsyngan.metrics.evaluate import privacy_from_rows
     from medsyngan.training.generate import generate_images, load_generator
@@ -90,19 +145,30 @@ def evaluate_run(
     seed = cfg.run.seed if seed is None else seed
     count = num_samples or cfg.eval.num_samples
     G, meta = load_generator(rd.root, device, key)
-    fake = generate_images(G, count, latent_seed(seed), batch_size=batch_size, device=device)
+    metrics = metrics or cfg.eval.metrics
+    labelled: dict[str, Any] = {}
+    fake_labels = None
+    if utility:
+        metrics = ",".join([metrics, *UTILITY_METRICS])
+        fake_labels, names, labelled["fake_labels"] = generated_labels(G, count, latent_seed(seed))
+        labelled["label_names"] = names
+        labelled["real_labels"] = label_matrix(real, "--real")[1]
+        if train is not None:
+            labelled["train_labels"] = label_matrix(train, "--train")[1]
+        labelled["verifier_images"], labelled["verifier_patients"] = public_verifier_films(cfg.model.resolution)
+    fake = generate_images(G, count, latent_seed(seed), batch_size=batch_size, device=device, labels=fake_labels)
     logged_eps, logged_delta = privacy_from_rows(rd.read_metrics())
     epsilon = logged_eps if epsilon is None else epsilon
     delta = logged_delta if delta is None else delta
     discriminator = load_attack_discriminator(Path(meta["checkpoint"]), device, key) if attack_discriminator else None
     ev = evaluate(
         fake, np.asarray(real.images), None if train is None else np.asarray(train.images),
-        metrics=metrics or cfg.eval.metrics, feature_extractor=feature_extractor or cfg.eval.feature_extractor,
+        metrics=metrics, feature_extractor=feature_extractor or cfg.eval.feature_extractor,
         generator=G, discriminator=discriminator, epsilon=epsilon, delta=delta, real_patients=real.patients,
         train_patients=None if train is None else train.patients,
         nn_threshold=cfg.eval.nn_threshold if nn_threshold is None else nn_threshold,
         msssim_pairs=msssim_pairs, ppl_samples=ppl_samples,
-        batch_size=batch_size, seed=seed, device=device,
+        batch_size=batch_size, seed=seed, device=device, **labelled,
     )
     require_some_metric(ev)
     atomic_write_text((out or rd.root) / "metrics.json", json.dumps(ev.metrics, indent=2) + "\n")

@@ -26,6 +26,7 @@ from medsyngan.workflows.recipes import (Recipe, RecipeBook, Schedule, fit_lengt
                                          recipes_from_tables, toml_value)
 
 TRAINED_FILE = "trained.json"
+PUBLIC_SOURCES = ("phantoms", "covid-cxr")  # data.source values that read no hospital's films
 
 
 class _Strict(BaseModel):
@@ -66,7 +67,16 @@ class MiaTarget(_Strict):
     max_auc: float
 
 
+class Sweep(_Strict):
+    """A privacy sweep: rows that differ in ε only, plotted against it."""
+
+    rows: list[str]
+    epsilons: list[float] = Field(description="ε of each row, in order (inf: without DP).")
+    figure: str = Field(description="File name of the plot in the docs' results folder.")
+
+
 class Experiment(_Strict):
+    name: str = Field("study", description="What files of this study in the docs' results folder are called.")
     rows: list[str]
     quick_rows: list[str]
     seeds: list[int]
@@ -81,6 +91,9 @@ class Experiment(_Strict):
     every_row: dict[str, Any] = Field(default_factory=dict, description="Settings of every row, before its recipe.")
     targets: list[Target] = Field(default_factory=list)
     mia_target: MiaTarget | None = None
+    utility: bool = Field(False, description="Also score utility, detectability and re-identification (the rows "
+                          "must be conditional: evaluate_run(utility=True)).")
+    sweep: Sweep | None = None
 
 
 @dataclass(frozen=True)
@@ -116,10 +129,14 @@ def load_experiment(folder: Path) -> ExperimentFolder:
     clash = sorted(set(recipes) & set(variants))
     if clash:
         raise UserError(f"{tuning}: variants {', '.join(clash)} have the name of a row; rename them")
-    unknown = sorted({*study.quick_rows, *(t.row for t in study.targets), *(t.reference for t in study.targets)}
-                     - set(recipes))
+    swept = study.sweep.rows if study.sweep else []
+    unknown = sorted({*study.quick_rows, *(t.row for t in study.targets), *(t.reference for t in study.targets),
+                      *swept} - set(recipes))
     if unknown:
         raise UserError(f"{origin}: {', '.join(unknown)} not among the rows")
+    if study.sweep and len(study.sweep.epsilons) != len(swept):
+        raise UserError(f"{origin}: sweep.epsilons has {len(study.sweep.epsilons)} values for {len(swept)} rows; "
+                        "give one ε per row")
     return ExperimentFolder(folder, study, RecipeBook(recipes | variants, str(folder)))
 
 
@@ -133,13 +150,14 @@ class PlannedRun:
 
     @property
     def public_data(self) -> bool:
-        """Trained on phantoms only: the same run serves every data split of the work folder."""
-        return self.cfg.data.source == "phantoms"
+        """Trained on public data only (phantoms, the COVID-19 films): the same run serves every data split of the
+        work folder."""
+        return self.cfg.data.source in PUBLIC_SOURCES
 
 
 class Workspace:
     """Runs of an experiment's recipes in a work folder: ``runs/<name>-s<seed>`` (``tuning/`` for runs on the
-    tuning split; a run on phantoms alone is shared by both, in ``runs/``)."""
+    tuning split; a run on public data alone is shared by both, in ``runs/``)."""
 
     def __init__(self, exp: ExperimentFolder, out: Path, data: Path, budget: Budget, runs: str = "runs"):
         self.exp, self.out, self.data, self.budget, self.runs = exp, Path(out), Path(data), budget, runs
@@ -159,7 +177,7 @@ class Workspace:
         if planned_images(cfg) != images:
             raise UserError(f"recipe '{name}': its batch, local steps and D steps do not divide the budget of "
                             f"{images} images through D ({planned_images(cfg)} planned); change them or the budget")
-        public = cfg.data.source == "phantoms"
+        public = cfg.data.source in PUBLIC_SOURCES
         if public:  # the recipe replaced the work folder's data: its run serves the study and the tuning alike
             before = [item for item in before if not item.startswith("data.path=")]
         plan = {"preset": book.preset(name), "settings": recipe_settings(book, name, before, after, start),
