@@ -59,8 +59,6 @@ def test_a_federated_progan_reaches_64_px_with_every_hospital_in_lockstep(tmp_pa
         expected = schedule.stage(images)
         reported = {(h["stage_resolution"], h["alpha"]) for h in row["hospital"].values()}
         assert reported == {expected} and (row["stage_resolution"], row["alpha"]) == expected
-        # The images each hospital reports are the public count, the same for all (not its Poisson batches).
-        assert {h["images"] for h in row["hospital"].values()} == {cfg.federated.local_steps * 4}
     assert expected == (64, 1.0)
     assert ("epsilon" in rows[-1]) == private
 

@@ -335,8 +335,9 @@ class Hello:
 
 
 #: All that a hospital says in the clear beside its update: its privacy spend as its own ledger has it (ε of the
-#: replace-one relation, Opacus' add/remove-one figure, δ, and 1 for a patient-level unit).
-PUBLIC_REPORT = ("epsilon", "epsilon_add_remove", "delta", "patient_level")
+#: replace-one relation, Opacus' add/remove-one figure, δ, and 1 for a patient-level unit), and for a growing model
+#: the stage it trained (resolution, fade-in α): the server's own schedule echoed, so that lockstep is checked.
+PUBLIC_REPORT = ("epsilon", "epsilon_add_remove", "delta", "patient_level", "stage_resolution", "alpha")
 
 
 @dataclass(frozen=True)
