@@ -254,7 +254,7 @@ class _State:
     restore asks for no privacy ledger)."""
 
     def __init__(self, value: int):
-        self.state, self.privacy_floor = {"value": torch.full((64,), float(value))}, None
+        self.state = {"value": torch.full((64,), float(value))}
         self.cfg = SimpleNamespace(privacy=SimpleNamespace(dp=False))
 
     def state_dict(self):
