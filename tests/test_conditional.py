@@ -281,6 +281,6 @@ def test_the_label_release_is_written_to_the_ledger_before_it_is_made_and_shares
     assert written[0]["labels"] is None and written[0]["accountant"]["history"] == [list(e) for e in charged]
     assert written[-1]["labels"] is not None and written[-1]["one_off_made"] == ["labels"]
     session.trainer.train_step(session.next_real)  # the mean image is released at the first generator step
-    assert session.release.target is not None and session.releases == 1
+    assert session.release.released is not None and session.releases == 1
     assert session.accountant.history[:1] == charged and len(session.accountant.history) == 2
     assert written[-1]["one_off_made"] == ["labels", "mean_image"]

@@ -63,19 +63,19 @@ def test_release_is_charged_when_made_and_a_resume_reuses_it():
     assert all(np.isfinite(s["g_extra"]) for s in stats)
     assert session.epsilon()["reported"] <= 10.0
     state = json.loads(json.dumps(session.state_dict()))
-    target = session.release.target.clone()
+    target = session.release.released.clone()
 
     again = GANTrainer(cfg, device="cpu")
     resumed = enable_dp_from(cfg, again, images, patients, state=state, seed=99)  # another secret: must not matter
     again.train_step(resumed.next_real)
-    torch.testing.assert_close(resumed.release.target, target, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.release.released, target, rtol=0, atol=0)
     assert resumed.releases == 1 and resumed.steps == 4
 
 
 def test_anchor_gradient_is_that_of_the_squared_mean_gap():
     target = torch.full((4, 4), 0.3)
     anchor = MeanImageRelease(_images(4), None, 4, 1.0, 1.0, weight=1.0, generator=torch.nn.Identity())
-    anchor.target = target
+    anchor.released = target
     fake = torch.randn(8, 1, SIZE, SIZE, requires_grad=True)
     term, gap = anchor(fake)
     (grad,) = torch.autograd.grad(term, fake)
@@ -90,7 +90,7 @@ def test_anchor_rewards_shrinking_variety_a_tenth_as_much_as_the_squared_batch_m
     # current batch's weight in its running mean.
     target = torch.zeros(4, 4)
     anchor = MeanImageRelease(_images(4), None, 4, 1.0, 1.0, weight=1.0, generator=torch.nn.Identity())
-    anchor.target = target
+    anchor.released = target
     gen = torch.Generator().manual_seed(0)
     spread = torch.tensor(1.0, requires_grad=True)
     naive, anchored = 0.0, 0.0

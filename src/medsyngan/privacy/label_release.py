@@ -32,7 +32,7 @@ The release (:func:`release_label_frequencies`)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ from medsyngan.config import Config, PrivacySection
 from medsyngan.data.labels import LabelLayout, MarginalLabels, distribution_from_json
 from medsyngan.errors import UserError
 from medsyngan.privacy.accounting import combined_noise
+from medsyngan.privacy.one_off import OneOffRelease
 
 
 def label_release_planned(cfg: Config) -> bool:
@@ -91,28 +92,21 @@ def release_label_frequencies(labels: np.ndarray, patients: Sequence[str] | np.n
     return MarginalLabels(layout, freq)
 
 
-class LabelRelease:
+class LabelRelease(OneOffRelease[MarginalLabels]):
     """The release of one hospital (module docstring): made at the first call of :meth:`distribution`, or read back
-    from the DP state with :meth:`load_state_dict`. The DP session sets ``begin`` (charge the release, write the
-    ledger, return the noise seed) and ``finished`` (write the ledger with the released frequencies)."""
+    from the DP state with :meth:`load_state_dict`."""
+
+    what = "label release"
 
     def __init__(self, labels: np.ndarray, patients: Sequence[str] | np.ndarray | None, layout: LabelLayout,
                  noise_multiplier: float):
+        super().__init__()
         self.labels, self.patients, self.layout = labels, patients, layout
         self.noise_multiplier = float(noise_multiplier)
-        self.begin: Callable[[], int] | None = None
-        self.finished: Callable[[], None] = lambda: None
-        self.released: MarginalLabels | None = None
 
     def distribution(self) -> MarginalLabels:
-        if self.released is None:
-            if self.begin is None:
-                raise RuntimeError("the label release has no session to charge it")
-            noise = torch.Generator().manual_seed(self.begin())
-            self.released = release_label_frequencies(self.labels, self.patients, self.layout,
-                                                      self.noise_multiplier, noise)
-            self.finished()
-        return self.released
+        return self._release_once(lambda noise: release_label_frequencies(
+            self.labels, self.patients, self.layout, self.noise_multiplier, noise))
 
     def state_dict(self) -> dict[str, Any] | None:
         return None if self.released is None else self.released.to_json()

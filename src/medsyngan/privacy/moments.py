@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medsyngan.errors import UserError
+from medsyngan.privacy.one_off import OneOffRelease
 
 #: How many generated images the public reference mean is taken over.
 REFERENCE_SAMPLES = 256
@@ -100,38 +101,34 @@ def generator_mean(G: torch.nn.Module, size: int, seed: int = 0, labels: Tensor 
         G.train(was_training)
 
 
-class MeanImageRelease:
+class MeanImageRelease(OneOffRelease[Tensor]):
     """The release and the generator-loss term that matches it (module docstring), as ``trainer.g_extra_loss``.
 
     The release happens at the first generator step, not when the session is built: only then does G hold the
     weights it trains from (a federated hospital receives the global model with its first round), and its mean
-    image is the reference. ``begin()`` charges the release and returns the seed of its noise (the session's,
-    written to the ledger before anything is computed); ``finished()`` records the target once it exists.
+    image is the reference. ``released`` is the target once it exists.
     """
+
+    what = "mean-image release"
 
     def __init__(self, images: np.ndarray, patients: Sequence[str] | np.ndarray | None, size: int, clip: float,
                  noise_multiplier: float, weight: float, generator: torch.nn.Module,
                  reference_labels: Callable[[int], Tensor] | None = None):
+        super().__init__()
         self.images, self.patients, self.generator = images, patients, generator
         self.reference_labels = reference_labels  # n → labels of the reference images, for a conditional G
-        self.begin: Callable[[], int] | None = None
-        self.finished: Callable[[], None] = lambda: None
         self.size, self.clip = int(size), float(clip)
         self.noise_multiplier, self.weight = float(noise_multiplier), float(weight)
-        self.target: Tensor | None = None
         self.running: Tensor | None = None
 
     def release(self) -> Tensor:
-        if self.target is None:
-            if self.begin is None:
-                raise RuntimeError("the mean-image release has no session to charge it")
-            noise = torch.Generator().manual_seed(self.begin())
-            labels = self.reference_labels(REFERENCE_SAMPLES) if self.reference_labels is not None else None
-            reference = generator_mean(self.generator, self.size, labels=labels)
-            self.target = release_mean_image(self.images, self.patients, self.size, self.clip,
-                                             self.noise_multiplier, reference, noise)
-            self.finished()
-        return self.target
+        return self._release_once(self._compute)
+
+    def _compute(self, noise: torch.Generator) -> Tensor:
+        labels = self.reference_labels(REFERENCE_SAMPLES) if self.reference_labels is not None else None
+        reference = generator_mean(self.generator, self.size, labels=labels)
+        return release_mean_image(self.images, self.patients, self.size, self.clip, self.noise_multiplier,
+                                  reference, noise)
 
     def __call__(self, fake: Tensor) -> tuple[Tensor, Tensor]:
         """(loss term, squared gap ‖m̄ − t‖²) for a generated batch (B, 1, S, S)."""
@@ -143,10 +140,10 @@ class MeanImageRelease:
         return self.weight * 2.0 * (gap * mean).sum(), gap.square().sum()
 
     def state_dict(self) -> dict[str, Any] | None:
-        return None if self.target is None else {"size": self.size, "target": self.target.flatten().tolist()}
+        return None if self.released is None else {"size": self.size, "target": self.released.flatten().tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["size"]) != self.size:
             raise UserError(f"the DP state holds a {state['size']}×{state['size']} mean image but "
                             f"privacy.mean_image_size is {self.size}; resume with the run's own configuration")
-        self.target = torch.tensor(state["target"], dtype=torch.float32).view(self.size, self.size)
+        self.released = torch.tensor(state["target"], dtype=torch.float32).view(self.size, self.size)
