@@ -6,8 +6,24 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from medsyngan.data.shared import NIH_ENV, SHARED_DATA_ENV, nih_sample_dir
+
+
+# Under pytest-xdist each worker takes its share of the cores, and so do the CLI subprocesses it starts (torch reads
+# OMP_NUM_THREADS): two workers with two threads each on a 2-core machine wait for each other.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _threads = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow integration tests first, so that with several workers the long ones run side by side and the short
+    ones fill the gaps, instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def in_ci() -> bool:

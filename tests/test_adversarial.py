@@ -47,6 +47,7 @@ from medsyngan.rundir import RunDir
 from medsyngan.sealed import Binding, generate_key_file
 from medsyngan.training.step import GANTrainer
 from medsyngan.workflows.federation import prepare_job, simulation_identity_key
+from federation_settings import WITHOUT_DP
 from test_app_signing import federation  # noqa: F401 - the signed-bundle fixture, for the unsigned-bundle case
 from test_fixed_seed_weights import COMMON
 
@@ -141,7 +142,7 @@ def refused(reply: Message, code: int = p.REFUSAL_CODE) -> str:
     ("turn encryption off", ["privacy.encrypt=false"], "unencrypted"),
     ("turn secure aggregation off", ["privacy.secagg=false"], "outside secure aggregation"),
     ("protect images, not patients", ["privacy.unit=image"], "image-level DP"),
-    ("relax the hospital section it sends", ["privacy.dp=false", "hospital.dp_required=false"], "trains without DP"),
+    ("relax the hospital section it sends", [*WITHOUT_DP], "trains without DP"),
 ])
 def test_an_instruction_weaker_than_the_hospitals_policy_is_refused(tmp_path, medsyngan_cache, attack, name,
                                                                      overrides, reason):

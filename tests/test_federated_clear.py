@@ -19,10 +19,11 @@ from medsyngan.federated.round_log import HOSPITAL_FIELDS, ROUND_FIELDS
 from medsyngan.federated.server import RoundDriver
 from medsyngan.rundir import RunDir
 from medsyngan.workflows.federation import prepare_job, simulation_identity_key
+from federation_settings import WITHOUT_DP
 from test_federated_rounds import LoopbackGrid
 from test_fixed_seed_weights import COMMON
 
-PLAIN = COMMON + ["privacy.dp=false", "hospital.dp_required=false", "federated.rounds=1", "federated.local_steps=1",
+PLAIN = COMMON + [*WITHOUT_DP, "federated.rounds=1", "federated.local_steps=1",
                   "federated.holdout_fraction=0", "federated.round_retries=0", "federated.eval_every=100"]
 SECURE_DP = PLAIN + ["privacy.dp=true", "hospital.dp_required=true", "privacy.target_epsilon=20",
                      "hospital.max_epsilon=20", "privacy.mean_image_size=0", "federated.local_steps=2"]

@@ -21,6 +21,7 @@ from medsyngan.federated.protocol import Job
 from medsyngan.federated.server import RoundDriver
 from medsyngan.rundir import RunDir
 from medsyngan.workflows.federation import prepare_job, simulation_identity_key
+from federation_settings import WITHOUT_DP
 from test_fixed_seed_weights import COMMON
 from test_federated_rounds import LoopbackGrid
 
@@ -66,7 +67,7 @@ def test_budgets_are_capped_not_refused_and_rounds_are_limited():
 
 def test_a_deployed_hospital_reads_its_own_policy_file_never_the_instruction(tmp_path):
     """Attack: an aggregator relaxes the [hospital] section of the configuration it sends."""
-    relaxed = load_config(PRIVATE, ["privacy.dp=false", "hospital.dp_required=false"])
+    relaxed = load_config(PRIVATE, [*WITHOUT_DP])
     job = Job(config=relaxed.to_toml(), run_id="r")
     pinned = {"hospital-id": 0, "data-path": "unused", "aggregator-public": "unused"}
     deployed = node_identity({**pinned, "state-dir": str(tmp_path)}, job)
@@ -109,7 +110,7 @@ def test_a_simulation_whose_halves_disagree_names_the_key(tmp_path, overrides, k
 
 
 TINY = COMMON + ["federated.rounds=1", "federated.local_steps=1", "federated.holdout_fraction=0",
-                 "federated.round_retries=0", "privacy.dp=false", "hospital.dp_required=false"]
+                 "federated.round_retries=0", *WITHOUT_DP]
 
 
 def test_hospitals_that_refuse_stop_the_run_with_their_reasons(tmp_path, medsyngan_cache, caplog):

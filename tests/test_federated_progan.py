@@ -19,6 +19,7 @@ from medsyngan.training.checkpoint import load_checkpoint
 from medsyngan.training.generate import generate_images, load_generator
 from medsyngan.training.schedule import GrowthSchedule
 from medsyngan.workflows.federation import prepare_job, simulation_identity_key
+from federation_settings import WITHOUT_DP
 from test_federated_rounds import LoopbackGrid, server_task  # noqa: F401 - the fixture stamps instructions
 
 # 64 px from 4 px: 9 phases of 8 images at batch 4, two generator steps each; 6 rounds of 3 steps.
@@ -45,7 +46,7 @@ def _run(tmp_path, overrides: list[str]) -> RunDir:
 def test_a_federated_progan_reaches_64_px_with_every_hospital_in_lockstep(tmp_path, medsyngan_cache, private,
                                                                            conditional):
     overrides = (["privacy.dp=true", "privacy.target_epsilon=8", "hospital.max_epsilon=8"] if private
-                 else ["privacy.dp=false", "hospital.dp_required=false"])
+                 else [*WITHOUT_DP])
     if conditional:
         overrides.append("model.condition=['findings', 'view']")
     run_dir = _run(tmp_path, overrides)
@@ -84,7 +85,7 @@ def test_the_round_instruction_carries_the_stage_and_the_server_does_not_average
     with pytest.raises(p.MalformedMessage, match="growth.alpha"):
         p.RoundInstruction.from_record({**instruction.to_record(), "growth.alpha": "half"})
 
-    cfg = load_config("federated-dcgan64", [*PROGAN, "privacy.dp=false", "hospital.dp_required=false"])
+    cfg = load_config("federated-dcgan64", [*PROGAN, *WITHOUT_DP])
     run_dir = RunDir(tmp_path / "run").create(cfg)
     driver = RoundDriver(cfg, run_dir, prepare_job(cfg, run_dir, resume=False, simulation=True), False,
                          simulation_identity_key(cfg, run_dir))
@@ -98,7 +99,7 @@ def test_a_hospital_whose_schedule_disagrees_with_the_server_refuses_the_round(t
     from medsyngan.errors import UserError
     from medsyngan.federated.hospital import Hospital
 
-    cfg = load_config("federated-dcgan64", [*PROGAN, "privacy.dp=false", "hospital.dp_required=false"])
+    cfg = load_config("federated-dcgan64", [*PROGAN, *WITHOUT_DP])
     data = load_training_data(cfg)
     hospital = Hospital(cfg, 0, data.subset(np.arange(8)))
     weights = {k: v for k, v in hospital.trainer.model_state(("G", "D")).items() if "stage_" not in k}

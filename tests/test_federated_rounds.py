@@ -20,10 +20,11 @@ from medsyngan.federated.server import RoundDriver
 from medsyngan.rundir import RunDir
 from medsyngan.training.checkpoint import load_checkpoint
 from medsyngan.workflows.federation import prepare_job, simulation_identity_key
+from federation_settings import WITHOUT_DP
 from test_fixed_seed_weights import COMMON, FEDERATED, assert_matches, fingerprint
 
 # The configuration of the recorded federated run in test_fixed_seed_weights.py.
-RECORDED = COMMON + ["privacy.dp=false", "hospital.dp_required=false", "federated.rounds=2", "federated.local_steps=2", "federated.eval_every=2",
+RECORDED = COMMON + [*WITHOUT_DP, "federated.rounds=2", "federated.local_steps=2", "federated.eval_every=2",
                      "federated.holdout_fraction=0", "train.batch_size=4"]
 
 

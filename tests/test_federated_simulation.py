@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from medsyngan.federated.round_log import HOSPITAL_FIELDS
+from federation_settings import WITHOUT_DP
 from test_federated_apps import flower_processes
 
 pytestmark = pytest.mark.slow
@@ -87,7 +88,7 @@ def test_label_skew_federation_with_the_default_privacy_completes(tmp_path, meds
 
 # DP noise comes from a secret seed drawn per run, so two separate runs differ by design; everything else
 # (secure aggregation, quantization, encryption) is exercised by the exact-resume test.
-DETERMINISTIC = ["federated.rounds=3", "privacy.dp=false", "hospital.dp_required=false"]
+DETERMINISTIC = ["federated.rounds=3", *WITHOUT_DP]
 
 
 def test_killed_federation_resumes_to_the_same_weights(tmp_path, medsyngan_cache):
@@ -118,7 +119,7 @@ def test_killed_federation_resumes_to_the_same_weights(tmp_path, medsyngan_cache
 
 def test_sigterm_stops_the_federation_and_every_process_it_started(tmp_path, medsyngan_cache):
     run = tmp_path / "terminated"
-    proc = _train(run, "federated.rounds=50", "privacy.dp=false", "hospital.dp_required=false")
+    proc = _train(run, "federated.rounds=50", *WITHOUT_DP)
     deadline = time.monotonic() + 300
     while not (run / "metrics.jsonl").is_file():
         assert proc.poll() is None, proc.communicate()[0][-3000:]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from medsyngan.training.checkpoint import load_checkpoint
+from federation_settings import WITHOUT_DP
 
 COMMON = ["run.device=cpu", "run.threads=1", 'train.amp="off"', "model.ngf=8", "model.ndf=8", "model.z_dim=16",
           "model.resolution=32", "data.size=32", "data.phantom_patients=24", "data.phantom_images_per_patient=2",
@@ -63,6 +64,6 @@ def test_a_fixed_seed_federated_run_gives_the_recorded_weights(tmp_path, medsyng
     """Three hospitals, 8-bit secure aggregation with AES-GCM (the federated preset without DP, whose noise seed is
     secret by design; the hospitals' policy allows it)."""
     measured = train(tmp_path / "run", "federated-dcgan64", [
-        "privacy.dp=false", "hospital.dp_required=false", "federated.rounds=2", "federated.local_steps=2", "federated.eval_every=2",
+        *WITHOUT_DP, "federated.rounds=2", "federated.local_steps=2", "federated.eval_every=2",
         "federated.holdout_fraction=0", "train.batch_size=4"])
     assert_matches(measured, FEDERATED)

@@ -85,9 +85,9 @@ def test_the_reader_checks_only_what_it_knows():
 
 @pytest.mark.parametrize("blob, message", [
     (b"not sealed at all", "not a MedSynGAN encrypted file"),
-    (MAGIC + bytes([1]) + os.urandom(60), "format version 1"),
+    (MAGIC + bytes([1]) + bytes(range(60)), "format version 1"),
     (MAGIC + bytes([2, 200, 0]) + b"short", "truncated or garbled header"),
-])
+], ids=["not sealed", "format version 1", "garbled header"])
 def test_unreadable_files_are_malformed(blob, message):
     with pytest.raises(IntegrityError, match=message) as info:
         decrypt_at_rest(blob, os.urandom(32), HERE)
