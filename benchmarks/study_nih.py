@@ -21,7 +21,8 @@ Outputs: ``OUT/study.json`` and ``OUT/study.md`` (with ``--docs DIR`` also ``DIR
 sample grid PNG per row in ``DIR/results/``, ``<name>`` being study.toml's ``name``; a study with ``utility = true``
 adds its utility table to study.md, and one with a ``[sweep]`` its plot, ``OUT/<figure>`` and
 ``DIR/results/<figure>``). ``run(quick)`` returns the figures for ``make bench``. ``--tune
-[--variant NAME…]`` trains tuning variants (and rows, by name) on a validation split of the training patients and
+[--variant NAME…]`` trains tuning variants (and rows, by name) on the tuning patients — a validation split of the
+training patients, or of the donated tuning set that no row trains on (``[tuning_split] donated_fraction``) — and
 writes ``OUT/tuning.json`` / ``OUT/tuning.md`` (validation scores only); ``--collect`` merges tuning folders;
 ``--tune --diagnose`` scores the public model with the tuning-train films' low-order statistics put in place of its
 own.
@@ -54,7 +55,8 @@ TUNING_RESULT_FILE = "tuning-result.json"
 
 
 def prepare_split(exp: ExperimentFolder, work: Path) -> tuple[Path, Path, dict[str, int]]:
-    """(training dataset, evaluation dataset, counts) under ``work``; patient-disjoint."""
+    """(the rows' training dataset, evaluation dataset, counts) under ``work``; patient-disjoint. With a donated
+    tuning set (``[tuning_split] donated_fraction``) the rows train on the study's training patients without it."""
     from medsyngan.data.prepare import PrepareSettings, prepare
     from medsyngan.data.prepared import PreparedDataset
     from medsyngan.workflows.split import split_patients
@@ -64,17 +66,24 @@ def prepare_split(exp: ExperimentFolder, work: Path) -> tuple[Path, Path, dict[s
     split = exp.study.split
     counts = split_patients(PreparedDataset.open(work / "nih-64"), split.holdout_fraction, split.seed,
                             work / "train", work / "eval", ("train", "eval"))
-    return work / "train", work / "eval", counts
+    tuning = exp.study.tuning_split
+    if tuning.donated_fraction is None:
+        return work / "train", work / "eval", counts
+    counts |= split_patients(PreparedDataset.open(work / "train"), tuning.donated_fraction, tuning.seed,
+                             work / "private", work / "donated", ("private", "donated"))
+    return work / "private", work / "eval", counts
 
 
 def tuning_split(exp: ExperimentFolder, out: Path):
-    """(training-set folder, tuning-train, validation): the study's training patients split again."""
+    """(the rows' training folder, tuning-train, validation): the tuning patients — the donated tuning set, else
+    the rows' own training patients — split again."""
     from medsyngan.data.prepared import PreparedDataset
     from medsyngan.workflows.split import split_patients
 
     train_dir, _, _ = prepare_split(exp, out / "data")
     split = exp.study.tuning_split
-    split_patients(PreparedDataset.open(train_dir), split.holdout_fraction, split.seed, out / "data" / "tune-train",
+    tuning = out / "data" / "donated" if split.donated_fraction is not None else train_dir
+    split_patients(PreparedDataset.open(tuning), split.holdout_fraction, split.seed, out / "data" / "tune-train",
                    out / "data" / "val", ("tune-train", "val"))
     return train_dir, PreparedDataset.open(out / "data" / "tune-train"), PreparedDataset.open(out / "data" / "val")
 
@@ -185,7 +194,8 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
     checks = targets(summary, exp.study, results)
     report = {
         "quick": quick, "scale": scale, "budget": budget.model_dump(),
-        "split": counts | exp.study.split.model_dump(), "seeds": seeds,
+        "split": counts | exp.study.split.model_dump(), "tuning_split": exp.study.tuning_split.model_dump(),
+        "seeds": seeds,
         "machine": run_all.machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "study_wall_s": round(time.time() - start, 1), "summary": summary, "targets": checks, "runs": results,
     }
@@ -329,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="K times the budget's images through D for every row")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs whose recipe is unchanged")
     parser.add_argument("--tune", action="store_true",
-                        help="run tuning variants on a validation split of the training patients instead")
+                        help="run tuning variants on a validation split of the tuning patients instead")
     parser.add_argument("--variant", nargs="+", metavar="NAME",
                         help="with --tune: only these variants of tuning.toml (or rows), in this order")
     parser.add_argument("--collect", type=Path, nargs="+", metavar="OUT",

@@ -152,6 +152,31 @@ def test_an_identical_subset_is_left_in_place_and_a_changed_one_replaced(tmp_pat
     assert not set(a.patients.tolist()) & set(b.patients.tolist())
 
 
+@needs_nih
+def test_a_donated_tuning_set_is_disjoint_from_every_rows_training_patients(tmp_path, medsyngan_cache):
+    from medsyngan.data.prepared import PreparedDataset
+    from medsyngan.workflows.experiment import load_experiment
+
+    study = _study()
+    eps = load_experiment(REPO / "experiments" / "nih-64-eps")
+    assert eps.study.tuning_split.donated_fraction is not None  # the sweep's choices cost no ε
+    rows_train, tune_train, val = study.tuning_split(eps, tmp_path)
+    assert rows_train == tmp_path / "data" / "private"
+    patients = {name: set(PreparedDataset.open(tmp_path / "data" / name).patients.tolist())
+                for name in ("train", "eval", "private", "donated")}
+    tuning = set(tune_train.patients.tolist()) | set(val.patients.tolist())
+    assert tuning == patients["donated"] and not patients["donated"] & patients["private"]
+    assert patients["private"] | patients["donated"] == patients["train"]
+    assert not set(tune_train.patients.tolist()) & set(val.patients.tolist())
+    assert not patients["train"] & patients["eval"]
+    # Without a donated set the tuning patients are the rows' own training patients (experiments/nih-64).
+    nih = load_experiment(REPO / "experiments" / "nih-64")
+    rows_train, tune_train, val = study.tuning_split(nih, tmp_path / "nih")
+    assert rows_train == tmp_path / "nih" / "data" / "train"
+    assert set(tune_train.patients.tolist()) | set(val.patients.tolist()) == \
+        set(PreparedDataset.open(rows_train).patients.tolist())
+
+
 def test_targets_compare_against_centralized(exp):
     from study_tables import targets
 
