@@ -296,12 +296,12 @@ def low_order_diagnosis(out: Path, seed: int = 0) -> dict[str, float]:
             for name, x in variants.items()} | clip_quantiles
 
 
-def collect_tuning(folders: list[Path]) -> str:
+def collect_tuning(folders: list[Path], experiment: Path = EXPERIMENT) -> str:
     """One tuning table from the finished runs in several work folders (tuning runs made side by side in separate
     folders, so that their data preparation never races), in tuning.toml's order, then by seed."""
     from medsyngan.errors import UserError
 
-    order = {name: n for n, name in enumerate(load_experiment(EXPERIMENT).book.recipes)}
+    order = {name: n for n, name in enumerate(load_experiment(experiment).book.recipes)}
     rows = [json.loads(f.read_text()) for folder in folders
             for f in sorted((folder / "tuning").glob(f"*/{TUNING_RESULT_FILE}"))]
     if not rows:
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in [*(args.only or []), *(args.variant or [])]:
             exp.book[name]  # an unknown name fails here, listing the known ones
         if args.collect:
-            print(collect_tuning(args.collect), end="")
+            print(collect_tuning(args.collect, args.study), end="")
             return 0
         if (args.diagnose or args.variant) and not args.tune:
             raise UserError("--diagnose and --variant work on a tuning folder; add --tune")

@@ -251,6 +251,20 @@ def test_collect_merges_tuning_folders_in_tuning_order(exp, tmp_path):
         study.collect_tuning([tmp_path / "missing"])
 
 
+def test_a_tuning_table_scored_with_utility_shows_validation_utility_and_detectability():
+    from study_tables import tuning_markdown
+
+    metrics = {"fd_rand500": 3.0, "auroc_synth500_64_mean": 0.61, "auroc_synth500_64_mean_lo": 0.5,
+               "c2st_auroc63_64": 0.97, "c2st_auroc63_64_lo": 0.9}
+    rows = [{"config": "eps-inf", "variant": v, "seed": 0, "wall_s": 5.0, "epsilon": None, "metrics": m}
+            for v, m in (("scored", metrics), ("fd only", {"fd_rand500": 4.0}))]
+    table = tuning_markdown(rows).splitlines()
+    assert "val synthetic-only AUROC | val detectability |" in table[0]
+    assert table[2].startswith("| scored | eps-inf | 0 | 3 | — | — | — | — | 0.61 | 0.97 | — | 5 |")
+    assert table[3].startswith("| fd only | eps-inf | 0 | 4 | — | — | — | — | — | — |")
+    assert "AUROC" not in tuning_markdown(rows[1:])
+
+
 def test_scale_must_be_a_positive_whole_number(capsys):
     assert _study().main(["--scale", "0"]) == 2
     assert "--scale 0" in capsys.readouterr().err
