@@ -98,16 +98,18 @@ def saved(path: Path, run: PlannedRun) -> dict[str, Any] | None:
 
 
 def train_and_score(ws: Workspace, run: PlannedRun, reuse: bool, train, evaluation, metrics: str,
-                    grid: Path | None) -> dict[str, Any]:
+                    grid: Path | None, utility: bool | None = None) -> dict[str, Any]:
     """Train (or keep) the run and score it; a run on public data, or one that others start from, is kept
-    whenever its recipe is unchanged, the others are retrained unless ``reuse``."""
+    whenever its recipe is unchanged, the others are retrained unless ``reuse``. ``utility``: score utility,
+    detectability and re-identification (default: as the study says)."""
     from medsyngan.data.imageio import image_grid
     from medsyngan.rundir import RunDir
     from medsyngan.workflows.evaluation import evaluate_run, hospital_table
 
     retrain = not (reuse or run.public_data or run.name in ws.exp.dependencies())
     wall = ws.ensure(run, retrain=retrain)
-    scored = evaluate_run(run.folder, evaluation, train, metrics=metrics, utility=ws.exp.study.utility)
+    utility = ws.exp.study.utility if utility is None else utility
+    scored = evaluate_run(run.folder, evaluation, train, metrics=metrics, utility=utility)
     if grid is not None:
         from PIL import Image
 
@@ -248,7 +250,9 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, only: list[str] | 
         if result is None:
             print(f"[tune] {name}: {exp.book[name].question or exp.book[name].label}", flush=True)
             scored = train_and_score(ws, run, reuse, tune_train, val, exp.study.tuning_metrics,
-                                     out / "tuning" / f"{name}-s{seed}.png")
+                                     out / "tuning" / f"{name}-s{seed}.png", utility=False)
+            if exp.study.utility:
+                scored["metrics"] |= synthetic_only_utility(run, val, seed)
             result = {"config": row_name, "variant": name, "seed": seed, "wall_s": scored["wall_s"],
                       "epsilon": scored["epsilon"], "metrics": scored["metrics"]}
             atomic_write_text(result_path, json.dumps(result | {"plan": run.plan}, default=str) + "\n")
@@ -259,6 +263,22 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, only: list[str] | 
     atomic_write_text(out / "tuning.json", json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(out / "tuning.md", tuning_markdown(rows))
     return report
+
+
+def synthetic_only_utility(run: PlannedRun, val, seed: int) -> dict[str, float]:
+    """Tuning's utility: AUROC on the validation patients of the classifier trained on the run's labelled
+    synthetic films alone (the real-trained, DP-SGD, detectability and re-identification references of the study's
+    scoring cost minutes each and choose nothing)."""
+    from medsyngan.metrics.utility import utility_audit
+    from medsyngan.training.generate import generate_images, load_generator
+    from medsyngan.workflows.evaluation import generated_labels, label_matrix, latent_seed
+
+    G = load_generator(run.folder)[0]
+    count = run.cfg.eval.num_samples
+    labels, names, matrix = generated_labels(G, count, latent_seed(seed))
+    fake = generate_images(G, count, latent_seed(seed), labels=labels)
+    real = label_matrix(val, "validation")[1]  # the same label columns: both come from binary_targets
+    return utility_audit(fake, matrix, np.asarray(val.images), real, val.patients, names, seed=seed).values()
 
 
 def low_order_diagnosis(out: Path, seed: int = 0) -> dict[str, float]:

@@ -359,14 +359,15 @@ def test_the_sweep_rows_differ_in_epsilon_only_and_keep_the_products_security(ep
         if np.isfinite(epsilon):
             assert differs <= allowed, (row, differs)
             assert cfg.privacy.dp and cfg.privacy.target_epsilon == epsilon == cfg.hospital.max_epsilon
-        else:  # no DP-SGD, nothing else changed
-            assert differs <= allowed | {"privacy.dp", "hospital.dp_required"}, differs
+        else:  # no DP-SGD, and its own depth of D (declared in its [chosen_on])
+            assert differs <= allowed | {"privacy.dp", "hospital.dp_required", "train.d_trainable_last"}, differs
+            assert "train.d_trainable_last" in eps.book[row].chosen_on
             assert not cfg.privacy.dp and not cfg.hospital.dp_required
         p = cfg.privacy
         assert (p.quantize_bits, p.encrypt, p.secagg, cfg.federated.hospitals) == (8, True, True, 3), row
-        assert cfg.train.init_from == str(tmp_path / "runs" / "public-covid-s0")
+        assert cfg.train.init_from == str(tmp_path / "runs" / "public-s0")
         assert cfg.model.condition == ["findings", "view", "sex"]
-    assert ws.plan("eps-1-phantoms", 0).cfg.train.init_from == str(tmp_path / "runs" / "public-s0")
+    assert ws.plan("eps-1-covid", 0).cfg.train.init_from == str(tmp_path / "runs" / "public-covid-s0")
 
 
 def test_the_public_models_read_public_data_only_and_match_the_private_networks(eps, exp, tmp_path):
@@ -451,8 +452,8 @@ def test_quick_eps_sweep_end_to_end(eps, tmp_path):
     assert 0 < runs["eps-1"]["epsilon"] <= 1.0 + 1e-6 and runs["eps-inf"]["epsilon"] is None
     from medsyngan.config import load_config
 
-    public = load_config(tmp_path / "eps" / "runs" / "public-covid-s0" / "config.toml")
-    assert public.data.source == "covid-cxr"
+    public = load_config(tmp_path / "eps" / "runs" / "public-s0" / "config.toml")
+    assert public.data.source == "phantoms"
     assert (tmp_path / "docs" / "results" / "eps-sweep.json").is_file()
     assert (tmp_path / "docs" / "results" / "eps-sweep.png").is_file() and (tmp_path / "eps" / "eps-sweep.png").is_file()
     text = (tmp_path / "eps" / "study.md").read_text()
