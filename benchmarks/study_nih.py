@@ -21,7 +21,8 @@ Outputs: ``OUT/study.json`` and ``OUT/study.md`` (with ``--docs DIR`` also ``DIR
 sample grid PNG per row in ``DIR/results/``, ``<name>`` being study.toml's ``name``; a study with ``utility = true``
 adds its utility table to study.md, and one with a ``[sweep]`` its plot, ``OUT/<figure>`` and
 ``DIR/results/<figure>``). ``run(quick)`` returns the figures for ``make bench``. ``--tune
-[--variant NAME…]`` trains tuning variants (and rows, by name) on a validation split of the training patients and
+[--variant NAME…]`` trains tuning variants (and rows, by name) on the tuning patients — a validation split of the
+training patients, or of the donated tuning set that no row trains on (``[tuning_split] donated_fraction``) — and
 writes ``OUT/tuning.json`` / ``OUT/tuning.md`` (validation scores only); ``--collect`` merges tuning folders;
 ``--tune --diagnose`` scores the public model with the tuning-train films' low-order statistics put in place of its
 own.
@@ -54,7 +55,8 @@ TUNING_RESULT_FILE = "tuning-result.json"
 
 
 def prepare_split(exp: ExperimentFolder, work: Path) -> tuple[Path, Path, dict[str, int]]:
-    """(training dataset, evaluation dataset, counts) under ``work``; patient-disjoint."""
+    """(the rows' training dataset, evaluation dataset, counts) under ``work``; patient-disjoint. With a donated
+    tuning set (``[tuning_split] donated_fraction``) the rows train on the study's training patients without it."""
     from medsyngan.data.prepare import PrepareSettings, prepare
     from medsyngan.data.prepared import PreparedDataset
     from medsyngan.workflows.split import split_patients
@@ -64,17 +66,24 @@ def prepare_split(exp: ExperimentFolder, work: Path) -> tuple[Path, Path, dict[s
     split = exp.study.split
     counts = split_patients(PreparedDataset.open(work / "nih-64"), split.holdout_fraction, split.seed,
                             work / "train", work / "eval", ("train", "eval"))
-    return work / "train", work / "eval", counts
+    tuning = exp.study.tuning_split
+    if tuning.donated_fraction is None:
+        return work / "train", work / "eval", counts
+    counts |= split_patients(PreparedDataset.open(work / "train"), tuning.donated_fraction, tuning.seed,
+                             work / "private", work / "donated", ("private", "donated"))
+    return work / "private", work / "eval", counts
 
 
 def tuning_split(exp: ExperimentFolder, out: Path):
-    """(training-set folder, tuning-train, validation): the study's training patients split again."""
+    """(the rows' training folder, tuning-train, validation): the tuning patients — the donated tuning set, else
+    the rows' own training patients — split again."""
     from medsyngan.data.prepared import PreparedDataset
     from medsyngan.workflows.split import split_patients
 
     train_dir, _, _ = prepare_split(exp, out / "data")
     split = exp.study.tuning_split
-    split_patients(PreparedDataset.open(train_dir), split.holdout_fraction, split.seed, out / "data" / "tune-train",
+    tuning = out / "data" / "donated" if split.donated_fraction is not None else train_dir
+    split_patients(PreparedDataset.open(tuning), split.holdout_fraction, split.seed, out / "data" / "tune-train",
                    out / "data" / "val", ("tune-train", "val"))
     return train_dir, PreparedDataset.open(out / "data" / "tune-train"), PreparedDataset.open(out / "data" / "val")
 
@@ -89,16 +98,18 @@ def saved(path: Path, run: PlannedRun) -> dict[str, Any] | None:
 
 
 def train_and_score(ws: Workspace, run: PlannedRun, reuse: bool, train, evaluation, metrics: str,
-                    grid: Path | None) -> dict[str, Any]:
+                    grid: Path | None, utility: bool | None = None) -> dict[str, Any]:
     """Train (or keep) the run and score it; a run on public data, or one that others start from, is kept
-    whenever its recipe is unchanged, the others are retrained unless ``reuse``."""
+    whenever its recipe is unchanged, the others are retrained unless ``reuse``. ``utility``: score utility,
+    detectability and re-identification (default: as the study says)."""
     from medsyngan.data.imageio import image_grid
     from medsyngan.rundir import RunDir
     from medsyngan.workflows.evaluation import evaluate_run, hospital_table
 
     retrain = not (reuse or run.public_data or run.name in ws.exp.dependencies())
     wall = ws.ensure(run, retrain=retrain)
-    scored = evaluate_run(run.folder, evaluation, train, metrics=metrics, utility=ws.exp.study.utility)
+    utility = ws.exp.study.utility if utility is None else utility
+    scored = evaluate_run(run.folder, evaluation, train, metrics=metrics, utility=utility)
     if grid is not None:
         from PIL import Image
 
@@ -185,7 +196,8 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
     checks = targets(summary, exp.study, results)
     report = {
         "quick": quick, "scale": scale, "budget": budget.model_dump(),
-        "split": counts | exp.study.split.model_dump(), "seeds": seeds,
+        "split": counts | exp.study.split.model_dump(), "tuning_split": exp.study.tuning_split.model_dump(),
+        "seeds": seeds,
         "machine": run_all.machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "study_wall_s": round(time.time() - start, 1), "summary": summary, "targets": checks, "runs": results,
     }
@@ -238,7 +250,9 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, only: list[str] | 
         if result is None:
             print(f"[tune] {name}: {exp.book[name].question or exp.book[name].label}", flush=True)
             scored = train_and_score(ws, run, reuse, tune_train, val, exp.study.tuning_metrics,
-                                     out / "tuning" / f"{name}-s{seed}.png")
+                                     out / "tuning" / f"{name}-s{seed}.png", utility=False)
+            if exp.study.utility:
+                scored["metrics"] |= synthetic_only_utility(run, val, seed)
             result = {"config": row_name, "variant": name, "seed": seed, "wall_s": scored["wall_s"],
                       "epsilon": scored["epsilon"], "metrics": scored["metrics"]}
             atomic_write_text(result_path, json.dumps(result | {"plan": run.plan}, default=str) + "\n")
@@ -249,6 +263,22 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, only: list[str] | 
     atomic_write_text(out / "tuning.json", json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(out / "tuning.md", tuning_markdown(rows))
     return report
+
+
+def synthetic_only_utility(run: PlannedRun, val, seed: int) -> dict[str, float]:
+    """Tuning's utility: AUROC on the validation patients of the classifier trained on the run's labelled
+    synthetic films alone (the real-trained, DP-SGD, detectability and re-identification references of the study's
+    scoring cost minutes each and choose nothing)."""
+    from medsyngan.metrics.utility import utility_audit
+    from medsyngan.training.generate import generate_images, load_generator
+    from medsyngan.workflows.evaluation import generated_labels, label_matrix, latent_seed
+
+    G = load_generator(run.folder)[0]
+    count = run.cfg.eval.num_samples
+    labels, names, matrix = generated_labels(G, count, latent_seed(seed))
+    fake = generate_images(G, count, latent_seed(seed), labels=labels)
+    real = label_matrix(val, "validation")[1]  # the same label columns: both come from binary_targets
+    return utility_audit(fake, matrix, np.asarray(val.images), real, val.patients, names, seed=seed).values()
 
 
 def low_order_diagnosis(out: Path, seed: int = 0) -> dict[str, float]:
@@ -286,12 +316,12 @@ def low_order_diagnosis(out: Path, seed: int = 0) -> dict[str, float]:
             for name, x in variants.items()} | clip_quantiles
 
 
-def collect_tuning(folders: list[Path]) -> str:
+def collect_tuning(folders: list[Path], experiment: Path = EXPERIMENT) -> str:
     """One tuning table from the finished runs in several work folders (tuning runs made side by side in separate
     folders, so that their data preparation never races), in tuning.toml's order, then by seed."""
     from medsyngan.errors import UserError
 
-    order = {name: n for n, name in enumerate(load_experiment(EXPERIMENT).book.recipes)}
+    order = {name: n for n, name in enumerate(load_experiment(experiment).book.recipes)}
     rows = [json.loads(f.read_text()) for folder in folders
             for f in sorted((folder / "tuning").glob(f"*/{TUNING_RESULT_FILE}"))]
     if not rows:
@@ -329,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="K times the budget's images through D for every row")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs whose recipe is unchanged")
     parser.add_argument("--tune", action="store_true",
-                        help="run tuning variants on a validation split of the training patients instead")
+                        help="run tuning variants on a validation split of the tuning patients instead")
     parser.add_argument("--variant", nargs="+", metavar="NAME",
                         help="with --tune: only these variants of tuning.toml (or rows), in this order")
     parser.add_argument("--collect", type=Path, nargs="+", metavar="OUT",
@@ -345,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in [*(args.only or []), *(args.variant or [])]:
             exp.book[name]  # an unknown name fails here, listing the known ones
         if args.collect:
-            print(collect_tuning(args.collect), end="")
+            print(collect_tuning(args.collect, args.study), end="")
             return 0
         if (args.diagnose or args.variant) and not args.tune:
             raise UserError("--diagnose and --variant work on a tuning folder; add --tune")

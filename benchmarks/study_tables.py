@@ -136,10 +136,16 @@ def fd_by_seed(results: list[dict[str, Any]], order: list[str]) -> str:
 
 
 def tuning_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| variant | row | seed | val FD | val KID | precision | recall | coverage | ε | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """The tuning table; a study scored with utility adds the validation patients' synthetic-only AUROC (mean
+    over the labels scorable there) and detectability AUROC."""
+    extra = [("val synthetic-only AUROC", "auroc_synth", "_mean"), ("val detectability", "c2st_auroc", "")]
+    extra = [c for c in extra if any(pick(r["metrics"], c[1], c[2]) is not None for r in rows)]
+    lines = ["| variant | row | seed | val FD | val KID | precision | recall | coverage | "
+             + "".join(f"{c[0]} | " for c in extra) + "ε | wall s |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
     for r in rows:
-        cells = [_cell((pick(r["metrics"], p), None)) for p in ("fd", "kid", "precision", "recall", "coverage")]
+        columns = [(p, "") for p in ("fd", "kid", "precision", "recall", "coverage")] + [c[1:] for c in extra]
+        cells = [_cell((pick(r["metrics"], p, s), None)) for p, s in columns]
         lines.append(f"| {r['variant']} | {r['config']} | {r['seed']} | " + " | ".join(cells)
                      + f" | {_cell((r['epsilon'], None))} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"

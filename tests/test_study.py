@@ -152,6 +152,31 @@ def test_an_identical_subset_is_left_in_place_and_a_changed_one_replaced(tmp_pat
     assert not set(a.patients.tolist()) & set(b.patients.tolist())
 
 
+@needs_nih
+def test_a_donated_tuning_set_is_disjoint_from_every_rows_training_patients(tmp_path, medsyngan_cache):
+    from medsyngan.data.prepared import PreparedDataset
+    from medsyngan.workflows.experiment import load_experiment
+
+    study = _study()
+    eps = load_experiment(REPO / "experiments" / "nih-64-eps")
+    assert eps.study.tuning_split.donated_fraction is not None  # the sweep's choices cost no ε
+    rows_train, tune_train, val = study.tuning_split(eps, tmp_path)
+    assert rows_train == tmp_path / "data" / "private"
+    patients = {name: set(PreparedDataset.open(tmp_path / "data" / name).patients.tolist())
+                for name in ("train", "eval", "private", "donated")}
+    tuning = set(tune_train.patients.tolist()) | set(val.patients.tolist())
+    assert tuning == patients["donated"] and not patients["donated"] & patients["private"]
+    assert patients["private"] | patients["donated"] == patients["train"]
+    assert not set(tune_train.patients.tolist()) & set(val.patients.tolist())
+    assert not patients["train"] & patients["eval"]
+    # Without a donated set the tuning patients are the rows' own training patients (experiments/nih-64).
+    nih = load_experiment(REPO / "experiments" / "nih-64")
+    rows_train, tune_train, val = study.tuning_split(nih, tmp_path / "nih")
+    assert rows_train == tmp_path / "nih" / "data" / "train"
+    assert set(tune_train.patients.tolist()) | set(val.patients.tolist()) == \
+        set(PreparedDataset.open(rows_train).patients.tolist())
+
+
 def test_targets_compare_against_centralized(exp):
     from study_tables import targets
 
@@ -224,6 +249,20 @@ def test_collect_merges_tuning_folders_in_tuning_order(exp, tmp_path):
 
     with pytest.raises(UserError, match="no finished tuning runs"):
         study.collect_tuning([tmp_path / "missing"])
+
+
+def test_a_tuning_table_scored_with_utility_shows_validation_utility_and_detectability():
+    from study_tables import tuning_markdown
+
+    metrics = {"fd_rand500": 3.0, "auroc_synth500_64_mean": 0.61, "auroc_synth500_64_mean_lo": 0.5,
+               "c2st_auroc63_64": 0.97, "c2st_auroc63_64_lo": 0.9}
+    rows = [{"config": "eps-inf", "variant": v, "seed": 0, "wall_s": 5.0, "epsilon": None, "metrics": m}
+            for v, m in (("scored", metrics), ("fd only", {"fd_rand500": 4.0}))]
+    table = tuning_markdown(rows).splitlines()
+    assert "val synthetic-only AUROC | val detectability |" in table[0]
+    assert table[2].startswith("| scored | eps-inf | 0 | 3 | — | — | — | — | 0.61 | 0.97 | — | 5 |")
+    assert table[3].startswith("| fd only | eps-inf | 0 | 4 | — | — | — | — | — | — |")
+    assert "AUROC" not in tuning_markdown(rows[1:])
 
 
 def test_scale_must_be_a_positive_whole_number(capsys):
@@ -320,14 +359,15 @@ def test_the_sweep_rows_differ_in_epsilon_only_and_keep_the_products_security(ep
         if np.isfinite(epsilon):
             assert differs <= allowed, (row, differs)
             assert cfg.privacy.dp and cfg.privacy.target_epsilon == epsilon == cfg.hospital.max_epsilon
-        else:  # no DP-SGD, nothing else changed
-            assert differs <= allowed | {"privacy.dp", "hospital.dp_required"}, differs
+        else:  # no DP-SGD, and its own depth of D (declared in its [chosen_on])
+            assert differs <= allowed | {"privacy.dp", "hospital.dp_required", "train.d_trainable_last"}, differs
+            assert "train.d_trainable_last" in eps.book[row].chosen_on
             assert not cfg.privacy.dp and not cfg.hospital.dp_required
         p = cfg.privacy
         assert (p.quantize_bits, p.encrypt, p.secagg, cfg.federated.hospitals) == (8, True, True, 3), row
-        assert cfg.train.init_from == str(tmp_path / "runs" / "public-covid-s0")
+        assert cfg.train.init_from == str(tmp_path / "runs" / "public-s0")
         assert cfg.model.condition == ["findings", "view", "sex"]
-    assert ws.plan("eps-1-phantoms", 0).cfg.train.init_from == str(tmp_path / "runs" / "public-s0")
+    assert ws.plan("eps-1-covid", 0).cfg.train.init_from == str(tmp_path / "runs" / "public-covid-s0")
 
 
 def test_the_public_models_read_public_data_only_and_match_the_private_networks(eps, exp, tmp_path):
@@ -412,8 +452,8 @@ def test_quick_eps_sweep_end_to_end(eps, tmp_path):
     assert 0 < runs["eps-1"]["epsilon"] <= 1.0 + 1e-6 and runs["eps-inf"]["epsilon"] is None
     from medsyngan.config import load_config
 
-    public = load_config(tmp_path / "eps" / "runs" / "public-covid-s0" / "config.toml")
-    assert public.data.source == "covid-cxr"
+    public = load_config(tmp_path / "eps" / "runs" / "public-s0" / "config.toml")
+    assert public.data.source == "phantoms"
     assert (tmp_path / "docs" / "results" / "eps-sweep.json").is_file()
     assert (tmp_path / "docs" / "results" / "eps-sweep.png").is_file() and (tmp_path / "eps" / "eps-sweep.png").is_file()
     text = (tmp_path / "eps" / "study.md").read_text()

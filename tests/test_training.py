@@ -226,3 +226,25 @@ def test_frozen_discriminator_layers_stay_put_and_the_head_trains():
     # The last two parameterized layers: the last GroupNorm (weight and bias) and the final convolution.
     assert len(moved) == 3 and last_conv in moved
     assert [p.requires_grad for p in trainer.D.parameters()].count(True) == 3
+
+
+# Each family's output layer, as D's own attribute path (the layer that turns features into the logit).
+OUTPUT_LAYER = {"dcgan": "main.8", "progan": "output.out", "stylegan2": "out"}
+# Each family's label projection (a conditional D's labels pass through it and never meet the image).
+LABEL_PROJECTION = {"dcgan": "embed.", "progan": "output.embed.", "stylegan2": "mapping."}
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "progan", "stylegan2"])
+def test_one_trainable_layer_is_the_output_layer_with_the_label_projection(arch):
+    trainer = GANTrainer(tiny_cfg(arch, "model.dp_compatible=true", "train.d_trainable_last=1",
+                                  "model.condition=['view', 'sex']"))
+    trained = {n for n, p in trainer.D.named_parameters() if p.requires_grad}
+    output = {n for n in trained if n.rsplit(".", 1)[0] == OUTPUT_LAYER[arch]}
+    label = {n for n in trained if n.startswith(LABEL_PROJECTION[arch])}
+    assert output and label and trained == output | label
+
+
+def test_trainable_depth_counts_back_from_the_output_along_the_image_path():
+    trainer = GANTrainer(tiny_cfg("stylegan2", "model.dp_compatible=true", "train.d_trainable_last=3"))
+    assert {n for n, p in trainer.D.named_parameters() if p.requires_grad} == {
+        "conv.weight", "conv.bias", "fc.weight", "fc.bias", "out.weight", "out.bias"}

@@ -164,7 +164,8 @@ class TrainSection(Section):
     )
     d_trainable_last: int = Field(
         0, ge=0,
-        description="Train only the last N parameterized layers of D and freeze the others (0: train all). With a D "
+        description="Train only the last N parameterized layers on D's path from image to logit, counted back from the "
+        "output, and freeze the others (0: train all); a conditional D's label projection trains with them. With a D "
         "pretrained on public data (train.init_from) this is DP fine-tuning of a head: DP-SGD's noise grows with "
         "the number of trained parameters.",
     )

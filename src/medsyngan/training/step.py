@@ -91,10 +91,45 @@ def _use_channels_last(device: torch.device, arch: str, setting: str) -> bool:
 
 
 def _freeze_all_but_last(net: nn.Module, trainable: int) -> None:
-    """Freeze every parameterized layer of ``net`` except the last ``trainable`` (in registration order)."""
-    layers = [m for m in net.modules() if any(True for _ in m.parameters(recurse=False))]
-    for layer in layers[:-trainable]:
-        layer.requires_grad_(False)
+    """Freeze every parameterized layer of ``net`` except the last ``trainable`` on the image's path to the logit,
+    counted back from the output, and the label projection (part of the head whenever a head trains)."""
+    image_path, label_path = _discriminator_layers(net)
+    keep = {id(m) for m in image_path[-trainable:] + label_path}
+    for layer in net.modules():
+        if id(layer) not in keep and any(True for _ in layer.parameters(recurse=False)):
+            layer.requires_grad_(False)
+
+
+def _discriminator_layers(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(layers the image flows through, in the order it reaches them; layers that see only the labels) of a
+    discriminator, traced on one zero batch. Registration order is not flow order: a conditional D registers its
+    label projection after its output layer. With D's weights not requiring grad, a layer's input requires grad
+    exactly when it depends on the image. Layers the trace does not reach (a growing D's later stages) are
+    neither, so they stay frozen."""
+    side = getattr(net, "stage_resolution", net.resolution)
+    x = torch.zeros(2, 1, side, side, device=next(net.parameters()).device, requires_grad=True)
+    c = torch.zeros(2, net.c_dim, device=x.device) if net.c_dim else None
+    image_path: list[nn.Module] = []
+    label_path: list[nn.Module] = []
+
+    def record(module: nn.Module, inputs: tuple) -> None:
+        if any(True for _ in module.parameters(recurse=False)) and module not in image_path + label_path:
+            seen = any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
+            (image_path if seen else label_path).append(module)
+
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules()]
+    flags = [p.requires_grad for p in net.parameters()]
+    was_training = net.training
+    try:
+        net.requires_grad_(False).eval()  # eval: the trace must not move BatchNorm's running statistics
+        net(x, c) if c is not None else net(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p, flag in zip(net.parameters(), flags):
+            p.requires_grad_(flag)
+        net.train(was_training)
+    return image_path, label_path
 
 
 def _reset_moments(optimizer: torch.optim.Optimizer) -> None:

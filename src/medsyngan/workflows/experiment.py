@@ -56,6 +56,18 @@ class Split(_Strict):
     seed: int
 
 
+class TuningSplit(Split):
+    """The validation patients of ``--tune`` (``holdout_fraction`` of the tuning patients, drawn with ``seed``)."""
+
+    donated_fraction: float | None = Field(
+        None, gt=0, lt=1,
+        description="DP-safe selection: this fraction of the study's training patients (drawn with ``seed``) is a "
+        "donated tuning set, treated as public — tuning trains and validates on it alone, and no row trains on "
+        "it, so that a choice made on it costs the hospitals no ε. None: tuning splits the rows' own training "
+        "patients (a look at private data that ε does not pay for).",
+    )
+
+
 class Target(_Strict):
     row: str
     reference: str
@@ -84,7 +96,7 @@ class Experiment(_Strict):
     metrics: str
     tuning_metrics: str
     split: Split
-    tuning_split: Split
+    tuning_split: TuningSplit
     budget: Budget
     quick: Budget
     schedule: dict[str, int] = Field(default_factory=dict)
