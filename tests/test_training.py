@@ -226,3 +226,12 @@ def test_frozen_discriminator_layers_stay_put_and_the_head_trains():
     # The last two parameterized layers: the last GroupNorm (weight and bias) and the final convolution.
     assert len(moved) == 3 and last_conv in moved
     assert [p.requires_grad for p in trainer.D.parameters()].count(True) == 3
+
+
+@pytest.mark.parametrize("arch, setting", [("progan", "train.loss=wgan-gp"), ("stylegan2", "train.r1_gamma=1")])
+def test_compile_is_refused_for_a_loss_that_differentiates_gradients(arch, setting):
+    from medsyngan.errors import UserError
+
+    with pytest.raises(UserError, match="train.compile cannot train with .*does not differentiate gradients twice"):
+        tiny_cfg(arch, setting, "train.compile=true")
+    tiny_cfg("dcgan", "train.compile=true")  # the non-saturating loss alone compiles
