@@ -121,8 +121,8 @@ def interleaved(variants: dict[str, Timed], reps: int, steps: int, warmup: int =
 
 
 def profile(arch: str, resolution: int, steps: int, rows: int = 12) -> str:
-    """torch.profiler's table of ``steps`` training steps of the family's preset at ``resolution`` (after one
-    warm-up step): the operators and input shapes that take the most CPU time of their own."""
+    """torch.profiler's tables of ``steps`` training steps of the family's preset at ``resolution`` (after one
+    warm-up step): the operators, then the operators and input shapes, that take the most CPU time of their own."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -132,8 +132,10 @@ def profile(arch: str, resolution: int, steps: int, rows: int = 12) -> str:
     with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         timed.run(steps)
     title = f"{preset} at {resolution} px ({timed.precision}), {steps} steps of {timed.images} images"
-    return title + "\n" + prof.key_averages(group_by_input_shape=True).table(
+    by_operator = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=32)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=32, max_shapes_column_width=80)
+    return f"{title}, by operator\n{by_operator}\n{title}, by operator and input shape\n{by_shape}"
 
 
 def families(only: list[str] | None = None) -> list[str]:

@@ -162,4 +162,5 @@ def test_the_family_benchmark_times_each_familys_cpu_preset_and_profiles_it():
     assert bench.family_preset("stylegan3", 128) == ("stylegan3-64-fast", ["model.resolution=128", "data.size=128"])
     assert bench.family_preset("progan", 128) == ("progan128-short", [])
     table = bench.profile("dcgan", 64, steps=1, rows=5)
-    assert table.startswith("dcgan64 at 64 px") and "aten::" in table and "Input Shapes" in table
+    assert table.startswith("dcgan64 at 64 px") and "by operator and input shape" in table
+    assert "aten::" in table and "Input Shapes" in table
