@@ -9,8 +9,9 @@ the targets), one recipe file per row beside it, and ``tuning.toml`` (named vari
 runs another study folder the same way (``experiments/nih-64-eps``: the ε sweep, scored with utility). This
 script runs them:
 
-1. Data: the 64-px NIH sample (``../shared/data/nih-chestxray14``, or ``$MEDSYNGAN_NIH_DIR``) is prepared once;
-   a fixed fraction of its patients become the evaluation set, the rest the training set — two prepared datasets,
+1. Data: the 64-px NIH sample (``../shared/data/nih-chestxray14``, or ``$MEDSYNGAN_NIH_DIR``) is prepared once
+   (or, for a study with ``films = "covid-cxr"``, the public COVID-19 films at the study's ``size``); a fixed
+   fraction of its patients become the evaluation set, the rest the training set — two prepared datasets,
    patient-disjoint. Nothing looks at the evaluation set until the final scoring.
 2. Every row at every seed trains through the runner (``medsyngan.workflows.train``) for the budget's images
    through D, after the run it starts from (the public phantom model for rows 1w–5w).
@@ -57,15 +58,20 @@ TUNING_RESULT_FILE = "tuning-result.json"
 def prepare_split(exp: ExperimentFolder, work: Path) -> tuple[Path, Path, dict[str, int]]:
     """(the rows' training dataset, evaluation dataset, counts) under ``work``; patient-disjoint. With a donated
     tuning set (``[tuning_split] donated_fraction``) the rows train on the study's training patients without it."""
+    from medsyngan.data.api import covid_dataset
     from medsyngan.data.prepare import PrepareSettings, prepare
     from medsyngan.data.prepared import PreparedDataset
     from medsyngan.workflows.split import split_patients
 
-    source = nih_dir()
-    prepare(source, work / "nih-64", PrepareSettings(size=64, skip_bad=True), images_dir=source / "images-64")
+    if exp.study.films == "covid-cxr":
+        films = covid_dataset(exp.study.size)
+    else:
+        source = nih_dir()
+        prepare(source, work / "nih-64", PrepareSettings(size=64, skip_bad=True), images_dir=source / "images-64")
+        films = PreparedDataset.open(work / "nih-64")
     split = exp.study.split
-    counts = split_patients(PreparedDataset.open(work / "nih-64"), split.holdout_fraction, split.seed,
-                            work / "train", work / "eval", ("train", "eval"))
+    counts = split_patients(films, split.holdout_fraction, split.seed, work / "train", work / "eval",
+                            ("train", "eval"))
     tuning = exp.study.tuning_split
     if tuning.donated_fraction is None:
         return work / "train", work / "eval", counts
@@ -157,9 +163,9 @@ def run_study(quick: bool, seeds: list[int], out: Path, docs: Path | None = None
 
     if scale < 1:
         raise UserError(f"--scale {scale}: the budget multiplier must be a whole number ≥ 1")
-    if not (nih_dir() / "images-64").is_dir():
-        raise UserError(f"{nih_dir()}: NIH sample not found; set MEDSYNGAN_NIH_DIR to the nih-chestxray14 folder")
     exp = load_experiment(experiment)
+    if exp.study.films == "nih" and not (nih_dir() / "images-64").is_dir():
+        raise UserError(f"{nih_dir()}: NIH sample not found; set MEDSYNGAN_NIH_DIR to the nih-chestxray14 folder")
     budget = (exp.study.quick if quick else exp.study.budget).scaled(scale)
     tag = f"-x{scale}" if scale != 1 else ""
     only = only or (exp.study.quick_rows if quick else None)

@@ -107,3 +107,17 @@ def test_a_hospital_whose_schedule_disagrees_with_the_server_refuses_the_round(t
     assert result.metrics["stage_resolution"] == 8 and result.metrics["alpha"] == 0.5
     with pytest.raises(UserError, match="run the same MedSynGAN version"):
         hospital.train_round(weights, 1, growth=(8, 8, 0.25))
+
+
+def test_a_fade_in_alpha_rounded_to_float32_by_the_server_is_the_hospitals_own(tmp_path, medsyngan_cache):
+    from medsyngan.data.api import load_training_data
+    from medsyngan.federated.hospital import Hospital
+
+    cfg = load_config("federated-dcgan64", [*PROGAN, "privacy.dp=false", "hospital.dp_required=false",
+                                            "train.kimg_per_phase=0.007"])
+    hospital = Hospital(cfg, 0, load_training_data(cfg).subset(np.arange(8)))
+    weights = {k: v for k, v in hospital.trainer.model_state(("G", "D")).items() if "stage_" not in k}
+    alpha = torch.tensor(3 / 7, dtype=torch.float32).item()  # the global state's buffer holds 3/7 as float32
+    assert alpha != 3 / 7
+    result = hospital.train_round(weights, 1, growth=(10, 8, alpha))  # 3 images into the 7-image fade-in of 8 px
+    assert result.metrics["stage_resolution"] == 8

@@ -154,3 +154,13 @@ def test_make_bench_runs_the_family_benchmark_and_skips_scripts_run_by_hand():
     found = {p.stem: p for p in run_all.discover(None)}
     assert callable(run_all.load(found["bench_families"]).run)
     assert not hasattr(run_all.load(found["bench_gpu"]), "run")  # needs CUDA: run by hand, skipped with a note
+
+
+def test_the_family_benchmark_times_each_familys_cpu_preset_and_profiles_it():
+    bench = _benchmark()
+    assert bench.family_preset("stylegan3", 64) == ("stylegan3-64-fast", [])  # before NVlabs' width
+    assert bench.family_preset("stylegan3", 128) == ("stylegan3-64-fast", ["model.resolution=128", "data.size=128"])
+    assert bench.family_preset("progan", 128) == ("progan128-short", [])
+    table = bench.profile("dcgan", 64, steps=1, rows=5)
+    assert table.startswith("dcgan64 at 64 px") and "by operator and input shape" in table
+    assert "aten::" in table and "Input Shapes" in table

@@ -248,3 +248,12 @@ def test_trainable_depth_counts_back_from_the_output_along_the_image_path():
     trainer = GANTrainer(tiny_cfg("stylegan2", "model.dp_compatible=true", "train.d_trainable_last=3"))
     assert {n for n, p in trainer.D.named_parameters() if p.requires_grad} == {
         "conv.weight", "conv.bias", "fc.weight", "fc.bias", "out.weight", "out.bias"}
+
+
+@pytest.mark.parametrize("arch, setting", [("progan", "train.loss=wgan-gp"), ("stylegan2", "train.r1_gamma=1")])
+def test_compile_is_refused_for_a_loss_that_differentiates_gradients(arch, setting):
+    from medsyngan.errors import UserError
+
+    with pytest.raises(UserError, match="train.compile cannot train with .*does not differentiate gradients twice"):
+        tiny_cfg(arch, setting, "train.compile=true")
+    tiny_cfg("dcgan", "train.compile=true")  # the non-saturating loss alone compiles

@@ -354,6 +354,7 @@ class Config(Section):
         if len(set(self.model.condition)) != len(self.model.condition):
             raise ValueError(f"model.condition lists a group twice ({self.model.condition}); name each once")
         self._check_augment()
+        self._check_compile()
         if self.federated.enabled and self.federated.quorum > self.federated.hospitals:
             raise ValueError(
                 f"federated.quorum ({self.federated.quorum}) exceeds federated.hospitals "
@@ -375,6 +376,15 @@ class Config(Section):
             where = "privacy.dp" if self.privacy.dp else "federated runs"
             raise ValueError(f"adaptive augmentation (train.ada_target = {t.ada_target}) is refused with {where}; "
                              "set train.ada_target=0 and a fixed train.augment_p (e.g. 0.2)")
+
+    def _check_compile(self) -> None:
+        t, style = self.train, self.model.arch in ("stylegan2", "stylegan3")
+        twice = [name for name, used in (("the WGAN-GP gradient penalty", t.loss == "wgan-gp" and t.gp_weight > 0),
+                                         ("R1", style and t.r1_gamma > 0), ("path-length regularization",
+                                                                            style and t.pl_weight > 0)) if used]
+        if t.compile and twice:  # torch 2.13's compiled autograd (aot_autograd) has no double backward
+            raise ValueError(f"train.compile cannot train with {twice[0]}: torch.compile does not differentiate "
+                             "gradients twice; set train.compile=false")
 
     def _check_batch_by_resolution(self) -> None:
         t, batches = self.train, self.train.batch_by_resolution

@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -89,6 +89,10 @@ class Sweep(_Strict):
 
 class Experiment(_Strict):
     name: str = Field("study", description="What files of this study in the docs' results folder are called.")
+    films: Literal["nih", "covid-cxr"] = Field(
+        "nih", description="The films split into training and evaluation patients: the 64-px NIH sample, or the "
+        "public COVID-19 films (prepared at `size`).")
+    size: int = Field(64, description="Side in pixels of the films the study trains and scores on.")
     rows: list[str]
     quick_rows: list[str]
     seeds: list[int]
@@ -135,6 +139,8 @@ def load_experiment(folder: Path) -> ExperimentFolder:
     except (ValidationError, TypeError) as exc:
         detail = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
         raise UserError(f"{origin}: '{'.'.join(map(str, detail['loc']))}': {detail['msg']}") from None
+    if study.films == "nih" and study.size != 64:
+        raise UserError(f"{origin}: size = {study.size}, but the NIH sample holds 64-px films; set size = 64")
     recipes = {name: load_recipe(folder / f"{name}.toml") for name in study.rows}
     tuning = folder / "tuning.toml"
     variants = recipes_from_tables(read_toml(tuning).get("variants", {}), str(tuning)) if tuning.is_file() else {}
