@@ -143,8 +143,8 @@ def tuning_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| variant | row | seed | val FD | val KID | precision | recall | coverage | "
              + "".join(f"{c[0]} | " for c in extra) + "ε | wall s |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
+    columns = [(p, "") for p in ("fd", "kid", "precision", "recall", "coverage")] + [c[1:] for c in extra]
     for r in rows:
-        columns = [(p, "") for p in ("fd", "kid", "precision", "recall", "coverage")] + [c[1:] for c in extra]
         cells = [_cell((pick(r["metrics"], p, s), None)) for p, s in columns]
         lines.append(f"| {r['variant']} | {r['config']} | {r['seed']} | " + " | ".join(cells)
                      + f" | {_cell((r['epsilon'], None))} | {r['wall_s']:.0f} |")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsyngan.data.shared import NIH_ENV, SHARED_DATA_ENV, nih_sample_dir
+from medsyngan.data.shared import NIH_ENV, SHARED_DATA_ENV, covid_cxr_dir, nih_sample_dir
 
 
 # Under pytest-xdist each worker takes its share of the cores, and so do the CLI subprocesses it starts (torch reads
@@ -63,3 +63,16 @@ def nih_dir(nih_sample) -> Path:
     if nih_sample is None:
         pytest.skip(f"NIH ChestX-ray14 sample not found at {nih_sample_dir()} (set {NIH_ENV} or {SHARED_DATA_ENV})")
     return nih_sample
+
+
+@pytest.fixture(scope="session")
+def covid_dir() -> Path:
+    """The public COVID-19 CXR set (labels.csv, images/); a test that needs it is skipped where it is missing and
+    fails under CI, as the NIH sample's tests do."""
+    path = covid_cxr_dir()
+    if (path / "labels.csv").is_file():
+        return path
+    if in_ci():
+        pytest.fail(f"COVID-19 CXR set not found at {path}, and CI is set: provide it (set {SHARED_DATA_ENV})",
+                    pytrace=False)
+    pytest.skip(f"COVID-19 CXR set not found at {path} (set {SHARED_DATA_ENV})")

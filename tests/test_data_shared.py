@@ -79,14 +79,12 @@ def test_a_present_sample_is_handed_to_the_tests(pytester, monkeypatch):
 
 
 def test_the_covid_films_are_a_training_source_with_their_patients_views_and_sexes(medsyngan_cache, monkeypatch,
-                                                                                    tmp_path):
+                                                                                    tmp_path, covid_dir):
     import numpy as np
 
     from medsyngan.config import load_config
     from medsyngan.data.api import load_training_data
 
-    if not (shared.covid_cxr_dir() / "labels.csv").is_file():
-        pytest.skip(f"COVID-19 CXR set not found at {shared.covid_cxr_dir()}")
     ds = load_training_data(load_config("public-covid64", ["data.size=32", "model.resolution=32"]))
     assert ds.images.shape == (243, 32, 32) and len(np.unique(ds.patients)) == 71
     assert set(ds.views) == {"AP", "PA"} and set(ds.sexes) == {"F", "M"}

@@ -109,15 +109,21 @@ def test_a_hospital_whose_schedule_disagrees_with_the_server_refuses_the_round(t
         hospital.train_round(weights, 1, growth=(8, 8, 0.25))
 
 
-def test_a_fade_in_alpha_rounded_to_float32_by_the_server_is_the_hospitals_own(tmp_path, medsyngan_cache):
+def test_the_servers_fade_in_alpha_is_its_schedules_own_and_the_hospitals_accept_it(tmp_path, medsyngan_cache):
+    # Phases of 7 images: fade-in alphas such as 5/7 are not float32 numbers, which the networks' stage buffers are.
     from medsyngan.data.api import load_training_data
     from medsyngan.federated.hospital import Hospital
 
-    cfg = load_config("federated-dcgan64", [*PROGAN, "privacy.dp=false", "hospital.dp_required=false",
-                                            "train.kimg_per_phase=0.007"])
+    cfg = load_config("federated-dcgan64", [*PROGAN, *WITHOUT_DP, "train.kimg_per_phase=0.007"])
+    run_dir = RunDir(tmp_path / "run").create(cfg)
+    driver = RoundDriver(cfg, run_dir, prepare_job(cfg, run_dir, resume=False, simulation=True), False,
+                         simulation_identity_key(cfg, run_dir))
+    schedule = GrowthSchedule.of(cfg)
+    while (alpha := schedule.stage(driver.state.schedule_images)[1]) == torch.tensor(alpha).item():
+        driver.state.advance_growth(cfg)
+    (growth,) = {i.growth for i in driver.instructions(1, [0, 1]).values()}
+    assert (growth.resolution, growth.alpha) == schedule.stage(growth.images)
     hospital = Hospital(cfg, 0, load_training_data(cfg).subset(np.arange(8)))
-    weights = {k: v for k, v in hospital.trainer.model_state(("G", "D")).items() if "stage_" not in k}
-    alpha = torch.tensor(3 / 7, dtype=torch.float32).item()  # the global state's buffer holds 3/7 as float32
-    assert alpha != 3 / 7
-    result = hospital.train_round(weights, 1, growth=(10, 8, alpha))  # 3 images into the 7-image fade-in of 8 px
-    assert result.metrics["stage_resolution"] == 8
+    weights = {k: v for k, v in driver.state.global_state.items() if k.split(".", 1)[0] in ("G", "D")}
+    result = hospital.train_round(weights, 1, growth=(growth.images, growth.resolution, growth.alpha))
+    assert result.metrics["stage_resolution"] == growth.resolution

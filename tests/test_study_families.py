@@ -4,8 +4,6 @@ p), the 128-px study on the public COVID-19 films (its patient-disjoint split, e
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from medsyngan.errors import UserError
 from medsyngan.training.schedule import GrowthSchedule, check_run_length
 from medsyngan.workflows.experiment import Workspace, load_experiment
 from medsyngan.workflows.recipes import planned_images
+from test_study import _study
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = REPO / "experiments" / "nih-64-families"
@@ -82,20 +81,7 @@ def test_a_study_of_nih_films_at_another_size_is_refused(tmp_path):
         load_experiment(tmp_path)
 
 
-def _study():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("study_nih", REPO / "benchmarks" / "study_nih.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_quick_covid_study_scores_on_held_out_covid_patients(tmp_path, medsyngan_cache):
-    from medsyngan.data.shared import covid_cxr_dir
-
-    if not (covid_cxr_dir() / "labels.csv").is_file():
-        pytest.skip(f"COVID-19 CXR set not found at {covid_cxr_dir()}")
+def test_quick_covid_study_scores_on_held_out_covid_patients(tmp_path, medsyngan_cache, covid_dir):
     from medsyngan.data.prepared import PreparedDataset
 
     report = _study().run_study(quick=True, seeds=[0], out=tmp_path / "study", docs=tmp_path / "docs",

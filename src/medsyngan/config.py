@@ -378,13 +378,16 @@ class Config(Section):
                              "set train.ada_target=0 and a fixed train.augment_p (e.g. 0.2)")
 
     def _check_compile(self) -> None:
-        t, style = self.train, self.model.arch in ("stylegan2", "stylegan3")
-        twice = [name for name, used in (("the WGAN-GP gradient penalty", t.loss == "wgan-gp" and t.gp_weight > 0),
-                                         ("R1", style and t.r1_gamma > 0), ("path-length regularization",
-                                                                            style and t.pl_weight > 0)) if used]
-        if t.compile and twice:  # torch 2.13's compiled autograd (aot_autograd) has no double backward
-            raise ValueError(f"train.compile cannot train with {twice[0]}: torch.compile does not differentiate "
-                             "gradients twice; set train.compile=false")
+        t = self.train
+        if not t.compile:
+            return
+        style = self.model.arch in ("stylegan2", "stylegan3")
+        twice = {"the WGAN-GP gradient penalty": t.loss == "wgan-gp" and t.gp_weight > 0,
+                 "R1": style and t.r1_gamma > 0, "path-length regularization": style and t.pl_weight > 0}
+        for name, used in twice.items():
+            if used:  # torch 2.13's compiled autograd (aot_autograd) has no double backward
+                raise ValueError(f"train.compile cannot train with {name}: torch.compile does not differentiate "
+                                 "gradients twice; set train.compile=false")
 
     def _check_batch_by_resolution(self) -> None:
         t, batches = self.train, self.train.batch_by_resolution

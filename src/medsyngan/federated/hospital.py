@@ -152,9 +152,7 @@ class Hospital:
         self.trainer.load_model_state(global_state)
         if growth is not None:
             self.trainer.set_images_seen(growth[0])
-            resolution, alpha = self.trainer.stage
-            # The server's alpha travels in the global state's float32 buffer: equal up to float32's rounding.
-            if resolution != growth[1] or abs(alpha - growth[2]) > 1e-6:
+            if self.trainer.stage != tuple(growth[1:]):
                 raise UserError(f"the server's stage ({growth[1]} px, alpha {growth[2]:g}) is not what this hospital's "
                                 f"schedule gives for {growth[0]} images ({self.trainer.stage}); run the same "
                                 "MedSynGAN version as the aggregator")

@@ -215,7 +215,7 @@ class RoundDriver:
     def instructions(self, round_: int, hospitals: Iterable[int], **terms: Any) -> dict[int, p.RoundInstruction]:
         """Each hospital's instruction for a stage of ``round_`` (it resumes from its own last aggregated round); a
         term given as a function is evaluated per hospital."""
-        stage = self.state.stage()
+        stage = self.state.stage(self.cfg)
         growth = None if stage is None else p.Growth(self.state.schedule_images, *stage)
         return {h: p.RoundInstruction(round_, self.state.last_round.get(h, 0), self.transport.round_public(round_),
                                       growth=growth, **{k: v(h) if callable(v) else v for k, v in terms.items()})
@@ -366,7 +366,7 @@ class RoundDriver:
         row = round_log.round_row(round_, outcome, self.state.images_seen, time.time() - self.start,
                                   {h: (self.weights[h], self.roster_weight(h)) for h in outcome.reports},
                                   with_stats=not (self.cfg.privacy.dp or self.cfg.privacy.secagg))
-        if (stage := self.state.stage()) is not None:
+        if (stage := self.state.stage(self.cfg)) is not None:
             row["stage_resolution"], row["alpha"] = stage
         if self.client_dp is not None:
             row.update(self.client_dp.metrics())

@@ -57,11 +57,12 @@ class ServerState:
             return {k.replace("G_ema.", "G.", 1): v for k, v in self.ema_state.items()}
         return {k: v for k, v in self.global_state.items() if k.startswith("G.")}
 
-    def stage(self) -> tuple[int, float] | None:
-        """The global networks' (stage resolution, fade-in alpha); None for a model that does not grow."""
-        if "G.stage_res" not in self.global_state:
-            return None
-        return int(self.global_state["G.stage_res"]), float(self.global_state["G.stage_alpha"])
+    def stage(self, cfg: Config) -> tuple[int, float] | None:
+        """The global networks' (stage resolution, fade-in alpha); None for a model that does not grow. Read from
+        the schedule at ``schedule_images``, not from the networks' float32 stage buffers: it is then exactly what
+        every hospital's own schedule gives for that count."""
+        schedule = GrowthSchedule.of(cfg)
+        return None if schedule is None else schedule.stage(self.schedule_images)
 
     def advance_growth(self, cfg: Config) -> None:
         """After a round: move the schedule on by the round's local steps and set every network's stage to it."""
@@ -107,7 +108,7 @@ def save_server_state(run_dir: RunDir, state: ServerState, cfg: Config, key: byt
         "last_round": {str(k): v for k, v in state.last_round.items()},
         "schedule_images": state.schedule_images,
     }
-    if (stage := state.stage()) is not None:
+    if (stage := state.stage(cfg)) is not None:
         meta["stage_resolution"], meta["alpha"] = stage
     if state.client_dp is not None:
         meta["client_dp_accountant"] = state.client_dp["accountant"]
