@@ -1,6 +1,7 @@
 """Tables and the plot of a study scored with utility (``utility = true`` in its study.toml): per row, the mean
 AUROC on the real evaluation patients of the classifier trained on the synthetic films, on the real training films
-and on those with DP-SGD at the row's ε, detectability and re-identification; and, for a ``[sweep]``, FD,
+and on those with DP-SGD at the row's ε, the label fidelity of the synthetic films, detectability and
+re-identification; and, for a ``[sweep]``, FD,
 detectability and utility against ε (``docs/results/<figure>``)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 FIGURES = [
     ("synthetic-only AUROC", "auroc_synth", "_mean"), ("real-trained AUROC", "auroc_real", "_mean"),
     ("DP-SGD AUROC", "auroc_dp", "_mean"), ("synth − DP-SGD", "auroc_gap_dp", "_mean"),
+    ("label fidelity", "auroc_fidelity", "_mean"),
     ("detectability AUROC", "c2st_auroc", ""), ("re-identified, synthetic", "reid_synth_rate", ""),
     ("re-identified, real strangers", "reid_holdout_rate", ""), ("FD (rand)", "fd", ""),
 ]
@@ -51,9 +53,9 @@ def utility_markdown(results: list[dict[str, Any]], rows: list[str]) -> str:
 
 
 def per_label_markdown(run: dict[str, Any]) -> str:
-    """Per-label AUROC of the three classifiers of one run, with intervals."""
+    """Per-label AUROC of the three classifiers of one run and the run's label fidelity, with intervals."""
     metrics = run["metrics"]
-    kinds = [("synthetic only", "synth"), ("real", "real"), ("DP-SGD", "dp")]
+    kinds = [("synthetic only", "synth"), ("real", "real"), ("DP-SGD", "dp"), ("label fidelity", "fidelity")]
 
     def key(kind: str, label: str) -> str | None:
         pattern = re.compile(rf"^auroc_{kind}\d+k?_\d+(_eps[^_]+)?_{re.escape(label)}$")

@@ -34,7 +34,7 @@ EXPECTED_KEYS = {
                 "mia_ganleaks_pixel_auc_reference",
                 *(f"mia_{a}_tpr_fpr{f}" for a in ("ganleaks_pixel", "logan", "bound") for f in FPRS)},
     "utility": {f"auroc_{k}{b}" for b in ("", "_lo", "_hi") for k in (
-        *(f"{kind}_{label}" for kind in (f"synth{N}_64", f"real{N}_64", f"dp{N}_64_eps1")
+        *(f"{kind}_{label}" for kind in (f"synth{N}_64", f"real{N}_64", f"dp{N}_64_eps1", f"fidelity{N}_64")
           for label in ("view_pa", "nodule", "mean")),
         f"gap_real_synth{N}_64_mean", f"gap_dp_synth{N}_64_eps1_mean", f"augment{N}_64_nodule",
         f"augment{N}_64_rare_mean", f"real{N}_64_rare_mean", f"gap_real_augment{N}_64_rare_mean")},

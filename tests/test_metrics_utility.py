@@ -186,6 +186,25 @@ def test_tstr_scores_informative_synthetic_labels_high_and_shuffled_ones_at_chan
     assert 0.3 < chance.values()["auroc_synth96_32_mean"] < 0.7
 
 
+def test_label_fidelity_reads_the_synthetic_films_with_the_real_trained_classifier(toy_sets, medsyngan_cache):
+    (real, real_y, real_p), (train, train_y, train_p), (fake, fake_y, _) = toy_sets
+    settings = UtilitySettings(classifier=TINY, bootstrap=300, min_patients=5)
+    faithful = utility_audit(fake, fake_y, real, real_y, real_p, ("square", "bar"), train, train_y, settings=settings)
+    values = faithful.values()
+    assert values["auroc_fidelity96_32_square"] > 0.95
+    assert values["auroc_fidelity96_32_square_lo"] <= values["auroc_fidelity96_32_square"]
+    # a generator that draws the square the wrong way round: its films' labels say the opposite of what they show
+    inverted = fake_y.copy()
+    inverted[:, 0] = 1 - inverted[:, 0]
+    wrong = utility_audit(fake, inverted, real, real_y, real_p, ("square", "bar"), train, train_y, settings=settings)
+    assert wrong.values()["auroc_fidelity96_32_square"] < 0.05
+    # a label no synthetic film carries, or every one does, cannot be read off the films
+    constant = fake_y.copy()
+    constant[:, 1] = 0
+    partial = utility_audit(fake, constant, real, real_y, real_p, ("square", "bar"), train, train_y, settings=settings)
+    assert set(partial.scores["fidelity"].per_label) == {"square"}
+
+
 def test_too_few_evaluation_patients_is_one_line(toy_sets):
     (real, real_y, real_p), _, (fake, fake_y, _) = toy_sets
     with pytest.raises(UserError, match="no label has 80 positive"):

@@ -410,7 +410,7 @@ def _scored(name: str, epsilon: float | None, synth: float) -> dict:
     metrics = {"fd500_64_random": 3.0 / synth, "c2st_auroc500_64": 1.2 - synth / 2, "c2st_auroc500_64_lo": 0.5,
                "c2st_auroc500_64_hi": 1.0, "reid_synth_rate_fmr1e-3": 0.01, "reid_holdout_rate_fmr1e-3": 0.02}
     for kind, tag, value in (("synth", "synth500_64", synth), ("real", "real554_64", 0.8),
-                             ("dp", "dp554_64_eps1", 0.6)):
+                             ("dp", "dp554_64_eps1", 0.6), ("fidelity", "fidelity500_64", 0.45)):
         for key in (f"auroc_{tag}_mean", f"auroc_{tag}_view_pa"):
             metrics |= {key: value, f"{key}_lo": value - 0.1, f"{key}_hi": value + 0.05}
     metrics["auroc_gap_dp_synth500_64_eps1_mean"] = synth - 0.6
@@ -428,7 +428,7 @@ def test_the_utility_table_and_the_sweep_plot(eps, tmp_path):
     assert table[3].startswith("| row eps-1 | 1 | 0.600 [0.500, 0.650] | 0.800 [0.700, 0.850] | 0.600")
     assert "| — |" not in table[3]  # every figure of the row found
     assert per_label_markdown(results[0]).splitlines()[2] == \
-        "| view_pa | 0.550 [0.450, 0.600] | 0.800 [0.700, 0.850] | 0.600 [0.500, 0.650] |"
+        "| view_pa | 0.550 [0.450, 0.600] | 0.800 [0.700, 0.850] | 0.600 [0.500, 0.650] | 0.450 [0.350, 0.500] |"
     png = sweep_png(results, rows, eps.study.sweep.epsilons, tmp_path / "eps-sweep.png", "test")
     from PIL import Image
 

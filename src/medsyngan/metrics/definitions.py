@@ -38,10 +38,10 @@ DEFINITIONS: tuple[tuple[str, str], ...] = (
      "means synthetic images sit closer to training images than unseen real ones (memorization)."),
     (r"^dcr_median_synth", "Median distance from a synthetic image to its nearest training image."),
     (r"^dcr_median_holdout", "Median distance from a holdout image to its nearest training image."),
-    (r"^(auroc|c2st)_.*_lo$", "Lower end of the 95 % bootstrap interval (real patients resampled) of the figure "
-     "named without _lo."),
-    (r"^(auroc|c2st)_.*_hi$", "Upper end of the 95 % bootstrap interval (real patients resampled) of the figure "
-     "named without _hi."),
+    (r"^(auroc|c2st)_.*_lo$", "Lower end of the 95 % bootstrap interval (real patients resampled; synthetic films "
+     "for label fidelity) of the figure named without _lo."),
+    (r"^(auroc|c2st)_.*_hi$", "Upper end of the 95 % bootstrap interval (real patients resampled; synthetic films "
+     "for label fidelity) of the figure named without _hi."),
     (r"^auroc_gap_real_synth", "Mean AUROC of the synthetic-trained classifier minus the real-trained one's, on the "
      "real evaluation patients; near 0 means the synthetic films teach what the real ones do."),
     (r"^auroc_gap_dp_synth", "Mean AUROC of the synthetic-trained classifier minus that of one trained on the real "
@@ -54,6 +54,11 @@ DEFINITIONS: tuple[tuple[str, str], ...] = (
      "plus the synthetic films of rare findings."),
     (r"^auroc_augment", "AUROC on real evaluation patients for this rare finding, classifier trained on the real "
      "films plus the synthetic films of rare findings."),
+    (r"^auroc_fidelity.*_mean$", "Label fidelity: mean over the labels of the AUROC of the real-trained classifier on "
+     "the synthetic films against the labels they were generated from; 0.5 = the films do not show their labels, "
+     "below 0.5 = drawn the wrong way round."),
+    (r"^auroc_fidelity", "Label fidelity for this label: AUROC of the real-trained classifier on the synthetic films "
+     "against the label each film was generated from."),
     (r"^auroc_synth.*_mean$", "Mean over the scored labels of the AUROC on real evaluation patients of a small CNN "
      "trained on the synthetic films only (train synthetic, test real)."),
     (r"^auroc_real.*_mean$", "Mean over the scored labels of the AUROC of the same CNN trained on the real training "

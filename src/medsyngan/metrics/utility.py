@@ -10,7 +10,12 @@ label) on several training sets and scores each on the real evaluation patients:
   the same network, with the larger batch and step DP-SGD needs, :data:`DP_CLASSIFIER`) — the baseline a DP
   generator must beat, since a hospital could release that classifier instead;
 - ``augment``: the real training films plus the synthetic films of the rare findings, scored on the rare findings
-  only — whether synthetic films help where real ones are scarce (a separate figure).
+  only — whether synthetic films help where real ones are scarce (a separate figure);
+- ``fidelity``: not a classifier of its own but the real-trained one applied to the synthetic films, scored against
+  the labels each film was generated from (label fidelity, the conditional-accuracy check of RoentGen and
+  CheXGenBench): does a film show what it was asked for? A label the generator draws the wrong way round scores
+  below 0.5 here, and no classifier trained on such films can do well on real patients. Its interval resamples
+  synthetic films, and a label is scored when at least ``min_patients`` synthetic films carry it and as many do not.
 
 Labels (:func:`binary_targets`): view position (``view_pa``: PA = 1, AP = 0), sex (``sex_male``), ``any_finding``
 and each NIH finding, one binary column each, NaN where unknown. A label is scored when the evaluation set holds
@@ -125,7 +130,7 @@ class UtilityResult:
     labels: list[str]  # scored, in column order
     skipped: dict[str, str]  # label → why it is not scored
     rare: list[str]
-    scores: dict[str, Scores] = field(default_factory=dict)  # 'synth', 'real', 'dp', 'augment'
+    scores: dict[str, Scores] = field(default_factory=dict)  # 'synth', 'real', 'dp', 'augment', 'fidelity'
     dp: PrivateTraining | None = None
     augment_films: int = 0  # synthetic films added to the real ones for 'augment'
 
@@ -191,13 +196,14 @@ def utility_audit(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, r
     weights = bootstrap_weights(real_patients, settings.bootstrap, seed)
     cs = settings.classifier
 
-    def score(net: SmallCNN, films: int, columns: Sequence[int]) -> Scores:
-        p = predict(net, real)
+    def score(net: SmallCNN, films: int, columns: Sequence[int], on: np.ndarray = real, truth: np.ndarray = real_labels,
+              resample: np.ndarray = weights) -> Scores:
+        p = predict(net, on)
         per_label, reps = {}, []
         for c in columns:
-            known = np.isfinite(real_labels[:, c])
-            y, s = real_labels[known, c], p[known, c]
-            reps.append(weighted_auroc(s, y, weights[:, known]))
+            known = np.isfinite(truth[:, c])
+            y, s = truth[known, c], p[known, c]
+            reps.append(weighted_auroc(s, y, resample[:, known]))
             per_label[names[c]] = Estimate.of(auroc(s, y), reps[-1])
         return Scores(films, per_label, np.stack(reps, axis=1))
 
@@ -211,6 +217,12 @@ def utility_audit(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, r
         lambda: seeded(seed, lambda: SmallCNN(width, cs.width)),
         lambda: (train_classifier(train, train_labels, cs, seed), {}))
     result.scores["real"] = score(real_net, len(train), cols)
+    fake_labels = np.asarray(fake_labels, np.float64)
+    drawn, _ = scorable(fake_labels, np.arange(len(fake)), names, settings.min_patients)
+    drawn = [c for c in cols if c in drawn]
+    if drawn:
+        result.scores["fidelity"] = score(real_net, len(fake), drawn, fake, fake_labels,
+                                          bootstrap_weights(np.arange(len(fake)), settings.bootstrap, seed))
 
     if train_patients is not None:
         ds = settings.dp_classifier
@@ -226,7 +238,6 @@ def utility_audit(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, r
     prevalence = np.where(known, train_labels, 0).sum(0) / np.maximum(known.sum(0), 1)
     rare = [c for c in cols if known[:, c].any() and prevalence[c] < settings.rare_prevalence]
     result.rare = [names[c] for c in rare]
-    fake_labels = np.asarray(fake_labels, np.float64)
     extra = np.flatnonzero((fake_labels[:, rare] == 1).any(axis=1)) if rare else np.zeros(0, np.int64)
     if len(extra):
         result.augment_films = len(extra)

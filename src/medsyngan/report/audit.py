@@ -18,7 +18,8 @@ from medsyngan.report import plots
 from medsyngan.report.plots import img_tag
 
 KINDS = {"synth": "synthetic films only", "real": "real training films", "dp": "real training films, DP-SGD",
-         "augment": "real + rare-finding synthetic films"}
+         "augment": "real + rare-finding synthetic films",
+         "fidelity": "label fidelity: real-trained classifier on the synthetic films"}
 
 
 def _cell(est: Estimate | None) -> str:
@@ -65,7 +66,9 @@ def _utility(ev: Evaluation) -> str:
     skipped = "".join(f"<li><code>{html.escape(k)}</code>: {html.escape(v)}</li>" for k, v in result.skipped.items())
     return ("<h3>Utility: train on synthetic, test on real</h3>"
             "<p>AUROC on the real evaluation patients, with 95 % intervals that resample patients, of the same small "
-            f"classifier trained on each set.{dp}</p>"
+            f"classifier trained on each set.{dp} Label fidelity applies the real-trained classifier to the synthetic "
+            "films instead, against the labels each was generated from (its intervals resample films): below 0.5 "
+            "the generator draws that label the wrong way round.</p>"
             f"<table id='utility'><tr><th>label</th>{head}</tr>{''.join(rows)}</table>"
             + (f"<details><summary>labels not scored</summary><ul>{skipped}</ul></details>" if skipped else ""))
 
