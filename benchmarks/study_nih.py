@@ -258,7 +258,7 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, only: list[str] | 
             scored = train_and_score(ws, run, reuse, tune_train, val, exp.study.tuning_metrics,
                                      out / "tuning" / f"{name}-s{seed}.png", utility=False)
             if exp.study.utility:
-                scored["metrics"] |= synthetic_only_utility(run, val, seed)
+                scored["metrics"] |= tuning_utility(run, tune_train, val, seed)
             result = {"config": row_name, "variant": name, "seed": seed, "wall_s": scored["wall_s"],
                       "epsilon": scored["epsilon"], "metrics": scored["metrics"]}
             atomic_write_text(result_path, json.dumps(result | {"plan": run.plan}, default=str) + "\n")
@@ -271,10 +271,11 @@ def run_tuning(out: Path, seed: int = 0, reuse: bool = False, only: list[str] | 
     return report
 
 
-def synthetic_only_utility(run: PlannedRun, val, seed: int) -> dict[str, float]:
+def tuning_utility(run: PlannedRun, train, val, seed: int) -> dict[str, float]:
     """Tuning's utility: AUROC on the validation patients of the classifier trained on the run's labelled
-    synthetic films alone (the real-trained, DP-SGD, detectability and re-identification references of the study's
-    scoring cost minutes each and choose nothing)."""
+    synthetic films alone, and their label fidelity read by a classifier trained on the tuning-train films (donated,
+    so reading them costs no ε); the DP-SGD, detectability and re-identification references of the study's scoring
+    cost minutes each and choose nothing."""
     from medsyngan.metrics.utility import utility_audit
     from medsyngan.training.generate import generate_images, load_generator
     from medsyngan.workflows.evaluation import generated_labels, label_matrix, latent_seed
@@ -283,8 +284,9 @@ def synthetic_only_utility(run: PlannedRun, val, seed: int) -> dict[str, float]:
     count = run.cfg.eval.num_samples
     labels, names, matrix = generated_labels(G, count, latent_seed(seed))
     fake = generate_images(G, count, latent_seed(seed), labels=labels)
-    real = label_matrix(val, "validation")[1]  # the same label columns: both come from binary_targets
-    return utility_audit(fake, matrix, np.asarray(val.images), real, val.patients, names, seed=seed).values()
+    real = label_matrix(val, "validation")[1]  # the same label columns: all come from binary_targets
+    return utility_audit(fake, matrix, np.asarray(val.images), real, val.patients, names,
+                         np.asarray(train.images), label_matrix(train, "tuning-train")[1], seed=seed).values()
 
 
 def low_order_diagnosis(out: Path, seed: int = 0) -> dict[str, float]:

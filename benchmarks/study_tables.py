@@ -137,8 +137,9 @@ def fd_by_seed(results: list[dict[str, Any]], order: list[str]) -> str:
 
 def tuning_markdown(rows: list[dict[str, Any]]) -> str:
     """The tuning table; a study scored with utility adds the validation patients' synthetic-only AUROC (mean
-    over the labels scorable there) and detectability AUROC."""
-    extra = [("val synthetic-only AUROC", "auroc_synth", "_mean"), ("val detectability", "c2st_auroc", "")]
+    over the labels scorable there), the synthetic films' label fidelity and detectability AUROC."""
+    extra = [("val synthetic-only AUROC", "auroc_synth", "_mean"), ("label fidelity", "auroc_fidelity", "_mean"),
+             ("val detectability", "c2st_auroc", "")]
     extra = [c for c in extra if any(pick(r["metrics"], c[1], c[2]) is not None for r in rows)]
     lines = ["| variant | row | seed | val FD | val KID | precision | recall | coverage | "
              + "".join(f"{c[0]} | " for c in extra) + "ε | wall s |",

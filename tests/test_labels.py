@@ -130,6 +130,32 @@ def test_public_frequencies_count_every_row_of_a_data_entry_table(tmp_path):
         public_labels(ALL, tmp_path / "missing.csv")
 
 
+def test_a_prepared_dataset_of_public_films_serves_as_the_label_table(tmp_path):
+    from medsyngan.data.prepared import index_csv_text
+
+    folder = tmp_path / "donated"
+    folder.mkdir()
+    (folder / INDEX_FILE).write_text(index_csv_text(["a.png", "b.png", "c.png"], ["1", "2", "2"],
+                                                    [("Effusion",), (), ()], ["PA", "AP", "AP"], ["", "", ""],
+                                                    ["M", "F", "F"], [57, 33, 34]))
+    (folder / "images.u8").write_bytes(bytes(3 * 4 * 4))
+    (folder / "manifest.json").write_text('{"format": 1, "count": 3, "size": 4}')
+    dist = public_labels(ALL, folder)
+    assert sorted(dist.weights.tolist()) == [1, 2]
+    assert {ALL.describe(r) for r in dist.rows} == {"Effusion, PA, M, 40-59", "No Finding, AP, F, 18-39"}
+    with pytest.raises(UserError, match="not found; point it at"):
+        public_labels(ALL, tmp_path)  # a folder that is not a prepared dataset
+
+
+def test_under_dp_the_training_data_is_refused_as_its_own_public_label_table(tmp_path):
+    from medsyngan.data.labels import plain_label_source
+
+    overrides = ["model.condition=['view']", 'train.label_source="public"', f"data.path={str(tmp_path)!r}",
+                 f"train.label_table={str(tmp_path)!r}"]
+    with pytest.raises(UserError, match="is the training data itself"):
+        plain_label_source(load_config("dcgan64", overrides + ["privacy.dp=true"]), None)
+
+
 def test_sex_and_age_travel_from_the_nih_metadata_to_the_prepared_index(tmp_path):
     from medsyngan.data.phantoms import write_phantoms
     from medsyngan.data.prepare import PrepareSettings, prepare

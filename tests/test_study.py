@@ -77,6 +77,15 @@ def test_rows_start_from_the_public_run_of_their_seed(exp, tmp_path):
     assert ws.plan("centralized", 3).cfg.train.init_from == ""
 
 
+def test_a_relative_label_table_is_a_folder_of_the_work_folder(eps, tmp_path):
+    from medsyngan.workflows.experiment import Workspace
+
+    tuning = Workspace(eps, tmp_path, tmp_path / "data" / "tune-train", eps.study.budget, runs="tuning")
+    cfg = tuning.plan("all-d-donated-labels", 0).cfg
+    assert cfg.train.label_source == "public" and cfg.train.label_table == str(tmp_path / "data" / "tune-train")
+    assert tuning.plan("eps-inf", 0).cfg.train.label_table == ""  # the default table: the NIH release's
+
+
 def test_tuning_variants_resolve_on_the_tuning_split(exp, tmp_path):
     from medsyngan.workflows.recipes import planned_images
 

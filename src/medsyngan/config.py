@@ -180,8 +180,10 @@ class TrainSection(Section):
         "'public': the label frequencies of a public NIH metadata table (train.label_table), at no privacy cost."
     )
     label_table: str = Field(
-        "", description="NIH Data_Entry CSV whose label frequencies train.label_source = 'public' uses (public "
-        "metadata of the whole release); empty: the shared NIH sample's. Every hospital reads it."
+        "", description="Public label table whose label frequencies train.label_source = 'public' uses, at no "
+        "privacy cost: an NIH Data_Entry CSV (metadata of the whole release) or a prepared dataset folder of public "
+        "or consented films (a donated tuning set, closer to the hospitals' own mix); never the hospitals' training "
+        "films. Empty: the shared NIH sample's Data_Entry CSV. Every hospital reads it."
     )
     augment: Literal["none", "ada", "diffaugment"] = Field(
         "none", description="Discriminator augmentation (medsyngan.training.ada): every image that reaches D, real "

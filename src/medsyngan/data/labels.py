@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from medsyngan.config import Config
-from medsyngan.data.prepared import NO_FINDING, UNKNOWN_AGE, PreparedDataset, normalize_sex
+from medsyngan.data.prepared import INDEX_FILE, NO_FINDING, UNKNOWN_AGE, PreparedDataset, normalize_sex
 from medsyngan.errors import UserError
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
@@ -302,12 +302,15 @@ def distribution_from_json(state: Mapping[str, Any]) -> LabelDistribution:
 
 # ---------------------------------------------------------------------- public frequencies
 def public_labels(layout: LabelLayout, table: str | Path) -> JointLabels:
-    """The joint label distribution of every row of an NIH Data_Entry table (public metadata: no privacy cost)."""
+    """The joint label distribution of every film of a public label table (no privacy cost): an NIH Data_Entry CSV
+    (the metadata of the whole release), or a prepared dataset folder of public or consented films (a donated
+    tuning set), whose population may match the hospitals' better than the whole release does."""
     path = Path(table)
-    if not path.is_file():
+    listing = path / INDEX_FILE if path.is_dir() else path
+    if not listing.is_file():
         raise UserError(f"train.label_table = {table}: not found; point it at the NIH release's "
-                        "Data_Entry_2017_v2020.csv (public metadata)")
-    stat = path.stat()
+                        "Data_Entry_2017_v2020.csv (public metadata) or at a prepared dataset of public films")
+    stat = listing.stat()
     return _public_labels(layout, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
@@ -321,7 +324,7 @@ def _public_labels(layout: LabelLayout, path: str, size: int, mtime: int) -> Joi
 def _metadata(path: str, _size: int, _mtime: int):
     from medsyngan.data.nih import read_metadata
 
-    return read_metadata(Path(path))
+    return PreparedDataset.open(path) if Path(path).is_dir() else read_metadata(Path(path))
 
 
 def training_labels(cfg: Config, dataset: PreparedDataset, origin: str = "the training set") -> np.ndarray | None:
@@ -343,7 +346,12 @@ def plain_label_source(cfg: Config, labels: np.ndarray | None) -> LabelDistribut
     label frequencies (under DP those are released by :func:`medsyngan.privacy.dp.enable_dp`)."""
     layout = LabelLayout.of(cfg.model.condition)
     if cfg.train.label_source == "public":
-        return public_labels(layout, cfg.train.label_table or default_label_table())
+        table = Path(cfg.train.label_table or default_label_table())
+        if cfg.privacy.dp and cfg.data.path and table.resolve() == Path(cfg.data.path).resolve():
+            raise UserError(f"train.label_table = {table} is the training data itself (data.path): its label "
+                            "frequencies are private; under DP set train.label_source = 'data' (released with "
+                            "noise, part of ε) or point the table at public films")
+        return public_labels(layout, table)
     if cfg.privacy.dp or labels is None:
         raise ValueError("the training data's label frequencies need the labels, and under DP a private release")
     return JointLabels.count(layout, labels)

@@ -175,7 +175,8 @@ class PlannedRun:
 
 class Workspace:
     """Runs of an experiment's recipes in a work folder: ``runs/<name>-s<seed>`` (``tuning/`` for runs on the
-    tuning split; a run on public data alone is shared by both, in ``runs/``)."""
+    tuning split; a run on public data alone is shared by both, in ``runs/``). A recipe's relative
+    ``train.label_table`` names a folder of the work folder (``data/donated``: the donated tuning set)."""
 
     def __init__(self, exp: ExperimentFolder, out: Path, data: Path, budget: Budget, runs: str = "runs"):
         self.exp, self.out, self.data, self.budget, self.runs = exp, Path(out), Path(data), budget, runs
@@ -192,6 +193,11 @@ class Workspace:
         images = book.images_through_d(name) or self.budget.images_through_d
         cfg = fit_length(recipe_config(book, name, before=before, after=after, start=start), images,
                          book[name].federated_length, self.exp.schedule)
+        table = cfg.train.label_table
+        if table and not Path(table).is_absolute():  # a folder of the work folder, e.g. the donated tuning set
+            after = [*after, f"train.label_table={toml_value(str(self.out / table))}"]
+            cfg = fit_length(recipe_config(book, name, before=before, after=after, start=start), images,
+                             book[name].federated_length, self.exp.schedule)
         if planned_images(cfg) != images:
             raise UserError(f"recipe '{name}': its batch, local steps and D steps do not divide the budget of "
                             f"{images} images through D ({planned_images(cfg)} planned); change them or the budget")
