@@ -245,3 +245,25 @@ def test_the_ablation_rows_change_only_what_they_ablate_and_their_hospitals_acce
     clip4 = ws.plan("eps-1-clip-4", 0).cfg
     assert clip4.privacy.max_grad_norm == clip4.hospital.max_grad_norm == 4.0 and clip4.privacy.dp
     assert "a priori" in eps.book["eps-1-clip-4"].chosen_on["privacy.max_grad_norm, hospital.max_grad_norm"]
+
+
+# --------------------------------------------------------------------------- `medsyngan privacy`
+def test_the_privacy_command_plans_clip_only_at_sigma_zero_and_infinite_epsilon(monkeypatch, capsys,
+                                                                                 medsyngan_cache):
+    from cli_run import run_cli
+
+    overrides = ["data.phantom_patients=20", "data.phantom_images_per_patient=2", "train.batch_size=4",
+                 "train.steps=50", "privacy.dp=true", *CLIP_ONLY]
+    code, out, err = run_cli(monkeypatch, capsys, "privacy", "--config", "dcgan64",
+                             *[a for o in overrides for a in ("--set", o)])
+    assert code == 0, err
+    assert "NO privacy (ε = ∞)" in out and "centralized: ε = ∞ (replace-one patient); add/remove-one ∞" in out
+    assert "0.0000" in out  # σ
+
+
+def test_the_privacy_command_refuses_a_target_it_cannot_account_in_one_line(monkeypatch, capsys):
+    from cli_run import run_cli
+
+    code, _, err = run_cli(monkeypatch, capsys, "privacy", "--target-epsilon", "10000", "--sample-rate", "0.7",
+                           "--steps", "200")
+    assert code == 2 and "needs a noise multiplier below 0.3" in err and len(err.strip().splitlines()) == 1

@@ -25,8 +25,9 @@ is accounted for exactly.
 The same class serves client-level DP-FedAvg (:func:`client_level_accountant`): there the unit is a hospital and
 one step is one round, at q = 1.
 
-The module is a little over 400 lines: the accountant, its calibration and a hospital's plan rest on the relation
-and conventions above, and apart each would have to restate them.
+The module is under 500 lines, more than the usual 400: the accountant, its calibration, the bounds on its work
+(:data:`MIN_NOISE`, :data:`PRV_MAX_POINTS`) and a hospital's plan rest on the relation and conventions above, and
+apart each would have to restate them.
 """
 
 from __future__ import annotations
