@@ -267,3 +267,10 @@ def test_the_privacy_command_refuses_a_target_it_cannot_account_in_one_line(monk
     code, _, err = run_cli(monkeypatch, capsys, "privacy", "--target-epsilon", "10000", "--sample-rate", "0.7",
                            "--steps", "200")
     assert code == 2 and "needs a noise multiplier below 0.3" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_membership_bound_of_an_infinite_epsilon_is_no_bound():
+    from medsyngan.metrics.privacy_audit import dp_auc_bound, dp_tpr_bound
+
+    assert dp_auc_bound(math.inf, 1e-5) == pytest.approx(1.0)
+    assert np.array_equal(dp_tpr_bound(np.array([0.0, 1e-3, 0.5]), math.inf, 1e-5), np.ones(3))
