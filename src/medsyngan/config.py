@@ -251,6 +251,13 @@ class PrivacySection(Section):
     )
     delta: float = Field(0.0, ge=0, lt=1, description="δ; 0 means min(1e-5, 1 / (2 · privacy units)).")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
+    clip_only: bool = Field(
+        False, description="Ablation that gives NO privacy: DP-SGD exactly as with privacy.dp (Poisson sampling of "
+        "units, per-unit clipping to max_grad_norm, the same trainable layers) but noise σ = 0, so ε = ∞ wherever ε "
+        "is reported and target_epsilon is not used. It tells the cost of clipping from that of noise. Needs "
+        "privacy.dp = true; a hospital refuses it unless its policy has dp_required = false, min_noise_multiplier "
+        "= 0 and max_epsilon = inf."
+    )
     clip_fake: bool = Field(
         False, description="Also clip each generated image's D gradient to max_grad_norm (no noise, no privacy "
         "cost), so that the generated side cannot outweigh the clipped real side."
@@ -289,6 +296,13 @@ class PrivacySection(Section):
         "except a DP run's secret seed, sealed under the run's own key file RUN/keys/checkpoint.key."
     )
 
+    @model_validator(mode="after")
+    def _clip_only_needs_dp(self) -> "PrivacySection":
+        if self.clip_only and not self.dp:
+            raise ValueError("privacy.clip_only runs DP-SGD's clipping and sampling without noise and needs "
+                             "privacy.dp = true; set privacy.dp = true or privacy.clip_only = false")
+        return self
+
     @property
     def release_noise(self) -> float:
         """σ of the one-off mean-image release that target_epsilon also pays for (0: none)."""
@@ -303,7 +317,8 @@ class HospitalSection(Section):
     dp_required: bool = Field(True, description="Refuse to train without patient-level DP-SGD (privacy.dp).")
     max_epsilon: float = Field(
         1.0, gt=0, description="Largest ε this hospital spends over the run (replace-one). It calibrates for the "
-        "smaller of this and privacy.target_epsilon, and stops training when its ledger would pass it."
+        "smaller of this and privacy.target_epsilon, and stops training when its ledger would pass it. inf allows "
+        "privacy.clip_only (ε = ∞) when dp_required is false too."
     )
     max_delta: float = Field(1e-5, gt=0, lt=1, description="Largest δ this hospital accepts.")
     min_noise_multiplier: float = Field(

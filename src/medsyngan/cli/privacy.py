@@ -107,13 +107,16 @@ def _from_config(config: str, overrides: list[str]) -> None:
         unit = resolve_unit(p.unit, patients, images)
         units = patients if unit == "patient" else images
         plan = plan_dp(units, cfg.train.batch_size, steps, p.target_epsilon, p.delta, unit, where=name,
-                       release_noise=release_noise, min_noise=min_noise)
+                       release_noise=release_noise, min_noise=min_noise, clip_only=p.clip_only)
         e = plan.epsilon()
         rows.append([name, unit, str(units), f"{plan.sample_rate:.4g}", str(plan.steps), f"{plan.delta:.3g}",
                      f"{plan.noise_multiplier:.4f}", _fmt(e["reported"]), _fmt(e["add_remove"])])
         lines.append(f"{name}: {describe(e, unit)}")
     if not p.dp:
         typer.echo("note: privacy.dp is off in this configuration; the figures apply once it is switched on")
+    if p.clip_only:
+        typer.echo("note: privacy.clip_only is on: clipping and sampling without noise (σ = 0), NO privacy (ε = ∞); "
+                   "privacy.target_epsilon is not used")
     if p.mean_image_size:
         typer.echo(f"ε includes each hospital's one-off {p.mean_image_size}×{p.mean_image_size} mean-image release "
                    f"(Gaussian, σ = {p.mean_image_noise:g}); σ below is DP-SGD's")

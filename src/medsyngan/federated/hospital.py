@@ -55,6 +55,12 @@ def hospital_config(cfg: Config, hospital: int, policy: HospitalSection | None =
     local.run.seed = derive_seed(cfg.run.seed, "hospital", hospital) % 2**31
     local.train.ema_kimg = 0.0
     if policy is not None:
+        from medsyngan.federated.policy import PolicyRefusal, clip_only_refusals
+
+        # Also refused here, not only in the instruction check: no path builds a clipping-only hospital whose
+        # policy forbids it.
+        if reasons := clip_only_refusals(policy, cfg.privacy):
+            raise PolicyRefusal(f"hospital {hospital} refuses: " + "; ".join(reason for _, reason in reasons))
         local.privacy = effective_privacy(policy, cfg.privacy)
     return local
 

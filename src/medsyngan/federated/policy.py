@@ -9,13 +9,15 @@ docs/configuration.md): a deployed hospital reads it from the TOML file named in
 refuses a configuration whose two halves disagree before anything starts.
 
 On every instruction (hello and each round) the hospital calls :func:`check`: anything weaker than its policy is
-refused with a one-line :class:`PolicyRefusal`, sent back as the error reply. Budgets are not refused but capped:
+refused with a one-line :class:`PolicyRefusal`, sent back as the error reply. A clipping-only instruction
+(privacy.clip_only: σ = 0, ε = ∞) is weaker than any policy that asks for privacy (:func:`clip_only_refusals`). Budgets are not refused but capped:
 it calibrates for the smaller of its ε and the instruction's, and the smaller δ (:func:`effective_privacy`), and
 its ledger stops training when the next steps would pass its ε.
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 
@@ -25,8 +27,8 @@ from medsyngan.config import Config, HospitalSection, PrivacySection
 from medsyngan.errors import UserError
 from medsyngan.privacy.accounting import DELTA_CAP
 
-__all__ = ["HospitalSection", "PolicyRefusal", "check", "check_simulation", "effective_privacy", "load_policy",
-           "refusals"]
+__all__ = ["HospitalSection", "PolicyRefusal", "check", "check_clip_only", "check_simulation", "clip_only_refusals",
+           "effective_privacy", "load_policy", "refusals"]
 
 
 class PolicyRefusal(UserError):
@@ -54,9 +56,38 @@ def load_policy(path: str | Path) -> HospitalSection:
         raise UserError(f"hospital policy {path}: bad value for '{key}': {first['msg']}") from None
 
 
+def clip_only_refusals(policy: HospitalSection, privacy: PrivacySection) -> list[tuple[str, str]]:
+    """(policy key, reason) for every part of the policy that a clipping-only run (privacy.clip_only: σ = 0,
+    ε = ∞, no privacy) breaks; empty when it is no such run. Only a policy with dp_required = false,
+    min_noise_multiplier = 0 and max_epsilon = inf allows one."""
+    if not (privacy.dp and privacy.clip_only):
+        return []
+    what = "the instruction trains with clipping only and no noise (privacy.clip_only = true: ε = ∞, no privacy)"
+    out = []
+    if policy.dp_required:
+        out.append(("dp_required", f"{what} but the hospital policy requires DP (hospital.dp_required = true)"))
+    if policy.min_noise_multiplier > 0:
+        out.append(("min_noise_multiplier", f"{what} but the hospital policy requires σ ≥ "
+                                            f"hospital.min_noise_multiplier = {policy.min_noise_multiplier:g}"))
+    if math.isfinite(policy.max_epsilon):
+        out.append(("max_epsilon", f"{what} but the hospital policy spends at most hospital.max_epsilon = "
+                                   f"{policy.max_epsilon:g} (only inf allows it)"))
+    return out
+
+
+def check_clip_only(policy: HospitalSection, privacy: PrivacySection) -> None:
+    """Raise :class:`PolicyRefusal` when ``policy`` does not allow a clipping-only run (the centralized runner's
+    check; a federated hospital's is part of :func:`check`)."""
+    reasons = clip_only_refusals(policy, privacy)
+    if reasons:
+        key, reason = reasons[0]
+        raise PolicyRefusal(f"{reason}; a clipping-only ablation needs hospital.{key} relaxed (dp_required = false, "
+                            "min_noise_multiplier = 0, max_epsilon = inf), or set privacy.clip_only = false")
+
+
 def refusals(policy: HospitalSection, cfg: Config, round_: int | None = None) -> list[tuple[str, str]]:
     """(policy key, reason) for every way the instruction ``cfg`` (and round) is weaker than the policy."""
-    p, out = cfg.privacy, []
+    p, out = cfg.privacy, clip_only_refusals(policy, cfg.privacy)
     if policy.dp_required and not p.dp:
         out.append(("dp_required", "the instruction trains without DP (privacy.dp = false) but the hospital "
                                    "policy requires it (hospital.dp_required = true)"))

@@ -14,7 +14,7 @@ import torch
 from medsyngan.config import Config
 from medsyngan.federated.aggregation import accumulate
 from medsyngan.federated.protocol import PUBLIC_REPORT, EvaluationReply
-from medsyngan.privacy.accounting import RELATION
+from medsyngan.privacy.accounting import RELATION, format_epsilon
 from medsyngan.training.generate import fixed_latents, save_sample_grid
 from medsyngan.training.step import GANTrainer
 
@@ -74,7 +74,10 @@ def log_privacy_choices(cfg: Config) -> None:
     for key, (enabled, consequence) in off.items():
         if not enabled:
             log.warning("%s is off by choice: %s", key, consequence)
-    if p.dp:
+    if p.dp and p.clip_only:
+        log.warning("privacy.clip_only: each hospital's discriminator trains with DP-SGD's sampling and clipping but "
+                    "no noise (σ = 0): NO privacy, ε = ∞")
+    elif p.dp:
         log.info("patient-level DP-SGD on each hospital's discriminator, target ε = %g over the whole run",
                  p.target_epsilon)
 
@@ -115,7 +118,7 @@ def log_round(row: Mapping[str, Any], rounds: int) -> None:
     parts = [f"{len(row['hospitals_replied'])} hospitals"]
     parts += [f"{k} {row[k]:.3f}" for k in ("d_loss", "g_loss") if row[k] is not None]
     if "epsilon" in row:
-        parts.append(f"ε ≤ {row['epsilon']:.3f} ({row['relation']})")
+        parts.append(f"ε ≤ {format_epsilon(row['epsilon'], '.3f')} ({row['relation']})")
     log.info("round %d/%d: %s", row["round"], rounds, ", ".join(parts))
 
 

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,6 +152,8 @@ def logan(
 def dp_tpr_bound(fpr: np.ndarray | float, epsilon: float, delta: float) -> np.ndarray:
     """Largest TPR any membership test can reach at a given FPR against an (ε, δ)-DP mechanism."""
     fpr = np.asarray(fpr, np.float64)
+    if math.isinf(epsilon):  # no guarantee (a clipping-only run): nothing bounds a test, and e^∞ · 0 is NaN
+        return np.ones_like(fpr)
     a = np.exp(epsilon) * fpr + delta
     b = 1 - np.exp(-epsilon) * (1 - delta - fpr)
     return np.clip(np.minimum(a, b), 0.0, 1.0)

@@ -25,8 +25,9 @@ is accounted for exactly.
 The same class serves client-level DP-FedAvg (:func:`client_level_accountant`): there the unit is a hospital and
 one step is one round, at q = 1.
 
-The module is a little over 400 lines: the accountant, its calibration and a hospital's plan rest on the relation
-and conventions above, and apart each would have to restate them.
+The module is under 500 lines, more than the usual 400: the accountant, its calibration, the bounds on its work
+(:data:`MIN_NOISE`, :data:`PRV_MAX_POINTS`) and a hospital's plan rest on the relation and conventions above, and
+apart each would have to restate them.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ DELTA_CAP = 1e-5
 PLD_DISCRETIZATION = 1e-3
 #: Calibration gives up above this noise multiplier.
 MAX_NOISE = 1e4
+#: Smallest non-zero noise multiplier that is accounted. The privacy-loss grid's width grows as 1/σ²: at σ = 0.3 the
+#: replace-one figure of 10 000 steps takes about 0.6 GB, at σ = 0.15 1.5 GB, at 0.03 over 4 GB for 200 steps (and
+#: ε is then in the thousands or more, which protects nothing). A σ below it is refused, never accounted.
+MIN_NOISE = 0.3
+#: Opacus' PRV accountant discretises ±(RDP ε) at a mesh of 0.01 / √(steps · log(12 / δ′) / 2) and needs about
+#: 200 bytes per point: 3 million points is about 0.6 GB. Past it the PRV figure is not computed and counts as ∞
+#: (always an upper bound), so the add/remove figure is then ∞ too; the reported replace-one figure is unaffected.
+PRV_MAX_POINTS = 3_000_000
 
 History = list[tuple[float, float, int]]
 
@@ -91,6 +100,8 @@ def validate(sample_rate: float, noise_multiplier: float | None = None, delta: f
         )
     if noise_multiplier is not None and noise_multiplier < 0:
         raise UserError(f"noise multiplier {noise_multiplier:g} is negative; use σ ≥ 0")
+    if noise_multiplier is not None and 0 < noise_multiplier < MIN_NOISE:
+        raise UserError(_too_little_noise(noise_multiplier))
     if delta is not None:
         if not 0 < delta < 1:
             raise UserError(f"δ = {delta:g} must lie in (0, 1); 1e-5 is the usual choice")
@@ -99,6 +110,13 @@ def validate(sample_rate: float, noise_multiplier: float | None = None, delta: f
                 f"δ = {delta:g} is not below 1 / privacy units (1/{units} = {1.0 / units:.3g}): such a δ allows "
                 f"leaking a whole record; set privacy.delta below {1.0 / units:.3g} or 0 for the default"
             )
+
+
+def _too_little_noise(sigma: float) -> str:
+    return (f"noise multiplier σ = {sigma:.3g} is below {MIN_NOISE:g}: its ε is in the thousands, which protects "
+            "nothing, and accounting it takes gigabytes of memory; raise the noise (a smaller privacy.target_epsilon, "
+            "privacy.mean_image_noise, privacy.label_noise or privacy.client_noise), or for an ablation without "
+            "privacy set privacy.clip_only = true (σ = 0, ε = ∞)")
 
 
 def _replace_one_epsilon(history: History, delta: float) -> float:
@@ -117,6 +135,8 @@ def _add_remove_epsilon(history: History, delta: float, mechanism: str) -> float
 
     accountant = RDPAccountant() if mechanism == "rdp" else PRVAccountant()
     accountant.history = list(history)
+    if mechanism == "prv" and _prv_points(accountant, delta) > PRV_MAX_POINTS:
+        return math.inf
     with warnings.catch_warnings():
         # Opacus warns when the best RDP order is the largest one it tries (small-ε regime) and the PRV
         # discretisation divides by zero at q = 1; neither changes the returned bound's validity.
@@ -124,16 +144,30 @@ def _add_remove_epsilon(history: History, delta: float, mechanism: str) -> float
         return float(accountant.get_epsilon(delta=delta))
 
 
+def _prv_points(accountant, delta: float) -> int:
+    """Points of the grid Opacus' PRV accountant would build for its history: the domain it computes from RDP
+    (cheap) at the error levels its ``get_epsilon`` uses by default."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in accountant.history]
+    domain = accountant._get_domain(prvs=prvs, num_self_compositions=[n for _, _, n in accountant.history],
+                                    eps_error=0.01, delta_error=delta / 1000)
+    return int(domain.size)
+
+
 def epsilon_of(history: History, delta: float, mechanism: str = "replace_one") -> float:
     """ε of a history: 'replace_one' (the reported figure), or Opacus' add/remove-one 'rdp' or 'prv'.
 
-    0 before any step and ∞ when any step added no noise.
+    0 before any step and ∞ when any step added no noise (clipping only). A step whose σ is below
+    :data:`MIN_NOISE` is refused (UserError): its accounting would need gigabytes.
     """
     history = [(float(s), float(q), int(n)) for s, q, n in history if n]
     if not history:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
+    if (sigma := min(s for s, _, _ in history)) < MIN_NOISE:
+        raise UserError(_too_little_noise(sigma))
     if mechanism == "replace_one":
         return _replace_one_epsilon(history, delta)
     if mechanism in ("rdp", "prv"):
@@ -151,11 +185,12 @@ def epsilons(history: History, delta: float) -> dict[str, float]:
 
 def describe(eps: dict[str, float], unit: str) -> str:
     """'ε = 1.00 (replace-one patient); add/remove-one 0.55'."""
-    return (f"ε = {_fmt(eps['reported'])} ({RELATION} {unit}); {ADD_REMOVE} {_fmt(eps['add_remove'])}")
+    return (f"ε = {format_epsilon(eps['reported'])} ({RELATION} {unit}); {ADD_REMOVE} {format_epsilon(eps['add_remove'])}")
 
 
-def _fmt(value: float) -> str:
-    return "∞" if math.isinf(value) else f"{value:.2f}"
+def format_epsilon(value: float, spec: str = ".2f") -> str:
+    """ε as printed everywhere: ∞ for a run without noise (clipping only, or any step at σ = 0)."""
+    return "∞" if math.isinf(value) else format(value, spec)
 
 
 class PrivacyAccountant:
@@ -306,12 +341,23 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         return epsilon_of(prior + [(sigma, sample_rate, steps)], delta) <= target_epsilon
 
     # Bracket from the add/remove RDP answer, which lies near: an evaluation far below the answer is slow (the
-    # privacy loss of a nearly noiseless mechanism spans a wide grid), far above it cheap.
-    high = _rdp_noise(target_epsilon, delta, sample_rate, steps)
+    # privacy loss of a nearly noiseless mechanism spans a wide grid), far above it cheap. The search never
+    # evaluates below MIN_NOISE; a target that even MIN_NOISE meets is refused.
+    high = max(_rdp_noise(target_epsilon, delta, sample_rate, steps), MIN_NOISE)
     if fits(high):
-        while high > 1e-3 and fits(high / 2):
+        while high / 2 > MIN_NOISE and fits(high / 2):
             high /= 2
         low = high / 2
+        if low <= MIN_NOISE:
+            if fits(MIN_NOISE):
+                floor = epsilon_of(prior + [(MIN_NOISE, sample_rate, steps)], delta)
+                raise UserError(
+                    f"target ε = {target_epsilon:g} needs a noise multiplier below {MIN_NOISE:g} (σ = {MIN_NOISE:g} "
+                    f"already gives ε = {floor:.4g} over {steps} steps at sampling rate {sample_rate:.3g}): such an ε "
+                    "protects nothing and its accounting takes gigabytes of memory; set privacy.target_epsilon "
+                    f"≤ {floor:.4g}, or for an ablation without privacy privacy.clip_only = true (σ = 0, ε = ∞)"
+                )
+            low = MIN_NOISE
     else:
         low = high
         while not fits(high):
@@ -404,10 +450,13 @@ class DPPlan:
 
 def plan_dp(units: int, batch_size: int, steps: int, target_epsilon: float, delta: float = 0.0,
             unit: str = "patient", where: str = "", release_noise: float = 0.0,
-            min_noise: float = 0.0) -> DPPlan:
+            min_noise: float = 0.0, clip_only: bool = False) -> DPPlan:
     """Sampling rate = batch size / units, δ (0: :func:`default_delta`), σ calibrated to the target replace-one ε
     (with ``release_noise`` > 0, to what a one-off Gaussian release of that noise multiplier leaves of it), and
-    never below ``min_noise``."""
+    never below ``min_noise``.
+
+    ``clip_only`` (privacy.clip_only, an ablation): σ = 0 and target ε = ∞, nothing calibrated; refused when
+    ``min_noise`` > 0 (a hospital policy's floor on σ)."""
     prefix = f"{where}: " if where else ""
     if units < 1:
         raise UserError(f"{prefix}no {unit}s to train on; give the hospital data or fewer hospitals")
@@ -418,6 +467,12 @@ def plan_dp(units: int, batch_size: int, steps: int, target_epsilon: float, delt
             f"set train.batch_size ≤ {units} or give the hospital more {unit}s"
         )
     delta = delta or default_delta(units)
+    if clip_only:
+        if min_noise > 0:
+            raise UserError(f"{prefix}privacy.clip_only = true trains with σ = 0, below the hospital policy's "
+                            f"hospital.min_noise_multiplier = {min_noise:g}; set privacy.clip_only = false")
+        validate(sample_rate, None, delta, units)
+        return DPPlan(unit, units, batch_size, sample_rate, steps, delta, math.inf, 0.0, release_noise)
     try:
         validate(sample_rate, None, delta, units)
         prior = [one_off_release(release_noise)] if release_noise else None

@@ -23,6 +23,7 @@ is in :mod:`medsyngan.privacy.session`, the per-sample gradient engines are in :
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -97,14 +98,16 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
 
     unit, units = privacy_unit(privacy.unit, len(images), patients)
     secret = seed if seed is not None else secrets.randbits(63)
+    target = math.inf if privacy.clip_only else privacy.target_epsilon
     if state is not None:
         accountant = PrivacyAccountant.from_state_dict(state["accountant"])
+        _check_same_noise(accountant, privacy.clip_only)
         guaranteed = 0  # taken from the state
     else:
         plan = plan_dp(units, batch_size, planned_steps, privacy.target_epsilon, privacy.delta, unit,
-                       release_noise=release_noise, min_noise=min_noise)
+                       release_noise=release_noise, min_noise=min_noise, clip_only=privacy.clip_only)
         accountant = plan.accountant()
-        within = epsilon_of(plan.history(), plan.delta) <= privacy.target_epsilon
+        within = epsilon_of(plan.history(), plan.delta) <= target
         guaranteed = planned_steps if within else 0
     unit_ids = patients if unit == "patient" else None
     sampler = PoissonUnitSampler(images, unit_ids, batch_size, unit, secret, trainer.device, augment,
@@ -119,7 +122,7 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
         release = MeanImageRelease(images, unit_ids, privacy.mean_image_size, privacy.mean_image_clip,
                                    privacy.mean_image_noise, privacy.mean_image_weight, trainer.G,
                                    reference_labels=_reference_labels(trainer) if trainer.conditional else None)
-    session = DPSession(trainer, sampler, accountant, privacy.target_epsilon, privacy.max_grad_norm, guaranteed,
+    session = DPSession(trainer, sampler, accountant, target, privacy.max_grad_norm, guaranteed,
                         planned_steps, engine, clip_fake=privacy.clip_fake, release=release, labels=label_release)
     if state is not None:
         session.load_state_dict(state)
@@ -136,6 +139,17 @@ def enable_dp(trainer: GANTrainer, images: np.ndarray, patients: Sequence[str] |
     # sensitivity bound that ε rests on must hold exactly, not to 3 significant digits.
     trainer.autocast_dtype = None
     return session
+
+
+def _check_same_noise(accountant: PrivacyAccountant, clip_only: bool) -> None:
+    """A saved session keeps its σ: a run started with noise cannot go on without it, nor a clipping-only run
+    (whose ledger says ε = ∞ for good) turn private."""
+    if (accountant.noise_multiplier == 0) != clip_only:
+        started = "clipping only (σ = 0)" if accountant.noise_multiplier == 0 else (
+            f"with noise σ = {accountant.noise_multiplier:.4g}")
+        raise UserError(f"the saved DP session (ledger or checkpoint) was started {started} but privacy.clip_only = "
+                        f"{str(clip_only).lower()}; σ cannot change within a run: set privacy.clip_only back, or "
+                        "start a new run")
 
 
 def _reference_labels(trainer: GANTrainer):

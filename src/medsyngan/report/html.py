@@ -15,6 +15,7 @@ import numpy as np
 from medsyngan.metrics.definitions import definition
 from medsyngan.metrics.evaluate import Evaluation
 from medsyngan.metrics.privacy_audit import dp_tpr_bound
+from medsyngan.privacy.accounting import format_epsilon
 from medsyngan.report import plots
 from medsyngan.report.plots import img_tag
 from medsyngan.rundir import atomic_write_text
@@ -141,7 +142,8 @@ def _hospital_epsilons(run_rows: Sequence[dict[str, Any]]) -> str:
     if not latest:
         return ""
     rows = "".join(
-        f"<tr><td>{html.escape(h)}</td><td>{s['epsilon']:.4g}</td><td>{s.get('epsilon_add_remove', float('nan')):.4g}"
+        f"<tr><td>{html.escape(h)}</td><td>{format_epsilon(s['epsilon'], '.4g')}</td>"
+        f"<td>{format_epsilon(s.get('epsilon_add_remove', float('nan')), '.4g')}"
         f"</td><td>{s.get('delta', float('nan')):.3g}</td><td>{html.escape(str(s.get('relation', '')))} "
         f"{'patient' if s.get('patient_level') else 'image'}</td></tr>" for h, s in sorted(latest.items(), key=lambda x: int(x[0])))
     return ("<h2>ε per hospital</h2><p>As each hospital's own ledger reported it in the last round it trained.</p>"

@@ -99,6 +99,10 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
     t = cfg.train
     check_model_section(cfg.model)  # before any data is built for a model that cannot exist
     check_run_length(cfg)
+    if cfg.privacy.clip_only:
+        from medsyngan.federated.policy import check_clip_only
+
+        check_clip_only(cfg.hospital, cfg.privacy)  # the data holder's own policy, as a federated hospital's
     key = checkpoint_key(cfg)  # a missing key file fails here, not at the first checkpoint
     ckpt = load_checkpoint(run_dir.checkpoints, key) if resume else None
     if ckpt is not None:
@@ -133,6 +137,8 @@ def train_centralized(cfg: Config, run_dir: RunDir, resume: bool = False) -> dic
         dp = enable_dp(trainer, data.images, data.patients, cfg.privacy, batch_size=t.batch_size,
                        planned_steps=planned_private_steps(cfg), augment=cfg.data.augment, state=dp_state,
                        labels=labels)
+        if cfg.privacy.clip_only:
+            log.warning("privacy.clip_only: DP-SGD's sampling and clipping without noise (σ = 0): NO privacy, ε = ∞")
     elif trainer.conditional:
         trainer.set_label_source(plain_label_source(cfg, labels))
     if trainer.conditional:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -38,7 +39,7 @@ from typing import Any
 
 from medsyngan.config import Config, Section, config_from_toml_text
 from medsyngan.errors import UserError
-from medsyngan.privacy.accounting import RELATION
+from medsyngan.privacy.accounting import RELATION, format_epsilon
 from medsyngan.rundir import RunDir
 
 log = logging.getLogger("medsyngan")
@@ -114,7 +115,9 @@ def privacy_record(run: RunDir, meta: dict[str, Any]) -> dict[str, Any]:
         })
     if "client_dp_accountant" in meta:
         guarantees.append(accountant(meta["client_dp_accountant"], "the server's client-level DP accountant"))
-    return {"differential_privacy": bool(guarantees), "guarantees": guarantees}
+    # A guarantee of ε = ∞ (a clipping-only run) is none: such a card says the model has no differential privacy.
+    private = bool(guarantees) and all(math.isfinite(g["epsilon"]) for g in guarantees)
+    return {"differential_privacy": private, "guarantees": guarantees}
 
 
 def _training_data(cfg: Config, privacy: dict[str, Any], description: str | None) -> dict[str, Any]:
@@ -146,10 +149,10 @@ def _card_markdown(card: dict[str, Any]) -> str:
         lines.append("- **No differential privacy.** Nothing bounds what the generator reveals about its training "
                      "images: it may reproduce them. Share it only where the training images could be shared.")
     for g in privacy["guarantees"]:
-        lines.append(f"- (ε = {g['epsilon']:.3f}, δ = {g['delta']:.2g})-DP for each {g['unit']}, neighbouring "
-                     f"relation {g['relation']} {g['unit']}; from {g['source']}.")
+        lines.append(f"- (ε = {format_epsilon(g['epsilon'], '.3f')}, δ = {g['delta']:.2g})-DP for each {g['unit']}, "
+                     f"neighbouring relation {g['relation']} {g['unit']}; from {g['source']}.")
         for hospital, eps in g.get("per_hospital", {}).items():
-            lines.append(f"  - hospital {hospital}: ε = {eps:.3f}")
+            lines.append(f"  - hospital {hospital}: ε = {format_epsilon(eps, '.3f')}")
     lines += ["", "## Intended use", "", *[f"- {u}" for u in card["intended_use"]], "", "## Limitations", "",
               *[f"- {u}" for u in card["limitations"]], "", "## Files", "",
               *[f"- `{name}` (SHA-256 {digest})" for name, digest in card["files"].items()], "",
