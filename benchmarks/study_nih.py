@@ -98,7 +98,7 @@ def saved(path: Path, run: PlannedRun) -> dict[str, Any] | None:
     """A result file written for this very plan, without its plan."""
     if path.is_file():
         result = json.loads(path.read_text())
-        if result.pop("plan", None) == run.plan:
+        if run.planned_as(result.pop("plan", None)):
             return result
     return None
 

@@ -86,6 +86,18 @@ def test_a_relative_label_table_is_a_folder_of_the_work_folder(eps, tmp_path):
     assert tuning.plan("eps-inf", 0).cfg.train.label_table == ""  # the default table: the NIH release's
 
 
+def test_a_run_copied_from_another_work_folder_of_the_study_is_the_same_run(exp, tmp_path):
+    here = _workspace(exp, tmp_path / "here", exp.study.budget).plan("fed-dp10-warm", 0)
+    there = _workspace(exp, tmp_path / "there", exp.study.budget).plan("fed-dp10-warm", 0)
+    assert here.plan != there.plan and here.planned_as(there.plan)  # paths differ only in the work folder
+    other_seed = _workspace(exp, tmp_path / "there", exp.study.budget).plan("fed-dp10-warm", 1)
+    assert not here.planned_as(other_seed.plan) and not here.planned_as(None)
+    from medsyngan.workflows.experiment import Workspace
+
+    other_data = Workspace(exp, tmp_path / "there", tmp_path / "there" / "data" / "tune-train", exp.study.budget)
+    assert not here.planned_as(other_data.plan("fed-dp10-warm", 0).plan)
+
+
 def test_tuning_variants_resolve_on_the_tuning_split(exp, tmp_path):
     from medsyngan.workflows.recipes import planned_images
 

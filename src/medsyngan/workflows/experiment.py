@@ -10,6 +10,7 @@ what a run starts from first, and keeps a finished run whose resolved recipe is 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -166,11 +167,25 @@ class PlannedRun:
     folder: Path
     plan: dict[str, Any]  # what was asked of the run: reused only when it is unchanged
 
+    def planned_as(self, saved: Any) -> bool:
+        """Whether a plan saved beside a finished run is this run's, wherever its work folder was: a run copied
+        from another work folder of the same study (same data, same starts) is the same run."""
+        return isinstance(saved, dict) and _portable(saved) == _portable(self.plan)
+
     @property
     def public_data(self) -> bool:
         """Trained on public data only (phantoms, the COVID-19 films): the same run serves every data split of the
         work folder."""
         return self.cfg.data.source in PUBLIC_SOURCES
+
+
+_WORK_PATH = re.compile(r'="[^"]*/(data|runs|tuning)/([^"/]*)"$')
+
+
+def _portable(plan: dict[str, Any]) -> dict[str, Any]:
+    """The plan with every path of its work folder (its data, the runs it starts from) written relative to it."""
+    settings = [_WORK_PATH.sub(r'="<work>/\1/\2"', item) for item in plan.get("settings", [])]
+    return {**plan, "settings": settings}
 
 
 class Workspace:
@@ -214,7 +229,7 @@ class Workspace:
         marker = run.folder / TRAINED_FILE
         if marker.is_file():
             saved = json.loads(marker.read_text())
-            if saved.get("plan") == run.plan:
+            if run.planned_as(saved.get("plan")):
                 return float(saved["wall_s"])
         return None
 
