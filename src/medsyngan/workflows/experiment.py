@@ -26,7 +26,7 @@ from medsyngan.workflows.recipes import (Recipe, RecipeBook, Schedule, fit_lengt
                                          recipes_from_tables, toml_value)
 
 TRAINED_FILE = "trained.json"
-PUBLIC_SOURCES = ("phantoms", "covid-cxr")  # data.source values that read no hospital's films
+PUBLIC_SOURCES = ("phantoms", "covid-cxr", "phantoms+covid-cxr")  # data.source values that read no hospital's films
 
 
 class _Strict(BaseModel):
@@ -168,7 +168,7 @@ class PlannedRun:
 
     @property
     def public_data(self) -> bool:
-        """Trained on public data only (phantoms, the COVID-19 films): the same run serves every data split of the
+        """Trained on public data only (phantoms, the COVID-19 films, or both): the same run serves every data split of the
         work folder."""
         return self.cfg.data.source in PUBLIC_SOURCES
 
