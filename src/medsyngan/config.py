@@ -71,7 +71,9 @@ class DataSection(Section):
         0, description="Seed of the data: the phantoms, the on-the-fly hospital partition and each hospital's "
         "held-out patients. Fixed data with another run.seed measures run-to-run spread."
     )
-    phantom_patients: int = Field(200, ge=1, description="Synthetic patients when source = 'phantoms' or 'phantoms+covid-cxr'.")
+    phantom_patients: int = Field(
+        200, ge=1, description="Synthetic patients when source = 'phantoms' or 'phantoms+covid-cxr'."
+    )
     phantom_images_per_patient: int = Field(3, ge=1, description="Images per synthetic patient.")
     augment: AugmentSection = Field(default_factory=AugmentSection)
 

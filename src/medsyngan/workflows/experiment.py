@@ -168,8 +168,8 @@ class PlannedRun:
 
     @property
     def public_data(self) -> bool:
-        """Trained on public data only (phantoms, the COVID-19 films, or both): the same run serves every data split of the
-        work folder."""
+        """Trained on public data only (phantoms, the COVID-19 films, or both): the same run serves every data split
+        of the work folder."""
         return self.cfg.data.source in PUBLIC_SOURCES
 
 
