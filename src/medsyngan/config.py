@@ -55,10 +55,11 @@ class AugmentSection(Section):
 
 
 class DataSection(Section):
-    source: Literal["phantoms", "covid-cxr", "prepared"] = Field(
+    source: Literal["phantoms", "covid-cxr", "phantoms+covid-cxr", "prepared"] = Field(
         "phantoms", description="'phantoms' builds the embedded procedural set; 'covid-cxr' the public COVID-19 "
-        "chest X-rays of the shared data folder (MEDSYNGAN_SHARED_DATA), prepared once at data.size; 'prepared' "
-        "reads `path`."
+        "chest X-rays of the shared data folder (MEDSYNGAN_SHARED_DATA), prepared once at data.size; "
+        "'phantoms+covid-cxr' both, every film of each once, their patient ids and image names prefixed with "
+        "their part's name ('phantoms:', 'covid-cxr:'); 'prepared' reads `path`."
     )
     path: str = Field("", description="Prepared dataset directory (from `medsyngan data prepare`).")
     split: Literal["all", "train_val", "test"] = Field(
@@ -70,7 +71,9 @@ class DataSection(Section):
         0, description="Seed of the data: the phantoms, the on-the-fly hospital partition and each hospital's "
         "held-out patients. Fixed data with another run.seed measures run-to-run spread."
     )
-    phantom_patients: int = Field(200, ge=1, description="Synthetic patients when source = 'phantoms'.")
+    phantom_patients: int = Field(
+        200, ge=1, description="Synthetic patients when source = 'phantoms' or 'phantoms+covid-cxr'."
+    )
     phantom_images_per_patient: int = Field(3, ge=1, description="Images per synthetic patient.")
     augment: AugmentSection = Field(default_factory=AugmentSection)
 

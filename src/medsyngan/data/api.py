@@ -15,6 +15,7 @@ from medsyngan.config import Config
 from medsyngan.data.phantoms import PHANTOM_VERSION, write_phantoms
 from medsyngan.data.prepare import PrepareSettings, prepare
 from medsyngan.data.prepared import DEMOGRAPHIC_COLUMNS, FORMAT_VERSION, INDEX_COLUMNS, MANIFEST_FILE, PreparedDataset
+from medsyngan.data.union import union_dataset
 from medsyngan.errors import UserError
 from medsyngan.runtime import cache_dir
 
@@ -74,6 +75,15 @@ def covid_dataset(size: int, root: Path | None = None, workers: int = 0) -> Prep
     return PreparedDataset.open(out)
 
 
+def public_mix_dataset(phantom_patients: int, images_per_patient: int, size: int, seed: int) -> PreparedDataset:
+    """Every phantom film (:func:`phantom_dataset`) and every public COVID-19 film (:func:`covid_dataset`) once,
+    as one prepared dataset in the cache; patient ids and image names carry their part's name
+    (``phantoms:17``, ``covid-cxr:024e7871``), and a rebuilt part builds the union anew."""
+    parts = {"phantoms": phantom_dataset(phantom_patients, images_per_patient, size, seed),
+             "covid-cxr": covid_dataset(size)}
+    return union_dataset(parts, cache_dir() / "phantoms+covid-cxr")
+
+
 def load_training_data(cfg: Config) -> PreparedDataset:
     data = cfg.data
     if data.size != cfg.model.resolution:
@@ -85,6 +95,9 @@ def load_training_data(cfg: Config) -> PreparedDataset:
         return select_split(ds, data.split, "phantoms")
     if data.source == "covid-cxr":
         return select_split(covid_dataset(data.size), data.split, "covid-cxr")
+    if data.source == "phantoms+covid-cxr":
+        ds = public_mix_dataset(data.phantom_patients, data.phantom_images_per_patient, data.size, data.seed)
+        return select_split(ds, data.split, "phantoms+covid-cxr")
     if not data.path:
         raise UserError("data.source = 'prepared' but data.path is empty; set data.path to a `data prepare` output")
     ds = PreparedDataset.open(data.path)

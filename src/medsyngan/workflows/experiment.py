@@ -27,7 +27,7 @@ from medsyngan.workflows.recipes import (Recipe, RecipeBook, Schedule, fit_lengt
                                          recipes_from_tables, toml_value)
 
 TRAINED_FILE = "trained.json"
-PUBLIC_SOURCES = ("phantoms", "covid-cxr")  # data.source values that read no hospital's films
+PUBLIC_SOURCES = ("phantoms", "covid-cxr", "phantoms+covid-cxr")  # data.source values that read no hospital's films
 
 
 class _Strict(BaseModel):
@@ -174,8 +174,8 @@ class PlannedRun:
 
     @property
     def public_data(self) -> bool:
-        """Trained on public data only (phantoms, the COVID-19 films): the same run serves every data split of the
-        work folder."""
+        """Trained on public data only (phantoms, the COVID-19 films, or both): the same run serves every data split
+        of the work folder."""
         return self.cfg.data.source in PUBLIC_SOURCES
 
 
