@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import numpy as np
@@ -94,6 +96,8 @@ def _cell(value: tuple[float | None, float | None]) -> str:
     mean, std = value
     if mean is None:
         return "—"
+    if math.isinf(mean):
+        return "∞"  # a clip-only row's ε
     text = f"{mean:.4g}" if abs(mean) >= 1e-3 or mean == 0 else f"{mean:.2e}"
     return text + (f" ± {std:.2g}" if std is not None else "")
 

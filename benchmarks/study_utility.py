@@ -48,7 +48,8 @@ def utility_markdown(results: list[dict[str, Any]], rows: list[str]) -> str:
             continue
         eps = run.get("epsilon")
         cells = [_cell(*figure(run["metrics"], p, s)) for _, p, s in FIGURES]
-        lines.append(f"| {run['label']} | {'—' if eps is None else f'{eps:.3g}'} | " + " | ".join(cells) + " |")
+        shown = "—" if eps is None else "∞" if math.isinf(eps) else f"{eps:.3g}"
+        lines.append(f"| {run['label']} | {shown} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
