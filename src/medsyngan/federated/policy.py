@@ -10,9 +10,9 @@ refuses a configuration whose two halves disagree before anything starts.
 
 On every instruction (hello and each round) the hospital calls :func:`check`: anything weaker than its policy is
 refused with a one-line :class:`PolicyRefusal`, sent back as the error reply. A clipping-only instruction
-(privacy.clip_only: σ = 0, ε = ∞) is weaker than any policy that asks for privacy (:func:`clip_only_refusals`). Budgets are not refused but capped:
-it calibrates for the smaller of its ε and the instruction's, and the smaller δ (:func:`effective_privacy`), and
-its ledger stops training when the next steps would pass its ε.
+(privacy.clip_only: σ = 0, ε = ∞) is weaker than any policy that asks for privacy (:func:`clip_only_refusals`).
+Budgets are not refused but capped: it calibrates for the smaller of its ε and the instruction's, and the smaller
+δ (:func:`effective_privacy`), and its ledger stops training when the next steps would pass its ε.
 """
 
 from __future__ import annotations
