@@ -3,6 +3,8 @@ problem whose labels are visible in the films."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,28 @@ def test_the_classifier_is_a_function_of_data_settings_and_seed():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     c = train_classifier(films, labels, TINY, seed=6)
     assert not torch.equal(a.head.weight, c.head.weight)
+
+
+@pytest.mark.parametrize("train", ["train_classifier", "train_verifier"])
+def test_a_network_does_not_depend_on_the_callers_thread_count(train):
+    from medsyngan.metrics import classifier, reidentification
+
+    rng = np.random.default_rng(0)
+    films = rng.integers(0, 256, size=(96, 64, 64), dtype=np.uint8)
+    if train == "train_classifier":
+        fit = functools.partial(classifier.train_classifier, films, rng.integers(0, 2, (96, 3)).astype(float),
+                                ClassifierSettings(width=16, epochs=2, batch_size=32), 0)
+    else:
+        fit = functools.partial(reidentification.train_verifier, films, np.repeat(np.arange(48), 2),
+                                reidentification.VerifierSettings(steps=8, patients=16), 0)
+    before = torch.get_num_threads()
+    weights = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        weights.append(fit().state_dict())
+        assert torch.get_num_threads() == threads  # the caller's count is restored
+    torch.set_num_threads(before)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_an_unknown_target_contributes_no_loss_and_no_gradient():

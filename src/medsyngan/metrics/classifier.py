@@ -15,21 +15,24 @@ above :data:`INPUT_SIZE` are downsampled to it with antialiasing: the labels the
 Training is a fixed number of epochs of Adam on the masked binary cross-entropy (a NaN target — e.g. sex not
 recorded — contributes nothing), with a random translation of a few pixels as the only augmentation (a mirror
 would move the heart). Everything random (initial weights, order, augmentation, DP sampling and noise) is drawn
-from generators seeded by ``seed``, so a classifier is a function of its data, settings and seed; the global
-torch RNG is left as it was. The patient-level DP-SGD variant is
+from generators seeded by ``seed``, and training runs at a fixed number of torch threads
+(:data:`TRAINING_THREADS`, :func:`fixed_threads`: intra-op reductions split by thread count), so a classifier is a
+function of its data, settings and seed on a given kind of CPU, whichever process trains it; the global torch RNG
+is left as it was. The patient-level DP-SGD variant is
 :func:`medsyngan.metrics.private_classifier.train_private_classifier`; :func:`cached_network` keeps a trained
 network on disk under a hash of what it was trained from (:func:`cache_key`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
 import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,8 +43,9 @@ from medsyngan.metrics.features import images_digest
 from medsyngan.rundir import atomic_write_bytes
 from medsyngan.runtime import cache_dir
 
+T = TypeVar("T")
 INPUT_SIZE = 64
-CACHE_VERSION = 1  # part of every cache key: raise it when a training procedure changes
+CACHE_VERSION = 2  # part of every cache key: raise it when a training procedure changes
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,25 @@ def as_targets(targets: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(t.reshape(len(t), -1).copy())
 
 
+TRAINING_THREADS = 2  # the thread count of the published study figures (docs/results.md)
+
+
+def fixed_threads(train: Callable[..., T]) -> Callable[..., T]:
+    """``train`` run at :data:`TRAINING_THREADS` torch threads, the caller's count restored after. A cached network
+    is shared by every process that asks for its key, so it must not depend on the thread count of the first."""
+    @functools.wraps(train)
+    def run(*args: Any, **kwargs: Any) -> T:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(TRAINING_THREADS)
+        try:
+            return train(*args, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
+
+    return run
+
+
+@fixed_threads
 def train_classifier(images_u8: np.ndarray, targets: np.ndarray, settings: ClassifierSettings, seed: int) -> SmallCNN:
     """A :class:`SmallCNN` fitted to ``targets`` ([N, C] in {0, 1}, NaN unknown) of ``images_u8``."""
     x, y = to_input(images_u8), as_targets(targets)

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from medsyngan.errors import UserError
-from medsyngan.metrics.classifier import (ClassifierSettings, SmallCNN, as_targets, masked_bce, random_shift,
-                                          seeded, to_input)
+from medsyngan.metrics.classifier import (ClassifierSettings, SmallCNN, as_targets, fixed_threads, masked_bce,
+                                          random_shift, seeded, to_input)
 from medsyngan.privacy.accounting import RELATION as ACCOUNTANT_RELATION
 from medsyngan.privacy.accounting import DPPlan, plan_dp
 from medsyngan.privacy.sampling import PoissonUnitSampler
@@ -93,6 +93,7 @@ def clipped_gradient_sum(module: GradSampleModule, params: list[torch.Tensor], x
     return [torch.einsum("b,b...->...", factor, p.grad_sample) for p in params]
 
 
+@fixed_threads
 def train_private_classifier(images_u8: np.ndarray, targets: np.ndarray, patients: np.ndarray,
                              settings: ClassifierSettings, epsilon: float, seed: int, delta: float = 0.0,
                              max_grad_norm: float = 1.0) -> tuple[SmallCNN, PrivateTraining]:

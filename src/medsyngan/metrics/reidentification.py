@@ -42,7 +42,8 @@ from torch import nn
 
 from medsyngan.errors import UserError
 from medsyngan.metrics.auroc import auroc
-from medsyngan.metrics.classifier import SmallCNN, cache_key, cached_network, random_shift, seeded, to_input
+from medsyngan.metrics.classifier import (SmallCNN, cache_key, cached_network, fixed_threads, random_shift, seeded,
+                                          to_input)
 
 FALSE_MATCH_RATE = 1e-3
 WORST = 8
@@ -79,6 +80,7 @@ def _exposure(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Ten
     return (x * (1 + gain) + offset).clamp(-1, 1)
 
 
+@fixed_threads
 def train_verifier(images_u8: np.ndarray, patients: np.ndarray, settings: VerifierSettings, seed: int) -> Verifier:
     """A :class:`Verifier` trained with a supervised contrastive loss (InfoNCE): each step takes two films of each
     of ``settings.patients`` patients, and each film must pick its patient's other film out of the batch by
