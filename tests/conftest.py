@@ -17,6 +17,8 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     _threads = max(1, (os.cpu_count() or 1) // _WORKERS)
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    # The metrics' classifiers train at a fixed count of their own (2 by default); in the suite, at the worker's.
+    os.environ.setdefault("MEDSYNGAN_TRAINING_THREADS", str(_threads))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 

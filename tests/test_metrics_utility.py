@@ -114,6 +114,19 @@ def test_a_network_does_not_depend_on_the_callers_thread_count(train):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_the_training_thread_count_is_part_of_the_cache_key_and_checked(monkeypatch):
+    from medsyngan.metrics.classifier import THREADS_ENV
+
+    settings = ClassifierSettings()
+    monkeypatch.setenv(THREADS_ENV, "1")
+    one = cache_key("utility-real", settings, 0)
+    monkeypatch.setenv(THREADS_ENV, "2")
+    assert cache_key("utility-real", settings, 0) != one
+    monkeypatch.setenv(THREADS_ENV, "two")
+    with pytest.raises(UserError, match="is not a thread count"):
+        cache_key("utility-real", settings, 0)
+
+
 def test_an_unknown_target_contributes_no_loss_and_no_gradient():
     logits = torch.tensor([[0.3, -1.2], [2.0, 0.5]], requires_grad=True)
     targets = torch.tensor([[float("nan"), 1.0], [0.0, float("nan")]])

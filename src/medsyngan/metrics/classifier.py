@@ -16,7 +16,7 @@ Training is a fixed number of epochs of Adam on the masked binary cross-entropy 
 recorded — contributes nothing), with a random translation of a few pixels as the only augmentation (a mirror
 would move the heart). Everything random (initial weights, order, augmentation, DP sampling and noise) is drawn
 from generators seeded by ``seed``, and training runs at a fixed number of torch threads
-(:data:`TRAINING_THREADS`, :func:`fixed_threads`: intra-op reductions split by thread count), so a classifier is a
+(:func:`training_threads`, :func:`fixed_threads`: intra-op reductions split by thread count), so a classifier is a
 function of its data, settings and seed on a given kind of CPU, whichever process trains it; the global torch RNG
 is left as it was. The patient-level DP-SGD variant is
 :func:`medsyngan.metrics.private_classifier.train_private_classifier`; :func:`cached_network` keeps a trained
@@ -29,6 +29,7 @@ import functools
 import hashlib
 import io
 import math
+import os
 import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsyngan.errors import UserError
 from medsyngan.metrics.features import images_digest
 from medsyngan.rundir import atomic_write_bytes
 from medsyngan.runtime import cache_dir
@@ -124,15 +126,27 @@ def as_targets(targets: np.ndarray) -> torch.Tensor:
 
 
 TRAINING_THREADS = 2  # the thread count of the published study figures (docs/results.md)
+THREADS_ENV = "MEDSYNGAN_TRAINING_THREADS"  # another count (the test suite's one per worker): other networks
+
+
+def training_threads() -> int:
+    """The torch thread count the metrics' networks train at: :data:`TRAINING_THREADS` unless ``THREADS_ENV`` says
+    otherwise; part of every cache key, since the trained weights depend on it."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return TRAINING_THREADS
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{THREADS_ENV}={value!r} is not a thread count; set a whole number ≥ 1 or unset it")
+    return int(value)
 
 
 def fixed_threads(train: Callable[..., T]) -> Callable[..., T]:
-    """``train`` run at :data:`TRAINING_THREADS` torch threads, the caller's count restored after. A cached network
+    """``train`` run at :func:`training_threads` torch threads, the caller's count restored after. A cached network
     is shared by every process that asks for its key, so it must not depend on the thread count of the first."""
     @functools.wraps(train)
     def run(*args: Any, **kwargs: Any) -> T:
         previous = torch.get_num_threads()
-        torch.set_num_threads(TRAINING_THREADS)
+        torch.set_num_threads(training_threads())
         try:
             return train(*args, **kwargs)
         finally:
@@ -173,7 +187,7 @@ def predict(net: nn.Module, images_u8: np.ndarray, batch: int = 256) -> np.ndarr
 def cache_key(purpose: str, settings: Any, seed: int, *arrays: np.ndarray | None, **extra: Any) -> str:
     """A hash of what a trained network is a function of: its purpose, settings, seed, data and extras."""
     digest = hashlib.sha256(f"{CACHE_VERSION}|{purpose}|{sorted(asdict(settings).items())}|{seed}|"
-                            f"{sorted(extra.items())}".encode())
+                            f"{sorted(extra.items())}|threads={training_threads()}".encode())
     for array in arrays:
         if array is None:
             digest.update(b"none")
