@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from medsyngan.privacy.accounting import format_epsilon
+
 # (heading, metric prefix, suffix): the figures of one run; intervals sit beside them as <key>_lo / <key>_hi
 FIGURES = [
     ("synthetic-only AUROC", "auroc_synth", "_mean"), ("real-trained AUROC", "auroc_real", "_mean"),
@@ -48,7 +50,7 @@ def utility_markdown(results: list[dict[str, Any]], rows: list[str]) -> str:
             continue
         eps = run.get("epsilon")
         cells = [_cell(*figure(run["metrics"], p, s)) for _, p, s in FIGURES]
-        shown = "—" if eps is None else "∞" if math.isinf(eps) else f"{eps:.3g}"
+        shown = "—" if eps is None else format_epsilon(eps, ".3g")
         lines.append(f"| {run['label']} | {shown} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
